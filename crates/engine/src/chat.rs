@@ -1,0 +1,149 @@
+//! The chat template stored in a GGUF file (`tokenizer.chat_template`),
+//! rendered with minijinja the way Hugging Face's `apply_chat_template` does
+//! (trimmed blocks, Python string methods, `raise_exception`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into() }
+    }
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: minijinja::Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChatTemplate")
+    }
+}
+
+const NAME: &str = "chat";
+
+impl ChatTemplate {
+    /// Compiles `source`. `bos_token`/`eos_token` are exposed to the template.
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, ModelError> {
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+        });
+        env.add_function("strftime_now", |format: String| -> String {
+            let days = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() / 86_400);
+            strftime_date(&format, days as i64)
+        });
+        env.add_template_owned(NAME, source.to_string()).map_err(|e| ModelError::Template(e.to_string()))?;
+        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+    }
+
+    /// Renders `messages`; with `add_generation_prompt` the text ends where
+    /// the assistant's reply begins.
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ModelError> {
+        let template = self.env.get_template(NAME).map_err(|e| ModelError::Template(e.to_string()))?;
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token,
+                eos_token => self.eos_token,
+            })
+            .map_err(|e| ModelError::Template(e.to_string()))
+    }
+}
+
+const MONTHS: [&str; 12] =
+    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+
+/// The date `days` after 1970-01-01 formatted with the strftime directives
+/// chat templates use (`%d %m %Y %y %b %B %%`); other directives stay as they are.
+fn strftime_date(format: &str, days: i64) -> String {
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('b') => out.push_str(&name[..3]),
+            Some('B') => out.push_str(name),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_dates() {
+        assert_eq!(strftime_date("%d %b %Y", 0), "01 Jan 1970");
+        // 2024-07-26 is day 19930 of the Unix epoch.
+        assert_eq!(strftime_date("%Y-%m-%d (%B, %y) %%", 19_930), "2024-07-26 (July, 24) %");
+        assert_eq!(strftime_date("29 Feb? %d %m", 19_782), "29 Feb? 29 02");
+    }
+
+    #[test]
+    fn renders_chatml() {
+        let source = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}\
+                      {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+        let t = ChatTemplate::new(source, "<s>", "</s>").expect("compiles");
+        let text = t.render(&[ChatMessage::new("user", " hi ")], true).expect("renders");
+        assert_eq!(text, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn python_methods_and_exceptions() {
+        let source = "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}\
+                      {{ messages[0].content.strip().upper() }}";
+        let t = ChatTemplate::new(source, "", "").expect("compiles");
+        assert_eq!(t.render(&[ChatMessage::new("user", " x ")], false).expect("renders"), "X");
+        let err = t.render(&[ChatMessage::new("system", "x")], false).expect_err("raises");
+        assert!(err.to_string().contains("first must be user"));
+    }
+
+    #[test]
+    fn syntax_errors_are_reported() {
+        assert!(matches!(ChatTemplate::new("{% for %}", "", ""), Err(ModelError::Template(_))));
+    }
+}

@@ -1,0 +1,107 @@
+//! What the gateway (the client of a swarm) holds: tokenizer, chat template,
+//! embedding table, final norm and head. Nodes never see tokens; the client
+//! turns tokens into hidden states and hidden states back into logits.
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::error::{ForwardError, ModelError};
+use crate::kernels::{MatmulInput, Matrix, matmul, ops};
+use crate::model::{ModelConfig, ModelFile};
+use crate::span::{Device, HiddenStates};
+use crate::tokenizer::Tokenizer;
+
+pub struct ClientParts {
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    embedding: Matrix,
+    output_norm: Vec<f32>,
+    /// `None` when the head is tied to the embedding table.
+    output: Option<Matrix>,
+    device: Device,
+}
+
+impl std::fmt::Debug for ClientParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientParts").field("vocab", &self.config.vocab_size).field("tied", &self.output.is_none()).finish()
+    }
+}
+
+impl ClientParts {
+    /// Loads the tokenizer, template, embedding, final norm and head (and no block).
+    pub fn load(file: &ModelFile, device: &Device) -> Result<Self, ModelError> {
+        let c = file.config().clone();
+        let tokenizer = Tokenizer::from_gguf(file)?;
+        let token = |key: &str| file.meta_u32(key).and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
+        let template = file
+            .meta_str("tokenizer.chat_template")
+            .map(|source| ChatTemplate::new(source, &token("tokenizer.ggml.bos_token_id"), &token("tokenizer.ggml.eos_token_id")))
+            .transpose()?;
+        let output = if file.has_tensor("output.weight") {
+            Some(file.load_matrix("output.weight", c.vocab_size, c.dim)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            embedding: file.load_matrix("token_embd.weight", c.vocab_size, c.dim)?,
+            output_norm: file.load_vector("output_norm.weight", c.dim)?,
+            output,
+            tokenizer,
+            template,
+            config: c,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Renders a conversation with the model's own chat template, ending
+    /// where the assistant's reply begins.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, ModelError> {
+        let template = self.template.as_ref().ok_or_else(|| ModelError::Template("the model file has no chat template".into()))?;
+        template.render(messages, true)
+    }
+
+    /// The embedding rows of `tokens`: the input of block 0.
+    pub fn embed(&self, tokens: &[u32]) -> Result<HiddenStates, ForwardError> {
+        let dim = self.config.dim;
+        let mut data = vec![0.0f32; tokens.len() * dim];
+        for (&token, row) in tokens.iter().zip(data.chunks_exact_mut(dim)) {
+            if token as usize >= self.config.vocab_size {
+                return Err(ForwardError::Token { token, vocab: self.config.vocab_size });
+            }
+            self.embedding.dequantize_row(token as usize, row);
+        }
+        HiddenStates::new(tokens.len(), dim, data)
+    }
+
+    /// Logits for every row of `hidden` (the output of the last block):
+    /// `rows × vocab`, row-major.
+    pub fn logits(&self, hidden: &HiddenStates) -> Result<Vec<f32>, ForwardError> {
+        let c = &self.config;
+        if hidden.dim() != c.dim {
+            return Err(ForwardError::Width { expected: c.dim, got: hidden.dim() });
+        }
+        if !hidden.as_slice().iter().all(|v| v.is_finite()) {
+            return Err(ForwardError::NotFinite);
+        }
+        let rows = hidden.rows();
+        let mut normed = vec![0.0f32; rows * c.dim];
+        ops::rms_norm(hidden.as_slice(), &self.output_norm, c.rms_eps, &mut normed);
+        let head = self.output.as_ref().unwrap_or(&self.embedding);
+        let mut input = MatmulInput::default();
+        input.prepare(&normed, rows, c.dim, head.format().is_quantized());
+        let mut logits = vec![0.0f32; rows * c.vocab_size];
+        matmul(head, &input, &mut logits, c.vocab_size, 0, self.device.pool());
+        Ok(logits)
+    }
+}

@@ -1,0 +1,138 @@
+//! Activation quantization and reference dequantization of the GGML weight
+//! blocks the kernels run natively.
+//!
+//! Activations are quantized to **16 bits** per block of 32, not to 8 bits
+//! as llama.cpp does. Measured teacher-forced on SmolLM2-135M Q4_1 against a
+//! float64 forward pass (`tests/smollm2.rs`): 8-bit activations give 95.7 %
+//! top-1 agreement and a median |Δ logprob| of 0.0617 (llama.cpp: 93.9 %,
+//! 0.061); 16-bit activations give 100 % and 0.0003 — the weights' own
+//! rounding is then the only error left. Integer products stay exact
+//! (`vpmaddwd`/`vpdpwssd` on x86), at half the lanes of 8-bit ones.
+
+use half::f16;
+
+/// Elements per quantization block in every format we run natively.
+pub const QK: usize = 32;
+
+/// Rows of `f32` activations quantized to 16 bits in blocks of 32: per block
+/// a scale `d` (f32), the integer sum of the quants (Q4_0's offset
+/// multiplies it), and `d · sum` (the term Q4_1's minimum multiplies).
+#[derive(Debug, Default, Clone)]
+pub struct QuantizedRows {
+    pub rows: usize,
+    pub blocks: usize,
+    pub d: Vec<f32>,
+    pub isum: Vec<i32>,
+    pub s: Vec<f32>,
+    pub qs: Vec<i16>,
+}
+
+impl QuantizedRows {
+    /// Quantizes `rows` rows of `cols` values; `cols` must be a multiple of 32.
+    pub fn quantize_into(&mut self, x: &[f32], rows: usize, cols: usize) {
+        debug_assert_eq!(cols % QK, 0);
+        debug_assert_eq!(x.len(), rows * cols);
+        let blocks = cols / QK;
+        self.rows = rows;
+        self.blocks = blocks;
+        let n = rows * blocks;
+        self.d.resize(n, 0.0);
+        self.isum.resize(n, 0);
+        self.s.resize(n, 0.0);
+        self.qs.resize(n * QK, 0);
+        for (b, src) in x.chunks_exact(QK).enumerate() {
+            let q = &mut self.qs[b * QK..(b + 1) * QK];
+            let (d, isum) = quantize_block(src, q.try_into().expect("32 quants"));
+            self.d[b] = d;
+            self.isum[b] = isum;
+            self.s[b] = d * isum as f32;
+        }
+    }
+
+    pub fn row_blocks(&self, row: usize) -> std::ops::Range<usize> {
+        row * self.blocks..(row + 1) * self.blocks
+    }
+}
+
+/// Largest activation quant.
+pub const QMAX: f32 = 32767.0;
+
+/// Symmetric 16-bit quantization of one block: `d = max|x| / 32767`,
+/// `q = round_half_even(x / d)`. Returns `(d, Σq)`.
+#[inline]
+pub fn quantize_block(x: &[f32], q: &mut [i16; QK]) -> (f32, i32) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / QMAX;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in q.iter_mut().zip(x) {
+        let r = (v * id).round_ties_even().clamp(-QMAX, QMAX) as i16;
+        *q = r;
+        sum += i32::from(r);
+    }
+    (d, sum)
+}
+
+/// GGML's Q4_0 block: 32 weights `d · (q − 8)`, q in 0..16, nibbles packed
+/// as `qs[i] = q[i] | q[i + 16] << 4`.
+pub const Q4_0_BYTES: usize = 18;
+/// GGML's Q4_1 block: 32 weights `d · q + m`, same nibble order as Q4_0.
+pub const Q4_1_BYTES: usize = 20;
+/// GGML's Q8_0 block: 32 weights `d · q`, q an i8.
+pub const Q8_0_BYTES: usize = 34;
+
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// Dequantizes one GGML Q4_0 block.
+pub fn dequantize_q4_0(block: &[u8], out: &mut [f32]) {
+    let d = f16_at(block, 0);
+    for i in 0..16 {
+        let byte = block[2 + i];
+        out[i] = d * (i32::from(byte & 15) - 8) as f32;
+        out[i + 16] = d * (i32::from(byte >> 4) - 8) as f32;
+    }
+}
+
+/// Dequantizes one GGML Q4_1 block.
+pub fn dequantize_q4_1(block: &[u8], out: &mut [f32]) {
+    let (d, m) = (f16_at(block, 0), f16_at(block, 2));
+    for i in 0..16 {
+        let byte = block[4 + i];
+        out[i] = d * f32::from(byte & 15) + m;
+        out[i + 16] = d * f32::from(byte >> 4) + m;
+    }
+}
+
+/// Dequantizes one GGML Q8_0 block.
+pub fn dequantize_q8_0(block: &[u8], out: &mut [f32]) {
+    let d = f16_at(block, 0);
+    for i in 0..QK {
+        out[i] = d * f32::from(block[2 + i] as i8);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantized_block_is_within_half_a_step() {
+        let x: Vec<f32> = (0..32).map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.173).collect();
+        let mut q = [0i16; QK];
+        let (d, sum) = quantize_block(&x, &mut q);
+        assert_eq!(sum, q.iter().map(|&v| i32::from(v)).sum::<i32>());
+        assert!(q.iter().any(|&v| v.abs() == 32767));
+        for (v, q) in x.iter().zip(q) {
+            assert!((v - d * f32::from(q)).abs() <= d * 0.5 + 1e-6);
+        }
+    }
+
+    #[test]
+    fn zero_block_has_zero_scale() {
+        let mut q = [1i16; QK];
+        assert_eq!(quantize_block(&[0.0; QK], &mut q), (0.0, 0));
+        assert!(q.iter().all(|&v| v == 0));
+    }
+}

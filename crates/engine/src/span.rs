@@ -1,0 +1,422 @@
+//! A span of transformer blocks `[a, b)`: its weights, the per-session KV
+//! cache, and the forward pass that maps hidden states in to hidden states
+//! out — the unit of work a node sells.
+
+use std::sync::Arc;
+
+use hotpot_core::LayerSpan;
+
+use crate::error::{ForwardError, ModelError};
+use crate::kernels::ops::{self, RopeTable};
+use crate::kernels::{CpuPool, MatmulInput, Matrix, PANEL, matmul};
+use crate::model::{ModelConfig, ModelFile};
+
+/// Where computation runs. Today: a pool of CPU threads.
+#[derive(Debug, Clone)]
+pub struct Device {
+    pool: Arc<CpuPool>,
+}
+
+impl Device {
+    /// The CPU with `threads` compute threads (0: one per available core).
+    pub fn cpu(threads: usize) -> Result<Self, ModelError> {
+        let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+        Ok(Self { pool: Arc::new(CpuPool::new(threads).map_err(ModelError::Threads)?) })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    pub(crate) fn pool(&self) -> &CpuPool {
+        &self.pool
+    }
+}
+
+/// `rows × dim` hidden states, row-major: what flows between spans.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HiddenStates {
+    rows: usize,
+    dim: usize,
+    data: Vec<f32>,
+}
+
+impl HiddenStates {
+    pub fn new(rows: usize, dim: usize, data: Vec<f32>) -> Result<Self, ForwardError> {
+        if rows == 0 {
+            return Err(ForwardError::Empty);
+        }
+        if data.len() != rows * dim {
+            return Err(ForwardError::Width { expected: dim, got: data.len() / rows });
+        }
+        Ok(Self { rows, dim, data })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        &self.data
+    }
+
+    pub fn into_vec(self) -> Vec<f32> {
+        self.data
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// The last row alone (what the head needs during generation).
+    pub fn last_row(&self) -> HiddenStates {
+        Self { rows: 1, dim: self.dim, data: self.row(self.rows - 1).to_vec() }
+    }
+}
+
+/// Keys and values of one block: `[kv_head][position][head_dim]`, so that
+/// attention reads each head's history contiguously.
+#[derive(Debug, Default)]
+struct BlockCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// The attention history of one session over one span. Grows in chunks
+/// (never re-concatenated per step) and can be rolled back with
+/// [`KvCache::truncate`].
+#[derive(Debug)]
+pub struct KvCache {
+    span: LayerSpan,
+    n_kv_heads: usize,
+    head_dim: usize,
+    max_len: usize,
+    len: usize,
+    capacity: usize,
+    blocks: Vec<BlockCache>,
+}
+
+/// Positions added per growth step, at least.
+const CACHE_CHUNK: usize = 256;
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    pub fn span(&self) -> LayerSpan {
+        self.span
+    }
+
+    /// Forgets every position from `pos` on (failover replay, speculation).
+    pub fn truncate(&mut self, pos: usize) {
+        self.len = self.len.min(pos);
+    }
+
+    /// Bytes held by the cache.
+    pub fn memory_bytes(&self) -> usize {
+        self.blocks.iter().map(|b| (b.k.capacity() + b.v.capacity()) * 4).sum()
+    }
+
+    fn head_stride(&self) -> usize {
+        self.capacity * self.head_dim
+    }
+
+    fn reserve(&mut self, needed: usize) {
+        if needed <= self.capacity {
+            return;
+        }
+        let grown = (self.capacity * 2).max(needed).max(CACHE_CHUNK).div_ceil(CACHE_CHUNK) * CACHE_CHUNK;
+        let capacity = grown.min(self.max_len).max(needed);
+        let (old_stride, new_stride) = (self.head_stride(), capacity * self.head_dim);
+        let used = self.len * self.head_dim;
+        for block in &mut self.blocks {
+            for buf in [&mut block.k, &mut block.v] {
+                let mut next = vec![0.0f32; self.n_kv_heads * new_stride];
+                for h in 0..self.n_kv_heads {
+                    next[h * new_stride..][..used].copy_from_slice(&buf[h * old_stride..][..used]);
+                }
+                *buf = next;
+            }
+        }
+        self.capacity = capacity;
+    }
+}
+
+/// The weights of one transformer block.
+struct Block {
+    attn_norm: Vec<f32>,
+    /// Q, K and V projections, fused into as few matrices as their encodings
+    /// allow; outputs land side by side as `[q | k | v]`.
+    qkv: Vec<(Matrix, usize)>,
+    qkv_bias: Option<Vec<f32>>,
+    attn_out: Matrix,
+    ffn_norm: Vec<f32>,
+    /// Gate and up projections, outputs `[gate | up]`.
+    gate_up: Vec<(Matrix, usize)>,
+    down: Matrix,
+}
+
+impl Block {
+    fn load(file: &ModelFile, i: u32) -> Result<Self, ModelError> {
+        let c = file.config();
+        let name = |t: &str| format!("blk.{i}.{t}");
+        let qkv = vec![
+            file.load_matrix(&name("attn_q.weight"), c.q_dim(), c.dim)?,
+            file.load_matrix(&name("attn_k.weight"), c.kv_dim(), c.dim)?,
+            file.load_matrix(&name("attn_v.weight"), c.kv_dim(), c.dim)?,
+        ];
+        let qkv_bias = if c.qkv_bias {
+            let mut bias = file.load_vector(&name("attn_q.bias"), c.q_dim())?;
+            bias.extend(file.load_vector(&name("attn_k.bias"), c.kv_dim())?);
+            bias.extend(file.load_vector(&name("attn_v.bias"), c.kv_dim())?);
+            Some(bias)
+        } else {
+            None
+        };
+        let gate_up = vec![
+            file.load_matrix(&name("ffn_gate.weight"), c.ffn_dim, c.dim)?,
+            file.load_matrix(&name("ffn_up.weight"), c.ffn_dim, c.dim)?,
+        ];
+        Ok(Self {
+            attn_norm: file.load_vector(&name("attn_norm.weight"), c.dim)?,
+            qkv: fuse(qkv),
+            qkv_bias,
+            attn_out: file.load_matrix(&name("attn_output.weight"), c.dim, c.q_dim())?,
+            ffn_norm: file.load_vector(&name("ffn_norm.weight"), c.dim)?,
+            gate_up: fuse(gate_up),
+            down: file.load_matrix(&name("ffn_down.weight"), c.dim, c.ffn_dim)?,
+        })
+    }
+
+    fn size_bytes(&self) -> usize {
+        let matrices = self.qkv.iter().chain(&self.gate_up).map(|(m, _)| m).chain([&self.attn_out, &self.down]);
+        matrices.map(Matrix::size_bytes).sum::<usize>() + (self.attn_norm.len() + self.ffn_norm.len()) * 4
+    }
+}
+
+/// Concatenates adjacent matrices whose outputs can share one product, and
+/// records where each part's output columns start.
+fn fuse(parts: Vec<Matrix>) -> Vec<(Matrix, usize)> {
+    let mut fused: Vec<(Matrix, usize)> = Vec::new();
+    let mut at = 0;
+    for m in parts {
+        let rows = m.rows();
+        match fused.last_mut() {
+            Some((prev, _)) if prev.rows() % PANEL == 0 && prev.format() == m.format() && prev.cols() == m.cols() => {
+                *prev = Matrix::concat_rows(prev, &m);
+            }
+            _ => fused.push((m, at)),
+        }
+        at += rows;
+    }
+    fused
+}
+
+/// Loaded blocks `[a, b)` of a model, ready to run.
+pub struct Span {
+    config: ModelConfig,
+    span: LayerSpan,
+    blocks: Vec<Block>,
+    device: Device,
+}
+
+impl std::fmt::Debug for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Span").field("span", &self.span).field("threads", &self.device.threads()).finish()
+    }
+}
+
+/// Reusable buffers of one forward pass.
+#[derive(Default)]
+struct Scratch {
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+    input: MatmulInput,
+}
+
+impl Span {
+    /// Loads the tensors of blocks `span` (and nothing else) from `file`.
+    pub fn load(file: &ModelFile, span: LayerSpan, device: &Device) -> Result<Self, ModelError> {
+        file.config().check_span(span)?;
+        let blocks = span.blocks().map(|i| Block::load(file, i)).collect::<Result<_, _>>()?;
+        Ok(Self { config: file.config().clone(), span, blocks, device: device.clone() })
+    }
+
+    pub fn span(&self) -> LayerSpan {
+        self.span
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of weights held in memory.
+    pub fn size_bytes(&self) -> usize {
+        self.blocks.iter().map(Block::size_bytes).sum()
+    }
+
+    /// An empty cache for one session of at most `max_len` positions
+    /// (capped at the model's context length).
+    pub fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache {
+            span: self.span,
+            n_kv_heads: self.config.n_kv_heads,
+            head_dim: self.config.head_dim,
+            max_len: max_len.min(self.config.context_length),
+            len: 0,
+            capacity: 0,
+            blocks: (0..self.blocks.len()).map(|_| BlockCache::default()).collect(),
+        }
+    }
+
+    /// Runs the span over `hidden` (`T × d`), which holds positions
+    /// `start_pos .. start_pos + T`: a prefill when `T > 1`, a decode step
+    /// when `T = 1`. Appends to `cache`; on error the cache is unchanged.
+    pub fn forward(&self, cache: &mut KvCache, hidden: &HiddenStates, start_pos: usize) -> Result<HiddenStates, ForwardError> {
+        let c = &self.config;
+        let t = hidden.rows();
+        if hidden.dim() != c.dim {
+            return Err(ForwardError::Width { expected: c.dim, got: hidden.dim() });
+        }
+        if start_pos != cache.len() {
+            return Err(ForwardError::Position { expected: cache.len(), got: start_pos });
+        }
+        if start_pos + t > cache.max_len() {
+            return Err(ForwardError::ContextFull { needed: start_pos + t, max: cache.max_len() });
+        }
+        if !hidden.as_slice().iter().all(|v| v.is_finite()) {
+            return Err(ForwardError::NotFinite);
+        }
+        assert_eq!(cache.span, self.span, "a cache belongs to the span that made it");
+        cache.reserve(start_pos + t);
+        let rope = RopeTable::new(c.rope_base, c.rope_dim, start_pos..start_pos + t);
+        let mut x = hidden.as_slice().to_vec();
+        let mut s = Scratch::default();
+        for (i, block) in self.blocks.iter().enumerate() {
+            self.attention(block, &mut cache.blocks[i], cache.capacity, &rope, &mut x, t, start_pos, &mut s);
+            self.feed_forward(block, &mut x, t, &mut s);
+        }
+        cache.len = start_pos + t;
+        Ok(HiddenStates { rows: t, dim: c.dim, data: x })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        block: &Block,
+        kv: &mut BlockCache,
+        capacity: usize,
+        rope: &RopeTable,
+        x: &mut [f32],
+        t: usize,
+        start_pos: usize,
+        s: &mut Scratch,
+    ) {
+        let c = &self.config;
+        let pool = self.device.pool();
+        let (q_dim, kv_dim, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        let width = q_dim + 2 * kv_dim;
+        s.normed.resize(t * c.dim, 0.0);
+        ops::rms_norm(x, &block.attn_norm, c.rms_eps, &mut s.normed);
+        s.input.prepare(&s.normed, t, c.dim, block.qkv.iter().any(|(m, _)| m.format().is_quantized()));
+        s.qkv.resize(t * width, 0.0);
+        for (m, at) in &block.qkv {
+            matmul(m, &s.input, &mut s.qkv, width, *at, pool);
+        }
+        let stride = capacity * hd;
+        for (row, qkv) in s.qkv.chunks_exact_mut(width).enumerate() {
+            if let Some(bias) = &block.qkv_bias {
+                ops::add_assign(qkv, bias);
+            }
+            let (q, kv_part) = qkv.split_at_mut(q_dim);
+            for head in q.chunks_exact_mut(hd).chain(kv_part[..kv_dim].chunks_exact_mut(hd)) {
+                rope.apply(c.rope_style, &mut head[..c.rope_dim], row);
+            }
+            let pos = start_pos + row;
+            for h in 0..c.n_kv_heads {
+                kv.k[h * stride + pos * hd..][..hd].copy_from_slice(&kv_part[h * hd..][..hd]);
+                kv.v[h * stride + pos * hd..][..hd].copy_from_slice(&kv_part[kv_dim + h * hd..][..hd]);
+            }
+        }
+
+        // One task per (query position, head); each writes its own slice.
+        s.attn.resize(t * q_dim, 0.0);
+        let group = c.n_heads / c.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let out = SharedRows(s.attn.as_mut_ptr());
+        let (qkv, kv) = (&s.qkv, &*kv);
+        pool.for_each_chunk(t * c.n_heads, 4, &|tasks| {
+            let mut scores = Vec::new();
+            for task in tasks {
+                let (row, h) = (task / c.n_heads, task % c.n_heads);
+                let kvh = h / group;
+                let len = start_pos + row + 1;
+                let q = &qkv[row * width + h * hd..][..hd];
+                let keys = &kv.k[kvh * stride..][..len * hd];
+                let values = &kv.v[kvh * stride..][..len * hd];
+                // SAFETY: task (row, h) is the only writer of this slice.
+                let dst = unsafe { out.slice(row * q_dim + h * hd, hd) };
+                ops::attend(q, keys, values, scale, &mut scores, dst);
+            }
+        });
+
+        s.input.prepare(&s.attn, t, q_dim, block.attn_out.format().is_quantized());
+        s.proj.resize(t * c.dim, 0.0);
+        matmul(&block.attn_out, &s.input, &mut s.proj, c.dim, 0, pool);
+        ops::add_assign(x, &s.proj);
+    }
+
+    fn feed_forward(&self, block: &Block, x: &mut [f32], t: usize, s: &mut Scratch) {
+        let c = &self.config;
+        let pool = self.device.pool();
+        ops::rms_norm(x, &block.ffn_norm, c.rms_eps, &mut s.normed);
+        s.input.prepare(&s.normed, t, c.dim, block.gate_up.iter().any(|(m, _)| m.format().is_quantized()));
+        s.gate_up.resize(t * 2 * c.ffn_dim, 0.0);
+        for (m, at) in &block.gate_up {
+            matmul(m, &s.input, &mut s.gate_up, 2 * c.ffn_dim, *at, pool);
+        }
+        s.act.resize(t * c.ffn_dim, 0.0);
+        ops::swiglu(&s.gate_up, c.ffn_dim, &mut s.act);
+        s.input.prepare(&s.act, t, c.ffn_dim, block.down.format().is_quantized());
+        matmul(&block.down, &s.input, &mut s.proj, c.dim, 0, pool);
+        ops::add_assign(x, &s.proj);
+    }
+}
+
+/// An output buffer the pool's threads write disjoint slices of.
+#[derive(Clone, Copy)]
+struct SharedRows(*mut f32);
+
+// SAFETY: used only to hand disjoint slices to the pool's threads.
+unsafe impl Send for SharedRows {}
+unsafe impl Sync for SharedRows {}
+
+impl SharedRows {
+    /// # Safety
+    /// `at..at + len` must lie inside the buffer, and no other thread may
+    /// touch it while the slice lives.
+    unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
+    }
+}

@@ -1,0 +1,224 @@
+//! The tokenizer stored in a GGUF file (`tokenizer.ggml.*`), rebuilt as a
+//! `tokenizers` BPE model with the pre-tokenizer llama.cpp uses for the
+//! file's `tokenizer.ggml.pre`, so our token ids match llama.cpp's.
+
+use std::collections::HashSet;
+
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+use crate::error::ModelError;
+use crate::model::ModelFile;
+
+/// GGUF token types (`tokenizer.ggml.token_type`).
+const TOKEN_CONTROL: i64 = 3;
+const TOKEN_USER_DEFINED: i64 = 4;
+
+const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Text ↔ token ids for one model.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// The bytes each token stands for (empty for control tokens).
+    bytes: Vec<Vec<u8>>,
+    /// The token strings as stored in the file.
+    texts: Vec<String>,
+    control: Vec<bool>,
+    bos: Option<u32>,
+    add_bos: bool,
+    end_of_generation: HashSet<u32>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer").field("vocab", &self.texts.len()).finish()
+    }
+}
+
+fn split(regex: &str) -> Result<PreTokenizerWrapper, ModelError> {
+    let split = Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false)
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    Ok(split.into())
+}
+
+/// llama.cpp's pre-tokenizer for a `tokenizer.ggml.pre` value, in
+/// `tokenizers` terms.
+fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, ModelError> {
+    let byte_level = |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, use_regex));
+    Ok(match pre {
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
+            Sequence::new(vec![split(r"\p{N}")?, split(GPT2_REGEX)?, byte_level(false)]).into()
+        }
+        "llama-bpe" | "llama3" | "dbrx" | "smaug-bpe" => Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level(false)]).into(),
+        "qwen2" | "stablelm2" | "deepseek-r1-qwen" => Sequence::new(vec![split(QWEN2_REGEX)?, byte_level(false)]).into(),
+        "gpt2" | "default" | "mpt" | "olmo" | "jais" => Sequence::new(vec![split(GPT2_REGEX)?, byte_level(false)]).into(),
+        other => {
+            tracing::warn!(pre = other, "unknown pre-tokenizer; using GPT-2's rules");
+            Sequence::new(vec![split(GPT2_REGEX)?, byte_level(false)]).into()
+        }
+    })
+}
+
+/// GPT-2's byte-to-character map, inverted: which byte each character of a
+/// byte-level token stands for.
+fn byte_level_decoder() -> std::collections::HashMap<char, u8> {
+    let mut map = std::collections::HashMap::with_capacity(256);
+    let mut next = 256u32;
+    for b in 0..=255u8 {
+        let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+        let c = if printable {
+            char::from(b)
+        } else {
+            let c = char::from_u32(next).expect("valid code point");
+            next += 1;
+            c
+        };
+        map.insert(c, b);
+    }
+    map
+}
+
+impl Tokenizer {
+    pub fn from_gguf(file: &ModelFile) -> Result<Self, ModelError> {
+        let model = file.meta_str("tokenizer.ggml.model").unwrap_or("gpt2");
+        if model != "gpt2" {
+            return Err(ModelError::Tokenizer(format!(
+                "tokenizer model `{model}` is not supported yet (supported: gpt2-style byte-level BPE)"
+            )));
+        }
+        let texts: Vec<String> = file.meta_strings("tokenizer.ggml.tokens")?.into_iter().map(str::to_owned).collect();
+        let merges: Vec<(String, String)> = file
+            .meta_strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .ok_or_else(|| ModelError::Tokenizer(format!("merge `{m}` is not two tokens")))
+            })
+            .collect::<Result<_, _>>()?;
+        let types = match file.meta_ints("tokenizer.ggml.token_type") {
+            Ok(types) => types,
+            Err(ModelError::MissingMetadata { .. }) => vec![1; texts.len()],
+            Err(e) => return Err(e),
+        };
+        if types.len() != texts.len() {
+            return Err(ModelError::Tokenizer(format!("{} token types for {} tokens", types.len(), texts.len())));
+        }
+        let vocab: tokenizers::models::bpe::Vocab = texts.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre_tokenizer(file.meta_str("tokenizer.ggml.pre").unwrap_or("default"))?));
+        let control: Vec<bool> = types.iter().map(|&t| t == TOKEN_CONTROL).collect();
+        let specials: Vec<AddedToken> = texts
+            .iter()
+            .zip(&types)
+            .filter(|(_, t)| **t == TOKEN_CONTROL || **t == TOKEN_USER_DEFINED)
+            .map(|(text, t)| AddedToken::from(text.clone(), *t == TOKEN_CONTROL).normalized(false))
+            .collect();
+        inner.add_special_tokens(specials).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+
+        let decoder = byte_level_decoder();
+        let bytes = texts
+            .iter()
+            .zip(&control)
+            .map(|(text, &is_control)| {
+                if is_control {
+                    Vec::new()
+                } else {
+                    let mut out = Vec::with_capacity(text.len());
+                    for c in text.chars() {
+                        match decoder.get(&c) {
+                            Some(&b) => out.push(b),
+                            None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                        }
+                    }
+                    out
+                }
+            })
+            .collect();
+
+        let vocab_size = texts.len() as u32;
+        let id = |key: &str| file.meta_u32(key).filter(|&id| id < vocab_size);
+        let mut end_of_generation: HashSet<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+            .into_iter()
+            .filter_map(id)
+            .collect();
+        // Like llama.cpp: control tokens that end a turn in common templates.
+        for (i, text) in texts.iter().enumerate() {
+            let ends_turn =
+                ["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>", "</s>"].contains(&text.as_str());
+            if ends_turn && control[i] {
+                end_of_generation.insert(i as u32);
+            }
+        }
+        Ok(Self {
+            inner,
+            bytes,
+            texts,
+            control,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            add_bos: file.meta_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
+            end_of_generation,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.texts.len()
+    }
+
+    /// Token ids for `text`. Control tokens written in the text (such as
+    /// `<|im_start|>`) become their ids, as in llama.cpp with special-token
+    /// parsing on; BOS is prepended when the model asks for it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let encoding = self.inner.encode_fast(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        if self.add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    /// The bytes token `id` contributes to generated text (nothing for
+    /// control tokens and unknown ids).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.bytes.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// A printable form of one token, control tokens included.
+    pub fn piece(&self, id: u32) -> String {
+        match self.control.get(id as usize) {
+            Some(true) => self.texts[id as usize].clone(),
+            Some(false) => String::from_utf8_lossy(&self.bytes[id as usize]).into_owned(),
+            None => String::new(),
+        }
+    }
+
+    /// The text of `ids`, control tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| self.token_bytes(id).iter().copied()).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    pub fn is_end_of_generation(&self, id: u32) -> bool {
+        self.end_of_generation.contains(&id)
+    }
+
+    /// The text of a control token by id, such as the BOS string templates use.
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.texts.get(id as usize).map(String::as_str)
+    }
+
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+}
