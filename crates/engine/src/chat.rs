@@ -5,6 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
+use crate::model::ModelFile;
+use crate::tokenizer::Tokenizer;
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +54,14 @@ impl ChatTemplate {
         });
         env.add_template_owned(NAME, source.to_string()).map_err(|e| ModelError::Template(e.to_string()))?;
         Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+    }
+
+    /// The template stored in `file`, if it has one.
+    pub fn from_gguf(file: &ModelFile, tokenizer: &Tokenizer) -> Result<Option<Self>, ModelError> {
+        let token = |key: &str| file.meta_u32(key).and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
+        file.meta_str("tokenizer.chat_template")
+            .map(|source| Self::new(source, &token("tokenizer.ggml.bos_token_id"), &token("tokenizer.ggml.eos_token_id")))
+            .transpose()
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where

@@ -31,11 +31,7 @@ impl ClientParts {
     pub fn load(file: &ModelFile, device: &Device) -> Result<Self, ModelError> {
         let c = file.config().clone();
         let tokenizer = Tokenizer::from_gguf(file)?;
-        let token = |key: &str| file.meta_u32(key).and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
-        let template = file
-            .meta_str("tokenizer.chat_template")
-            .map(|source| ChatTemplate::new(source, &token("tokenizer.ggml.bos_token_id"), &token("tokenizer.ggml.eos_token_id")))
-            .transpose()?;
+        let template = ChatTemplate::from_gguf(file, &tokenizer)?;
         let output = if file.has_tensor("output.weight") {
             Some(file.load_matrix("output.weight", c.vocab_size, c.dim)?)
         } else {

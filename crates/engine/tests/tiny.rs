@@ -1,0 +1,313 @@
+//! Fast tests on tiny random GGUF models written by the tests themselves:
+//! the engine against a plain float64 forward pass, the composition law,
+//! prefill vs decode, and bad input.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::Content;
+use hotpot_core::LayerSpan;
+use hotpot_engine::testing::TinyModel;
+use hotpot_engine::{ClientParts, Device, ForwardError, HiddenStates, LocalChain, ModelError, ModelFile, Pipeline, Span};
+
+fn write(dir: &Path, name: &str, model: &TinyModel) -> PathBuf {
+    let path = dir.join(name);
+    model.write(&path).expect("writes a tiny model");
+    path
+}
+
+/// Every tensor of the file, dequantized to f64 by candle.
+struct Reference {
+    tensors: std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>,
+}
+
+impl Reference {
+    fn load(path: &Path) -> Self {
+        let mut file = std::fs::File::open(path).expect("opens");
+        let content = Content::read(&mut file).expect("reads");
+        let tensors = content
+            .tensor_infos
+            .keys()
+            .map(|name| {
+                let q = content.tensor(&mut file, name, &candle_core::Device::Cpu).expect("tensor");
+                let t = q.dequantize(&candle_core::Device::Cpu).expect("dequantizes");
+                let dims = t.dims().to_vec();
+                let values = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("values");
+                (name.clone(), (dims, values.into_iter().map(f64::from).collect()))
+            })
+            .collect();
+        Self { tensors }
+    }
+
+    fn get(&self, name: &str) -> &[f64] {
+        &self.tensors[name].1
+    }
+
+    /// `W x` for a `[rows, cols]` weight.
+    fn matvec(&self, name: &str, x: &[f64]) -> Vec<f64> {
+        let (dims, w) = &self.tensors[name];
+        let cols = dims[1];
+        (0..dims[0]).map(|r| w[r * cols..(r + 1) * cols].iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+    }
+
+    fn rms_norm(x: &[f64], w: &[f64]) -> Vec<f64> {
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        let s = 1.0 / (ms + 1e-5).sqrt();
+        x.iter().zip(w).map(|(v, w)| v * s * w).collect()
+    }
+
+    fn rope(x: &mut [f64], pos: usize, head_dim: usize, halves: bool) {
+        for head in x.chunks_mut(head_dim) {
+            for i in 0..head_dim / 2 {
+                let theta = pos as f64 * 10_000f64.powf(-2.0 * i as f64 / head_dim as f64);
+                let (a, b) = if halves { (i, i + head_dim / 2) } else { (2 * i, 2 * i + 1) };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * theta.cos() - x1 * theta.sin();
+                head[b] = x0 * theta.sin() + x1 * theta.cos();
+            }
+        }
+    }
+
+    /// Final hidden states (before the output norm) of every position.
+    fn forward(&self, m: &TinyModel, tokens: &[u32]) -> Vec<Vec<f64>> {
+        let hd = m.dim / m.heads;
+        let embed = self.get("token_embd.weight");
+        let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| embed[t as usize * m.dim..][..m.dim].to_vec()).collect();
+        let halves = m.architecture == "qwen2";
+        for b in 0..m.blocks {
+            let name = |t: &str| format!("blk.{b}.{t}");
+            let mut keys = Vec::new();
+            let mut values = Vec::new();
+            for pos in 0..xs.len() {
+                let h = Self::rms_norm(&xs[pos], self.get(&name("attn_norm.weight")));
+                let mut q = self.matvec(&name("attn_q.weight"), &h);
+                let mut k = self.matvec(&name("attn_k.weight"), &h);
+                let mut v = self.matvec(&name("attn_v.weight"), &h);
+                if halves {
+                    for (vec, t) in [(&mut q, "attn_q.bias"), (&mut k, "attn_k.bias"), (&mut v, "attn_v.bias")] {
+                        for (a, b) in vec.iter_mut().zip(self.get(&name(t))) {
+                            *a += b;
+                        }
+                    }
+                }
+                Self::rope(&mut q, pos, hd, halves);
+                Self::rope(&mut k, pos, hd, halves);
+                keys.push(k);
+                values.push(v);
+                let mut attn = vec![0.0; m.heads * hd];
+                for head in 0..m.heads {
+                    let kvh = head / (m.heads / m.kv_heads);
+                    let qh = &q[head * hd..][..hd];
+                    let scores: Vec<f64> = (0..=pos)
+                        .map(|j| qh.iter().zip(&keys[j][kvh * hd..][..hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt())
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for (j, w) in e.iter().enumerate() {
+                        for d in 0..hd {
+                            attn[head * hd + d] += w / sum * values[j][kvh * hd + d];
+                        }
+                    }
+                }
+                let o = self.matvec(&name("attn_output.weight"), &attn);
+                for (a, b) in xs[pos].iter_mut().zip(o) {
+                    *a += b;
+                }
+                let h = Self::rms_norm(&xs[pos], self.get(&name("ffn_norm.weight")));
+                let g = self.matvec(&name("ffn_gate.weight"), &h);
+                let u = self.matvec(&name("ffn_up.weight"), &h);
+                let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+                let d = self.matvec(&name("ffn_down.weight"), &act);
+                for (a, b) in xs[pos].iter_mut().zip(d) {
+                    *a += b;
+                }
+            }
+        }
+        xs
+    }
+}
+
+fn tokens(n: usize, seed: u32) -> Vec<u32> {
+    let vocab = TinyModel::vocab_size() as u32;
+    (0..n as u32).map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97)) % vocab).collect()
+}
+
+#[test]
+fn engine_matches_a_float64_forward_pass() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (i, model) in [
+        TinyModel::default(),
+        TinyModel { format: GgmlDType::Q4_0, seed: 2, ..Default::default() },
+        TinyModel { format: GgmlDType::Q8_0, seed: 3, tied: false, ..Default::default() },
+        TinyModel { format: GgmlDType::F32, seed: 4, ..Default::default() },
+        TinyModel { format: GgmlDType::Q6K, dim: 256, ffn: 256, seed: 5, ..Default::default() },
+        TinyModel { architecture: "qwen2".into(), seed: 6, ..Default::default() },
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = write(dir.path(), &format!("m{i}.gguf"), model);
+        let file = ModelFile::open(&path).expect("opens");
+        let device = Device::cpu(2).expect("threads");
+        let span = Span::load(&file, file.config().full_span(), &device).expect("loads");
+        let client = ClientParts::load(&file, &device).expect("client");
+        let toks = tokens(20, i as u32);
+        let mut cache = span.new_cache(64);
+        let ours = span.forward(&mut cache, &client.embed(&toks).expect("embeds"), 0).expect("forward");
+        let reference = Reference::load(&path).forward(model, &toks);
+        let mut worst = 0.0f64;
+        for (pos, want) in reference.iter().enumerate() {
+            let norm = want.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let err = ours.row(pos).iter().zip(want).map(|(a, b)| (f64::from(*a) - b).powi(2)).sum::<f64>().sqrt();
+            worst = worst.max(err / norm);
+        }
+        println!("{:?} {}: worst relative error {worst:e}", model.format, model.architecture);
+        assert!(worst < 2e-4, "{:?} {}: relative error {worst}", model.format, model.architecture);
+    }
+}
+
+#[test]
+fn composition_and_prefill_decode_are_bit_exact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = TinyModel { blocks: 6, ..Default::default() };
+    let path = write(dir.path(), "m.gguf", &model);
+    let file = ModelFile::open(&path).expect("opens");
+    let device = Device::cpu(2).expect("threads");
+    let client = ClientParts::load(&file, &device).expect("client");
+    let load = |chain: &[(u32, u32)]| -> Vec<Span> {
+        chain.iter().map(|&(a, b)| Span::load(&file, LayerSpan::new(a, b).expect("span"), &device).expect("loads")).collect()
+    };
+    let toks = tokens(40, 9);
+    let whole = load(&[(0, 6)]);
+    let mut reference = LocalChain::new(&whole, 64);
+    let expected = reference.forward(client.embed(&toks).expect("embeds"), 0).expect("forward");
+    for chain in [vec![(0, 3), (3, 6)], vec![(0, 1), (1, 5), (5, 6)]] {
+        let spans = load(&chain);
+        // Prefill the first 25 positions, then decode the rest one by one.
+        let mut pipeline = LocalChain::new(&spans, 64);
+        let mut rows = pipeline.forward(client.embed(&toks[..25]).expect("embeds"), 0).expect("prefill").into_vec();
+        for pos in 25..toks.len() {
+            rows.extend(pipeline.forward(client.embed(&toks[pos..=pos]).expect("embeds"), pos).expect("decode").into_vec());
+        }
+        let same = rows.iter().zip(expected.as_slice()).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "chain {chain:?} with decode differs from one prefill over [0,6)");
+    }
+}
+
+#[test]
+fn cache_truncation_replays_identically() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "m.gguf", &TinyModel { context: 1024, ..Default::default() });
+    let file = ModelFile::open(&path).expect("opens");
+    let device = Device::cpu(1).expect("threads");
+    let client = ClientParts::load(&file, &device).expect("client");
+    let span = Span::load(&file, file.config().full_span(), &device).expect("loads");
+    let toks = tokens(30, 3);
+    let mut cache = span.new_cache(600);
+    let first = span.forward(&mut cache, &client.embed(&toks).expect("embeds"), 0).expect("forward");
+    cache.truncate(10);
+    assert_eq!(cache.len(), 10);
+    let again = span.forward(&mut cache, &client.embed(&toks[10..]).expect("embeds"), 10).expect("replay");
+    assert_eq!(&first.as_slice()[10 * 64..], again.as_slice());
+    // Growing past the first chunk of 256 positions keeps earlier ones intact.
+    let more = tokens(250, 4);
+    let grown = span.forward(&mut cache, &client.embed(&more).expect("embeds"), 30).expect("grows");
+    assert_eq!(cache.len(), 280);
+    let mut fresh = span.new_cache(600);
+    let all: Vec<u32> = toks.iter().chain(&more).copied().collect();
+    let once = span.forward(&mut fresh, &client.embed(&all).expect("embeds"), 0).expect("one prefill");
+    assert_eq!(&once.as_slice()[30 * 64..], grown.as_slice());
+}
+
+#[test]
+fn forward_rejects_impossible_steps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "m.gguf", &TinyModel::default());
+    let file = ModelFile::open(&path).expect("opens");
+    let device = Device::cpu(1).expect("threads");
+    let client = ClientParts::load(&file, &device).expect("client");
+    let span = Span::load(&file, LayerSpan::new(1, 3).expect("span"), &device).expect("loads");
+    let mut cache = span.new_cache(8);
+    let h = client.embed(&tokens(4, 1)).expect("embeds");
+    assert_eq!(span.forward(&mut cache, &h, 2), Err(ForwardError::Position { expected: 0, got: 2 }));
+    span.forward(&mut cache, &h, 0).expect("first step");
+    assert!(matches!(span.forward(&mut cache, &client.embed(&tokens(5, 2)).expect("e"), 4), Err(ForwardError::ContextFull { .. })));
+    let narrow = HiddenStates::new(2, 32, vec![0.0; 64]).expect("states");
+    assert!(matches!(span.forward(&mut cache, &narrow, 4), Err(ForwardError::Width { .. })));
+    let nan = HiddenStates::new(1, 64, vec![f32::NAN; 64]).expect("states");
+    assert_eq!(span.forward(&mut cache, &nan, 4), Err(ForwardError::NotFinite));
+    assert_eq!(cache.len(), 4, "failed steps leave the cache as it was");
+    assert!(matches!(client.embed(&[100_000]), Err(ForwardError::Token { .. })));
+    assert!(matches!(HiddenStates::new(0, 64, vec![]), Err(ForwardError::Empty)));
+}
+
+#[test]
+fn spans_outside_the_model_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "m.gguf", &TinyModel::default());
+    let file = ModelFile::open(&path).expect("opens");
+    let device = Device::cpu(1).expect("threads");
+    let err = Span::load(&file, LayerSpan::new(2, 5).expect("span"), &device).expect_err("4 blocks only");
+    assert!(matches!(err, ModelError::SpanOutOfRange { n_blocks: 4, .. }));
+    assert!(err.to_string().contains("outside the model's 4 blocks"), "{err}");
+}
+
+#[test]
+fn unknown_architectures_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "m.gguf", &TinyModel { architecture: "mamba9".into(), ..Default::default() });
+    let err = ModelFile::open(&path).expect_err("unknown arch");
+    assert!(matches!(&err, ModelError::UnsupportedArchitecture(a) if a == "mamba9"));
+    assert!(err.to_string().contains("mamba9") && err.to_string().contains("llama"), "{err}");
+}
+
+#[test]
+fn truncated_and_corrupt_files_are_errors_not_panics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "m.gguf", &TinyModel::default());
+    let bytes = std::fs::read(&path).expect("reads");
+    let cut = dir.path().join("cut.gguf");
+    // Truncated anywhere: in the header, the metadata, the tensor table, the data.
+    for len in [0, 3, 8, 20, 100, 1000, 5000, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(&cut, &bytes[..len]).expect("writes");
+        let result = std::panic::catch_unwind(|| ModelFile::open(&cut));
+        let err = result.expect("no panic").expect_err("a truncated file is an error");
+        let text = err.to_string();
+        assert!(text.contains("cut.gguf"), "the error names the file: {text}");
+    }
+    // Random bytes flipped in the header: never a panic (an error, or a file
+    // that still loads and runs).
+    let mut rng = 12345u64;
+    for _ in 0..300 {
+        let mut corrupt = bytes.clone();
+        for _ in 0..4 {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let at = (rng >> 33) as usize % 6000;
+            corrupt[at] ^= (rng >> 13) as u8 | 1;
+        }
+        std::fs::write(&cut, &corrupt).expect("writes");
+        let outcome = std::panic::catch_unwind(|| {
+            let file = ModelFile::open(&cut)?;
+            let device = Device::cpu(1).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            let client = ClientParts::load(&file, &device)?;
+            let span = Span::load(&file, file.config().full_span(), &device)?;
+            let mut cache = span.new_cache(16);
+            let h = client.embed(&[3, 4]).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            let _ = span.forward(&mut cache, &h, 0);
+            Ok::<(), ModelError>(())
+        });
+        assert!(outcome.is_ok(), "a corrupt file made the engine panic");
+    }
+}
+
+#[test]
+fn model_id_ignores_the_file_name_but_not_the_weights() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = write(dir.path(), "a.gguf", &TinyModel::default());
+    let b = write(dir.path(), "b.gguf", &TinyModel::default());
+    let c = write(dir.path(), "c.gguf", &TinyModel { seed: 99, ..Default::default() });
+    let id = |p: &Path| ModelFile::open(p).expect("opens").model_id().expect("hashes");
+    assert_eq!(id(&a), id(&b));
+    assert_ne!(id(&a), id(&c));
+}

