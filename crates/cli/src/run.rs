@@ -184,17 +184,17 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut write_error = None;
     let finish = generate(&client, &mut pipeline, &mut generation, |step| {
         first_token.get_or_insert_with(|| started.elapsed());
-        if write_error.is_none() {
-            if let Err(e) = stdout.write_all(step.text.as_bytes()).and_then(|()| stdout.flush()) {
-                write_error = Some(e);
-            }
+        if write_error.is_none()
+            && let Err(e) = stdout.write_all(step.text.as_bytes()).and_then(|()| stdout.flush())
+        {
+            write_error = Some(e);
         }
     })?;
     let total = started.elapsed();
-    if let Some(e) = write_error {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(e).context("writing the output");
-        }
+    if let Some(e) = write_error
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        return Err(e).context("writing the output");
     }
     let _ = writeln!(stdout);
     if !args.quiet {

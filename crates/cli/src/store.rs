@@ -234,10 +234,10 @@ impl Store {
         bar.finish_and_clear();
         out.sync_all()?;
         let hash = hex(&hasher.finalize());
-        if let Some(expected) = sha256 {
-            if hash != expected {
-                bail!("sha256 mismatch for {member}: expected {expected}, got {hash}");
-            }
+        if let Some(expected) = sha256
+            && hash != expected
+        {
+            bail!("sha256 mismatch for {member}: expected {expected}, got {hash}");
         }
         std::fs::rename(&part, dest).with_context(|| format!("moving the model to {}", dest.display()))?;
         Ok(hash)

@@ -92,12 +92,13 @@ impl ClientParts {
         }
         let rows = hidden.rows();
         let mut normed = vec![0.0f32; rows * c.dim];
-        ops::rms_norm(hidden.as_slice(), &self.output_norm, c.rms_eps, &mut normed);
+        let cpu = self.device.kernels();
+        ops::rms_norm(cpu.isa, hidden.as_slice(), &self.output_norm, c.rms_eps, &mut normed);
         let head = self.output.as_ref().unwrap_or(&self.embedding);
         let mut input = MatmulInput::default();
-        input.prepare(&normed, rows, c.dim, head.format().is_quantized());
+        input.prepare(cpu.isa, &normed, rows, c.dim, head.format().is_quantized());
         let mut logits = vec![0.0f32; rows * c.vocab_size];
-        matmul(head, &input, &mut logits, c.vocab_size, 0, self.device.pool());
+        matmul(cpu, head, &input, &mut logits, c.vocab_size, 0);
         Ok(logits)
     }
 }

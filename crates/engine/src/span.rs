@@ -8,28 +8,40 @@ use hotpot_core::LayerSpan;
 
 use crate::error::{ForwardError, ModelError};
 use crate::kernels::ops::{self, RopeTable};
-use crate::kernels::{CpuPool, MatmulInput, Matrix, PANEL, matmul};
+use crate::kernels::{Cpu, CpuPool, Isa, MatmulInput, Matrix, PANEL, isa, matmul};
 use crate::model::{ModelConfig, ModelFile};
 
-/// Where computation runs. Today: a pool of CPU threads.
+/// Where computation runs. Today: CPU threads with one kernel variant.
 #[derive(Debug, Clone)]
 pub struct Device {
-    pool: Arc<CpuPool>,
+    cpu: Arc<Cpu>,
 }
 
 impl Device {
-    /// The CPU with `threads` compute threads (0: one per available core).
+    /// The CPU with `threads` compute threads (0: one per available core)
+    /// and the best kernel variant (or `HOTPOT_KERNELS`).
     pub fn cpu(threads: usize) -> Result<Self, ModelError> {
+        Self::cpu_with(threads, isa::selected())
+    }
+
+    /// The CPU with a chosen kernel variant (clamped to what the CPU runs).
+    pub fn cpu_with(threads: usize, isa: Isa) -> Result<Self, ModelError> {
         let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
-        Ok(Self { pool: Arc::new(CpuPool::new(threads).map_err(ModelError::Threads)?) })
+        let pool = CpuPool::new(threads).map_err(ModelError::Threads)?;
+        Ok(Self { cpu: Arc::new(Cpu { pool, isa: isa.min(isa::best()) }) })
     }
 
     pub fn threads(&self) -> usize {
-        self.pool.threads()
+        self.cpu.pool.threads()
     }
 
-    pub(crate) fn pool(&self) -> &CpuPool {
-        &self.pool
+    /// The kernel variant in use.
+    pub fn isa(&self) -> Isa {
+        self.cpu.isa
+    }
+
+    pub(crate) fn kernels(&self) -> &Cpu {
+        &self.cpu
     }
 }
 
@@ -235,7 +247,7 @@ pub struct Span {
 
 impl std::fmt::Debug for Span {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Span").field("span", &self.span).field("threads", &self.device.threads()).finish()
+        f.debug_struct("Span").field("span", &self.span).field("device", &self.device).finish()
     }
 }
 
@@ -334,15 +346,15 @@ impl Span {
         s: &mut Scratch,
     ) {
         let c = &self.config;
-        let pool = self.device.pool();
+        let cpu = self.device.kernels();
         let (q_dim, kv_dim, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
         let width = q_dim + 2 * kv_dim;
         s.normed.resize(t * c.dim, 0.0);
-        ops::rms_norm(x, &block.attn_norm, c.rms_eps, &mut s.normed);
-        s.input.prepare(&s.normed, t, c.dim, block.qkv.iter().any(|(m, _)| m.format().is_quantized()));
+        ops::rms_norm(cpu.isa, x, &block.attn_norm, c.rms_eps, &mut s.normed);
+        s.input.prepare(cpu.isa, &s.normed, t, c.dim, block.qkv.iter().any(|(m, _)| m.format().is_quantized()));
         s.qkv.resize(t * width, 0.0);
         for (m, at) in &block.qkv {
-            matmul(m, &s.input, &mut s.qkv, width, *at, pool);
+            matmul(cpu, m, &s.input, &mut s.qkv, width, *at);
         }
         let stride = capacity * hd;
         for (row, qkv) in s.qkv.chunks_exact_mut(width).enumerate() {
@@ -366,7 +378,7 @@ impl Span {
         let scale = 1.0 / (hd as f32).sqrt();
         let out = SharedRows(s.attn.as_mut_ptr());
         let (qkv, kv) = (&s.qkv, &*kv);
-        pool.for_each_chunk(t * c.n_heads, 4, &|tasks| {
+        cpu.pool.for_each_chunk(t * c.n_heads, 4, &|tasks| {
             let mut scores = Vec::new();
             for task in tasks {
                 let (row, h) = (task / c.n_heads, task % c.n_heads);
@@ -377,29 +389,29 @@ impl Span {
                 let values = &kv.v[kvh * stride..][..len * hd];
                 // SAFETY: task (row, h) is the only writer of this slice.
                 let dst = unsafe { out.slice(row * q_dim + h * hd, hd) };
-                ops::attend(q, keys, values, scale, &mut scores, dst);
+                ops::attend(cpu.isa, q, keys, values, scale, &mut scores, dst);
             }
         });
 
-        s.input.prepare(&s.attn, t, q_dim, block.attn_out.format().is_quantized());
+        s.input.prepare(cpu.isa, &s.attn, t, q_dim, block.attn_out.format().is_quantized());
         s.proj.resize(t * c.dim, 0.0);
-        matmul(&block.attn_out, &s.input, &mut s.proj, c.dim, 0, pool);
+        matmul(cpu, &block.attn_out, &s.input, &mut s.proj, c.dim, 0);
         ops::add_assign(x, &s.proj);
     }
 
     fn feed_forward(&self, block: &Block, x: &mut [f32], t: usize, s: &mut Scratch) {
         let c = &self.config;
-        let pool = self.device.pool();
-        ops::rms_norm(x, &block.ffn_norm, c.rms_eps, &mut s.normed);
-        s.input.prepare(&s.normed, t, c.dim, block.gate_up.iter().any(|(m, _)| m.format().is_quantized()));
+        let cpu = self.device.kernels();
+        ops::rms_norm(cpu.isa, x, &block.ffn_norm, c.rms_eps, &mut s.normed);
+        s.input.prepare(cpu.isa, &s.normed, t, c.dim, block.gate_up.iter().any(|(m, _)| m.format().is_quantized()));
         s.gate_up.resize(t * 2 * c.ffn_dim, 0.0);
         for (m, at) in &block.gate_up {
-            matmul(m, &s.input, &mut s.gate_up, 2 * c.ffn_dim, *at, pool);
+            matmul(cpu, m, &s.input, &mut s.gate_up, 2 * c.ffn_dim, *at);
         }
         s.act.resize(t * c.ffn_dim, 0.0);
-        ops::swiglu(&s.gate_up, c.ffn_dim, &mut s.act);
-        s.input.prepare(&s.act, t, c.ffn_dim, block.down.format().is_quantized());
-        matmul(&block.down, &s.input, &mut s.proj, c.dim, 0, pool);
+        ops::swiglu(cpu.isa, &s.gate_up, c.ffn_dim, &mut s.act);
+        s.input.prepare(cpu.isa, &s.act, t, c.ffn_dim, block.down.format().is_quantized());
+        matmul(cpu, &block.down, &s.input, &mut s.proj, c.dim, 0);
         ops::add_assign(x, &s.proj);
     }
 }

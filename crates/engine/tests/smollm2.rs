@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use hotpot_engine::kernels::Isa;
 use hotpot_engine::{ChatMessage, Device, HiddenStates, LocalChain, Pipeline, log_softmax};
 
 #[test]
@@ -131,15 +132,20 @@ fn prefill_and_decode_agree() {
 }
 
 #[test]
-fn thread_count_does_not_change_results() {
+fn threads_and_kernel_variants_do_not_change_results() {
     let file = open_model();
     let prompt = [504u32, 3575, 282, 4649, 314];
-    let run = |threads| {
-        let device = Device::cpu(threads).expect("threads");
+    let run = |threads, isa| {
+        let device = Device::cpu_with(threads, isa).expect("threads");
         let client = client(&file, &device);
         run_chain(&load_spans(&file, &[(0, 30)], &device), &client, &prompt)
     };
-    let one = run(1);
-    let three = run(3);
-    assert!(one.iter().flatten().zip(three.iter().flatten()).all(|(a, b)| a.to_bits() == b.to_bits()));
+    let reference = run(1, Isa::Scalar);
+    for isa in Isa::available() {
+        for threads in [1, 3] {
+            let got = run(threads, isa);
+            let same = reference.iter().flatten().zip(got.iter().flatten()).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{isa:?} with {threads} threads differs from scalar with 1 thread");
+        }
+    }
 }

@@ -2,6 +2,8 @@
 //! the engine against a plain float64 forward pass, the composition law,
 //! prefill vs decode, and bad input.
 
+#![allow(clippy::needless_range_loop)] // the reference indexes positions
+
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::GgmlDType;

@@ -1,17 +1,21 @@
 //! Weight matrices in Hotpot's packed layout, and the matrix product.
 //!
 //! A GGUF matrix of `rows × cols` is regrouped at load time into *panels* of
-//! 16 rows. Inside a panel, the quants of one 32-wide block are interleaved
-//! two columns per row, so that widened to 16-bit lanes, one 512-bit vector
-//! holds the same two columns of all 16 rows and one multiply-add of 16-bit
-//! pairs (`vpdpwssd`/`vpmaddwd`) against two broadcast activations advances
-//! 16 rows at once:
+//! 16 rows. Inside a panel the quants of one 32-wide block are interleaved
+//! four bytes per row, so that one 64-byte load holds the same columns of all
+//! 16 rows. Widened to 16-bit lanes, each 32-bit lane then holds two columns
+//! of one row, and one multiply-add of 16-bit pairs (`vpdpwssd`, `vpmaddwd`)
+//! against two broadcast activations advances all 16 rows:
 //!
 //! ```text
 //! panel = [ quants: blocks × (16 rows × 32 cols) | d: blocks × 16 f16 | m: blocks × 16 f16 (Q4_1) ]
-//! Q4 quants of a block: 8 chunks c of 32 bytes; chunk c, row r = the GGML
-//!     bytes qs[2c..2c+2] of row r (low nibbles: cols 2c, 2c+1; high: 16+2c, 17+2c)
-//! Q8 quants of a block: 16 chunks p of 32 bytes; chunk p, row r = q[2p..2p+2]
+//! Q4 quants of a block: 4 groups g of 64 bytes; row r's 4 bytes in group g are
+//!     the GGML bytes [qs[2g], qs[2g+8], qs[2g+1], qs[2g+9]]. Word-wise nibble
+//!     extraction gives the column pairs (2g, 2g+1), (2g+16, 2g+17) [high
+//!     nibbles of bytes 0, 2], (2g+8, 2g+9), (2g+24, 2g+25) [bytes 1, 3].
+//! Q8 quants of a block: 8 groups g of 64 bytes; row r's 4 bytes in group g
+//!     are [q[2g], q[2g+16], q[2g+1], q[2g+17]]: low bytes of the two words give
+//!     columns (2g, 2g+1), high bytes (2g+16, 2g+17).
 //! ```
 //!
 //! Each output element is one lane of a vector register, accumulated block
@@ -23,7 +27,9 @@
 use half::f16;
 
 use super::aligned::AlignedBuf;
-use super::pool::CpuPool;
+use super::Cpu;
+
+use super::isa::Isa;
 use super::quant::{self, QK, QuantizedRows};
 
 /// Rows per panel: one 512-bit vector of f32 or i32 lanes.
@@ -58,7 +64,7 @@ impl WeightFormat {
         }
     }
 
-    fn quant_bytes(self) -> usize {
+    pub(crate) fn quant_bytes(self) -> usize {
         match self {
             Self::F32 => 0,
             Self::Q4_0 | Self::Q4_1 => PANEL * QK / 2,
@@ -137,13 +143,16 @@ impl Matrix {
                 match format {
                     WeightFormat::Q4_0 | WeightFormat::Q4_1 => {
                         let qs = &src[if format == WeightFormat::Q4_0 { 2 } else { 4 }..];
-                        for c in 0..8 {
-                            quants[c * 32 + lane * 2..][..2].copy_from_slice(&qs[c * 2..][..2]);
+                        for g in 0..4 {
+                            let at = g * 64 + lane * 4;
+                            quants[at..at + 4].copy_from_slice(&[qs[2 * g], qs[2 * g + 8], qs[2 * g + 1], qs[2 * g + 9]]);
                         }
                     }
                     WeightFormat::Q8_0 => {
-                        for p in 0..16 {
-                            quants[p * 32 + lane * 2..][..2].copy_from_slice(&src[2 + p * 2..][..2]);
+                        let q = &src[2..];
+                        for g in 0..8 {
+                            let at = g * 64 + lane * 4;
+                            quants[at..at + 4].copy_from_slice(&[q[2 * g], q[2 * g + 16], q[2 * g + 1], q[2 * g + 17]]);
                         }
                     }
                     WeightFormat::F32 => unreachable!("handled above"),
@@ -199,7 +208,7 @@ impl Matrix {
         &mut self.data.as_mut_slice()[panel * self.panel_bytes..][..self.panel_bytes]
     }
 
-    fn panel(&self, panel: usize) -> &[u8] {
+    pub(crate) fn panel(&self, panel: usize) -> &[u8] {
         &self.data.as_slice()[panel * self.panel_bytes..][..self.panel_bytes]
     }
 
@@ -246,24 +255,20 @@ impl Matrix {
                 for b in 0..blocks {
                     let d = scale(0, b);
                     let m = if self.format == WeightFormat::Q4_1 { scale(1, b) } else { -8.0 * d };
-                    let quants = &data[b * quant_bytes..];
-                    for c in 0..8 {
-                        for j in 0..2 {
-                            let byte = quants[c * 32 + lane * 2 + j];
-                            out[b * QK + c * 2 + j] = d * f32::from(byte & 15) + m;
-                            out[b * QK + 16 + c * 2 + j] = d * f32::from(byte >> 4) + m;
-                        }
+                    let mut q = [0u8; QK];
+                    unpack_q4(&data[b * quant_bytes..][..quant_bytes], lane, &mut q);
+                    for (o, &q) in out[b * QK..(b + 1) * QK].iter_mut().zip(&q) {
+                        *o = d * f32::from(q) + m;
                     }
                 }
             }
             WeightFormat::Q8_0 => {
                 for b in 0..blocks {
                     let d = scale(0, b);
-                    let quants = &data[b * quant_bytes..];
-                    for p in 0..16 {
-                        for j in 0..2 {
-                            out[b * QK + p * 2 + j] = d * f32::from(quants[p * 32 + lane * 2 + j] as i8);
-                        }
+                    let mut q = [0i8; QK];
+                    unpack_q8(&data[b * quant_bytes..][..quant_bytes], lane, &mut q);
+                    for (o, &q) in out[b * QK..(b + 1) * QK].iter_mut().zip(&q) {
+                        *o = d * f32::from(q);
                     }
                 }
             }
@@ -271,26 +276,50 @@ impl Matrix {
     }
 }
 
+/// Row `lane`'s 32 nibbles of one packed Q4 block, in column order.
+pub(crate) fn unpack_q4(quants: &[u8], lane: usize, q: &mut [u8; QK]) {
+    for g in 0..4 {
+        let [b0, b1, b2, b3] = [0, 1, 2, 3].map(|j| quants[g * 64 + lane * 4 + j]);
+        for (col, byte, high) in [(2 * g, b0, false), (2 * g + 1, b2, false), (2 * g + 16, b0, true), (2 * g + 17, b2, true)]
+            .into_iter()
+            .chain([(2 * g + 8, b1, false), (2 * g + 9, b3, false), (2 * g + 24, b1, true), (2 * g + 25, b3, true)])
+        {
+            q[col] = if high { byte >> 4 } else { byte & 15 };
+        }
+    }
+}
+
+/// Row `lane`'s 32 quants of one packed Q8 block, in column order.
+pub(crate) fn unpack_q8(quants: &[u8], lane: usize, q: &mut [i8; QK]) {
+    for g in 0..8 {
+        let [b0, b1, b2, b3] = [0, 1, 2, 3].map(|j| quants[g * 64 + lane * 4 + j] as i8);
+        q[2 * g] = b0;
+        q[2 * g + 1] = b2;
+        q[2 * g + 16] = b1;
+        q[2 * g + 17] = b3;
+    }
+}
+
 /// The input of a matrix product: `rows` rows of `cols` activations, with
 /// their 8-bit quantization when a quantized weight will read them.
 #[derive(Debug, Default)]
 pub struct MatmulInput {
-    rows: usize,
-    cols: usize,
-    values: Vec<f32>,
-    quantized: QuantizedRows,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) values: Vec<f32>,
+    pub(crate) quantized: QuantizedRows,
 }
 
 impl MatmulInput {
     /// Takes `values` (`rows × cols`, row-major) and quantizes them when
     /// `quantize` is set (any weight reading this input is quantized).
-    pub fn prepare(&mut self, values: &[f32], rows: usize, cols: usize, quantize: bool) {
+    pub fn prepare(&mut self, isa: Isa, values: &[f32], rows: usize, cols: usize, quantize: bool) {
         self.rows = rows;
         self.cols = cols;
         self.values.clear();
         self.values.extend_from_slice(values);
         if quantize {
-            self.quantized.quantize_into(values, rows, cols);
+            self.quantized.quantize_into(isa, values, rows, cols);
         } else {
             self.quantized.rows = 0;
         }
@@ -301,129 +330,114 @@ impl MatmulInput {
     }
 }
 
-/// Where a product's columns go: rows of stride `ld`, starting at column `at`.
+/// Tokens per tile: each weight group unpacked is used for this many tokens.
+pub(crate) const TOKEN_TILE: usize = 8;
+
+/// One unit of kernel work: one panel times up to `TOKEN_TILE` tokens.
 #[derive(Clone, Copy)]
-struct OutPtr {
-    ptr: *mut f32,
-    ld: usize,
-    at: usize,
+pub(crate) struct Tile<'a> {
+    pub format: WeightFormat,
+    pub panel: &'a [u8],
+    pub cols: usize,
+    pub x: &'a MatmulInput,
+    pub t0: usize,
+    pub nt: usize,
+    /// Output of token `t0`, column of the panel's first row.
+    pub out: *mut f32,
+    pub ld: usize,
+    /// Rows of this panel that exist (the last panel may be partial).
+    pub lanes: usize,
 }
 
-// SAFETY: threads write disjoint panels' columns (see `matmul`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-/// `out[t][at + r] = Σ_k w[r][k] · x[t][k]` for every input row `t`, where
-/// `out` has rows of length `ld`.
-pub fn matmul(w: &Matrix, x: &MatmulInput, out: &mut [f32], ld: usize, at: usize, pool: &CpuPool) {
-    assert_eq!(x.cols, w.cols, "matmul: input width {} != weight width {}", x.cols, w.cols);
-    assert!(at + w.rows <= ld && out.len() >= x.rows * ld, "matmul: output too small");
-    if w.format.is_quantized() {
-        assert_eq!(x.quantized.rows, x.rows, "matmul: quantized weight needs a quantized input");
+impl Tile<'_> {
+    pub fn blocks(&self) -> usize {
+        self.cols / QK
     }
-    let out = OutPtr { ptr: out.as_mut_ptr(), ld, at };
-    let panels = w.panels();
-    let chunk = panels.div_ceil(pool.threads() * 4).max(1);
-    pool.for_each_chunk(panels, chunk, &|range| {
-        for panel in range {
-            // SAFETY: each panel is visited by exactly one thread and writes
-            // only its own 16 columns of each output row.
-            unsafe { panel_product(w, panel, x, out) };
-        }
-    });
-}
 
-unsafe fn panel_product(w: &Matrix, panel: usize, x: &MatmulInput, out: OutPtr) {
-    let data = w.panel(panel);
-    let lanes = (w.rows - panel * PANEL).min(PANEL);
-    for t in 0..x.rows {
-        let acc = match w.format {
-            WeightFormat::F32 => scalar::f32_panel(data, &x.values[t * x.cols..][..x.cols]),
-            WeightFormat::Q4_0 | WeightFormat::Q4_1 | WeightFormat::Q8_0 => {
-                scalar::quant_panel(w.format, data, &x.quantized, t)
-            }
-        };
-        // SAFETY: `matmul` checked that the output holds `x.rows` rows of `ld`.
-        let dst = unsafe { out.ptr.add(t * out.ld + out.at + panel * PANEL) };
-        for (r, v) in acc.iter().enumerate().take(lanes) {
+    /// Byte offset of the per-block scales (`array` 0: d, 1: m).
+    pub fn scales_at(&self, array: usize) -> usize {
+        let blocks = self.blocks();
+        blocks * self.format.quant_bytes() + array * blocks * PANEL * 2
+    }
+
+    /// Writes token `t`'s 16 results, skipping padding rows.
+    ///
+    /// # Safety
+    /// `out` must be valid for `nt` rows of `ld`, `lanes` columns each.
+    pub unsafe fn store(&self, t: usize, acc: &[f32; PANEL]) {
+        let dst = unsafe { self.out.add(t * self.ld) };
+        for (r, v) in acc.iter().enumerate().take(self.lanes) {
             unsafe { *dst.add(r) = *v };
         }
     }
 }
 
-/// The portable kernels: the reference every SIMD path must match bit for bit.
-mod scalar {
-    use super::*;
+type TileFn = unsafe fn(&Tile);
 
-    pub fn f32_panel(data: &[u8], x: &[f32]) -> [f32; PANEL] {
-        let mut acc = [0.0f32; PANEL];
-        for (k, &xk) in x.iter().enumerate() {
-            let w = &data[k * PANEL * 4..][..PANEL * 4];
-            for r in 0..PANEL {
-                let wr = f32::from_le_bytes([w[4 * r], w[4 * r + 1], w[4 * r + 2], w[4 * r + 3]]);
-                acc[r] += wr * xk;
+fn tile_kernel(isa: Isa) -> TileFn {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => super::x86::tile_avx512,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => super::x86::tile_avx2,
+        _ => super::scalar::tile,
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+// SAFETY: threads write disjoint panels' columns (see `matmul`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `out[t][at + r] = Σ_k w[r][k] · x[t][k]` for every input row `t`, where
+/// `out` has rows of length `ld`, on `cpu`'s threads with its kernel variant.
+pub fn matmul(cpu: &Cpu, w: &Matrix, x: &MatmulInput, out: &mut [f32], ld: usize, at: usize) {
+    assert_eq!(x.cols, w.cols, "matmul: input width {} != weight width {}", x.cols, w.cols);
+    assert!(at + w.rows <= ld && out.len() >= x.rows * ld, "matmul: output too small");
+    if w.format.is_quantized() {
+        assert_eq!(x.quantized.rows, x.rows, "matmul: a quantized weight needs a quantized input");
+    }
+    let kernel = tile_kernel(cpu.isa.min(super::isa::best()));
+    let pool = &cpu.pool;
+    let base = OutPtr(out.as_mut_ptr());
+    let panels = w.panels();
+    let chunk = panels.div_ceil(pool.threads() * 4).max(1);
+    let work = |range: std::ops::Range<usize>| {
+        for panel in range {
+            for t0 in (0..x.rows).step_by(TOKEN_TILE) {
+                let tile = Tile {
+                    format: w.format,
+                    panel: w.panel(panel),
+                    cols: w.cols,
+                    x,
+                    t0,
+                    nt: (x.rows - t0).min(TOKEN_TILE),
+                    // SAFETY: inside `out`, checked above.
+                    out: unsafe { base.get().add(t0 * ld + at + panel * PANEL) },
+                    ld,
+                    lanes: (w.rows - panel * PANEL).min(PANEL),
+                };
+                // SAFETY: each (panel, tile) is computed by one thread and
+                // writes only its own 16 columns of its own rows.
+                unsafe { kernel(&tile) };
             }
         }
-        acc
-    }
-
-    pub fn quant_panel(format: WeightFormat, data: &[u8], x: &QuantizedRows, t: usize) -> [f32; PANEL] {
-        let blocks = x.blocks;
-        let quant_bytes = format.quant_bytes();
-        let scales_at = blocks * quant_bytes;
-        let scale = |array: usize, b: usize, r: usize| {
-            let at = scales_at + (array * blocks * PANEL + b * PANEL + r) * 2;
-            f16::from_le_bytes([data[at], data[at + 1]]).to_f32()
-        };
-        let mut acc = [0.0f32; PANEL];
-        for b in 0..blocks {
-            let xb = t * blocks + b;
-            let xq = &x.qs[xb * QK..][..QK];
-            let (dx, sx, xsum) = (x.d[xb], x.s[xb], x.isum[xb]);
-            let quants = &data[b * quant_bytes..][..quant_bytes];
-            let mut isum = [0i32; PANEL];
-            match format {
-                WeightFormat::Q4_0 | WeightFormat::Q4_1 => {
-                    for c in 0..8 {
-                        for r in 0..PANEL {
-                            for j in 0..2 {
-                                let byte = quants[c * 32 + r * 2 + j];
-                                isum[r] += i32::from(byte & 15) * i32::from(xq[c * 2 + j])
-                                    + i32::from(byte >> 4) * i32::from(xq[16 + c * 2 + j]);
-                            }
-                        }
-                    }
-                }
-                WeightFormat::Q8_0 => {
-                    for p in 0..16 {
-                        for r in 0..PANEL {
-                            for j in 0..2 {
-                                isum[r] += i32::from(quants[p * 32 + r * 2 + j] as i8) * i32::from(xq[p * 2 + j]);
-                            }
-                        }
-                    }
-                }
-                WeightFormat::F32 => unreachable!("not a quantized format"),
-            }
-            for r in 0..PANEL {
-                let d = scale(0, b, r) * dx;
-                match format {
-                    WeightFormat::Q4_0 => acc[r] += d * (isum[r] - 8 * xsum) as f32,
-                    WeightFormat::Q4_1 => {
-                        acc[r] += d * isum[r] as f32;
-                        acc[r] += scale(1, b, r) * sx;
-                    }
-                    _ => acc[r] += d * isum[r] as f32,
-                }
-            }
-        }
-        acc
-    }
+    };
+    pool.for_each_chunk(panels, chunk, &work);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::CpuPool;
     use rand::{Rng, SeedableRng};
 
     /// Random GGML blocks of `format` for a `rows × cols` matrix.
@@ -489,7 +503,7 @@ mod tests {
     #[test]
     fn products_match_a_float64_reference() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        let pool = CpuPool::new(2).expect("threads");
+        let cpu = Cpu { pool: CpuPool::new(2).expect("threads"), isa: Isa::Scalar };
         for format in [WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q8_0, WeightFormat::F32] {
             for (rows, cols, tokens) in [(1, 32, 1), (17, 64, 3), (50, 160, 5), (64, 576, 2)] {
                 let (m, reference) = if format == WeightFormat::F32 {
@@ -503,10 +517,10 @@ mod tests {
                 };
                 let x: Vec<f32> = (0..tokens * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let mut input = MatmulInput::default();
-                input.prepare(&x, tokens, cols, format.is_quantized());
+                input.prepare(Isa::Scalar, &x, tokens, cols, format.is_quantized());
                 let ld = rows + 3;
                 let mut out = vec![f32::NAN; tokens * ld];
-                matmul(&m, &input, &mut out, ld, 2, &pool);
+                matmul(&cpu, &m, &input, &mut out, ld, 2);
                 for t in 0..tokens {
                     for r in 0..rows {
                         let exact: f64 = (0..cols).map(|k| f64::from(reference[r * cols + k]) * f64::from(x[t * cols + k])).sum();
@@ -525,6 +539,40 @@ mod tests {
                         assert!((got - exact).abs() <= tol, "{format:?} {rows}x{cols} t{t} r{r}: {got} vs {exact}");
                     }
                     assert!(out[t * ld].is_nan() && out[t * ld + 1].is_nan(), "wrote outside its columns");
+                }
+            }
+        }
+    }
+
+    /// Every kernel variant this CPU runs gives the scalar reference's bits,
+    /// for any token count (tile tails included) and partial panels.
+    #[test]
+    fn kernel_variants_are_bit_identical() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let variants = Isa::available();
+        println!("kernel variants on this CPU: {variants:?}");
+        for format in [WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q8_0, WeightFormat::F32] {
+            for (rows, cols, tokens) in [(16, 32, 1), (45, 96, 7), (33, 64, 9), (64, 576, 20), (3, 160, 8), (160, 32, 17)] {
+                let m = if format == WeightFormat::F32 {
+                    let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    Matrix::from_f32(rows, cols, &w).expect("packs")
+                } else {
+                    Matrix::from_ggml(format, rows, cols, &random_ggml(format, rows, cols, &mut rng)).expect("packs")
+                };
+                let x: Vec<f32> = (0..tokens * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
+                let run = |isa| {
+                    let cpu = Cpu { pool: CpuPool::new(2).expect("threads"), isa };
+                    let mut input = MatmulInput::default();
+                    input.prepare(isa, &x, tokens, cols, format.is_quantized());
+                    let mut out = vec![0.0f32; tokens * rows];
+                    matmul(&cpu, &m, &input, &mut out, rows, 0);
+                    out
+                };
+                let reference = run(Isa::Scalar);
+                for &isa in &variants {
+                    let got = run(isa);
+                    let same = got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{isa:?} differs from scalar for {format:?} {rows}x{cols}, {tokens} tokens");
                 }
             }
         }

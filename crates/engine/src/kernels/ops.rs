@@ -66,6 +66,7 @@ pub fn exp(x: f32) -> f32 {
     if x <= -87.3 { 0.0 } else { y * f32::from_bits(bits) }
 }
 
+multiversion! {
 /// `out = x / rms(x) · weight`, row by row (`x` holds rows of `weight.len()`).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let dim = weight.len();
@@ -77,6 +78,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         }
     }
 }
+}
 
 /// `x += y`.
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
@@ -85,6 +87,7 @@ pub fn add_assign(x: &mut [f32], y: &[f32]) {
     }
 }
 
+multiversion! {
 /// SwiGLU: `out[i] = silu(gate[i]) · up[i]` for rows laid out as
 /// `[gate (ffn) | up (ffn)]`.
 pub fn swiglu(gate_up: &[f32], ffn: usize, out: &mut [f32]) {
@@ -94,6 +97,7 @@ pub fn swiglu(gate_up: &[f32], ffn: usize, out: &mut [f32]) {
             *o = (g / (1.0 + exp(-g))) * u;
         }
     }
+}
 }
 
 /// How rotary embeddings pair a head's dimensions.
@@ -145,6 +149,7 @@ impl RopeTable {
     }
 }
 
+multiversion! {
 /// Causal attention of one query head over `keys.len() / head_dim` cached
 /// positions: softmax(q·K / √d) · V, written to `out`. `scores` is scratch.
 pub fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
@@ -168,10 +173,12 @@ pub fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut 
         *o *= inv;
     }
 }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::Isa;
 
     #[test]
     fn exp_is_accurate() {
@@ -194,7 +201,7 @@ mod tests {
     fn rms_norm_normalizes() {
         let x = [3.0f32, -4.0, 0.0, 5.0, 1.0, -1.0, 2.0, 2.0];
         let mut out = [0.0f32; 4];
-        rms_norm(&x, &[1.0, 2.0, 1.0, 1.0], 0.0, &mut out);
+        rms_norm(Isa::Scalar, &x, &[1.0, 2.0, 1.0, 1.0], 0.0, &mut out);
         let rms = (50.0f32 / 4.0).sqrt();
         assert!((out[0] - 3.0 / rms).abs() < 1e-6 && (out[1] + 8.0 / rms).abs() < 1e-6);
     }
@@ -205,7 +212,7 @@ mod tests {
         let k = [0.1f32; 8];
         let v: Vec<f32> = (0..8).map(|i| i as f32).collect();
         let mut out = [0.0f32; 8];
-        attend(&q, &k, &v, 0.5, &mut Vec::new(), &mut out);
+        attend(Isa::Scalar, &q, &k, &v, 0.5, &mut Vec::new(), &mut out);
         assert_eq!(out.to_vec(), v);
     }
 

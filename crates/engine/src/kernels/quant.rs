@@ -11,6 +11,8 @@
 
 use half::f16;
 
+use super::isa::Isa;
+
 /// Elements per quantization block in every format we run natively.
 pub const QK: usize = 32;
 
@@ -29,7 +31,7 @@ pub struct QuantizedRows {
 
 impl QuantizedRows {
     /// Quantizes `rows` rows of `cols` values; `cols` must be a multiple of 32.
-    pub fn quantize_into(&mut self, x: &[f32], rows: usize, cols: usize) {
+    pub fn quantize_into(&mut self, isa: Isa, x: &[f32], rows: usize, cols: usize) {
         debug_assert_eq!(cols % QK, 0);
         debug_assert_eq!(x.len(), rows * cols);
         let blocks = cols / QK;
@@ -40,13 +42,7 @@ impl QuantizedRows {
         self.isum.resize(n, 0);
         self.s.resize(n, 0.0);
         self.qs.resize(n * QK, 0);
-        for (b, src) in x.chunks_exact(QK).enumerate() {
-            let q = &mut self.qs[b * QK..(b + 1) * QK];
-            let (d, isum) = quantize_block(src, q.try_into().expect("32 quants"));
-            self.d[b] = d;
-            self.isum[b] = isum;
-            self.s[b] = d * isum as f32;
-        }
+        quantize_blocks(isa, x, &mut self.d, &mut self.isum, &mut self.s, &mut self.qs);
     }
 
     pub fn row_blocks(&self, row: usize) -> std::ops::Range<usize> {
@@ -54,12 +50,23 @@ impl QuantizedRows {
     }
 }
 
+multiversion! {
+fn quantize_blocks(x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs: &mut [i16]) {
+    for (b, (src, q)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
+        let (scale, sum) = quantize_block(src, q.try_into().expect("32 quants"));
+        d[b] = scale;
+        isum[b] = sum;
+        s[b] = scale * sum as f32;
+    }
+}
+}
+
 /// Largest activation quant.
 pub const QMAX: f32 = 32767.0;
 
 /// Symmetric 16-bit quantization of one block: `d = max|x| / 32767`,
 /// `q = round_half_even(x / d)`. Returns `(d, Σq)`.
-#[inline]
+#[inline(always)]
 pub fn quantize_block(x: &[f32], q: &mut [i16; QK]) -> (f32, i32) {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let d = amax / QMAX;

@@ -1,0 +1,284 @@
+//! x86-64 kernels: AVX-512 (F, BW, VNNI) and AVX2.
+//!
+//! Both follow the scalar reference step for step (see `scalar.rs`): exact
+//! 16-bit × 4/8-bit integer dot products per block and row lane, then
+//! `acc = acc + (d_w · d_x) · isum` with separate multiplies and adds. One
+//! weight group is unpacked once and used for up to `TOKEN_TILE` tokens,
+//! which is what makes prefill a matrix-matrix product.
+
+#![allow(clippy::needless_range_loop)] // lanes and tokens index parallel arrays
+
+use std::arch::x86_64::*;
+
+use super::matrix::{PANEL, TOKEN_TILE, Tile, WeightFormat};
+use super::quant::QK;
+
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
+
+/// Calls `$f::<NT, ...>` with `NT` = the tile's token count (1..=8).
+macro_rules! by_tokens {
+    ($nt:expr, $f:ident $(:: <$($g:tt),*>)? ($($arg:expr),*)) => {
+        match $nt {
+            1 => $f::<1 $($(, $g)*)?>($($arg),*),
+            2 => $f::<2 $($(, $g)*)?>($($arg),*),
+            3 => $f::<3 $($(, $g)*)?>($($arg),*),
+            4 => $f::<4 $($(, $g)*)?>($($arg),*),
+            5 => $f::<5 $($(, $g)*)?>($($arg),*),
+            6 => $f::<6 $($(, $g)*)?>($($arg),*),
+            7 => $f::<7 $($(, $g)*)?>($($arg),*),
+            _ => $f::<8 $($(, $g)*)?>($($arg),*),
+        }
+    };
+}
+
+const _: () = assert!(TOKEN_TILE == 8 && PANEL == 16);
+
+// ---------------------------------------------------------------- AVX-512
+
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI; `tile` must be valid.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+pub(crate) unsafe fn tile_avx512(tile: &Tile) {
+    unsafe {
+        match tile.format {
+            WeightFormat::F32 => by_tokens!(tile.nt, f32_512(tile)),
+            WeightFormat::Q4_0 => by_tokens!(tile.nt, quant_512::<Q4_0>(tile)),
+            WeightFormat::Q4_1 => by_tokens!(tile.nt, quant_512::<Q4_1>(tile)),
+            WeightFormat::Q8_0 => by_tokens!(tile.nt, quant_512::<Q8_0>(tile)),
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+unsafe fn store_512(tile: &Tile, t: usize, v: __m512) {
+    unsafe {
+        let dst = tile.out.add(t * tile.ld);
+        if tile.lanes == PANEL {
+            _mm512_storeu_ps(dst, v);
+        } else {
+            _mm512_mask_storeu_ps(dst, ((1u32 << tile.lanes) - 1) as u16, v);
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+unsafe fn quant_512<const NT: usize, const F: u8>(tile: &Tile) {
+    unsafe {
+        let x = &tile.x.quantized;
+        let blocks = tile.blocks();
+        let quant_bytes = if F == Q8_0 { 512 } else { 256 };
+        let panel = tile.panel.as_ptr();
+        let (d_at, m_at) = (tile.scales_at(0), tile.scales_at(1));
+        let nibble = _mm512_set1_epi16(0x000F);
+        let mut acc = [_mm512_setzero_ps(); NT];
+        for b in 0..blocks {
+            let q = panel.add(b * quant_bytes);
+            // Activation pairs of each token for this block, as i32.
+            let xp: [*const i32; NT] = std::array::from_fn(|t| x.qs.as_ptr().add(((tile.t0 + t) * blocks + b) * QK).cast());
+            let mut isum = [_mm512_setzero_si512(); NT];
+            if F == Q8_0 {
+                for g in 0..8 {
+                    let v = _mm512_loadu_si512(q.add(g * 64).cast());
+                    let lo = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(v));
+                    let hi = _mm512_srai_epi16::<8>(v);
+                    for t in 0..NT {
+                        isum[t] = _mm512_dpwssd_epi32(isum[t], lo, _mm512_set1_epi32(*xp[t].add(g)));
+                        isum[t] = _mm512_dpwssd_epi32(isum[t], hi, _mm512_set1_epi32(*xp[t].add(g + 8)));
+                    }
+                }
+            } else {
+                for g in 0..4 {
+                    let v = _mm512_loadu_si512(q.add(g * 64).cast());
+                    let w0 = _mm512_and_si512(v, nibble);
+                    let w1 = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
+                    let w2 = _mm512_and_si512(_mm512_srli_epi16::<8>(v), nibble);
+                    let w3 = _mm512_srli_epi16::<12>(v);
+                    for t in 0..NT {
+                        isum[t] = _mm512_dpwssd_epi32(isum[t], w0, _mm512_set1_epi32(*xp[t].add(g)));
+                        isum[t] = _mm512_dpwssd_epi32(isum[t], w1, _mm512_set1_epi32(*xp[t].add(g + 8)));
+                        isum[t] = _mm512_dpwssd_epi32(isum[t], w2, _mm512_set1_epi32(*xp[t].add(g + 4)));
+                        isum[t] = _mm512_dpwssd_epi32(isum[t], w3, _mm512_set1_epi32(*xp[t].add(g + 12)));
+                    }
+                }
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(panel.add(d_at + b * 32).cast()));
+            let mw = if F == Q4_1 { _mm512_cvtph_ps(_mm256_loadu_si256(panel.add(m_at + b * 32).cast())) } else { dw };
+            for t in 0..NT {
+                let xb = (tile.t0 + t) * blocks + b;
+                let sum = if F == Q4_0 { _mm512_sub_epi32(isum[t], _mm512_set1_epi32(8 * x.isum[xb])) } else { isum[t] };
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[xb]));
+                acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(scale, _mm512_cvtepi32_ps(sum)));
+                if F == Q4_1 {
+                    acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(mw, _mm512_set1_ps(x.s[xb])));
+                }
+            }
+        }
+        for (t, v) in acc.into_iter().enumerate() {
+            store_512(tile, t, v);
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+unsafe fn f32_512<const NT: usize>(tile: &Tile) {
+    unsafe {
+        let w = tile.panel.as_ptr().cast::<f32>();
+        let xs: [*const f32; NT] = std::array::from_fn(|t| tile.x.values.as_ptr().add((tile.t0 + t) * tile.cols));
+        let mut acc = [_mm512_setzero_ps(); NT];
+        for k in 0..tile.cols {
+            let wk = _mm512_loadu_ps(w.add(k * PANEL));
+            for t in 0..NT {
+                acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(wk, _mm512_set1_ps(*xs[t].add(k))));
+            }
+        }
+        for (t, v) in acc.into_iter().enumerate() {
+            store_512(tile, t, v);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- AVX2
+
+/// # Safety
+/// The CPU must support AVX2 and F16C; `tile` must be valid.
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn tile_avx2(tile: &Tile) {
+    // Eight ymm accumulators per half panel at most: split larger tiles.
+    let mut t0 = 0;
+    while t0 < tile.nt {
+        let nt = (tile.nt - t0).min(4);
+        let sub = Tile { t0: tile.t0 + t0, nt, out: unsafe { tile.out.add(t0 * tile.ld) }, ..*tile };
+        unsafe {
+            match (tile.format, nt) {
+                (WeightFormat::F32, 1) => f32_256::<1>(&sub),
+                (WeightFormat::F32, 2) => f32_256::<2>(&sub),
+                (WeightFormat::F32, 3) => f32_256::<3>(&sub),
+                (WeightFormat::F32, _) => f32_256::<4>(&sub),
+                (WeightFormat::Q4_0, n) => quant_256_tokens::<Q4_0>(&sub, n),
+                (WeightFormat::Q4_1, n) => quant_256_tokens::<Q4_1>(&sub, n),
+                (WeightFormat::Q8_0, n) => quant_256_tokens::<Q8_0>(&sub, n),
+            }
+        }
+        t0 += nt;
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn quant_256_tokens<const F: u8>(tile: &Tile, nt: usize) {
+    unsafe {
+        match nt {
+            1 => quant_256::<1, F>(tile),
+            2 => quant_256::<2, F>(tile),
+            3 => quant_256::<3, F>(tile),
+            _ => quant_256::<4, F>(tile),
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn store_256(tile: &Tile, t: usize, halves: [__m256; 2]) {
+    let mut acc = [0.0f32; PANEL];
+    unsafe {
+        _mm256_storeu_ps(acc.as_mut_ptr(), halves[0]);
+        _mm256_storeu_ps(acc.as_mut_ptr().add(8), halves[1]);
+        tile.store(t, &acc);
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn quant_256<const NT: usize, const F: u8>(tile: &Tile) {
+    unsafe {
+        let x = &tile.x.quantized;
+        let blocks = tile.blocks();
+        let quant_bytes = if F == Q8_0 { 512 } else { 256 };
+        let panel = tile.panel.as_ptr();
+        let (d_at, m_at) = (tile.scales_at(0), tile.scales_at(1));
+        let nibble = _mm256_set1_epi16(0x000F);
+        let mut out = [[_mm256_setzero_ps(); 2]; NT];
+        for h in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); NT];
+            for b in 0..blocks {
+                let q = panel.add(b * quant_bytes + h * 32);
+                let xp: [*const i32; NT] = std::array::from_fn(|t| x.qs.as_ptr().add(((tile.t0 + t) * blocks + b) * QK).cast());
+                let mut isum = [_mm256_setzero_si256(); NT];
+                macro_rules! dot {
+                    ($acc:expr, $w:expr, $pair:expr) => {
+                        $acc = _mm256_add_epi32($acc, _mm256_madd_epi16($w, _mm256_set1_epi32($pair)))
+                    };
+                }
+                if F == Q8_0 {
+                    for g in 0..8 {
+                        let v = _mm256_loadu_si256(q.add(g * 64).cast());
+                        let lo = _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(v));
+                        let hi = _mm256_srai_epi16::<8>(v);
+                        for t in 0..NT {
+                            dot!(isum[t], lo, *xp[t].add(g));
+                            dot!(isum[t], hi, *xp[t].add(g + 8));
+                        }
+                    }
+                } else {
+                    for g in 0..4 {
+                        let v = _mm256_loadu_si256(q.add(g * 64).cast());
+                        let w0 = _mm256_and_si256(v, nibble);
+                        let w1 = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+                        let w2 = _mm256_and_si256(_mm256_srli_epi16::<8>(v), nibble);
+                        let w3 = _mm256_srli_epi16::<12>(v);
+                        for t in 0..NT {
+                            dot!(isum[t], w0, *xp[t].add(g));
+                            dot!(isum[t], w1, *xp[t].add(g + 8));
+                            dot!(isum[t], w2, *xp[t].add(g + 4));
+                            dot!(isum[t], w3, *xp[t].add(g + 12));
+                        }
+                    }
+                }
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(panel.add(d_at + b * 32 + h * 16).cast()));
+                let mw = if F == Q4_1 { _mm256_cvtph_ps(_mm_loadu_si128(panel.add(m_at + b * 32 + h * 16).cast())) } else { dw };
+                for t in 0..NT {
+                    let xb = (tile.t0 + t) * blocks + b;
+                    let sum = if F == Q4_0 { _mm256_sub_epi32(isum[t], _mm256_set1_epi32(8 * x.isum[xb])) } else { isum[t] };
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[xb]));
+                    acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(scale, _mm256_cvtepi32_ps(sum)));
+                    if F == Q4_1 {
+                        acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(mw, _mm256_set1_ps(x.s[xb])));
+                    }
+                }
+            }
+            for t in 0..NT {
+                out[t][h] = acc[t];
+            }
+        }
+        for (t, halves) in out.into_iter().enumerate() {
+            store_256(tile, t, halves);
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f32_256<const NT: usize>(tile: &Tile) {
+    unsafe {
+        let w = tile.panel.as_ptr().cast::<f32>();
+        let xs: [*const f32; NT] = std::array::from_fn(|t| tile.x.values.as_ptr().add((tile.t0 + t) * tile.cols));
+        let mut acc = [[_mm256_setzero_ps(); 2]; NT];
+        for k in 0..tile.cols {
+            let w0 = _mm256_loadu_ps(w.add(k * PANEL));
+            let w1 = _mm256_loadu_ps(w.add(k * PANEL + 8));
+            for t in 0..NT {
+                let xk = _mm256_set1_ps(*xs[t].add(k));
+                acc[t][0] = _mm256_add_ps(acc[t][0], _mm256_mul_ps(w0, xk));
+                acc[t][1] = _mm256_add_ps(acc[t][1], _mm256_mul_ps(w1, xk));
+            }
+        }
+        for (t, halves) in acc.into_iter().enumerate() {
+            store_256(tile, t, halves);
+        }
+    }
+}
