@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use hotpot_engine::{ClientParts, Device, LocalChain, Pipeline, Span};
+use hotpot_engine::{ClientParts, Device, LocalChain, Pipeline, Span, profile};
 use rand::{Rng, SeedableRng};
 
 use crate::run::open_model;
@@ -30,6 +30,9 @@ pub struct BenchArgs {
     /// Print JSON records instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also show where the time goes, per operation.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 struct Measurement {
@@ -37,6 +40,9 @@ struct Measurement {
     threads: usize,
     mean: f64,
     sd: f64,
+    /// Time per operation over the measured repetitions.
+    profile: Vec<(profile::Phase, std::time::Duration)>,
+    reps: usize,
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
@@ -51,8 +57,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         let mut random_tokens = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..config.vocab_size as u32)).collect() };
         let mut run_test = |test: String, n: usize, prefill: bool, tokens: &mut dyn FnMut(usize) -> Vec<u32>| -> Result<()> {
             let mut rates = Vec::new();
+            profile::take();
             // One warm-up run, then the measured repetitions.
             for rep in 0..=args.repetitions {
+                // The warm-up run is not profiled.
+                profile::enable(args.profile && rep > 0);
                 let tokens = tokens(n);
                 let mut chain = LocalChain::new(&spans, n + 1);
                 let started = Instant::now();
@@ -72,7 +81,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             }
             let mean = rates.iter().sum::<f64>() / rates.len() as f64;
             let var = rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (rates.len().max(2) - 1) as f64;
-            results.push(Measurement { test, threads, mean, sd: var.sqrt() });
+            let profile = profile::take();
+            profile::enable(false);
+            results.push(Measurement { test, threads, mean, sd: var.sqrt(), profile, reps: rates.len() });
             Ok(())
         };
         if args.n_prompt > 0 {
@@ -115,7 +126,27 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if let Some(peak) = peak {
         println!("\npeak RSS: {}", human_bytes(peak));
     }
+    if args.profile {
+        print_profiles(&results);
+    }
     Ok(())
+}
+
+fn print_profiles(results: &[Measurement]) {
+    for m in results {
+        let total: f64 = m.profile.iter().map(|(_, d)| d.as_secs_f64()).sum();
+        if total == 0.0 {
+            continue;
+        }
+        println!("\nwhere the time goes: {} with {} threads ({} kernels)", m.test, m.threads, hotpot_engine::kernels::variant());
+        println!("| operation | share | ms per repetition |");
+        println!("| --- | ---: | ---: |");
+        let mut rows: Vec<_> = m.profile.iter().filter(|(_, d)| !d.is_zero()).collect();
+        rows.sort_by_key(|(_, d)| std::cmp::Reverse(*d));
+        for (phase, d) in rows {
+            println!("| {} | {:.1} % | {:.2} |", phase.name(), 100.0 * d.as_secs_f64() / total, 1e3 * d.as_secs_f64() / m.reps as f64);
+        }
+    }
 }
 
 /// The process's peak resident set size (Linux), in bytes.

@@ -6,6 +6,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{ForwardError, ModelError};
 use crate::kernels::{MatmulInput, Matrix, matmul, ops};
 use crate::model::{ModelConfig, ModelFile};
+use crate::profile::{self, Phase};
 use crate::span::{Device, HiddenStates};
 use crate::tokenizer::Tokenizer;
 
@@ -69,15 +70,17 @@ impl ClientParts {
 
     /// The embedding rows of `tokens`: the input of block 0.
     pub fn embed(&self, tokens: &[u32]) -> Result<HiddenStates, ForwardError> {
-        let dim = self.config.dim;
-        let mut data = vec![0.0f32; tokens.len() * dim];
-        for (&token, row) in tokens.iter().zip(data.chunks_exact_mut(dim)) {
-            if token as usize >= self.config.vocab_size {
-                return Err(ForwardError::Token { token, vocab: self.config.vocab_size });
+        profile::time(Phase::Embed, || {
+            let dim = self.config.dim;
+            let mut data = vec![0.0f32; tokens.len() * dim];
+            for (&token, row) in tokens.iter().zip(data.chunks_exact_mut(dim)) {
+                if token as usize >= self.config.vocab_size {
+                    return Err(ForwardError::Token { token, vocab: self.config.vocab_size });
+                }
+                self.embedding.dequantize_row(token as usize, row);
             }
-            self.embedding.dequantize_row(token as usize, row);
-        }
-        HiddenStates::new(tokens.len(), dim, data)
+            HiddenStates::new(tokens.len(), dim, data)
+        })
     }
 
     /// Logits for every row of `hidden` (the output of the last block):
@@ -90,15 +93,20 @@ impl ClientParts {
         if !hidden.as_slice().iter().all(|v| v.is_finite()) {
             return Err(ForwardError::NotFinite);
         }
+        profile::time(Phase::Head, || Ok(self.head(hidden)))
+    }
+
+    fn head(&self, hidden: &HiddenStates) -> Vec<f32> {
+        let c = &self.config;
         let rows = hidden.rows();
         let mut normed = vec![0.0f32; rows * c.dim];
         let cpu = self.device.kernels();
         ops::rms_norm(cpu.isa, hidden.as_slice(), &self.output_norm, c.rms_eps, &mut normed);
         let head = self.output.as_ref().unwrap_or(&self.embedding);
         let mut input = MatmulInput::default();
-        input.prepare(cpu.isa, &normed, rows, c.dim, head.format().is_quantized());
+        input.prepare(cpu.isa, &normed, rows, c.dim, [head.format()]);
         let mut logits = vec![0.0f32; rows * c.vocab_size];
         matmul(cpu, head, &input, &mut logits, c.vocab_size, 0);
-        Ok(logits)
+        logits
     }
 }

@@ -19,6 +19,7 @@ mod error;
 mod generate;
 pub mod kernels;
 mod model;
+pub mod profile;
 mod sampling;
 mod span;
 pub mod testing;

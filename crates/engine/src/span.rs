@@ -10,6 +10,7 @@ use crate::error::{ForwardError, ModelError};
 use crate::kernels::ops::{self, RopeTable};
 use crate::kernels::{Cpu, CpuPool, Isa, MatmulInput, Matrix, PANEL, isa, matmul};
 use crate::model::{ModelConfig, ModelFile};
+use crate::profile::{self, Phase};
 
 /// Where computation runs. Today: CPU threads with one kernel variant.
 #[derive(Debug, Clone)]
@@ -90,8 +91,10 @@ impl HiddenStates {
     }
 }
 
-/// Keys and values of one block: `[kv_head][position][head_dim]`, so that
-/// attention reads each head's history contiguously.
+/// Keys and values of one block. Values: `[kv_head][position][head_dim]`.
+/// Keys: `[kv_head][position / 16][head_dim][16]`, panels of 16 positions
+/// with one dimension of all 16 side by side, so attention scores 16 keys
+/// per vector instruction (see `ops::attend`).
 #[derive(Debug, Default)]
 struct BlockCache {
     k: Vec<f32>,
@@ -114,6 +117,8 @@ pub struct KvCache {
 
 /// Positions added per growth step, at least.
 const CACHE_CHUNK: usize = 256;
+/// Positions per key panel.
+use crate::kernels::ops::KEY_PANEL;
 
 impl KvCache {
     pub fn len(&self) -> usize {
@@ -151,9 +156,9 @@ impl KvCache {
             return;
         }
         let grown = (self.capacity * 2).max(needed).max(CACHE_CHUNK).div_ceil(CACHE_CHUNK) * CACHE_CHUNK;
-        let capacity = grown.min(self.max_len).max(needed);
+        let capacity = grown.min(self.max_len).max(needed).next_multiple_of(KEY_PANEL);
         let (old_stride, new_stride) = (self.head_stride(), capacity * self.head_dim);
-        let used = self.len * self.head_dim;
+        let used = self.len.next_multiple_of(KEY_PANEL) * self.head_dim;
         for block in &mut self.blocks {
             for buf in [&mut block.k, &mut block.v] {
                 let mut next = vec![0.0f32; self.n_kv_heads * new_stride];
@@ -350,27 +355,35 @@ impl Span {
         let (q_dim, kv_dim, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
         let width = q_dim + 2 * kv_dim;
         s.normed.resize(t * c.dim, 0.0);
-        ops::rms_norm(cpu.isa, x, &block.attn_norm, c.rms_eps, &mut s.normed);
-        s.input.prepare(cpu.isa, &s.normed, t, c.dim, block.qkv.iter().any(|(m, _)| m.format().is_quantized()));
+        profile::time(Phase::Norm, || ops::rms_norm(cpu.isa, x, &block.attn_norm, c.rms_eps, &mut s.normed));
+        let formats = block.qkv.iter().map(|(m, _)| m.format());
+        profile::time(Phase::Quantize, || s.input.prepare(cpu.isa, &s.normed, t, c.dim, formats));
         s.qkv.resize(t * width, 0.0);
-        for (m, at) in &block.qkv {
-            matmul(cpu, m, &s.input, &mut s.qkv, width, *at);
-        }
+        profile::time(Phase::MatmulQkv, || {
+            for (m, at) in &block.qkv {
+                matmul(cpu, m, &s.input, &mut s.qkv, width, *at);
+            }
+        });
         let stride = capacity * hd;
-        for (row, qkv) in s.qkv.chunks_exact_mut(width).enumerate() {
-            if let Some(bias) = &block.qkv_bias {
-                ops::add_assign(qkv, bias);
+        profile::time(Phase::Rope, || {
+            for (row, qkv) in s.qkv.chunks_exact_mut(width).enumerate() {
+                if let Some(bias) = &block.qkv_bias {
+                    ops::add_assign(qkv, bias);
+                }
+                let (q, kv_part) = qkv.split_at_mut(q_dim);
+                for head in q.chunks_exact_mut(hd).chain(kv_part[..kv_dim].chunks_exact_mut(hd)) {
+                    rope.apply(c.rope_style, &mut head[..c.rope_dim], row);
+                }
+                let pos = start_pos + row;
+                let key_at = pos / KEY_PANEL * KEY_PANEL * hd + pos % KEY_PANEL;
+                for h in 0..c.n_kv_heads {
+                    for (d, &k) in kv_part[h * hd..][..hd].iter().enumerate() {
+                        kv.k[h * stride + key_at + d * KEY_PANEL] = k;
+                    }
+                    kv.v[h * stride + pos * hd..][..hd].copy_from_slice(&kv_part[kv_dim + h * hd..][..hd]);
+                }
             }
-            let (q, kv_part) = qkv.split_at_mut(q_dim);
-            for head in q.chunks_exact_mut(hd).chain(kv_part[..kv_dim].chunks_exact_mut(hd)) {
-                rope.apply(c.rope_style, &mut head[..c.rope_dim], row);
-            }
-            let pos = start_pos + row;
-            for h in 0..c.n_kv_heads {
-                kv.k[h * stride + pos * hd..][..hd].copy_from_slice(&kv_part[h * hd..][..hd]);
-                kv.v[h * stride + pos * hd..][..hd].copy_from_slice(&kv_part[kv_dim + h * hd..][..hd]);
-            }
-        }
+        });
 
         // One task per (query position, head); each writes its own slice.
         s.attn.resize(t * q_dim, 0.0);
@@ -378,43 +391,62 @@ impl Span {
         let scale = 1.0 / (hd as f32).sqrt();
         let out = SharedRows(s.attn.as_mut_ptr());
         let (qkv, kv) = (&s.qkv, &*kv);
-        cpu.pool.for_each_chunk(t * c.n_heads, 4, &|tasks| {
+        let tasks = t * c.n_heads;
+        let work = |range: std::ops::Range<usize>| {
             let mut scores = Vec::new();
-            for task in tasks {
+            for task in range {
                 let (row, h) = (task / c.n_heads, task % c.n_heads);
                 let kvh = h / group;
                 let len = start_pos + row + 1;
                 let q = &qkv[row * width + h * hd..][..hd];
-                let keys = &kv.k[kvh * stride..][..len * hd];
+                let keys = &kv.k[kvh * stride..][..len.next_multiple_of(KEY_PANEL) * hd];
                 let values = &kv.v[kvh * stride..][..len * hd];
                 // SAFETY: task (row, h) is the only writer of this slice.
                 let dst = unsafe { out.slice(row * q_dim + h * hd, hd) };
                 ops::attend(cpu.isa, q, keys, values, scale, &mut scores, dst);
             }
+        };
+        profile::time(Phase::Attention, || {
+            // Short decode steps are cheaper than waking the other threads.
+            let positions = t * (start_pos + t);
+            if positions < ATTENTION_PARALLEL_MIN {
+                work(0..tasks);
+            } else {
+                cpu.pool.for_each_chunk(tasks, tasks.div_ceil(cpu.pool.threads() * 8), &work);
+            }
         });
 
-        s.input.prepare(cpu.isa, &s.attn, t, q_dim, block.attn_out.format().is_quantized());
+        let formats = [block.attn_out.format()];
+        profile::time(Phase::Quantize, || s.input.prepare(cpu.isa, &s.attn, t, q_dim, formats));
         s.proj.resize(t * c.dim, 0.0);
-        matmul(cpu, &block.attn_out, &s.input, &mut s.proj, c.dim, 0);
-        ops::add_assign(x, &s.proj);
+        profile::time(Phase::MatmulOut, || matmul(cpu, &block.attn_out, &s.input, &mut s.proj, c.dim, 0));
+        profile::time(Phase::Residual, || ops::add_assign(x, &s.proj));
     }
 
     fn feed_forward(&self, block: &Block, x: &mut [f32], t: usize, s: &mut Scratch) {
         let c = &self.config;
         let cpu = self.device.kernels();
-        ops::rms_norm(cpu.isa, x, &block.ffn_norm, c.rms_eps, &mut s.normed);
-        s.input.prepare(cpu.isa, &s.normed, t, c.dim, block.gate_up.iter().any(|(m, _)| m.format().is_quantized()));
+        profile::time(Phase::Norm, || ops::rms_norm(cpu.isa, x, &block.ffn_norm, c.rms_eps, &mut s.normed));
+        let formats = block.gate_up.iter().map(|(m, _)| m.format());
+        profile::time(Phase::Quantize, || s.input.prepare(cpu.isa, &s.normed, t, c.dim, formats));
         s.gate_up.resize(t * 2 * c.ffn_dim, 0.0);
-        for (m, at) in &block.gate_up {
-            matmul(cpu, m, &s.input, &mut s.gate_up, 2 * c.ffn_dim, *at);
-        }
+        profile::time(Phase::MatmulGateUp, || {
+            for (m, at) in &block.gate_up {
+                matmul(cpu, m, &s.input, &mut s.gate_up, 2 * c.ffn_dim, *at);
+            }
+        });
         s.act.resize(t * c.ffn_dim, 0.0);
-        ops::swiglu(cpu.isa, &s.gate_up, c.ffn_dim, &mut s.act);
-        s.input.prepare(cpu.isa, &s.act, t, c.ffn_dim, block.down.format().is_quantized());
-        matmul(cpu, &block.down, &s.input, &mut s.proj, c.dim, 0);
-        ops::add_assign(x, &s.proj);
+        profile::time(Phase::Swiglu, || ops::swiglu(cpu.isa, &s.gate_up, c.ffn_dim, &mut s.act));
+        let formats = [block.down.format()];
+        profile::time(Phase::Quantize, || s.input.prepare(cpu.isa, &s.act, t, c.ffn_dim, formats));
+        profile::time(Phase::MatmulDown, || matmul(cpu, &block.down, &s.input, &mut s.proj, c.dim, 0));
+        profile::time(Phase::Residual, || ops::add_assign(x, &s.proj));
     }
 }
+
+/// Below this many (query, key) pairs per head, attention runs on the
+/// calling thread: waking the pool would cost more than it saves.
+const ATTENTION_PARALLEL_MIN: usize = 256;
 
 /// An output buffer the pool's threads write disjoint slices of.
 #[derive(Clone, Copy)]

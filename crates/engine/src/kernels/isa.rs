@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 pub enum Isa {
     /// Portable Rust, no explicit SIMD.
     Scalar,
-    /// AVX2 + F16C: 8 rows per instruction (`vpmaddwd`).
+    /// AVX2 + FMA + F16C: 8 rows per instruction (`vpmaddwd`).
     Avx2,
     /// AVX-512 F/BW/VNNI: 16 rows per instruction (`vpdpwssd`).
     Avx512,
@@ -30,13 +30,14 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni")
                 && is_x86_feature_detected!("avx512vl")
             {
                 return Self::Avx512;
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
                 return Self::Avx2;
             }
         }

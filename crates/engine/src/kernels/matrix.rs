@@ -19,8 +19,8 @@
 //! ```
 //!
 //! Each output element is one lane of a vector register, accumulated block
-//! after block with a separate multiply and add in the same order in every
-//! code path (scalar, AVX2, AVX-512; one token or many; any thread count).
+//! after block with a fused multiply-add in the same order in every code
+//! path (scalar, AVX2, AVX-512; one token or many; any thread count).
 //! Results are therefore bit-identical across all of them, which is what
 //! lets an auditor on another CPU recompute a node's work exactly.
 
@@ -311,14 +311,22 @@ pub struct MatmulInput {
 }
 
 impl MatmulInput {
-    /// Takes `values` (`rows × cols`, row-major) and quantizes them when
-    /// `quantize` is set (any weight reading this input is quantized).
-    pub fn prepare(&mut self, isa: Isa, values: &[f32], rows: usize, cols: usize, quantize: bool) {
+    /// Takes `values` (`rows × cols`, row-major) for weights of `formats`:
+    /// quantizes them if any weight is quantized, keeps a copy in f32 if any
+    /// is not.
+    pub fn prepare(&mut self, isa: Isa, values: &[f32], rows: usize, cols: usize, formats: impl IntoIterator<Item = WeightFormat>) {
         self.rows = rows;
         self.cols = cols;
+        let (mut quantized, mut float) = (false, false);
+        for format in formats {
+            quantized |= format.is_quantized();
+            float |= !format.is_quantized();
+        }
         self.values.clear();
-        self.values.extend_from_slice(values);
-        if quantize {
+        if float {
+            self.values.extend_from_slice(values);
+        }
+        if quantized {
             self.quantized.quantize_into(isa, values, rows, cols);
         } else {
             self.quantized.rows = 0;
@@ -404,6 +412,8 @@ pub fn matmul(cpu: &Cpu, w: &Matrix, x: &MatmulInput, out: &mut [f32], ld: usize
     assert!(at + w.rows <= ld && out.len() >= x.rows * ld, "matmul: output too small");
     if w.format.is_quantized() {
         assert_eq!(x.quantized.rows, x.rows, "matmul: a quantized weight needs a quantized input");
+    } else {
+        assert_eq!(x.values.len(), x.rows * x.cols, "matmul: an f32 weight needs the f32 input");
     }
     let kernel = tile_kernel(cpu.isa.min(super::isa::best()));
     let pool = &cpu.pool;
@@ -517,7 +527,7 @@ mod tests {
                 };
                 let x: Vec<f32> = (0..tokens * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let mut input = MatmulInput::default();
-                input.prepare(Isa::Scalar, &x, tokens, cols, format.is_quantized());
+                input.prepare(Isa::Scalar, &x, tokens, cols, [format]);
                 let ld = rows + 3;
                 let mut out = vec![f32::NAN; tokens * ld];
                 matmul(&cpu, &m, &input, &mut out, ld, 2);
@@ -563,7 +573,7 @@ mod tests {
                 let run = |isa| {
                     let cpu = Cpu { pool: CpuPool::new(2).expect("threads"), isa };
                     let mut input = MatmulInput::default();
-                    input.prepare(isa, &x, tokens, cols, format.is_quantized());
+                    input.prepare(isa, &x, tokens, cols, [format]);
                     let mut out = vec![0.0f32; tokens * rows];
                     matmul(&cpu, &m, &input, &mut out, rows, 0);
                     out

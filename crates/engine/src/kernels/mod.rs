@@ -14,9 +14,9 @@ macro_rules! multiversion {
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                #[target_feature(enable = "avx2,f16c")]
+                #[target_feature(enable = "avx2,fma,f16c")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
                 match isa.min($crate::kernels::isa::best()) {
                     // SAFETY: clamped to what this CPU was detected to support.

@@ -2,9 +2,11 @@
 //! embeddings, attention, SwiGLU.
 //!
 //! All of them are written with a fixed evaluation order (explicit 16-lane
-//! accumulators, fixed reduction trees, our own `exp` built from multiplies
-//! and adds), so that they give the same bits whatever vector width the
-//! compiler picks and whichever CPU runs them.
+//! accumulators, fixed reduction trees, explicit `mul_add` where a fused
+//! multiply-add is meant, our own `exp`), so that they give the same bits
+//! whatever vector width the compiler picks and whichever CPU runs them.
+
+use super::quant::max as fmax;
 
 /// Width of the explicit accumulators.
 const LANES: usize = 16;
@@ -149,30 +151,154 @@ impl RopeTable {
     }
 }
 
+/// Positions per key panel of the KV cache.
+pub const KEY_PANEL: usize = 16;
+
 multiversion! {
-/// Causal attention of one query head over `keys.len() / head_dim` cached
-/// positions: softmax(q·K / √d) · V, written to `out`. `scores` is scratch.
+/// Causal attention of one query head over the `values.len() / head_dim`
+/// cached positions: softmax(q·K / √d) · V, written to `out`.
+///
+/// `keys` are in panels of [`KEY_PANEL`] positions (`[panel][dim][16]`), so
+/// each score is one vector lane accumulated over the dimensions in order;
+/// `scores` is scratch.
 pub fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let head_dim = q.len();
+    let hd = q.len();
+    // Common head sizes get code specialized for them, so the accumulators
+    // live in registers; every size computes the same sequence.
+    match hd {
+        64 => score_keys::<64>(q, keys, scale, scores),
+        128 => score_keys::<128>(q, keys, scale, scores),
+        _ => score_keys_any(q, keys, scale, scores),
+    }
+    scores.truncate(values.len() / hd);
+    let sum = softmax_numerators(scores);
+    match hd {
+        64 => mix_values::<64>(scores, values, sum, out),
+        128 => mix_values::<128>(scores, values, sum, out),
+        _ => mix_values_any(scores, values, sum, out),
+    }
+}
+}
+
+/// Key panels scored together: independent accumulators hide the latency
+/// of the multiply-adds (each lane's own sequence is unchanged).
+const PANELS_AT_ONCE: usize = 4;
+
+/// `scores = q·k · scale` for every position of every key panel (padding
+/// positions included; the caller truncates).
+#[inline(always)]
+fn score_keys<const HD: usize>(q: &[f32], keys: &[f32], scale: f32, scores: &mut Vec<f32>) {
+    let q: &[f32; HD] = q.try_into().expect("head size");
     scores.clear();
-    scores.extend(keys.chunks_exact(head_dim).map(|k| dot(q, k) * scale));
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mut sum = 0.0f32;
+    let panel_len = KEY_PANEL * HD;
+    let full = keys.len() / (panel_len * PANELS_AT_ONCE);
+    for g in 0..full {
+        let base = &keys[g * PANELS_AT_ONCE * panel_len..][..PANELS_AT_ONCE * panel_len];
+        let mut acc = [[0.0f32; KEY_PANEL]; PANELS_AT_ONCE];
+        for d in 0..HD {
+            for (a, acc) in acc.iter_mut().enumerate() {
+                let k = &base[a * panel_len + d * KEY_PANEL..][..KEY_PANEL];
+                for l in 0..KEY_PANEL {
+                    acc[l] = q[d].mul_add(k[l], acc[l]);
+                }
+            }
+        }
+        for acc in &acc {
+            scores.extend(acc.iter().map(|s| s * scale));
+        }
+    }
+    for panel in keys[full * PANELS_AT_ONCE * panel_len..].chunks_exact(panel_len) {
+        let mut acc = [0.0f32; KEY_PANEL];
+        for d in 0..HD {
+            let k = &panel[d * KEY_PANEL..][..KEY_PANEL];
+            for l in 0..KEY_PANEL {
+                acc[l] = q[d].mul_add(k[l], acc[l]);
+            }
+        }
+        scores.extend(acc.iter().map(|s| s * scale));
+    }
+}
+
+/// [`score_keys`] for any head size, same arithmetic.
+#[inline(always)]
+fn score_keys_any(q: &[f32], keys: &[f32], scale: f32, scores: &mut Vec<f32>) {
+    scores.clear();
+    for panel in keys.chunks_exact(KEY_PANEL * q.len()) {
+        let mut acc = [0.0f32; KEY_PANEL];
+        for (d, &qd) in q.iter().enumerate() {
+            let k = &panel[d * KEY_PANEL..][..KEY_PANEL];
+            for l in 0..KEY_PANEL {
+                acc[l] = qd.mul_add(k[l], acc[l]);
+            }
+        }
+        scores.extend(acc.iter().map(|s| s * scale));
+    }
+}
+
+/// Replaces scores by `exp(score - max)` and returns their sum.
+#[inline(always)]
+fn softmax_numerators(scores: &mut [f32]) -> f32 {
+    let mut max = [f32::NEG_INFINITY; LANES];
+    let (chunks, tail) = scores.as_chunks::<LANES>();
+    for c in chunks {
+        for i in 0..LANES {
+            max[i] = fmax(max[i], c[i]);
+        }
+    }
+    let max = tail.iter().fold(max.iter().fold(f32::NEG_INFINITY, |m, &v| fmax(m, v)), |m, &v| fmax(m, v));
     for s in scores.iter_mut() {
         *s = exp(*s - max);
-        sum += *s;
     }
-    out.fill(0.0);
-    for (&p, v) in scores.iter().zip(values.chunks_exact(head_dim)) {
-        for (o, &x) in out.iter_mut().zip(v) {
-            *o += p * x;
+    let mut sum = [0.0f32; LANES];
+    let (chunks, tail) = scores.as_chunks::<LANES>();
+    for c in chunks {
+        for i in 0..LANES {
+            sum[i] += c[i];
+        }
+    }
+    tail.iter().fold(reduce(sum), |s, &v| s + v)
+}
+
+/// `out = Σ_j p_j · v_j / sum`, positions summed in two interleaved
+/// accumulators (even and odd positions) that are added at the end.
+#[inline(always)]
+fn mix_values<const HD: usize>(p: &[f32], values: &[f32], sum: f32, out: &mut [f32]) {
+    let (mut even, mut odd) = ([0.0f32; HD], [0.0f32; HD]);
+    let rows = values.as_chunks::<HD>().0;
+    let (pairs, last) = p.as_chunks::<2>();
+    for (pj, v) in pairs.iter().zip(rows.chunks_exact(2)) {
+        for i in 0..HD {
+            even[i] = pj[0].mul_add(v[0][i], even[i]);
+            odd[i] = pj[1].mul_add(v[1][i], odd[i]);
+        }
+    }
+    if let [pj] = last {
+        let v = &rows[pairs.len() * 2];
+        for i in 0..HD {
+            even[i] = pj.mul_add(v[i], even[i]);
         }
     }
     let inv = 1.0 / sum;
-    for o in out.iter_mut() {
-        *o *= inv;
+    for i in 0..HD {
+        out[i] = (even[i] + odd[i]) * inv;
     }
 }
+
+/// [`mix_values`] for any head size, same arithmetic.
+#[inline(always)]
+fn mix_values_any(p: &[f32], values: &[f32], sum: f32, out: &mut [f32]) {
+    let hd = out.len();
+    let mut acc = vec![0.0f32; 2 * hd];
+    for (j, (&pj, v)) in p.iter().zip(values.chunks_exact(hd)).enumerate() {
+        let a = &mut acc[(j % 2) * hd..][..hd];
+        for (a, &x) in a.iter_mut().zip(v) {
+            *a = pj.mul_add(x, *a);
+        }
+    }
+    let inv = 1.0 / sum;
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = (acc[i] + acc[hd + i]) * inv;
+    }
 }
 
 #[cfg(test)]
@@ -209,11 +335,59 @@ mod tests {
     #[test]
     fn attention_over_one_position_returns_its_value() {
         let q = [0.3f32; 8];
-        let k = [0.1f32; 8];
+        let k = [0.1f32; 8 * KEY_PANEL];
         let v: Vec<f32> = (0..8).map(|i| i as f32).collect();
         let mut out = [0.0f32; 8];
         attend(Isa::Scalar, &q, &k, &v, 0.5, &mut Vec::new(), &mut out);
         assert_eq!(out.to_vec(), v);
+    }
+
+    /// Attention against a float64 softmax, and every variant against scalar.
+    #[test]
+    fn attention_matches_float64_and_variants_agree() {
+        for (hd, len) in [64, 128, 48].into_iter().flat_map(|hd| [1usize, 15, 16, 17, 100, 200].map(|len| (hd, len))) {
+            let q: Vec<f32> = (0..hd).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+            let keys: Vec<Vec<f32>> = (0..len).map(|j| (0..hd).map(|i| (((i + 3 * j) % 11) as f32 - 5.0) * 0.07).collect()).collect();
+            let values: Vec<f32> = (0..len * hd).map(|i| ((i % 17) as f32 - 8.0) * 0.05).collect();
+            let mut panels = vec![f32::NAN; len.next_multiple_of(KEY_PANEL) * hd];
+            for (j, k) in keys.iter().enumerate() {
+                for (d, &v) in k.iter().enumerate() {
+                    panels[j / KEY_PANEL * KEY_PANEL * hd + d * KEY_PANEL + j % KEY_PANEL] = v;
+                }
+            }
+            // Padding positions hold NaN: they must not leak into the result.
+            let run = |isa| {
+                let mut out = vec![0.0f32; hd];
+                attend(isa, &q, &panels, &values, 0.125, &mut Vec::new(), &mut out);
+                out
+            };
+            let reference = run(Isa::Scalar);
+            let scores: Vec<f64> = keys.iter().map(|k| k.iter().zip(&q).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>() * 0.125).collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = e.iter().sum();
+            for i in 0..hd {
+                let want: f64 = (0..len).map(|j| e[j] / total * f64::from(values[j * hd + i])).sum();
+                assert!((f64::from(reference[i]) - want).abs() < 1e-5, "head {hd} len {len} dim {i}");
+            }
+            for isa in Isa::available() {
+                assert_eq!(run(isa).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{isa:?} len {len}");
+            }
+            // The code specialized for a head size computes what the
+            // general code does.
+            if hd == 64 {
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                score_keys::<64>(&q, &panels, 0.125, &mut a);
+                score_keys_any(&q, &panels, 0.125, &mut b);
+                assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+                a.truncate(len);
+                let sum = softmax_numerators(&mut a);
+                let (mut x, mut y) = (vec![0.0; hd], vec![0.0; hd]);
+                mix_values::<64>(&a, &values, sum, &mut x);
+                mix_values_any(&a, &values, sum, &mut y);
+                assert_eq!(x, y);
+            }
+        }
     }
 
     #[test]

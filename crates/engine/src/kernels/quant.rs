@@ -31,6 +31,8 @@ pub struct QuantizedRows {
 
 impl QuantizedRows {
     /// Quantizes `rows` rows of `cols` values; `cols` must be a multiple of 32.
+    /// Every variant gives the same quants (max is exact; the rounding is
+    /// the same multiply and add).
     pub fn quantize_into(&mut self, isa: Isa, x: &[f32], rows: usize, cols: usize) {
         debug_assert_eq!(cols % QK, 0);
         debug_assert_eq!(x.len(), rows * cols);
@@ -44,14 +46,19 @@ impl QuantizedRows {
         self.qs.resize(n * QK, 0);
         quantize_blocks(isa, x, &mut self.d, &mut self.isum, &mut self.s, &mut self.qs);
     }
-
-    pub fn row_blocks(&self, row: usize) -> std::ops::Range<usize> {
-        row * self.blocks..(row + 1) * self.blocks
-    }
 }
 
-multiversion! {
-fn quantize_blocks(x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs: &mut [i16]) {
+/// Quantizes consecutive blocks of 32: `d`, `isum`, `s` get one entry per
+/// block, `qs` 32 per block.
+fn quantize_blocks(isa: Isa, x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs: &mut [i16]) {
+    #[cfg(target_arch = "x86_64")]
+    match isa.min(super::isa::best()) {
+        // SAFETY: clamped to what this CPU supports.
+        Isa::Avx512 => return unsafe { super::x86::quantize_blocks_avx512(x, d, isum, s, qs) },
+        Isa::Avx2 => return unsafe { super::x86::quantize_blocks_avx2(x, d, isum, s, qs) },
+        Isa::Scalar => {}
+    }
+    let _ = isa;
     for (b, (src, q)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
         let (scale, sum) = quantize_block(src, q.try_into().expect("32 quants"));
         d[b] = scale;
@@ -59,23 +66,35 @@ fn quantize_blocks(x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs
         s[b] = scale * sum as f32;
     }
 }
+
+/// `a > b ? a : b`: the `maxps` instruction's own rule, so it vectorizes
+/// (`f32::max`'s NaN rule does not, on x86). Inputs here are finite.
+#[inline(always)]
+pub(crate) fn max(a: f32, b: f32) -> f32 {
+    if a > b { a } else { b }
 }
 
 /// Largest activation quant.
 pub const QMAX: f32 = 32767.0;
+/// 1.5 · 2^23 and its bit pattern: `(v + ROUND).to_bits() - ROUND_BITS`
+/// is `v` rounded to the nearest integer, ties to even.
+pub(crate) const ROUND: f32 = 12_582_912.0;
+pub(crate) const ROUND_BITS: i32 = 0x4B40_0000;
 
 /// Symmetric 16-bit quantization of one block: `d = max|x| / 32767`,
 /// `q = round_half_even(x / d)`. Returns `(d, Σq)`.
 #[inline(always)]
 pub fn quantize_block(x: &[f32], q: &mut [i16; QK]) -> (f32, i32) {
-    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let amax = x.iter().fold(0.0f32, |m, v| max(m, v.abs()));
     let d = amax / QMAX;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0i32;
     for (q, &v) in q.iter_mut().zip(x) {
-        let r = (v * id).round_ties_even().clamp(-QMAX, QMAX) as i16;
-        *q = r;
-        sum += i32::from(r);
+        // Adding 1.5 · 2^23 rounds to the nearest integer (ties to even) and
+        // leaves it in the low mantissa bits: exact for |v · id| < 2^22.
+        let r = ((v * id + ROUND).to_bits() as i32 - ROUND_BITS).clamp(-(QMAX as i32), QMAX as i32);
+        *q = r as i16;
+        sum += r;
     }
     (d, sum)
 }
@@ -141,5 +160,24 @@ mod tests {
         let mut q = [1i16; QK];
         assert_eq!(quantize_block(&[0.0; QK], &mut q), (0.0, 0));
         assert!(q.iter().all(|&v| v == 0));
+    }
+
+    #[test]
+    fn variants_quantize_identically() {
+        let x: Vec<f32> = (0..32 * 50).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.0137 * if i % 97 == 0 { 40.0 } else { 1.0 }).collect();
+        let mut zeros = x.clone();
+        zeros[32..64].fill(0.0);
+        for input in [x, zeros] {
+            let mut reference = QuantizedRows::default();
+            reference.quantize_into(Isa::Scalar, &input, 5, 320);
+            for isa in Isa::available() {
+                let mut got = QuantizedRows::default();
+                got.quantize_into(isa, &input, 5, 320);
+                assert_eq!(got.qs, reference.qs, "{isa:?}");
+                assert_eq!(got.isum, reference.isum, "{isa:?}");
+                assert_eq!(got.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), reference.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+                assert_eq!(got.s.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), reference.s.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            }
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! The portable kernels: the reference every SIMD variant must match bit
 //! for bit. Integer sums are exact; the float steps per block and lane are
-//! `acc = acc + (d_w · d_x) · isum` (then `+ m_w · s_x` for Q4_1), with
-//! separate multiplies and adds, in block order.
+//! `acc = fma(d_w · d_x, isum, acc)` (then `fma(m_w, s_x, acc)` for Q4_1),
+//! in block order. `mul_add` is a fused multiply-add everywhere (in software
+//! where the CPU has none), so the SIMD variants' `vfmadd` matches it.
 
 use half::f16;
 
@@ -27,7 +28,7 @@ fn f32_panel(tile: &Tile, t: usize) -> [f32; PANEL] {
         let w = &tile.panel[k * PANEL * 4..][..PANEL * 4];
         for (r, a) in acc.iter_mut().enumerate() {
             let wr = f32::from_le_bytes([w[4 * r], w[4 * r + 1], w[4 * r + 2], w[4 * r + 3]]);
-            *a += wr * xk;
+            *a = wr.mul_add(xk, *a);
         }
     }
     acc
@@ -61,12 +62,12 @@ fn quant_panel(tile: &Tile, t: usize) -> [f32; PANEL] {
             };
             let d = scale(0, b, r) * x.d[xb];
             match tile.format {
-                WeightFormat::Q4_0 => *a += d * (isum - 8 * x.isum[xb]) as f32,
+                WeightFormat::Q4_0 => *a = d.mul_add((isum - 8 * x.isum[xb]) as f32, *a),
                 WeightFormat::Q4_1 => {
-                    *a += d * isum as f32;
-                    *a += scale(1, b, r) * x.s[xb];
+                    *a = d.mul_add(isum as f32, *a);
+                    *a = scale(1, b, r).mul_add(x.s[xb], *a);
                 }
-                _ => *a += d * isum as f32,
+                _ => *a = d.mul_add(isum as f32, *a),
             }
         }
     }
