@@ -1,0 +1,304 @@
+//! The task that owns the libp2p swarm.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use libp2p::core::ConnectedPoint;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, gossipsub, identify, kad, mdns, noise, ping, tcp, yamux};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::{Command, NetError, NetEvent, NetworkConfig};
+
+const KAD_PROTOCOL: &str = "/hotpot/kad/1.0.0";
+const IDENTIFY_PROTOCOL: &str = "/hotpot/id/1";
+/// How often provider records are announced again (new peers learn them).
+const REPROVIDE: Duration = Duration::from_secs(30);
+
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    gossipsub: gossipsub::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    stream: libp2p_stream::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+pub(crate) fn build_swarm(config: &NetworkConfig) -> Result<(Swarm<Behaviour>, libp2p_stream::Control), NetError> {
+    let err = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
+    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(config.key.secret_bytes()).map_err(|e| err(&e))?;
+    let mdns_on = config.mdns;
+    let dht_server = config.dht_server;
+    let mut swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .map_err(|e| err(&e))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+            kad_config.set_query_timeout(Duration::from_secs(10));
+            let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+            kad.set_mode(Some(if dht_server { kad::Mode::Server } else { kad::Mode::Client }));
+            let gossip_config = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_secs(1))
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .max_transmit_size(64 * 1024)
+                .build()
+                .map_err(|e| Box::new(std::io::Error::other(e.to_string())) as Box<dyn std::error::Error + Send + Sync>)?;
+            let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)
+                .map_err(|e| Box::new(std::io::Error::other(e)) as Box<dyn std::error::Error + Send + Sync>)?;
+            let identify = identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                    .with_agent_version(format!("hotpot/{}", env!("CARGO_PKG_VERSION"))),
+            );
+            let mdns = if mdns_on { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
+            Ok(Behaviour {
+                kad,
+                gossipsub,
+                identify,
+                ping: ping::Behaviour::default(),
+                stream: libp2p_stream::Behaviour::new(),
+                mdns: Toggle::from(mdns),
+            })
+        })
+        .map_err(|e| err(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    for addr in &config.listen {
+        swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+    }
+    let control = swarm.behaviour().stream.new_control();
+    Ok((swarm, control))
+}
+
+pub(crate) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: broadcast::Sender<NetEvent>,
+    expect_listen: bool,
+    listen_addrs: Vec<Multiaddr>,
+    waiting_for_listen: Vec<oneshot::Sender<Vec<Multiaddr>>>,
+    pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<(), NetError>>>,
+    provider_queries: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
+    provided: Vec<String>,
+}
+
+impl EventLoop {
+    pub(crate) fn new(
+        swarm: Swarm<Behaviour>,
+        commands: mpsc::Receiver<Command>,
+        events: broadcast::Sender<NetEvent>,
+        config: &NetworkConfig,
+    ) -> Result<Self, NetError> {
+        Ok(Self {
+            swarm,
+            commands,
+            events,
+            expect_listen: !config.listen.is_empty(),
+            listen_addrs: Vec::new(),
+            waiting_for_listen: Vec::new(),
+            pending_dials: HashMap::new(),
+            provider_queries: HashMap::new(),
+            provided: Vec::new(),
+        })
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut reprovide = tokio::time::interval(REPROVIDE);
+        reprovide.tick().await;
+        loop {
+            tokio::select! {
+                event = futures::StreamExt::select_next_some(&mut self.swarm) => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    None | Some(Command::Shutdown) => break,
+                    Some(command) => self.on_command(command),
+                },
+                _ = reprovide.tick() => self.announce(),
+            }
+        }
+        tracing::debug!("network event loop stopped");
+    }
+
+    fn local_addrs(&self) -> Vec<Multiaddr> {
+        let me = *self.swarm.local_peer_id();
+        self.listen_addrs.iter().map(|a| a.clone().with_p2p(me).unwrap_or_else(|a| a)).collect()
+    }
+
+    fn announce(&mut self) {
+        for key in &self.provided {
+            if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(key)) {
+                tracing::warn!(%key, error = %e, "cannot store a provider record");
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::ListenAddrs(reply) => {
+                if self.listen_addrs.is_empty() && self.expect_listen {
+                    self.waiting_for_listen.push(reply);
+                } else {
+                    let _ = reply.send(self.local_addrs());
+                }
+            }
+            Command::Dial(addr, reply) => {
+                let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.pending_dials.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Dial { addr, reason: e.to_string() }));
+                    }
+                }
+            }
+            Command::DialPeer(peer) => {
+                if !self.swarm.is_connected(&peer) {
+                    let _ = self.swarm.dial(peer);
+                }
+            }
+            Command::AddAddresses(peer, addrs) => {
+                for addr in addrs {
+                    self.swarm.add_peer_address(peer, addr.clone());
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+                }
+            }
+            Command::Provide(keys) => {
+                self.provided.extend(keys);
+                self.announce();
+            }
+            Command::Providers(key, reply) => {
+                let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&key));
+                self.provider_queries.insert(id, (HashSet::new(), reply));
+            }
+            Command::Bootstrap => {
+                let _ = self.swarm.behaviour_mut().kad.bootstrap();
+            }
+            Command::Subscribe(topic) => {
+                if let Err(e) = self.swarm.behaviour_mut().gossipsub.subscribe(&gossipsub::IdentTopic::new(topic)) {
+                    tracing::warn!(error = %e, "cannot subscribe");
+                }
+            }
+            Command::Publish(topic, data) => {
+                match self.swarm.behaviour_mut().gossipsub.publish(gossipsub::IdentTopic::new(topic), data) {
+                    Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+                    Err(e) => tracing::debug!(error = %e, "gossip publish failed"),
+                }
+            }
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::KnownPeers(reply) => {
+                let mut peers: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
+                for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+                    for entry in bucket.iter() {
+                        peers.insert(*entry.node.key.preimage());
+                    }
+                }
+                let _ = reply.send(peers.into_iter().collect());
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn emit(&self, event: NetEvent) {
+        let _ = self.events.send(event);
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::debug!(%address, "listening");
+                self.listen_addrs.push(address);
+                let addrs = self.local_addrs();
+                for reply in self.waiting_for_listen.drain(..) {
+                    let _ = reply.send(addrs.clone());
+                }
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(()));
+                }
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, address.clone());
+                }
+                if num_established.get() == 1 {
+                    self.emit(NetEvent::Connected(peer_id));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let addr = match &error {
+                        libp2p::swarm::DialError::Transport(attempts) => attempts.first().map(|(a, _)| a.clone()),
+                        _ => None,
+                    };
+                    let _ = reply.send(Err(NetError::Dial { addr: addr.unwrap_or_else(Multiaddr::empty), reason: error.to_string() }));
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+                if num_established == 0 {
+                    self.emit(NetEvent::Disconnected(peer_id));
+                }
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let speaks_kad = info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL);
+                for addr in info.listen_addrs {
+                    if speaks_kad {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+                    }
+                    self.swarm.add_peer_address(peer_id, addr);
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => match result {
+                kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders { providers, .. })) => {
+                    for peer in &providers {
+                        // Connect while the query still knows the addresses.
+                        if !self.swarm.is_connected(peer) && peer != self.swarm.local_peer_id() {
+                            let _ = self.swarm.dial(*peer);
+                        }
+                    }
+                    if let Some((found, _)) = self.provider_queries.get_mut(&id) {
+                        found.extend(providers);
+                    }
+                    if step.last {
+                        self.finish_provider_query(id);
+                    }
+                }
+                kad::QueryResult::GetProviders(_) => self.finish_provider_query(id),
+                _ => {}
+            },
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
+                self.emit(NetEvent::Gossip { topic: message.topic.to_string(), source: message.source, data: message.data });
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic, .. }) => {
+                self.emit(NetEvent::Subscribed { peer: peer_id, topic: topic.to_string() });
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm.add_peer_address(peer, addr);
+                    let _ = self.swarm.dial(peer);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn finish_provider_query(&mut self, id: kad::QueryId) {
+        if let Some((found, reply)) = self.provider_queries.remove(&id) {
+            let _ = reply.send(found);
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The messages of `/hotpot/infer/1` and `/hotpot/info/1`, and their bytes.
+
+use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId, SessionId, Signature};
+
+use crate::codec::{Reader, Writer};
+use crate::tensor::Tensor;
+use crate::{VERSION, WireError};
+
+/// Opens a session over `span` of `model`, holding at most `max_len` positions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Open {
+    pub session: SessionId,
+    pub model: ModelId,
+    pub span: LayerSpan,
+    pub max_len: u32,
+}
+
+/// Hidden states of positions `pos .. pos + rows` to run through the span.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub session: SessionId,
+    pub pos: u32,
+    pub hidden: Tensor,
+}
+
+/// Client → node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientMessage {
+    Open(Open),
+    Step(Step),
+    /// Keep only the first `pos` positions of the session's cache.
+    Truncate { session: SessionId, pos: u32 },
+    Close { session: SessionId },
+}
+
+/// Why a node refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    WrongModel,
+    SpanNotServed,
+    /// At the session limit: try another node.
+    Busy,
+    UnknownSession,
+    NotYourSession,
+    BadPosition,
+    BadTensor,
+    ContextFull,
+    Internal,
+}
+
+impl ErrorCode {
+    const ALL: [ErrorCode; 10] = [
+        Self::BadRequest,
+        Self::WrongModel,
+        Self::SpanNotServed,
+        Self::Busy,
+        Self::UnknownSession,
+        Self::NotYourSession,
+        Self::BadPosition,
+        Self::BadTensor,
+        Self::ContextFull,
+        Self::Internal,
+    ];
+
+    fn tag(self) -> u8 {
+        Self::ALL.iter().position(|c| *c == self).map_or(255, |i| i as u8 + 1)
+    }
+
+    fn from_tag(tag: u8) -> Self {
+        Self::ALL.get(usize::from(tag).wrapping_sub(1)).copied().unwrap_or(Self::Internal)
+    }
+}
+
+/// Node → client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeMessage {
+    Opened { session: SessionId, max_len: u32 },
+    Output { session: SessionId, hidden: Tensor, commitment: Commitment },
+    Truncated { session: SessionId, len: u32 },
+    Error { code: ErrorCode, message: String },
+}
+
+/// Asks a node to describe itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InfoRequest;
+
+/// What a node says about itself, on request and in heartbeats.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    pub node: NodeId,
+    pub model: ModelId,
+    /// A human name for the model (its alias), for status displays.
+    pub model_name: String,
+    pub n_blocks: u32,
+    pub span: LayerSpan,
+    /// Measured decode speed of the whole span, tokens/s.
+    pub throughput: f32,
+    pub free_slots: u32,
+    pub max_sessions: u32,
+    /// Steps waiting for the engine.
+    pub queue: u32,
+    /// Credits per 1000 tokens.
+    pub price_per_1k: u64,
+    pub version: String,
+    pub addrs: Vec<String>,
+    /// Milliseconds since the Unix epoch when this was written.
+    pub timestamp_ms: u64,
+}
+
+const TAG_OPEN: u8 = 1;
+const TAG_STEP: u8 = 2;
+const TAG_TRUNCATE: u8 = 3;
+const TAG_CLOSE: u8 = 4;
+const TAG_OPENED: u8 = 16;
+const TAG_OUTPUT: u8 = 17;
+const TAG_TRUNCATED: u8 = 18;
+const TAG_ERROR: u8 = 19;
+const TAG_INFO_REQUEST: u8 = 32;
+const TAG_INFO: u8 = 33;
+
+const MAX_TEXT: usize = 4096;
+const MAX_ADDRS: usize = 32;
+
+fn header(w: &mut Writer, tag: u8) {
+    w.u8(VERSION).u8(tag);
+}
+
+fn read_header(r: &mut Reader<'_>) -> Result<u8, WireError> {
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    r.u8()
+}
+
+fn span(r: &mut Reader<'_>) -> Result<LayerSpan, WireError> {
+    let (start, end) = (r.u32()?, r.u32()?);
+    LayerSpan::new(start, end).map_err(|_| WireError::Invalid("empty span"))
+}
+
+fn write_span(w: &mut Writer, s: LayerSpan) {
+    w.u32(s.start()).u32(s.end());
+}
+
+fn session(r: &mut Reader<'_>) -> Result<SessionId, WireError> {
+    Ok(SessionId(r.array()?))
+}
+
+fn write_commitment(w: &mut Writer, c: &Commitment) {
+    w.fixed(&c.session.0).fixed(c.model.as_bytes());
+    write_span(w, c.span);
+    w.u32(c.start_pos).u32(c.rows).fixed(&c.input_hash).fixed(&c.output_hash).fixed(c.node.as_bytes()).fixed(&c.signature.0);
+}
+
+fn read_commitment(r: &mut Reader<'_>) -> Result<Commitment, WireError> {
+    Ok(Commitment {
+        session: session(r)?,
+        model: ModelId::from_bytes(r.array()?),
+        span: span(r)?,
+        start_pos: r.u32()?,
+        rows: r.u32()?,
+        input_hash: r.array()?,
+        output_hash: r.array()?,
+        node: NodeId::from_bytes(r.array()?),
+        signature: Signature(r.array()?),
+    })
+}
+
+impl ClientMessage {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        match self {
+            Self::Open(o) => {
+                header(&mut w, TAG_OPEN);
+                w.fixed(&o.session.0).fixed(o.model.as_bytes());
+                write_span(&mut w, o.span);
+                w.u32(o.max_len);
+            }
+            Self::Step(s) => {
+                header(&mut w, TAG_STEP);
+                w.fixed(&s.session.0).u32(s.pos);
+                s.hidden.write(&mut w);
+            }
+            Self::Truncate { session, pos } => {
+                header(&mut w, TAG_TRUNCATE);
+                w.fixed(&session.0).u32(*pos);
+            }
+            Self::Close { session } => {
+                header(&mut w, TAG_CLOSE);
+                w.fixed(&session.0);
+            }
+        }
+        w.buf
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(bytes);
+        let msg = match read_header(&mut r)? {
+            TAG_OPEN => Self::Open(Open {
+                session: session(&mut r)?,
+                model: ModelId::from_bytes(r.array()?),
+                span: span(&mut r)?,
+                max_len: r.u32()?,
+            }),
+            TAG_STEP => Self::Step(Step { session: session(&mut r)?, pos: r.u32()?, hidden: Tensor::read(&mut r)? }),
+            TAG_TRUNCATE => Self::Truncate { session: session(&mut r)?, pos: r.u32()? },
+            TAG_CLOSE => Self::Close { session: session(&mut r)? },
+            tag => return Err(WireError::Tag(tag)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+impl NodeMessage {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        let mut message: String = message.into();
+        if message.len() > MAX_TEXT {
+            let mut cut = MAX_TEXT;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Self::Error { code, message }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        match self {
+            Self::Opened { session, max_len } => {
+                header(&mut w, TAG_OPENED);
+                w.fixed(&session.0).u32(*max_len);
+            }
+            Self::Output { session, hidden, commitment } => {
+                header(&mut w, TAG_OUTPUT);
+                w.fixed(&session.0);
+                hidden.write(&mut w);
+                write_commitment(&mut w, commitment);
+            }
+            Self::Truncated { session, len } => {
+                header(&mut w, TAG_TRUNCATED);
+                w.fixed(&session.0).u32(*len);
+            }
+            Self::Error { code, message } => {
+                header(&mut w, TAG_ERROR);
+                w.u8(code.tag()).str(message);
+            }
+        }
+        w.buf
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(bytes);
+        let msg = match read_header(&mut r)? {
+            TAG_OPENED => Self::Opened { session: session(&mut r)?, max_len: r.u32()? },
+            TAG_OUTPUT => Self::Output { session: session(&mut r)?, hidden: Tensor::read(&mut r)?, commitment: read_commitment(&mut r)? },
+            TAG_TRUNCATED => Self::Truncated { session: session(&mut r)?, len: r.u32()? },
+            TAG_ERROR => Self::Error { code: ErrorCode::from_tag(r.u8()?), message: r.str(MAX_TEXT)? },
+            tag => return Err(WireError::Tag(tag)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+impl InfoRequest {
+    pub fn encode(&self) -> Vec<u8> {
+        vec![VERSION, TAG_INFO_REQUEST]
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(bytes);
+        match read_header(&mut r)? {
+            TAG_INFO_REQUEST => {
+                r.finish()?;
+                Ok(Self)
+            }
+            tag => Err(WireError::Tag(tag)),
+        }
+    }
+}
+
+impl NodeInfo {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        header(&mut w, TAG_INFO);
+        w.fixed(self.node.as_bytes()).fixed(self.model.as_bytes()).str(&self.model_name).u32(self.n_blocks);
+        write_span(&mut w, self.span);
+        w.f32(self.throughput).u32(self.free_slots).u32(self.max_sessions).u32(self.queue).u64(self.price_per_1k);
+        w.str(&self.version).u32(self.addrs.len().min(MAX_ADDRS) as u32);
+        for addr in self.addrs.iter().take(MAX_ADDRS) {
+            w.str(addr);
+        }
+        w.u64(self.timestamp_ms);
+        w.buf
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(bytes);
+        let tag = read_header(&mut r)?;
+        if tag != TAG_INFO {
+            return Err(WireError::Tag(tag));
+        }
+        let node = NodeId::from_bytes(r.array()?);
+        let model = ModelId::from_bytes(r.array()?);
+        let model_name = r.str(MAX_TEXT)?;
+        let n_blocks = r.u32()?;
+        let span = span(&mut r)?;
+        if span.end() > n_blocks {
+            return Err(WireError::Invalid("span beyond the model's blocks"));
+        }
+        let throughput = r.f32()?;
+        if !throughput.is_finite() || throughput < 0.0 {
+            return Err(WireError::Invalid("throughput is not a finite positive number"));
+        }
+        let (free_slots, max_sessions, queue, price_per_1k) = (r.u32()?, r.u32()?, r.u32()?, r.u64()?);
+        let version = r.str(MAX_TEXT)?;
+        let n_addrs = r.u32()? as usize;
+        if n_addrs > MAX_ADDRS {
+            return Err(WireError::TooLong { what: "address list", len: n_addrs, max: MAX_ADDRS });
+        }
+        let addrs = (0..n_addrs).map(|_| r.str(MAX_TEXT)).collect::<Result<_, _>>()?;
+        let timestamp_ms = r.u64()?;
+        r.finish()?;
+        Ok(Self { node, model, model_name, n_blocks, span, throughput, free_slots, max_sessions, queue, price_per_1k, version, addrs, timestamp_ms })
+    }
+}

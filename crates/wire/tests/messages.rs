@@ -1,0 +1,184 @@
+//! Round-trip properties and byte snapshots of the wire format.
+
+use hotpot_core::{Commitment, LayerSpan, ModelId, NodeKey, SessionId, StepRecord};
+use hotpot_wire::{ClientMessage, DType, ErrorCode, InfoRequest, NodeInfo, NodeMessage, Open, Step, Tensor, WireError};
+use proptest::prelude::*;
+
+fn span() -> impl Strategy<Value = LayerSpan> {
+    (0u32..100, 1u32..100).prop_map(|(a, n)| LayerSpan::new(a, a + n).expect("non-empty"))
+}
+
+fn tensor() -> impl Strategy<Value = Tensor> {
+    (prop_oneof![Just(DType::F32), Just(DType::F16)], 1usize..4, 1usize..40).prop_flat_map(|(dtype, rows, cols)| {
+        proptest::collection::vec(-1e4f32..1e4, rows * cols).prop_map(move |v| Tensor::from_f32(dtype, rows, cols, &v))
+    })
+}
+
+fn session() -> impl Strategy<Value = SessionId> {
+    any::<[u8; 16]>().prop_map(SessionId)
+}
+
+fn client_message() -> impl Strategy<Value = ClientMessage> {
+    prop_oneof![
+        (session(), any::<[u8; 32]>(), span(), any::<u32>()).prop_map(|(session, m, span, max_len)| ClientMessage::Open(Open {
+            session,
+            model: ModelId::from_bytes(m),
+            span,
+            max_len
+        })),
+        (session(), any::<u32>(), tensor()).prop_map(|(session, pos, hidden)| ClientMessage::Step(Step { session, pos, hidden })),
+        (session(), any::<u32>()).prop_map(|(session, pos)| ClientMessage::Truncate { session, pos }),
+        session().prop_map(|session| ClientMessage::Close { session }),
+    ]
+}
+
+fn commitment(tensor: &Tensor, session: SessionId) -> Commitment {
+    let key = NodeKey::from_secret_bytes(&[9; 32]).expect("key");
+    Commitment::sign(
+        &key,
+        StepRecord {
+            session,
+            model: ModelId::from_bytes([3; 32]),
+            span: LayerSpan::new(0, 10).expect("span"),
+            start_pos: 2,
+            rows: tensor.rows() as u32,
+            input: tensor.bytes(),
+            output: tensor.bytes(),
+        },
+    )
+}
+
+fn node_message() -> impl Strategy<Value = NodeMessage> {
+    prop_oneof![
+        (session(), any::<u32>()).prop_map(|(session, max_len)| NodeMessage::Opened { session, max_len }),
+        (session(), tensor()).prop_map(|(session, hidden)| {
+            let commitment = commitment(&hidden, session);
+            NodeMessage::Output { session, hidden, commitment }
+        }),
+        (session(), any::<u32>()).prop_map(|(session, len)| NodeMessage::Truncated { session, len }),
+        (0usize..10, ".{0,50}").prop_map(|(i, message)| {
+            let codes = [
+                ErrorCode::BadRequest,
+                ErrorCode::WrongModel,
+                ErrorCode::SpanNotServed,
+                ErrorCode::Busy,
+                ErrorCode::UnknownSession,
+                ErrorCode::NotYourSession,
+                ErrorCode::BadPosition,
+                ErrorCode::BadTensor,
+                ErrorCode::ContextFull,
+                ErrorCode::Internal,
+            ];
+            NodeMessage::Error { code: codes[i], message }
+        }),
+    ]
+}
+
+fn node_info() -> impl Strategy<Value = NodeInfo> {
+    (span(), 0u32..50, "[a-z0-9-]{0,20}", proptest::collection::vec("/ip4/127.0.0.1/udp/[0-9]{1,5}/quic-v1", 0..4), any::<u64>())
+        .prop_map(|(span, extra, model_name, addrs, timestamp_ms)| NodeInfo {
+            node: NodeKey::from_secret_bytes(&[1; 32]).expect("key").id(),
+            model: ModelId::from_bytes([5; 32]),
+            model_name,
+            n_blocks: span.end() + extra,
+            span,
+            throughput: 123.5,
+            free_slots: 3,
+            max_sessions: 8,
+            queue: 1,
+            price_per_1k: 10,
+            version: "0.1.0".into(),
+            addrs,
+            timestamp_ms,
+        })
+}
+
+proptest! {
+    #[test]
+    fn client_messages_round_trip(m in client_message()) {
+        prop_assert_eq!(ClientMessage::decode(&m.encode()).expect("decodes"), m);
+    }
+
+    #[test]
+    fn node_messages_round_trip(m in node_message()) {
+        prop_assert_eq!(NodeMessage::decode(&m.encode()).expect("decodes"), m);
+    }
+
+    #[test]
+    fn node_info_round_trips(i in node_info()) {
+        prop_assert_eq!(NodeInfo::decode(&i.encode()).expect("decodes"), i);
+    }
+
+    #[test]
+    fn truncated_messages_are_errors(m in client_message(), cut in 0usize..1000) {
+        let bytes = m.encode();
+        let cut = cut % bytes.len();
+        prop_assert!(ClientMessage::decode(&bytes[..cut]).is_err());
+    }
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = ClientMessage::decode(&bytes);
+        let _ = NodeMessage::decode(&bytes);
+        let _ = NodeInfo::decode(&bytes);
+        let _ = InfoRequest::decode(&bytes);
+    }
+
+    #[test]
+    fn mutated_messages_never_panic(m in node_message(), at in any::<usize>(), byte in any::<u8>()) {
+        let mut bytes = m.encode();
+        let at = at % bytes.len();
+        bytes[at] = byte;
+        let _ = NodeMessage::decode(&bytes);
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The exact bytes of a few messages: changing them breaks every deployed
+/// node, so it must be a deliberate version bump.
+#[test]
+fn byte_snapshots() {
+    let session = SessionId([0xAB; 16]);
+    let open = ClientMessage::Open(Open {
+        session,
+        model: ModelId::from_bytes([0x11; 32]),
+        span: LayerSpan::new(10, 20).expect("span"),
+        max_len: 2048,
+    });
+    assert_eq!(
+        hex(&open.encode()),
+        format!("0101{}{}0a00000014000000{}", "ab".repeat(16), "11".repeat(32), "00080000")
+    );
+    let step = ClientMessage::Step(Step { session, pos: 7, hidden: Tensor::from_f32(DType::F32, 1, 2, &[1.0, -2.0]) });
+    assert_eq!(hex(&step.encode()), format!("0102{}07000000000100000002000000080000000000803f000000c0", "ab".repeat(16)));
+    let error = NodeMessage::Error { code: ErrorCode::Busy, message: "full".into() };
+    assert_eq!(hex(&error.encode()), "0113040400000066756c6c");
+    assert_eq!(hex(&InfoRequest.encode()), "0120");
+}
+
+#[test]
+fn bad_headers_and_shapes_are_refused() {
+    let close = ClientMessage::Close { session: SessionId([1; 16]) }.encode();
+    let mut future = close.clone();
+    future[0] = 2;
+    assert!(matches!(ClientMessage::decode(&future), Err(WireError::Version(2))));
+    let mut unknown = close.clone();
+    unknown[1] = 99;
+    assert!(matches!(ClientMessage::decode(&unknown), Err(WireError::Tag(99))));
+    let mut trailing = close;
+    trailing.push(0);
+    assert!(matches!(ClientMessage::decode(&trailing), Err(WireError::Trailing(1))));
+
+    // A tensor claiming more bytes than its shape, or a huge shape.
+    let step = ClientMessage::Step(Step { session: SessionId([1; 16]), pos: 0, hidden: Tensor::from_f32(DType::F32, 1, 2, &[1.0, 2.0]) });
+    let mut bytes = step.encode();
+    let rows_at = 2 + 16 + 4 + 1;
+    bytes[rows_at..rows_at + 4].copy_from_slice(&2u32.to_le_bytes());
+    assert!(matches!(ClientMessage::decode(&bytes), Err(WireError::Invalid(_))));
+    bytes[rows_at..rows_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    bytes[rows_at + 4..rows_at + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(ClientMessage::decode(&bytes).is_err());
+}
