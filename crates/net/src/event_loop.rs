@@ -240,10 +240,8 @@ impl EventLoop {
                     let _ = reply.send(Err(NetError::Dial { addr: addr.unwrap_or_else(Multiaddr::empty), reason: error.to_string() }));
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
-                if num_established == 0 {
-                    self.emit(NetEvent::Disconnected(peer_id));
-                }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.emit(NetEvent::Disconnected(peer_id));
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             _ => {}

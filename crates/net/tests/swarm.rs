@@ -66,10 +66,11 @@ async fn peers_find_providers_gossip_and_talk() {
                     tokio::select! {
                         _ = &mut deadline => break,
                         event = events.recv() => {
-                            if let Ok(NetEvent::Gossip { data, source, .. }) = event {
-                                if data == b"beat" && source == Some(b.peer_id()) {
-                                    return;
-                                }
+                            if let Ok(NetEvent::Gossip { data, source, .. }) = event
+                                && data == b"beat"
+                                && source == Some(b.peer_id())
+                            {
+                                return;
                             }
                         }
                     }

@@ -76,7 +76,7 @@ impl ErrorCode {
 #[derive(Debug, Clone, PartialEq)]
 pub enum NodeMessage {
     Opened { session: SessionId, max_len: u32 },
-    Output { session: SessionId, hidden: Tensor, commitment: Commitment },
+    Output { session: SessionId, hidden: Tensor, commitment: Box<Commitment> },
     Truncated { session: SessionId, len: u32 },
     Error { code: ErrorCode, message: String },
 }
@@ -255,7 +255,7 @@ impl NodeMessage {
         let mut r = Reader::new(bytes);
         let msg = match read_header(&mut r)? {
             TAG_OPENED => Self::Opened { session: session(&mut r)?, max_len: r.u32()? },
-            TAG_OUTPUT => Self::Output { session: session(&mut r)?, hidden: Tensor::read(&mut r)?, commitment: read_commitment(&mut r)? },
+            TAG_OUTPUT => Self::Output { session: session(&mut r)?, hidden: Tensor::read(&mut r)?, commitment: Box::new(read_commitment(&mut r)?) },
             TAG_TRUNCATED => Self::Truncated { session: session(&mut r)?, len: r.u32()? },
             TAG_ERROR => Self::Error { code: ErrorCode::from_tag(r.u8()?), message: r.str(MAX_TEXT)? },
             tag => return Err(WireError::Tag(tag)),

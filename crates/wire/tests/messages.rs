@@ -52,7 +52,7 @@ fn node_message() -> impl Strategy<Value = NodeMessage> {
     prop_oneof![
         (session(), any::<u32>()).prop_map(|(session, max_len)| NodeMessage::Opened { session, max_len }),
         (session(), tensor()).prop_map(|(session, hidden)| {
-            let commitment = commitment(&hidden, session);
+            let commitment = Box::new(commitment(&hidden, session));
             NodeMessage::Output { session, hidden, commitment }
         }),
         (session(), any::<u32>()).prop_map(|(session, len)| NodeMessage::Truncated { session, len }),
