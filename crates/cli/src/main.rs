@@ -3,6 +3,7 @@
 mod bench;
 mod run;
 mod store;
+mod swarm;
 
 use std::process::ExitCode;
 
@@ -31,17 +32,32 @@ enum Command {
     Tokenize(run::TokenizeArgs),
     /// Measure prefill and decode speed (like llama-bench).
     Bench(bench::BenchArgs),
+    /// Serve a span of a model's blocks to the swarm.
+    Node(swarm::NodeArgs),
+    /// Look at the swarm.
+    #[command(subcommand)]
+    Swarm(SwarmCommand),
+}
+
+#[derive(Subcommand)]
+enum SwarmCommand {
+    /// Every node found, and each model's block coverage.
+    Status(swarm::StatusArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    // A node narrates its life at info level; one-shot commands stay quiet.
+    let verbose = cli.verbose + u8::from(matches!(cli.command, Command::Node(_)));
+    init_logging(verbose);
     let result = match cli.command {
         Command::Pull { source } => pull(&source),
         Command::Models => models(),
         Command::Run(args) => run::run(&args),
         Command::Tokenize(args) => run::tokenize(&args),
         Command::Bench(args) => bench::bench(&args),
+        Command::Node(args) => swarm::node(&args),
+        Command::Swarm(SwarmCommand::Status(args)) => swarm::status(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -53,13 +69,15 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(verbose: u8) {
+    // libp2p's own logs stay at warn unless asked for (RUST_LOG).
     let default = match verbose {
         0 => "warn",
-        1 => "info",
+        1 => "info,libp2p=warn,libp2p_kad=error",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
 }
 
 fn pull(source: &str) -> anyhow::Result<()> {

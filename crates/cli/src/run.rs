@@ -103,6 +103,12 @@ pub struct RunArgs {
     /// Print no timings.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Run the blocks on a swarm instead of in this process.
+    #[command(flatten)]
+    pub peers: crate::swarm::PeerArgs,
+    /// With --join: print the chain of nodes chosen.
+    #[arg(long)]
+    pub show_route: bool,
 }
 
 #[derive(Args, Debug)]
@@ -146,7 +152,25 @@ fn chat_messages(system: Option<&str>, user: &str) -> Vec<ChatMessage> {
     system.map(|s| ChatMessage::new("system", s)).into_iter().chain([ChatMessage::new("user", user)]).collect()
 }
 
+/// The prompt's token ids: the raw text, or a user message in the model's
+/// chat template with `--chat` / `--system`.
+pub fn prompt_tokens(client: &ClientParts, args: &RunArgs) -> Result<Vec<u32>> {
+    let text = if args.chat || args.system.is_some() {
+        client.render_chat(&chat_messages(args.system.as_deref(), &args.prompt))?
+    } else {
+        args.prompt.clone()
+    };
+    let tokens = client.tokenizer().encode(&text)?;
+    if tokens.is_empty() {
+        bail!("the prompt is empty");
+    }
+    Ok(tokens)
+}
+
 pub fn run(args: &RunArgs) -> Result<()> {
+    if !args.peers.join.is_empty() || args.peers.mdns {
+        return crate::swarm::run_remote(args);
+    }
     let params = args.sampling.params()?;
     let file = open_model(&args.model)?;
     let config = file.config().clone();
@@ -161,16 +185,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let spans = chain.iter().map(|s| Span::load(&file, *s, &device)).collect::<Result<Vec<_>, _>>()?;
     let load_time = load_started.elapsed();
 
-    let text = if args.chat || args.system.is_some() {
-        client.render_chat(&chat_messages(args.system.as_deref(), &args.prompt))?
-    } else {
-        args.prompt.clone()
-    };
-    let tokens = client.tokenizer().encode(&text)?;
+    let tokens = prompt_tokens(&client, args)?;
     let context = args.ctx_size.unwrap_or(config.context_length).min(config.context_length);
-    if tokens.is_empty() {
-        bail!("the prompt is empty");
-    }
     if tokens.len() >= context {
         bail!("the prompt has {} tokens, more than the context of {context} tokens holds (see --ctx-size)", tokens.len());
     }

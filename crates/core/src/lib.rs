@@ -9,6 +9,7 @@
 mod commitment;
 mod keys;
 mod model_id;
+pub mod placement;
 mod span;
 
 pub use commitment::{Commitment, CommitmentError, SessionId, StepRecord, hash};

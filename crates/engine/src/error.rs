@@ -52,4 +52,6 @@ pub enum ForwardError {
     Token { token: u32, vocab: usize },
     #[error("hidden states contain NaN or infinite values")]
     NotFinite,
+    #[error("blocks {requested} are not all within the loaded span {served}")]
+    Span { requested: LayerSpan, served: LayerSpan },
 }

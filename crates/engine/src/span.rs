@@ -296,15 +296,29 @@ impl Span {
     /// An empty cache for one session of at most `max_len` positions
     /// (capped at the model's context length).
     pub fn new_cache(&self, max_len: usize) -> KvCache {
-        KvCache {
-            span: self.span,
+        self.cache_for(self.span, max_len).expect("a span contains itself")
+    }
+
+    /// An empty cache for a session over `blocks`, a part of this span: a
+    /// node holding `[0,10)` can serve a session over `[4,8)`.
+    pub fn cache_for(&self, blocks: LayerSpan, max_len: usize) -> Result<KvCache, ForwardError> {
+        if blocks.start() < self.span.start() || blocks.end() > self.span.end() {
+            return Err(ForwardError::Span { requested: blocks, served: self.span });
+        }
+        Ok(KvCache {
+            span: blocks,
             n_kv_heads: self.config.n_kv_heads,
             head_dim: self.config.head_dim,
             max_len: max_len.min(self.config.context_length),
             len: 0,
             capacity: 0,
-            blocks: (0..self.blocks.len()).map(|_| BlockCache::default()).collect(),
-        }
+            blocks: blocks.blocks().map(|_| BlockCache::default()).collect(),
+        })
+    }
+
+    /// Bytes of KV cache one position costs in a session over `blocks`.
+    pub fn cache_bytes_per_position(&self, blocks: LayerSpan) -> usize {
+        blocks.len() as usize * 2 * self.config.kv_dim() * 4
     }
 
     /// Runs the span over `hidden` (`T × d`), which holds positions
@@ -325,13 +339,17 @@ impl Span {
         if !hidden.as_slice().iter().all(|v| v.is_finite()) {
             return Err(ForwardError::NotFinite);
         }
-        assert_eq!(cache.span, self.span, "a cache belongs to the span that made it");
+        if cache.span.start() < self.span.start() || cache.span.end() > self.span.end() {
+            return Err(ForwardError::Span { requested: cache.span, served: self.span });
+        }
         cache.reserve(start_pos + t);
         let rope = RopeTable::new(c.rope_base, c.rope_dim, start_pos..start_pos + t);
         let mut x = hidden.as_slice().to_vec();
         let mut s = Scratch::default();
-        for (i, block) in self.blocks.iter().enumerate() {
-            self.attention(block, &mut cache.blocks[i], cache.capacity, &rope, &mut x, t, start_pos, &mut s);
+        let first = (cache.span.start() - self.span.start()) as usize;
+        let blocks = &self.blocks[first..first + cache.blocks.len()];
+        for (block, kv) in blocks.iter().zip(cache.blocks.iter_mut()) {
+            self.attention(block, kv, cache.capacity, &rope, &mut x, t, start_pos, &mut s);
             self.feed_forward(block, &mut x, t, &mut s);
         }
         cache.len = start_pos + t;

@@ -198,6 +198,26 @@ fn composition_and_prefill_decode_are_bit_exact() {
 }
 
 #[test]
+fn a_span_serves_sessions_over_part_of_its_blocks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = TinyModel { blocks: 6, ..Default::default() };
+    let path = write(dir.path(), "m.gguf", &model);
+    let file = ModelFile::open(&path).expect("opens");
+    let device = Device::cpu(1).expect("threads");
+    let client = ClientParts::load(&file, &device).expect("client");
+    let whole = Span::load(&file, LayerSpan::new(0, 6).expect("span"), &device).expect("loads");
+    let part = Span::load(&file, LayerSpan::new(2, 5).expect("span"), &device).expect("loads");
+    let h = client.embed(&tokens(9, 1)).expect("embeds");
+    let mut sub = whole.cache_for(LayerSpan::new(2, 5).expect("span"), 32).expect("inside");
+    let mut own = part.new_cache(32);
+    let a = whole.forward(&mut sub, &h, 0).expect("forward");
+    let b = part.forward(&mut own, &h, 0).expect("forward");
+    assert_eq!(a.as_slice(), b.as_slice());
+    assert!(matches!(part.cache_for(LayerSpan::new(1, 3).expect("span"), 8), Err(ForwardError::Span { .. })));
+    assert!(matches!(part.forward(&mut whole.new_cache(32), &h, 0), Err(ForwardError::Span { .. })));
+}
+
+#[test]
 fn cache_truncation_replays_identically() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write(dir.path(), "m.gguf", &TinyModel { context: 1024, ..Default::default() });

@@ -14,6 +14,8 @@ use crate::{Command, NetError, NetEvent, NetworkConfig};
 
 const KAD_PROTOCOL: &str = "/hotpot/kad/1.0.0";
 const IDENTIFY_PROTOCOL: &str = "/hotpot/id/1";
+/// A QUIC connection silent for this long is dead.
+const QUIC_IDLE_TIMEOUT_MS: u32 = 4_000;
 /// How often provider records are announced again (new peers learn them).
 const REPROVIDE: Duration = Duration::from_secs(30);
 
@@ -36,7 +38,13 @@ pub(crate) fn build_swarm(config: &NetworkConfig) -> Result<(Swarm<Behaviour>, l
         .with_tokio()
         .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
         .map_err(|e| err(&e))?
-        .with_quic()
+        .with_quic_config(|mut quic| {
+            // Notice a vanished peer within seconds (a killed node must not
+            // stall a session for long), while keeping idle links alive.
+            quic.max_idle_timeout = QUIC_IDLE_TIMEOUT_MS;
+            quic.keep_alive_interval = Duration::from_secs(1);
+            quic
+        })
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));

@@ -15,6 +15,7 @@
 
 mod event_loop;
 mod ids;
+mod rpc;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ pub use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 pub use ids::{node_id_of, peer_id_of};
+pub use rpc::Framed;
 
 /// How the local peer takes part.
 #[derive(Debug, Clone)]
@@ -66,6 +68,8 @@ pub enum NetError {
     Stopped,
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error("protocol error: {0}")]
+    Wire(String),
 }
 
 enum Command {
@@ -88,7 +92,7 @@ struct Inner {
     control: libp2p_stream::Control,
     events: broadcast::Sender<NetEvent>,
     peer_id: PeerId,
-    node_id: NodeId,
+    key: NodeKey,
 }
 
 /// A handle on the running swarm. Clone it freely.
@@ -113,7 +117,7 @@ impl Network {
         let (events, _) = broadcast::channel(1024);
         let event_loop = event_loop::EventLoop::new(swarm, receiver, events.clone(), &config)?;
         tokio::spawn(event_loop.run());
-        let network = Self { inner: Arc::new(Inner { commands, control, events, peer_id, node_id: config.key.id() }) };
+        let network = Self { inner: Arc::new(Inner { commands, control, events, peer_id, key: config.key.clone() }) };
         for addr in &config.join {
             network.dial(addr.clone()).await?;
         }
@@ -125,7 +129,12 @@ impl Network {
     }
 
     pub fn node_id(&self) -> NodeId {
-        self.inner.node_id
+        self.inner.key.id()
+    }
+
+    /// The key this peer runs with; nodes sign commitments with it too.
+    pub fn key(&self) -> &NodeKey {
+        &self.inner.key
     }
 
     async fn send(&self, command: Command) -> Result<(), NetError> {

@@ -1,0 +1,304 @@
+//! `hotpot node`, `hotpot swarm status`, and `hotpot run --join`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use hotpot_core::placement::{Served, gaps, node_counts};
+use hotpot_core::{LayerSpan, NodeKey};
+use hotpot_engine::{ClientParts, Device, Generation, ModelFile};
+use hotpot_gateway::{ChainConfig, RemoteChain, SharedDirectory, describe_route, generate_remote};
+use hotpot_net::{Multiaddr, Network, NetworkConfig};
+use hotpot_node::{BlockChoice, NodeConfig};
+
+use crate::run::RunArgs;
+use crate::store::Store;
+
+/// Options every swarm command shares.
+#[derive(Args, Debug, Clone)]
+pub struct PeerArgs {
+    /// Join the swarm through this peer (repeatable).
+    #[arg(long)]
+    pub join: Vec<Multiaddr>,
+    /// Discover peers on the local network with mDNS.
+    #[arg(long)]
+    pub mdns: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// Model name, id or .gguf path.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Blocks to serve: `a..b`, or `auto` (the swarm's weakest window).
+    #[arg(long, default_value = "auto")]
+    pub blocks: String,
+    /// With --blocks auto: how many blocks (default: as many as fit in memory).
+    #[arg(long)]
+    pub num_blocks: Option<u32>,
+    /// Addresses to listen on (repeatable).
+    #[arg(long, default_value = "/ip4/0.0.0.0/udp/0/quic-v1")]
+    pub listen: Vec<Multiaddr>,
+    #[command(flatten)]
+    pub peers: PeerArgs,
+    /// Compute threads (0: one per core).
+    #[arg(short, long, default_value_t = 0)]
+    pub threads: usize,
+    #[arg(long, default_value_t = 32)]
+    pub max_sessions: usize,
+    /// Seconds after which a silent session is closed and its cache freed.
+    #[arg(long, default_value_t = 120)]
+    pub idle_timeout: u64,
+    /// KV-cache memory all sessions may reserve, MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub kv_memory_mb: usize,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 10)]
+    pub heartbeat: u64,
+    /// Credits asked per 1000 tokens.
+    #[arg(long, default_value_t = 0)]
+    pub price: u64,
+    /// File with the node's 32-byte secret key (created if missing); without
+    /// it, the node gets a fresh identity each start.
+    #[arg(long)]
+    pub key: Option<std::path::PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub peers: PeerArgs,
+    /// Seconds to listen for the swarm.
+    #[arg(long, default_value_t = 3)]
+    pub wait: u64,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+fn load_key(path: Option<&std::path::Path>) -> Result<NodeKey> {
+    let Some(path) = path else { return Ok(NodeKey::generate()) };
+    match std::fs::read(path) {
+        Ok(bytes) => NodeKey::from_secret_bytes(&bytes).with_context(|| format!("{} is not a node key", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = NodeKey::generate();
+            std::fs::write(path, key.secret_bytes()).with_context(|| format!("writing {}", path.display()))?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+pub fn node(args: &NodeArgs) -> Result<()> {
+    let entry = Store::from_env()?.resolve(&args.model)?;
+    let blocks = match args.blocks.as_str() {
+        "auto" => BlockChoice::Auto { count: args.num_blocks },
+        text => BlockChoice::Fixed(text.parse::<LayerSpan>().with_context(|| format!("--blocks {text}"))?),
+    };
+    let key = load_key(args.key.as_deref())?;
+    runtime()?.block_on(async {
+        let network = Network::start(NetworkConfig {
+            key,
+            listen: args.listen.clone(),
+            join: args.peers.join.clone(),
+            dht_server: true,
+            mdns: args.peers.mdns,
+        })
+        .await?;
+        println!("peer id: {}", network.peer_id());
+        for addr in network.listen_addrs().await? {
+            println!("listening on {addr}");
+        }
+        let config = NodeConfig {
+            model_path: entry.path.clone(),
+            model_name: entry.name.clone(),
+            blocks,
+            threads: args.threads,
+            max_sessions: args.max_sessions,
+            kv_budget_bytes: args.kv_memory_mb << 20,
+            idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
+            heartbeat: Duration::from_secs(args.heartbeat.max(1)),
+            price_per_1k: args.price,
+        };
+        let running = hotpot_node::start(config, network.clone()).await?;
+        println!("serving blocks {} of {} ({}) at {:.1} tokens/s", running.span(), entry.name, running.model(), running.throughput());
+        let _ = std::io::stdout().flush();
+        shutdown_signal().await;
+        eprintln!("shutting down");
+        network.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn join_as_client(peers: &PeerArgs) -> Result<Network> {
+    if peers.join.is_empty() && !peers.mdns {
+        bail!("give --join MULTIADDR (a node's address) or --mdns to find the swarm");
+    }
+    let network = Network::start(NetworkConfig {
+        key: NodeKey::generate(),
+        listen: vec![],
+        join: peers.join.clone(),
+        dht_server: false,
+        mdns: peers.mdns,
+    })
+    .await?;
+    Ok(network)
+}
+
+pub fn status(args: &StatusArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let network = join_as_client(&args.peers).await?;
+        // Ask every peer the DHT knows, for a few rounds.
+        let deadline = Instant::now() + Duration::from_secs(args.wait.max(1));
+        let mut seen = BTreeMap::new();
+        while Instant::now() < deadline {
+            for (peer, info) in network.discover(None, 0, Duration::from_secs(2)).await {
+                seen.insert(peer, info);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // Then the DHT providers of every block of every model seen.
+        let models: BTreeMap<_, _> = seen.values().map(|i| (i.model, i.n_blocks)).collect();
+        for (model, n_blocks) in models {
+            for (peer, info) in network.discover(Some(&model), n_blocks, Duration::from_secs(2)).await {
+                seen.insert(peer, info);
+            }
+        }
+        network.shutdown().await;
+        if args.json {
+            let nodes: Vec<serde_json::Value> = seen
+                .iter()
+                .map(|(peer, i)| {
+                    serde_json::json!({
+                        "peer": peer.to_string(), "node": i.node, "model": i.model, "model_name": i.model_name,
+                        "n_blocks": i.n_blocks, "span": [i.span.start(), i.span.end()], "throughput": i.throughput,
+                        "free_slots": i.free_slots, "max_sessions": i.max_sessions, "queue": i.queue,
+                        "price_per_1k": i.price_per_1k, "version": i.version, "addrs": i.addrs, "timestamp_ms": i.timestamp_ms,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&nodes)?);
+            return Ok(());
+        }
+        print_status(&seen);
+        Ok(())
+    })
+}
+
+fn print_status(seen: &BTreeMap<hotpot_net::PeerId, hotpot_wire::NodeInfo>) {
+    if seen.is_empty() {
+        println!("no nodes found");
+        return;
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    println!("{:<54} {:<46} {:<14} {:>7} {:>9} {:>9} {:>5} {:>10}", "PEER", "ADDRESS", "MODEL", "SPAN", "TOK/S", "SESSIONS", "QUEUE", "HEARD");
+    for (peer, i) in seen {
+        let addr = i.addrs.iter().find(|a| !a.contains("/ip4/0.0.0.0")).or(i.addrs.first()).cloned().unwrap_or_default();
+        let addr = addr.split("/p2p/").next().unwrap_or_default().to_string();
+        let age = now.saturating_sub(i.timestamp_ms) as f64 / 1000.0;
+        println!(
+            "{:<54} {:<46} {:<14} {:>7} {:>9.1} {:>9} {:>5} {:>8.1}s",
+            peer.to_string(),
+            addr,
+            i.model_name,
+            i.span.to_string(),
+            i.throughput,
+            format!("{}/{}", i.max_sessions - i.free_slots.min(i.max_sessions), i.max_sessions),
+            i.queue,
+            age
+        );
+    }
+    let mut models: BTreeMap<_, Vec<&hotpot_wire::NodeInfo>> = BTreeMap::new();
+    for i in seen.values() {
+        models.entry((i.model, i.n_blocks)).or_default().push(i);
+    }
+    for ((model, n_blocks), infos) in models {
+        let served: Vec<Served> = infos.iter().map(|i| Served { span: i.span, throughput: i.throughput }).collect();
+        let counts = node_counts(n_blocks, &served);
+        let row: String = counts.iter().map(|&c| if c == 0 { '.' } else { char::from_digit(c.min(9), 10).unwrap_or('+') }).collect();
+        println!("\nmodel {} ({model}), {n_blocks} blocks, {} nodes", infos[0].model_name, infos.len());
+        let ruler: String = (0..n_blocks).map(|b| if b % 10 == 0 { char::from_digit((b / 10) % 10, 10).unwrap_or('+') } else { ' ' }).collect();
+        println!("  block x10  {ruler}");
+        println!("  nodes      {row}");
+        let missing = gaps(n_blocks, &served);
+        if missing.is_empty() {
+            println!("  every block is served");
+        } else {
+            println!("  missing blocks: {}", missing.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
+        }
+    }
+}
+
+/// `hotpot run --join`: the model's client parts here, its blocks on the swarm.
+pub fn run_remote(args: &RunArgs) -> Result<()> {
+    let params = args.sampling.params()?;
+    let entry = Store::from_env()?.resolve(&args.model)?;
+    let file = ModelFile::open(&entry.path)?;
+    let model = file.model_id()?;
+    let config = file.config().clone();
+    let device = Device::cpu(args.threads)?;
+    let client = Arc::new(ClientParts::load(&file, &device)?);
+    let tokens = crate::run::prompt_tokens(&client, args)?;
+    let context = args.ctx_size.unwrap_or(config.context_length).min(config.context_length);
+    if tokens.len() >= context {
+        bail!("the prompt has {} tokens, more than the context of {context} tokens holds (see --ctx-size)", tokens.len());
+    }
+    let prompt_len = tokens.len();
+    let max_len = (prompt_len + params.max_tokens.min(context)).min(context);
+    let mut generation = Generation::new(tokens, params, context)?;
+    runtime()?.block_on(async {
+        let network = join_as_client(&args.peers).await?;
+        let directory = SharedDirectory::follow(&network, model).await;
+        directory.refresh(&network, &model, config.n_blocks, Duration::from_secs(3)).await;
+        let chain_config = ChainConfig { max_len: max_len + 1, ..ChainConfig::default() };
+        let mut chain = RemoteChain::open(network.clone(), directory, model, config.n_blocks, config.dim, chain_config)
+            .await
+            .with_context(|| format!("the swarm cannot serve {}", entry.name))?;
+        if args.show_route {
+            eprintln!("route: {}", describe_route(&chain.route()));
+        }
+        let started = Instant::now();
+        let mut stdout = std::io::stdout().lock();
+        let finish = generate_remote(&client, &mut chain, &mut generation, |step| {
+            let _ = stdout.write_all(step.text.as_bytes()).and_then(|()| stdout.flush());
+        })
+        .await?;
+        let _ = writeln!(stdout);
+        if !args.quiet {
+            let generated = generation.completion().len();
+            eprintln!(
+                "\n[swarm, {} hops, {} failovers] prompt {prompt_len} tokens, generated {generated} tokens in {:.2} s | stop: {}",
+                chain.route().len(),
+                chain.failovers(),
+                started.elapsed().as_secs_f64(),
+                finish.as_str()
+            );
+        }
+        chain.close().await;
+        network.shutdown().await;
+        Ok(())
+    })
+}

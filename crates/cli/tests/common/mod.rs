@@ -1,0 +1,122 @@
+//! Helpers that run real `hotpot` processes for the end-to-end tests.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+pub const HOTPOT: &str = env!("CARGO_BIN_EXE_hotpot");
+
+/// Swarm tests start several processes each; on a 2-core machine they run
+/// one at a time so timing-sensitive steps (failover) stay predictable.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running `hotpot node`, killed when dropped.
+pub struct NodeProc {
+    pub child: Child,
+    pub peer_id: String,
+    pub addr: String,
+    pub span: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl NodeProc {
+    /// Starts a node on 127.0.0.1 and waits until it serves.
+    pub fn start(blocks: &str, join: Option<&str>, extra: &[&str]) -> NodeProc {
+        let mut cmd = Command::new(HOTPOT);
+        cmd.args(["node", "--model", "smollm2-135m", "--blocks", blocks, "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "-t", "1"]);
+        if let Some(join) = join {
+            cmd.args(["--join", join]);
+        }
+        cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("hotpot node starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        // Drain stderr so the node never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = BufReader::new(stderr).read_to_end(&mut sink);
+        });
+        let mut node = NodeProc { child, peer_id: String::new(), addr: String::new(), span: String::new(), lines };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while node.span.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = node.lines.recv_timeout(left).unwrap_or_else(|_| panic!("node {blocks} did not start in time"));
+            if let Some(id) = line.strip_prefix("peer id: ") {
+                node.peer_id = id.to_string();
+            } else if let Some(addr) = line.strip_prefix("listening on ") {
+                if node.addr.is_empty() {
+                    node.addr = addr.to_string();
+                }
+            } else if let Some(rest) = line.strip_prefix("serving blocks ") {
+                node.span = rest.split_whitespace().next().unwrap_or_default().to_string();
+            }
+        }
+        node
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the node process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `hotpot` with `args` to completion, killing it after `limit`.
+pub fn hotpot(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(HOTPOT).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("hotpot starts");
+    let started = Instant::now();
+    loop {
+        if child.try_wait().expect("waits").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("hotpot {args:?} ran past {limit:?}; stderr: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The local, single-process greedy output for `prompt`.
+pub fn local_greedy(prompt: &str, tokens: usize) -> String {
+    let n = tokens.to_string();
+    let out = hotpot(&["run", "smollm2-135m", prompt, "--temperature", "0", "-n", &n, "-q"], Duration::from_secs(120));
+    assert!(out.status.success(), "local run failed: {}", text(&out.stderr));
+    text(&out.stdout)
+}

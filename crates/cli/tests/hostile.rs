@@ -1,0 +1,182 @@
+//! Hostile and broken peers against a real `hotpot node`: each gets an error
+//! or a closed stream, while an honest session on the same node carries on
+//! and the node's memory stays bounded.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::AsyncWriteExt;
+use hotpot_core::{LayerSpan, ModelId, NodeKey, SessionId, StepRecord};
+use hotpot_net::{Framed, Network, NetworkConfig, PeerId, node_id_of};
+use hotpot_wire::{ClientMessage, DType, ErrorCode, NodeMessage, Open, PROTOCOL_INFER, Step, Tensor};
+
+const T: Duration = Duration::from_secs(10);
+const DIM: usize = 576;
+
+async fn client(addr: &str) -> Network {
+    Network::start(NetworkConfig {
+        key: NodeKey::generate(),
+        listen: vec![],
+        join: vec![addr.parse().expect("addr")],
+        dht_server: false,
+        mdns: false,
+    })
+    .await
+    .expect("client joins")
+}
+
+async fn stream(net: &Network, peer: PeerId) -> Framed {
+    Framed::new(peer, net.open_stream(peer, PROTOCOL_INFER, T).await.expect("stream opens"))
+}
+
+async fn ask(framed: &mut Framed, message: ClientMessage) -> Option<NodeMessage> {
+    framed.send(&message.encode(), T).await.ok()?;
+    let reply = framed.recv(T).await.ok()??;
+    Some(NodeMessage::decode(&reply).expect("the node answers well-formed messages"))
+}
+
+fn open(session: SessionId, model: ModelId, span: (u32, u32)) -> ClientMessage {
+    ClientMessage::Open(Open { session, model, span: LayerSpan::new(span.0, span.1).expect("span"), max_len: 64 })
+}
+
+fn step(session: SessionId, pos: u32, rows: usize, cols: usize) -> ClientMessage {
+    let values: Vec<f32> = (0..rows * cols).map(|i| ((i % 13) as f32 - 6.0) * 0.05).collect();
+    ClientMessage::Step(Step { session, pos, hidden: Tensor::from_f32(DType::F32, rows, cols, &values) })
+}
+
+fn code(answer: Option<NodeMessage>) -> Option<ErrorCode> {
+    match answer {
+        Some(NodeMessage::Error { code, .. }) => Some(code),
+        _ => None,
+    }
+}
+
+/// A session stream is done when the node closed it (or answered an error).
+async fn closed(framed: &mut Framed) -> bool {
+    match framed.recv(T).await {
+        Ok(None) | Err(_) => true,
+        Ok(Some(bytes)) => matches!(NodeMessage::decode(&bytes), Ok(NodeMessage::Error { .. })) && matches!(framed.recv(T).await, Ok(None) | Err(_)),
+    }
+}
+
+#[test]
+fn hostile_peers_do_not_hurt_honest_sessions() {
+    let _serial = serial();
+    let node = NodeProc::start("0..20", None, &["--max-sessions", "4", "--idle-timeout", "4"]);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let net = client(&node.addr).await;
+        let peer: PeerId = node.peer_id.parse().expect("peer id");
+        let info = net.query_info(peer, T).await.expect("info");
+        let model = info.model;
+        assert_eq!((info.span.start(), info.span.end(), info.free_slots), (0, 20, 4));
+
+        // An honest session, open through everything below.
+        let honest_id = SessionId::random();
+        let mut honest = stream(&net, peer).await;
+        assert!(matches!(ask(&mut honest, open(honest_id, model, (0, 20))).await, Some(NodeMessage::Opened { .. })));
+        let first = ask(&mut honest, step(honest_id, 0, 3, DIM)).await;
+        let Some(NodeMessage::Output { hidden, commitment, .. }) = first else { panic!("honest step failed: {first:?}") };
+        assert_eq!((hidden.rows(), hidden.cols()), (3, DIM));
+        let sent = step(honest_id, 0, 3, DIM);
+        let ClientMessage::Step(sent) = sent else { unreachable!() };
+        let record = StepRecord {
+            session: honest_id,
+            model,
+            span: LayerSpan::new(0, 20).expect("span"),
+            start_pos: 0,
+            rows: 3,
+            input: sent.hidden.bytes(),
+            output: hidden.bytes(),
+        };
+        commitment.check(node_id_of(&peer).expect("node id"), record).expect("the commitment verifies");
+
+        let rss_before = node.rss_kib();
+        for round in 0..40 {
+            // Random bytes instead of a frame.
+            let mut s = stream(&net, peer).await;
+            let junk: Vec<u8> = (0..300u32).map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(round) >> 7) as u8).collect();
+            let _ = s.send(&junk, T).await;
+            assert!(closed(&mut s).await, "random bytes close the stream");
+
+            // A length prefix of 4 GiB: refused before allocating.
+            let raw = net.open_stream(peer, PROTOCOL_INFER, T).await.expect("stream");
+            let mut raw = raw;
+            raw.write_all(&u32::MAX.to_le_bytes()).await.expect("writes");
+            raw.flush().await.expect("flushes");
+            let mut s = Framed::new(peer, raw);
+            assert!(closed(&mut s).await, "an oversized frame closes the stream");
+        }
+
+        // Wrong model, a span it does not serve.
+        let mut s = stream(&net, peer).await;
+        assert_eq!(code(ask(&mut s, open(SessionId::random(), ModelId::from_bytes([7; 32]), (0, 10))).await), Some(ErrorCode::WrongModel));
+        let mut s = stream(&net, peer).await;
+        assert_eq!(code(ask(&mut s, open(SessionId::random(), model, (10, 30))).await), Some(ErrorCode::SpanNotServed));
+
+        // Wrong shape, skipped positions, somebody else's session, a step without a session.
+        let id = SessionId::random();
+        let mut s = stream(&net, peer).await;
+        assert!(matches!(ask(&mut s, open(id, model, (0, 20))).await, Some(NodeMessage::Opened { .. })));
+        assert_eq!(code(ask(&mut s, step(id, 0, 1, 100)).await), Some(ErrorCode::BadTensor));
+        assert_eq!(code(ask(&mut s, step(id, 5, 1, DIM)).await), Some(ErrorCode::BadPosition));
+        assert_eq!(code(ask(&mut s, step(honest_id, 3, 1, DIM)).await), Some(ErrorCode::NotYourSession));
+        let intruder = client(&node.addr).await;
+        let mut other = stream(&intruder, peer).await;
+        assert_eq!(code(ask(&mut other, step(honest_id, 3, 1, DIM)).await), Some(ErrorCode::NotYourSession));
+        let nan = ClientMessage::Step(Step { session: id, pos: 0, hidden: Tensor::from_f32(DType::F32, 1, DIM, &[f32::NAN; DIM]) });
+        assert_eq!(code(ask(&mut s, nan).await), Some(ErrorCode::BadTensor));
+
+        // The honest session carries on where it was.
+        assert!(matches!(ask(&mut honest, step(honest_id, 3, 1, DIM)).await, Some(NodeMessage::Output { .. })));
+        let grown_mib = node.rss_kib().saturating_sub(rss_before) / 1024;
+        assert!(grown_mib < 64, "the node grew by {grown_mib} MiB under attack");
+
+        // Session limit: honest + `s` hold two of four slots.
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut extra = stream(&net, peer).await;
+            assert!(matches!(ask(&mut extra, open(SessionId::random(), model, (0, 20))).await, Some(NodeMessage::Opened { .. })));
+            held.push(extra);
+        }
+        let mut refused = stream(&net, peer).await;
+        assert_eq!(code(ask(&mut refused, open(SessionId::random(), model, (0, 20))).await), Some(ErrorCode::Busy));
+        assert_eq!(net.query_info(peer, T).await.expect("info").free_slots, 0);
+
+        // Silent sessions expire and free their slots.
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        assert_eq!(net.query_info(peer, T).await.expect("info").free_slots, 4, "idle sessions were freed");
+        net.shutdown().await;
+        intruder.shutdown().await;
+    });
+}
+
+#[test]
+fn full_nodes_are_routed_around() {
+    let _serial = serial();
+    let full = NodeProc::start("0..30", None, &["--max-sessions", "1"]);
+    let spare = NodeProc::start("0..30", Some(&full.addr), &["--max-sessions", "1"]);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let net = client(&full.addr).await;
+        let peer: PeerId = full.peer_id.parse().expect("peer id");
+        let model = net.query_info(peer, T).await.expect("info").model;
+        let mut held = stream(&net, peer).await;
+        assert!(matches!(ask(&mut held, open(SessionId::random(), model, (0, 30))).await, Some(NodeMessage::Opened { .. })));
+        let mut refused = stream(&net, peer).await;
+        assert_eq!(code(ask(&mut refused, open(SessionId::random(), model, (0, 30))).await), Some(ErrorCode::Busy));
+
+        let out = tokio::task::spawn_blocking({
+            let addr = full.addr.clone();
+            move || hotpot(&["run", "smollm2-135m", "The capital of France is", "--temperature", "0", "-n", "8", "--join", &addr, "--show-route"], Duration::from_secs(60))
+        })
+        .await
+        .expect("joins");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(&spare.peer_id), "the client used the spare node: {}", text(&out.stderr));
+        assert!(text(&out.stdout).starts_with(" Paris."));
+        net.shutdown().await;
+    });
+}

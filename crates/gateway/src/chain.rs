@@ -1,0 +1,380 @@
+//! A session's pipeline over remote nodes, with failover.
+//!
+//! The chain keeps, for every stage, the hidden states it fed that stage
+//! (its history). When a node dies, refuses, stalls past the step deadline
+//! or sends a commitment that does not verify, the chain bans it, plans a
+//! new route for that stage's blocks (one node or several), replays the
+//! history into the new sessions to rebuild their caches, and retries the
+//! step. Because every node computes bit-identically, the replayed outputs
+//! must equal what the next stage already received; the chain checks that.
+
+use std::time::Duration;
+
+use hotpot_core::{LayerSpan, ModelId, NodeId, SessionId, StepRecord};
+use hotpot_engine::{ForwardError, HiddenStates};
+use hotpot_net::{Framed, Network, node_id_of};
+use hotpot_wire::{ClientMessage, DType, ErrorCode, NodeMessage, Open, PROTOCOL_INFER, Step, Tensor};
+
+use crate::directory::SharedDirectory;
+use crate::route::{Candidate, Hop, MissingBlocks, plan};
+
+/// How a chain talks to nodes.
+#[derive(Debug, Clone)]
+pub struct ChainConfig {
+    /// Most positions a session will hold.
+    pub max_len: usize,
+    pub open_timeout: Duration,
+    /// Deadline of one step, plus `per_row_timeout` for each position in it.
+    pub step_timeout: Duration,
+    pub per_row_timeout: Duration,
+    pub dtype: DType,
+    /// Node failures tolerated within one call to `forward`.
+    pub max_failovers: usize,
+    pub discovery_timeout: Duration,
+}
+
+impl Default for ChainConfig {
+    fn default() -> Self {
+        Self {
+            max_len: 2048,
+            open_timeout: Duration::from_secs(10),
+            step_timeout: Duration::from_secs(10),
+            per_row_timeout: Duration::from_millis(50),
+            dtype: DType::F32,
+            max_failovers: 8,
+            discovery_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error(transparent)]
+    Missing(#[from] MissingBlocks),
+    #[error("gave up after {failures} node failures; the last: {last}")]
+    GaveUp { failures: usize, last: String },
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Why one node could not do one thing.
+#[derive(Debug, thiserror::Error)]
+enum NodeFault {
+    #[error("{0}")]
+    Net(#[from] hotpot_net::NetError),
+    #[error("refused ({code:?}): {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("broke the protocol: {0}")]
+    Protocol(String),
+    #[error("sent a commitment that does not verify: {0}")]
+    Commitment(String),
+}
+
+struct Conn {
+    hop: Hop,
+    node: NodeId,
+    session: SessionId,
+    framed: Framed,
+}
+
+struct Stage {
+    span: LayerSpan,
+    conn: Conn,
+    /// Every hidden state fed to this stage so far, row-major.
+    history: Vec<f32>,
+}
+
+/// A pipeline of remote sessions covering all of a model's blocks.
+pub struct RemoteChain {
+    network: Network,
+    directory: SharedDirectory,
+    model: ModelId,
+    n_blocks: u32,
+    dim: usize,
+    config: ChainConfig,
+    stages: Vec<Stage>,
+    len: usize,
+    failovers: usize,
+}
+
+impl std::fmt::Debug for RemoteChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteChain").field("route", &self.route()).field("len", &self.len).finish()
+    }
+}
+
+impl RemoteChain {
+    /// Plans a route over the swarm and opens a session on every hop.
+    pub async fn open(
+        network: Network,
+        directory: SharedDirectory,
+        model: ModelId,
+        n_blocks: u32,
+        dim: usize,
+        config: ChainConfig,
+    ) -> Result<Self, ChainError> {
+        let mut chain = Self { network, directory, model, n_blocks, dim, config, stages: Vec::new(), len: 0, failovers: 0 };
+        let full = LayerSpan::full(n_blocks).map_err(|e| ChainError::Internal(e.to_string()))?;
+        let mut failures = 0;
+        chain.stages = chain.connect(full, &mut failures).await?.into_iter().map(|conn| Stage { span: conn.hop.span, conn, history: Vec::new() }).collect();
+        Ok(chain)
+    }
+
+    /// The hops in use, in order.
+    pub fn route(&self) -> Vec<Hop> {
+        self.stages.iter().map(|s| s.conn.hop).collect()
+    }
+
+    /// Node failures survived so far.
+    pub fn failovers(&self) -> usize {
+        self.failovers
+    }
+
+    /// Positions processed so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Runs `hidden` (positions `start_pos..`) through every stage.
+    pub async fn forward(&mut self, hidden: HiddenStates, start_pos: usize) -> Result<HiddenStates, ChainError> {
+        if start_pos != self.len {
+            return Err(ForwardError::Position { expected: self.len, got: start_pos }.into());
+        }
+        let rows = hidden.rows();
+        let mut x = hidden.into_vec();
+        let mut failures = 0;
+        let mut k = 0;
+        while k < self.stages.len() {
+            match self.step(k, start_pos, rows, &x).await {
+                Ok(out) => {
+                    self.stages[k].history.extend_from_slice(&x);
+                    x = out;
+                    k += 1;
+                }
+                Err(fault) => {
+                    let stage = &self.stages[k];
+                    let peer = stage.conn.hop.peer;
+                    let ban = self.directory.with(|d| d.ban(peer));
+                    failures += 1;
+                    self.failovers += 1;
+                    tracing::warn!(
+                        %peer, blocks = %stage.span, position = start_pos, banned_for = ?ban,
+                        "failover: node failed ({fault}); rerouting its blocks"
+                    );
+                    if failures > self.config.max_failovers {
+                        return Err(ChainError::GaveUp { failures, last: fault.to_string() });
+                    }
+                    self.replace(k, &mut failures).await?;
+                }
+            }
+        }
+        self.len += rows;
+        Ok(HiddenStates::new(rows, self.dim, x)?)
+    }
+
+    /// Closes every session (best effort).
+    pub async fn close(&mut self) {
+        for stage in &mut self.stages {
+            let close = ClientMessage::Close { session: stage.conn.session }.encode();
+            let _ = stage.conn.framed.send(&close, Duration::from_secs(1)).await;
+            stage.conn.framed.close().await;
+        }
+        self.stages.clear();
+    }
+
+    fn step_timeout(&self, rows: usize) -> Duration {
+        self.config.step_timeout + self.config.per_row_timeout.saturating_mul(rows as u32)
+    }
+
+    async fn step(&mut self, k: usize, pos: usize, rows: usize, x: &[f32]) -> Result<Vec<f32>, NodeFault> {
+        let timeout = self.step_timeout(rows);
+        let (model, dim, dtype) = (self.model, self.dim, self.config.dtype);
+        run_step(&mut self.stages[k].conn, model, dim, dtype, pos, rows, x, timeout).await
+    }
+
+    /// Replaces stage `k` by a fresh route over its blocks, replaying its history.
+    async fn replace(&mut self, k: usize, failures: &mut usize) -> Result<(), ChainError> {
+        let old = self.stages.remove(k);
+        let rows = old.history.len() / self.dim;
+        'attempt: loop {
+            let conns = self.connect(old.span, failures).await?;
+            let mut input = old.history.clone();
+            let mut fresh = Vec::with_capacity(conns.len());
+            for mut conn in conns {
+                let history = input.clone();
+                if rows > 0 {
+                    let timeout = self.step_timeout(rows);
+                    match run_step(&mut conn, self.model, self.dim, self.config.dtype, 0, rows, &input, timeout).await {
+                        Ok(out) => input = out,
+                        Err(fault) => {
+                            let ban = self.directory.with(|d| d.ban(conn.hop.peer));
+                            *failures += 1;
+                            self.failovers += 1;
+                            tracing::warn!(peer = %conn.hop.peer, blocks = %conn.hop.span, banned_for = ?ban, "failover: replacement failed while replaying ({fault})");
+                            if *failures > self.config.max_failovers {
+                                return Err(ChainError::GaveUp { failures: *failures, last: fault.to_string() });
+                            }
+                            continue 'attempt;
+                        }
+                    }
+                }
+                fresh.push(Stage { span: conn.hop.span, conn, history });
+            }
+            if rows > 0
+                && let Some(next) = self.stages.get(k)
+                && next.history != input
+            {
+                tracing::warn!(blocks = %old.span, "the replacement's replayed outputs differ from the failed node's; continuing with the replacement");
+            }
+            let hops: Vec<String> = fresh.iter().map(|s| format!("{}@{}", s.span, s.conn.hop.peer)).collect();
+            tracing::warn!(blocks = %old.span, replayed = rows, route = %hops.join(" → "), "rerouted");
+            for (i, stage) in fresh.into_iter().enumerate() {
+                self.stages.insert(k + i, stage);
+            }
+            return Ok(());
+        }
+    }
+
+    /// Plans a route over `range` and opens a session on each hop, banning
+    /// nodes that refuse and planning again.
+    async fn connect(&self, range: LayerSpan, failures: &mut usize) -> Result<Vec<Conn>, ChainError> {
+        let mut refreshed = false;
+        loop {
+            let candidates = self.candidates();
+            let hops = match plan(range, &candidates) {
+                Ok(hops) => hops,
+                Err(missing) if !refreshed => {
+                    tracing::debug!(%missing, "looking for more nodes");
+                    self.directory.refresh(&self.network, &self.model, self.n_blocks, self.config.discovery_timeout).await;
+                    refreshed = true;
+                    continue;
+                }
+                Err(missing) => return Err(missing.into()),
+            };
+            let mut conns = Vec::with_capacity(hops.len());
+            let mut failed = false;
+            for hop in hops {
+                match self.open_session(hop).await {
+                    Ok(conn) => conns.push(conn),
+                    Err(fault) => {
+                        let ban = self.directory.with(|d| d.ban(hop.peer));
+                        *failures += 1;
+                        tracing::warn!(peer = %hop.peer, blocks = %hop.span, banned_for = ?ban, "cannot open a session ({fault}); trying another route");
+                        if *failures > self.config.max_failovers {
+                            return Err(ChainError::GaveUp { failures: *failures, last: fault.to_string() });
+                        }
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            if failed {
+                for mut conn in conns {
+                    conn.framed.close().await;
+                }
+                refreshed = false;
+                continue;
+            }
+            return Ok(conns);
+        }
+    }
+
+    fn candidates(&self) -> Vec<Candidate> {
+        self.directory.with(|d| {
+            d.usable(&self.model)
+                .into_iter()
+                .filter(|r| r.info.free_slots > 0 && r.info.n_blocks == self.n_blocks)
+                .map(|r| Candidate {
+                    peer: r.peer,
+                    span: r.info.span,
+                    throughput: r.info.throughput,
+                    queue: r.info.queue,
+                    rtt: r.rtt.unwrap_or_default(),
+                })
+                .collect()
+        })
+    }
+
+    async fn open_session(&self, hop: Hop) -> Result<Conn, NodeFault> {
+        let node = node_id_of(&hop.peer).ok_or_else(|| NodeFault::Protocol("peer id carries no ed25519 key".into()))?;
+        let stream = self.network.open_stream(hop.peer, PROTOCOL_INFER, self.config.open_timeout).await?;
+        let mut framed = Framed::new(hop.peer, stream);
+        let session = SessionId::random();
+        let open = ClientMessage::Open(Open { session, model: self.model, span: hop.span, max_len: self.config.max_len as u32 });
+        framed.send(&open.encode(), self.config.open_timeout).await?;
+        let reply = framed.recv(self.config.open_timeout).await?.ok_or_else(|| NodeFault::Protocol("closed the stream".into()))?;
+        match NodeMessage::decode(&reply).map_err(|e| NodeFault::Protocol(e.to_string()))? {
+            NodeMessage::Opened { session: s, .. } if s == session => Ok(Conn { hop, node, session, framed }),
+            NodeMessage::Error { code, message } => Err(NodeFault::Refused { code, message }),
+            other => Err(NodeFault::Protocol(format!("unexpected answer to Open: {other:?}"))),
+        }
+    }
+}
+
+/// Sends one step and checks everything about the answer.
+#[allow(clippy::too_many_arguments)]
+async fn run_step(
+    conn: &mut Conn,
+    model: ModelId,
+    dim: usize,
+    dtype: DType,
+    pos: usize,
+    rows: usize,
+    x: &[f32],
+    timeout: Duration,
+) -> Result<Vec<f32>, NodeFault> {
+    let tensor = Tensor::from_f32(dtype, rows, dim, x);
+    let message = ClientMessage::Step(Step { session: conn.session, pos: pos as u32, hidden: tensor });
+    conn.framed.send(&message.encode(), timeout).await?;
+    let reply = conn.framed.recv(timeout).await?.ok_or_else(|| NodeFault::Protocol("closed the stream".into()))?;
+    let ClientMessage::Step(sent) = message else { unreachable!("built above") };
+    match NodeMessage::decode(&reply).map_err(|e| NodeFault::Protocol(e.to_string()))? {
+        NodeMessage::Output { session, hidden, commitment } => {
+            if session != conn.session || hidden.rows() != rows || hidden.cols() != dim {
+                return Err(NodeFault::Protocol("output of the wrong session or shape".into()));
+            }
+            let record = StepRecord {
+                session: conn.session,
+                model,
+                span: conn.hop.span,
+                start_pos: pos as u32,
+                rows: rows as u32,
+                input: sent.hidden.bytes(),
+                output: hidden.bytes(),
+            };
+            commitment.check(conn.node, record).map_err(|e| NodeFault::Commitment(e.to_string()))?;
+            let values = hidden.to_f32();
+            if !values.iter().all(|v| v.is_finite()) {
+                return Err(NodeFault::Protocol("non-finite hidden states".into()));
+            }
+            Ok(values)
+        }
+        NodeMessage::Error { code, message } => Err(NodeFault::Refused { code, message }),
+        other => Err(NodeFault::Protocol(format!("unexpected answer to Step: {other:?}"))),
+    }
+}
+
+/// A route as one line: `[0..10] peer → [10..30] peer`.
+pub fn describe_route(route: &[Hop]) -> String {
+    route.iter().map(|h| format!("[{}] {}", h.span, h.peer)).collect::<Vec<_>>().join(" → ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hotpot_net::PeerId;
+
+    #[test]
+    fn route_description_reads_in_order() {
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let route = [Hop { peer: a, span: LayerSpan::new(0, 10).expect("span") }, Hop { peer: b, span: LayerSpan::new(10, 30).expect("span") }];
+        let text = describe_route(&route);
+        assert!(text.starts_with("[0..10] ") && text.contains(" → [10..30] "), "{text}");
+    }
+}

@@ -1,0 +1,180 @@
+//! What the gateway knows about the swarm: each node's latest info, how
+//! fast it answered, and which nodes are banned for a while after failing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hotpot_core::ModelId;
+use hotpot_net::{NetEvent, Network, PeerId, model_topic, node_id_of};
+use hotpot_wire::NodeInfo;
+
+/// A node as last heard of.
+#[derive(Debug, Clone)]
+pub struct NodeRecord {
+    pub peer: PeerId,
+    pub info: NodeInfo,
+    pub seen: Instant,
+    /// Round trip of the last info request, when we made one.
+    pub rtt: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ban {
+    until: Instant,
+    strikes: u32,
+}
+
+/// First ban, doubled at each new failure up to [`MAX_BAN`].
+const FIRST_BAN: Duration = Duration::from_secs(2);
+const MAX_BAN: Duration = Duration::from_secs(300);
+/// Nodes not heard of for this long are not routed to.
+const STALE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+pub struct Directory {
+    nodes: HashMap<PeerId, NodeRecord>,
+    bans: HashMap<PeerId, Ban>,
+}
+
+impl Directory {
+    /// Records `info` from `peer`, unless it claims to be another node.
+    pub fn update(&mut self, peer: PeerId, info: NodeInfo, rtt: Option<Duration>) -> bool {
+        if node_id_of(&peer) != Some(info.node) {
+            tracing::warn!(%peer, "ignoring node info signed for another node id");
+            return false;
+        }
+        let rtt = rtt.or_else(|| self.nodes.get(&peer).and_then(|r| r.rtt));
+        self.nodes.insert(peer, NodeRecord { peer, info, seen: Instant::now(), rtt });
+        true
+    }
+
+    /// Bans `peer` with exponential backoff; returns how long.
+    pub fn ban(&mut self, peer: PeerId) -> Duration {
+        let strikes = self.bans.get(&peer).map_or(0, |b| b.strikes + 1);
+        let length = FIRST_BAN.saturating_mul(1 << strikes.min(16)).min(MAX_BAN);
+        self.bans.insert(peer, Ban { until: Instant::now() + length, strikes });
+        length
+    }
+
+    pub fn is_banned(&self, peer: &PeerId) -> bool {
+        self.bans.get(peer).is_some_and(|b| b.until > Instant::now())
+    }
+
+    /// Fresh, unbanned nodes serving `model`.
+    pub fn usable(&self, model: &ModelId) -> Vec<NodeRecord> {
+        self.nodes
+            .values()
+            .filter(|r| &r.info.model == model && r.seen.elapsed() < STALE && !self.is_banned(&r.peer))
+            .cloned()
+            .collect()
+    }
+
+    /// Every node heard of, banned or not.
+    pub fn all(&self) -> Vec<NodeRecord> {
+        self.nodes.values().cloned().collect()
+    }
+
+    pub fn forget(&mut self, peer: &PeerId) {
+        self.nodes.remove(peer);
+    }
+}
+
+/// A directory kept up to date from the model's heartbeats.
+#[derive(Debug, Clone)]
+pub struct SharedDirectory {
+    inner: Arc<Mutex<Directory>>,
+}
+
+impl SharedDirectory {
+    /// Subscribes to `model`'s heartbeats on `network` and records them.
+    pub async fn follow(network: &Network, model: ModelId) -> Self {
+        let directory = Self { inner: Arc::new(Mutex::new(Directory::default())) };
+        let mut events = network.events();
+        let topic = model_topic(&model);
+        let _ = network.subscribe(topic.clone()).await;
+        let shared = directory.clone();
+        let net = network.clone();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(NetEvent::Gossip { topic: t, source: Some(source), data }) if t == topic => {
+                        if let Ok(info) = NodeInfo::decode(&data) {
+                            let addrs = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                            if shared.with(|d| d.update(source, info, None)) {
+                                let _ = net.add_addresses(source, addrs).await;
+                            }
+                        }
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        directory
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&mut Directory) -> R) -> R {
+        f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Asks the swarm directly (DHT providers and known peers), timing each
+    /// answer, and records what it hears.
+    pub async fn refresh(&self, network: &Network, model: &ModelId, n_blocks: u32, timeout: Duration) {
+        let started = Instant::now();
+        let found = network.discover(Some(model), n_blocks, timeout).await;
+        let rtt = started.elapsed() / 4;
+        self.with(|d| {
+            for (peer, info) in found {
+                d.update(peer, info, Some(rtt));
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hotpot_core::{LayerSpan, NodeKey};
+
+    fn info(key: &NodeKey) -> NodeInfo {
+        NodeInfo {
+            node: key.id(),
+            model: ModelId::from_bytes([1; 32]),
+            model_name: "m".into(),
+            n_blocks: 30,
+            span: LayerSpan::new(0, 10).expect("span"),
+            throughput: 100.0,
+            free_slots: 4,
+            max_sessions: 4,
+            queue: 0,
+            price_per_1k: 0,
+            version: "0".into(),
+            addrs: vec![],
+            timestamp_ms: 0,
+        }
+    }
+
+    #[test]
+    fn bans_back_off_exponentially() {
+        let mut d = Directory::default();
+        let key = NodeKey::generate();
+        let peer = hotpot_net::peer_id_of(&key.id()).expect("peer");
+        assert!(d.update(peer, info(&key), None));
+        assert_eq!(d.usable(&ModelId::from_bytes([1; 32])).len(), 1);
+        assert_eq!(d.ban(peer), Duration::from_secs(2));
+        assert_eq!(d.ban(peer), Duration::from_secs(4));
+        assert_eq!(d.ban(peer), Duration::from_secs(8));
+        assert!(d.is_banned(&peer));
+        assert!(d.usable(&ModelId::from_bytes([1; 32])).is_empty());
+    }
+
+    #[test]
+    fn refuses_info_about_another_node() {
+        let mut d = Directory::default();
+        let (key, other) = (NodeKey::generate(), NodeKey::generate());
+        let peer = hotpot_net::peer_id_of(&key.id()).expect("peer");
+        assert!(!d.update(peer, info(&other), None));
+        assert!(d.all().is_empty());
+    }
+}

@@ -1,0 +1,49 @@
+//! Hotpot's gateway: the client side of the swarm.
+//!
+//! It keeps the parts of the model nodes never see (tokenizer, embedding,
+//! head, sampling), learns the swarm from heartbeats and the DHT
+//! ([`directory`]), plans routes over block spans ([`route`]), runs each
+//! session as a chain of remote stages that fails over when a node dies
+//! ([`chain`]), and drives generation through it ([`generate_remote`]).
+
+pub mod chain;
+pub mod directory;
+pub mod route;
+
+use std::sync::Arc;
+
+use hotpot_engine::{ClientParts, FinishReason, Generation, Step};
+
+pub use chain::{ChainConfig, ChainError, RemoteChain, describe_route};
+pub use directory::{Directory, NodeRecord, SharedDirectory};
+pub use route::{Candidate, Hop, MissingBlocks, plan};
+
+/// Runs `generation` to the end through `chain`, calling `on_step` for each
+/// token. The client's own compute (embedding, head) runs on blocking
+/// threads so the network keeps moving.
+pub async fn generate_remote(
+    client: &Arc<ClientParts>,
+    chain: &mut RemoteChain,
+    generation: &mut Generation,
+    mut on_step: impl FnMut(&Step),
+) -> Result<FinishReason, ChainError> {
+    loop {
+        if let Some(reason) = generation.finished() {
+            return Ok(reason);
+        }
+        let (tokens, start) = generation.pending();
+        let tokens = tokens.to_vec();
+        let parts = Arc::clone(client);
+        let hidden = blocking(move || parts.embed(&tokens)).await??;
+        let out = chain.forward(hidden, start).await?;
+        generation.mark_fed();
+        let parts = Arc::clone(client);
+        let logits = blocking(move || parts.logits(&out.last_row())).await??;
+        let step = generation.accept(&logits, client);
+        on_step(&step);
+    }
+}
+
+async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Result<R, ChainError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ChainError::Internal(e.to_string()))
+}

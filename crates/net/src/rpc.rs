@@ -1,0 +1,90 @@
+//! Typed exchanges over raw streams: frames with deadlines, node info, and
+//! finding the nodes of a model.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::AsyncWriteExt;
+use hotpot_core::ModelId;
+use hotpot_wire::{InfoRequest, MAX_FRAME, NodeInfo, PROTOCOL_INFO, read_frame, write_frame};
+use libp2p::{PeerId, Stream};
+
+use crate::{NetError, Network, block_key};
+
+/// A stream that carries length-prefixed frames, each read or write bounded
+/// by a deadline.
+pub struct Framed {
+    stream: Stream,
+    peer: PeerId,
+}
+
+impl std::fmt::Debug for Framed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Framed").field("peer", &self.peer).finish()
+    }
+}
+
+impl Framed {
+    pub fn new(peer: PeerId, stream: Stream) -> Self {
+        Self { stream, peer }
+    }
+
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    pub async fn send(&mut self, payload: &[u8], timeout: Duration) -> Result<(), NetError> {
+        match tokio::time::timeout(timeout, write_frame(&mut self.stream, payload)).await {
+            Ok(result) => result.map_err(|e| NetError::Wire(e.to_string())),
+            Err(_) => Err(NetError::Timeout(timeout)),
+        }
+    }
+
+    /// The next frame, `None` when the peer closed the stream.
+    pub async fn recv(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>, NetError> {
+        match tokio::time::timeout(timeout, read_frame(&mut self.stream, MAX_FRAME)).await {
+            Ok(result) => result.map_err(|e| NetError::Wire(e.to_string())),
+            Err(_) => Err(NetError::Timeout(timeout)),
+        }
+    }
+
+    pub async fn close(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.close()).await;
+    }
+}
+
+impl Network {
+    /// Asks `peer` to describe itself.
+    pub async fn query_info(&self, peer: PeerId, timeout: Duration) -> Result<NodeInfo, NetError> {
+        let stream = self.open_stream(peer, PROTOCOL_INFO, timeout).await?;
+        let mut framed = Framed::new(peer, stream);
+        framed.send(&InfoRequest.encode(), timeout).await?;
+        let reply = framed.recv(timeout).await?.ok_or(NetError::Wire("closed before answering".into()))?;
+        framed.close().await;
+        NodeInfo::decode(&reply).map_err(|e| NetError::Wire(e.to_string()))
+    }
+
+    /// Every node serving `model` that can be found within `timeout`: the
+    /// DHT's providers of each block, plus the peers we already know, each
+    /// asked for its info.
+    pub async fn discover(&self, model: Option<&ModelId>, n_blocks: u32, timeout: Duration) -> Vec<(PeerId, NodeInfo)> {
+        let mut peers: HashSet<PeerId> = self.known_peers().await.unwrap_or_default().into_iter().collect();
+        if !peers.is_empty() {
+            let _ = self.bootstrap().await;
+        }
+        if let Some(model) = model {
+            let queries = (0..n_blocks).map(|block| self.providers(block_key(model, block), timeout));
+            for found in futures::future::join_all(queries).await.into_iter().flatten() {
+                peers.extend(found);
+            }
+        }
+        peers.remove(&self.peer_id());
+        let infos = peers.into_iter().map(|peer| async move { (peer, self.query_info(peer, timeout).await) });
+        futures::future::join_all(infos)
+            .await
+            .into_iter()
+            .filter_map(|(peer, info)| info.ok().map(|info| (peer, info)))
+            .filter(|(_, info)| model.is_none_or(|m| &info.model == m))
+            .collect()
+    }
+}

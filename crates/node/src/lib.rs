@@ -1,0 +1,288 @@
+//! A Hotpot node: serves a span of a model's blocks to the swarm.
+//!
+//! Startup, in order: open the model file and compute its id; choose the
+//! span (given, or the swarm's weakest window); load only those blocks;
+//! measure decode speed; start the engine thread; accept session and info
+//! streams; announce one DHT provider record per block; gossip heartbeats.
+
+mod serve;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use hotpot_core::placement::{Served, weakest_window};
+use hotpot_core::{LayerSpan, ModelId};
+use hotpot_engine::{Device, HiddenStates, ModelError, ModelFile, Span};
+use hotpot_net::{NetError, NetEvent, Network, block_key, model_topic};
+use hotpot_wire::{NodeInfo, PROTOCOL_INFER, PROTOCOL_INFO};
+
+use crate::serve::StreamLimits;
+use crate::worker::{Jobs, WorkerConfig};
+
+/// Which blocks to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockChoice {
+    Fixed(LayerSpan),
+    /// The window of `count` blocks (default: as many as fit in memory)
+    /// that the swarm covers worst.
+    Auto { count: Option<u32> },
+}
+
+/// How a node runs. `Default` gives sensible values for everything but the
+/// model.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub model_path: PathBuf,
+    /// A human name for the model, shown in heartbeats.
+    pub model_name: String,
+    pub blocks: BlockChoice,
+    /// Compute threads (0: one per core).
+    pub threads: usize,
+    pub max_sessions: usize,
+    /// Memory the KV caches of all sessions may reserve together.
+    pub kv_budget_bytes: usize,
+    /// Sessions (and streams) silent this long are closed and freed.
+    pub idle_timeout: Duration,
+    pub heartbeat: Duration,
+    pub price_per_1k: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            model_path: PathBuf::new(),
+            model_name: String::new(),
+            blocks: BlockChoice::Auto { count: None },
+            threads: 0,
+            max_sessions: 32,
+            kv_budget_bytes: 2 << 30,
+            idle_timeout: Duration::from_secs(120),
+            heartbeat: Duration::from_secs(10),
+            price_per_1k: 0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("cannot start the engine thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A node that is serving.
+#[derive(Clone)]
+pub struct RunningNode {
+    state: Arc<State>,
+}
+
+struct State {
+    model: ModelId,
+    model_name: String,
+    n_blocks: u32,
+    span: LayerSpan,
+    throughput: f32,
+    max_sessions: usize,
+    price_per_1k: u64,
+    network: Network,
+    jobs: Jobs,
+}
+
+impl State {
+    async fn info(&self) -> NodeInfo {
+        let load = self.jobs.load();
+        let sessions = load.sessions.load(Ordering::Relaxed);
+        NodeInfo {
+            node: self.network.node_id(),
+            model: self.model,
+            model_name: self.model_name.clone(),
+            n_blocks: self.n_blocks,
+            span: self.span,
+            throughput: self.throughput,
+            free_slots: self.max_sessions.saturating_sub(sessions) as u32,
+            max_sessions: self.max_sessions as u32,
+            queue: load.queue.load(Ordering::Relaxed) as u32,
+            price_per_1k: self.price_per_1k,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            addrs: self.network.listen_addrs().await.unwrap_or_default().iter().map(ToString::to_string).collect(),
+            timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+}
+
+impl RunningNode {
+    pub fn span(&self) -> LayerSpan {
+        self.state.span
+    }
+
+    pub fn model(&self) -> ModelId {
+        self.state.model
+    }
+
+    /// Measured decode speed of the whole span, tokens/s.
+    pub fn throughput(&self) -> f32 {
+        self.state.throughput
+    }
+
+    pub async fn info(&self) -> NodeInfo {
+        self.state.info().await
+    }
+}
+
+/// Starts a node on `network` (already listening and joined).
+pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, NodeError> {
+    let path = config.model_path.clone();
+    let (file, model) = tokio::task::spawn_blocking(move || -> Result<_, ModelError> {
+        let file = ModelFile::open(&path)?;
+        let id = file.model_id()?;
+        Ok((file, id))
+    })
+    .await
+    .map_err(|e| NodeError::Config(e.to_string()))??;
+    let n_blocks = file.config().n_blocks;
+    tracing::info!(model = %model, name = %config.model_name, blocks = n_blocks, "model file opened");
+
+    let span = match config.blocks {
+        BlockChoice::Fixed(span) => {
+            file.config().check_span(span)?;
+            span
+        }
+        BlockChoice::Auto { count } => {
+            let count = count.unwrap_or_else(|| blocks_that_fit(&file)).clamp(1, n_blocks);
+            let swarm = network.discover(Some(&model), n_blocks, Duration::from_secs(3)).await;
+            let served: Vec<Served> = swarm.iter().map(|(_, i)| Served { span: i.span, throughput: i.throughput }).collect();
+            let span = weakest_window(n_blocks, count, &served);
+            tracing::info!(%span, nodes_seen = swarm.len(), "chose the swarm's weakest window");
+            span
+        }
+    };
+
+    let device = Device::cpu(config.threads)?;
+    let (span_weights, throughput) = tokio::task::spawn_blocking(move || -> Result<_, ModelError> {
+        let loaded = Span::load(&file, span, &device)?;
+        let throughput = measure_throughput(&loaded);
+        Ok((loaded, throughput))
+    })
+    .await
+    .map_err(|e| NodeError::Config(e.to_string()))??;
+    tracing::info!(%span, mib = span_weights.size_bytes() >> 20, threads = span_weights.device().threads(), kernels = %span_weights.device().isa().name(), tokens_per_s = throughput, "blocks loaded");
+
+    let jobs = worker::spawn(
+        span_weights,
+        WorkerConfig {
+            model,
+            key: network.key().clone(),
+            max_sessions: config.max_sessions,
+            kv_budget_bytes: config.kv_budget_bytes,
+            idle_timeout: config.idle_timeout,
+        },
+    )?;
+    let state = Arc::new(State {
+        model,
+        model_name: config.model_name.clone(),
+        n_blocks,
+        span,
+        throughput,
+        max_sessions: config.max_sessions,
+        price_per_1k: config.price_per_1k,
+        network: network.clone(),
+        jobs: jobs.clone(),
+    });
+
+    let limits = StreamLimits { idle: config.idle_timeout, write: Duration::from_secs(30) };
+    let mut sessions = network.accept(PROTOCOL_INFER)?;
+    let session_jobs = jobs.clone();
+    tokio::spawn(async move {
+        while let Some((peer, stream)) = sessions.next().await {
+            tokio::spawn(serve::serve_session(peer, stream, session_jobs.clone(), limits));
+        }
+    });
+    let mut infos = network.accept(PROTOCOL_INFO)?;
+    let info_state = Arc::clone(&state);
+    tokio::spawn(async move {
+        while let Some((peer, stream)) = infos.next().await {
+            let info = info_state.info().await;
+            tokio::spawn(serve::serve_info(peer, stream, info));
+        }
+    });
+    let expire_jobs = jobs.clone();
+    let tick = (config.idle_timeout / 4).max(Duration::from_millis(100));
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(tick);
+        loop {
+            interval.tick().await;
+            expire_jobs.tell(worker::Job::Expire).await;
+        }
+    });
+
+    network.provide(span.blocks().map(|b| block_key(&model, b)).collect()).await?;
+    let topic = model_topic(&model);
+    network.subscribe(topic.clone()).await?;
+    tokio::spawn(heartbeats(Arc::clone(&state), topic, config.heartbeat));
+    tracing::info!(peer = %network.peer_id(), %span, "serving");
+    Ok(RunningNode { state })
+}
+
+/// Publishes the node's info every `every`, and at once when a peer
+/// subscribes to the model's topic (so newcomers need not wait).
+async fn heartbeats(state: Arc<State>, topic: String, every: Duration) {
+    let mut events = state.network.events();
+    let mut interval = tokio::time::interval(every);
+    let mut last_eager = Instant::now() - Duration::from_secs(60);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            event = events.recv() => match event {
+                Ok(NetEvent::Subscribed { topic: t, .. }) if t == topic && last_eager.elapsed() > Duration::from_millis(500) => {
+                    last_eager = Instant::now();
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            },
+        }
+        let info = state.info().await;
+        if state.network.publish(topic.clone(), info.encode()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// How many blocks fit in 80 % of the memory available now.
+fn blocks_that_fit(file: &ModelFile) -> u32 {
+    let n_blocks = file.config().n_blocks;
+    let per_block = (file.tensor_bytes() / u64::from(n_blocks.max(1))).max(1);
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(u64::MAX, |kib| kib * 1024);
+    ((available / 10 * 8) / per_block).min(u64::from(n_blocks)).max(1) as u32
+}
+
+/// Decode tokens/s of the span: a few single-position steps on a scratch cache.
+fn measure_throughput(span: &Span) -> f32 {
+    let dim = span.config().dim;
+    let mut cache = span.new_cache(64);
+    let hidden = |pos: usize| HiddenStates::new(1, dim, (0..dim).map(|i| ((i * 31 + pos * 7) % 17) as f32 * 0.05 - 0.4).collect());
+    let steps = 16;
+    let mut elapsed = Duration::ZERO;
+    for pos in 0..steps + 2 {
+        let Ok(h) = hidden(pos) else { return 0.0 };
+        let started = Instant::now();
+        if span.forward(&mut cache, &h, pos).is_err() {
+            return 0.0;
+        }
+        if pos >= 2 {
+            elapsed += started.elapsed();
+        }
+    }
+    steps as f32 / elapsed.as_secs_f32().max(1e-6)
+}

@@ -1,0 +1,228 @@
+//! The engine thread: owns the loaded span and every session's KV cache,
+//! and runs one request at a time. Network tasks send it jobs that carry
+//! their own reply channel, so compute never blocks the async runtime.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hotpot_core::{Commitment, ModelId, NodeKey, SessionId, StepRecord};
+use hotpot_engine::{ForwardError, HiddenStates, KvCache, Span};
+use hotpot_net::PeerId;
+use hotpot_wire::{DType, ErrorCode, NodeMessage, Open, Step, Tensor};
+use tokio::sync::{mpsc, oneshot};
+
+/// What the engine thread is asked to do.
+pub(crate) enum Job {
+    Open { owner: PeerId, open: Open, reply: oneshot::Sender<NodeMessage> },
+    Step { owner: PeerId, step: Step, reply: oneshot::Sender<NodeMessage> },
+    Truncate { owner: PeerId, session: SessionId, pos: u32, reply: oneshot::Sender<NodeMessage> },
+    Close { owner: PeerId, session: SessionId },
+    /// Drop sessions idle for longer than the configured timeout.
+    Expire,
+}
+
+struct Session {
+    owner: PeerId,
+    cache: KvCache,
+    reserved_bytes: usize,
+    last_used: Instant,
+}
+
+/// Counters the network side reads for heartbeats and status.
+#[derive(Debug, Default)]
+pub(crate) struct Load {
+    pub sessions: AtomicUsize,
+    pub queue: AtomicUsize,
+    pub kv_bytes: AtomicUsize,
+}
+
+pub(crate) struct WorkerConfig {
+    pub model: ModelId,
+    pub key: NodeKey,
+    pub max_sessions: usize,
+    pub kv_budget_bytes: usize,
+    pub idle_timeout: Duration,
+}
+
+/// The sending side, held by network tasks.
+#[derive(Clone)]
+pub(crate) struct Jobs {
+    tx: mpsc::Sender<Job>,
+    load: Arc<Load>,
+}
+
+impl Jobs {
+    /// Submits a job and waits for the answer.
+    pub async fn ask(&self, make: impl FnOnce(oneshot::Sender<NodeMessage>) -> Job) -> NodeMessage {
+        let (tx, rx) = oneshot::channel();
+        self.load.queue.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(make(tx)).await.is_err() {
+            self.load.queue.fetch_sub(1, Ordering::Relaxed);
+            return NodeMessage::error(ErrorCode::Internal, "the engine has stopped");
+        }
+        rx.await.unwrap_or_else(|_| NodeMessage::error(ErrorCode::Internal, "the engine dropped the request"))
+    }
+
+    pub async fn tell(&self, job: Job) {
+        self.load.queue.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(job).await.is_err() {
+            self.load.queue.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn load(&self) -> &Load {
+        &self.load
+    }
+}
+
+/// Starts the engine thread; it stops when every `Jobs` handle is dropped.
+pub(crate) fn spawn(span: Span, config: WorkerConfig) -> std::io::Result<Jobs> {
+    let (tx, rx) = mpsc::channel(1024);
+    let load = Arc::new(Load::default());
+    let worker = Worker { span, config, sessions: HashMap::new(), load: Arc::clone(&load) };
+    std::thread::Builder::new().name("hotpot-engine".into()).spawn(move || worker.run(rx))?;
+    Ok(Jobs { tx, load })
+}
+
+struct Worker {
+    span: Span,
+    config: WorkerConfig,
+    sessions: HashMap<SessionId, Session>,
+    load: Arc<Load>,
+}
+
+impl Worker {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(job) = rx.blocking_recv() {
+            self.load.queue.fetch_sub(1, Ordering::Relaxed);
+            match job {
+                Job::Open { owner, open, reply } => {
+                    let _ = reply.send(self.open(owner, open));
+                }
+                Job::Step { owner, step, reply } => {
+                    let _ = reply.send(self.step(owner, step));
+                }
+                Job::Truncate { owner, session, pos, reply } => {
+                    let _ = reply.send(self.truncate(owner, session, pos));
+                }
+                Job::Close { owner, session } => {
+                    if self.sessions.get(&session).is_some_and(|s| s.owner == owner) {
+                        self.remove(session);
+                    }
+                }
+                Job::Expire => self.expire(),
+            }
+            self.load.sessions.store(self.sessions.len(), Ordering::Relaxed);
+        }
+        tracing::debug!("engine thread stopped");
+    }
+
+    fn reserved(&self) -> usize {
+        self.sessions.values().map(|s| s.reserved_bytes).sum()
+    }
+
+    fn remove(&mut self, session: SessionId) {
+        if let Some(s) = self.sessions.remove(&session) {
+            self.load.kv_bytes.fetch_sub(s.cache.memory_bytes().min(self.load.kv_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+            tracing::debug!(%session, "session closed");
+        }
+    }
+
+    fn open(&mut self, owner: PeerId, open: Open) -> NodeMessage {
+        if open.model != self.config.model {
+            return NodeMessage::error(ErrorCode::WrongModel, format!("this node serves {}, not {}", self.config.model, open.model));
+        }
+        if self.sessions.contains_key(&open.session) {
+            return NodeMessage::error(ErrorCode::BadRequest, "a session with this id is already open");
+        }
+        if self.sessions.len() >= self.config.max_sessions {
+            return NodeMessage::error(ErrorCode::Busy, format!("all {} session slots are taken", self.config.max_sessions));
+        }
+        let max_len = (open.max_len as usize).clamp(1, self.span.config().context_length);
+        let cache = match self.span.cache_for(open.span, max_len) {
+            Ok(cache) => cache,
+            Err(_) => {
+                return NodeMessage::error(ErrorCode::SpanNotServed, format!("this node serves blocks {}, not {}", self.span.span(), open.span));
+            }
+        };
+        let reserved_bytes = max_len * self.span.cache_bytes_per_position(open.span);
+        if self.reserved() + reserved_bytes > self.config.kv_budget_bytes {
+            return NodeMessage::error(ErrorCode::Busy, "not enough KV-cache memory for a session this long");
+        }
+        self.sessions.insert(open.session, Session { owner, cache, reserved_bytes, last_used: Instant::now() });
+        tracing::debug!(session = %open.session, span = %open.span, max_len, "session opened");
+        NodeMessage::Opened { session: open.session, max_len: max_len as u32 }
+    }
+
+    fn step(&mut self, owner: PeerId, step: Step) -> NodeMessage {
+        let model = self.config.model;
+        let Some(session) = self.sessions.get_mut(&step.session) else {
+            return NodeMessage::error(ErrorCode::UnknownSession, "no such session (it may have expired)");
+        };
+        if session.owner != owner {
+            return NodeMessage::error(ErrorCode::NotYourSession, "this session belongs to another peer");
+        }
+        session.last_used = Instant::now();
+        let dim = self.span.config().dim;
+        if step.hidden.cols() != dim {
+            return NodeMessage::error(ErrorCode::BadTensor, format!("hidden states must be {dim} wide, got {}", step.hidden.cols()));
+        }
+        let rows = step.hidden.rows();
+        let hidden = match HiddenStates::new(rows, dim, step.hidden.to_f32()) {
+            Ok(h) => h,
+            Err(e) => return NodeMessage::error(ErrorCode::BadTensor, e.to_string()),
+        };
+        let before = session.cache.memory_bytes();
+        let output = match self.span.forward(&mut session.cache, &hidden, step.pos as usize) {
+            Ok(output) => output,
+            Err(e) => {
+                let code = match e {
+                    ForwardError::Position { .. } => ErrorCode::BadPosition,
+                    ForwardError::ContextFull { .. } => ErrorCode::ContextFull,
+                    ForwardError::Width { .. } | ForwardError::NotFinite | ForwardError::Empty => ErrorCode::BadTensor,
+                    _ => ErrorCode::BadRequest,
+                };
+                return NodeMessage::error(code, e.to_string());
+            }
+        };
+        let grown = session.cache.memory_bytes().saturating_sub(before);
+        self.load.kv_bytes.fetch_add(grown, Ordering::Relaxed);
+        let out = Tensor::from_f32(DType::F32, rows, dim, output.as_slice());
+        let commitment = Commitment::sign(
+            &self.config.key,
+            StepRecord {
+                session: step.session,
+                model,
+                span: session.cache.span(),
+                start_pos: step.pos,
+                rows: rows as u32,
+                input: step.hidden.bytes(),
+                output: out.bytes(),
+            },
+        );
+        NodeMessage::Output { session: step.session, hidden: out, commitment: Box::new(commitment) }
+    }
+
+    fn truncate(&mut self, owner: PeerId, session: SessionId, pos: u32) -> NodeMessage {
+        match self.sessions.get_mut(&session) {
+            None => NodeMessage::error(ErrorCode::UnknownSession, "no such session"),
+            Some(s) if s.owner != owner => NodeMessage::error(ErrorCode::NotYourSession, "this session belongs to another peer"),
+            Some(s) => {
+                s.cache.truncate(pos as usize);
+                s.last_used = Instant::now();
+                NodeMessage::Truncated { session, len: s.cache.len() as u32 }
+            }
+        }
+    }
+
+    fn expire(&mut self) {
+        let idle = self.config.idle_timeout;
+        let stale: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| s.last_used.elapsed() > idle).map(|(id, _)| *id).collect();
+        for id in stale {
+            tracing::info!(session = %id, "session idle for {idle:?}: freeing its cache");
+            self.remove(id);
+        }
+    }
+}
