@@ -1,7 +1,7 @@
 //! `hotpot run` and `hotpot tokenize`: the model in this process.
 
 use std::io::Write;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -109,6 +109,9 @@ pub struct RunArgs {
     /// With --join: print the chain of nodes chosen.
     #[arg(long)]
     pub show_route: bool,
+    /// Benchmarks only: add this one-way delay to every message to and from nodes.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub emulate_delay_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -214,25 +217,26 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     let _ = writeln!(stdout);
     if !args.quiet {
-        let generated = generation.completion().len();
-        let prefill = first_token.unwrap_or(total);
-        let decode = total.saturating_sub(prefill);
         let chain_text = chain.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
-        eprintln!(
-            "\n[{} threads, spans {chain_text}] load {:.2} s | prompt {prompt_len} tokens in {:.3} s ({:.1} tok/s) | \
-             generated {generated} tokens in {:.3} s ({:.1} tok/s) | stop: {}{}",
-            device.threads(),
-            load_time.as_secs_f64(),
-            prefill.as_secs_f64(),
-            prompt_len as f64 / prefill.as_secs_f64(),
-            decode.as_secs_f64(),
-            generated.saturating_sub(1) as f64 / decode.as_secs_f64().max(1e-9),
-            finish.as_str(),
-            if finish == FinishReason::Length { " (max tokens or context)" } else { "" },
-        );
+        eprintln!("\n[load {:.2} s]", load_time.as_secs_f64());
+        let label = format!("local, {} threads, spans {chain_text}", device.threads());
+        print_timings(&label, prompt_len, first_token.unwrap_or(total), total, generation.completion().len(), finish);
         eprintln!("[seed {}]", generation.sampler().seed());
     }
     Ok(())
+}
+
+/// One line of timings on stderr, the same for local and swarm runs:
+/// time to first token, and decode speed over the tokens after it.
+pub fn print_timings(label: &str, prompt_len: usize, first_token: Duration, total: Duration, generated: usize, finish: FinishReason) {
+    let decode = total.saturating_sub(first_token);
+    eprintln!(
+        "[{label}] prompt {prompt_len} tokens, first token after {:.1} ms | generated {generated} tokens, decode {:.1} tok/s | stop: {}{}",
+        first_token.as_secs_f64() * 1e3,
+        generated.saturating_sub(1) as f64 / decode.as_secs_f64().max(1e-9),
+        finish.as_str(),
+        if finish == FinishReason::Length { " (max tokens or context)" } else { "" },
+    );
 }
 
 pub fn tokenize(args: &TokenizeArgs) -> Result<()> {

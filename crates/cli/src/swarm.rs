@@ -273,7 +273,11 @@ pub fn run_remote(args: &RunArgs) -> Result<()> {
         let network = join_as_client(&args.peers).await?;
         let directory = SharedDirectory::follow(&network, model).await;
         directory.refresh(&network, &model, config.n_blocks, Duration::from_secs(3)).await;
-        let chain_config = ChainConfig { max_len: max_len + 1, ..ChainConfig::default() };
+        let chain_config = ChainConfig {
+            max_len: max_len + 1,
+            emulated_delay: Duration::from_millis(args.emulate_delay_ms),
+            ..ChainConfig::default()
+        };
         let mut chain = RemoteChain::open(network.clone(), directory, model, config.n_blocks, config.dim, chain_config)
             .await
             .with_context(|| format!("the swarm cannot serve {}", entry.name))?;
@@ -281,21 +285,18 @@ pub fn run_remote(args: &RunArgs) -> Result<()> {
             eprintln!("route: {}", describe_route(&chain.route()));
         }
         let started = Instant::now();
+        let mut first_token = None;
         let mut stdout = std::io::stdout().lock();
         let finish = generate_remote(&client, &mut chain, &mut generation, |step| {
+            first_token.get_or_insert_with(|| started.elapsed());
             let _ = stdout.write_all(step.text.as_bytes()).and_then(|()| stdout.flush());
         })
         .await?;
+        let total = started.elapsed();
         let _ = writeln!(stdout);
         if !args.quiet {
-            let generated = generation.completion().len();
-            eprintln!(
-                "\n[swarm, {} hops, {} failovers] prompt {prompt_len} tokens, generated {generated} tokens in {:.2} s | stop: {}",
-                chain.route().len(),
-                chain.failovers(),
-                started.elapsed().as_secs_f64(),
-                finish.as_str()
-            );
+            let label = format!("swarm, {} hops, {} failovers", chain.route().len(), chain.failovers());
+            crate::run::print_timings(&label, prompt_len, first_token.unwrap_or(total), total, generation.completion().len(), finish);
         }
         chain.close().await;
         network.shutdown().await;

@@ -31,6 +31,10 @@ pub struct ChainConfig {
     /// Node failures tolerated within one call to `forward`.
     pub max_failovers: usize,
     pub discovery_timeout: Duration,
+    /// Benchmarks only: wait this long before every message sent and after
+    /// every message received, as a one-way network delay would (for hosts
+    /// where `tc netem` is unavailable).
+    pub emulated_delay: Duration,
 }
 
 impl Default for ChainConfig {
@@ -43,6 +47,7 @@ impl Default for ChainConfig {
             dtype: DType::F32,
             max_failovers: 8,
             discovery_timeout: Duration::from_secs(3),
+            emulated_delay: Duration::ZERO,
         }
     }
 }
@@ -194,8 +199,11 @@ impl RemoteChain {
 
     async fn step(&mut self, k: usize, pos: usize, rows: usize, x: &[f32]) -> Result<Vec<f32>, NodeFault> {
         let timeout = self.step_timeout(rows);
-        let (model, dim, dtype) = (self.model, self.dim, self.config.dtype);
-        run_step(&mut self.stages[k].conn, model, dim, dtype, pos, rows, x, timeout).await
+        let (model, dim, dtype, delay) = (self.model, self.dim, self.config.dtype, self.config.emulated_delay);
+        emulate(delay).await;
+        let out = run_step(&mut self.stages[k].conn, model, dim, dtype, pos, rows, x, timeout).await;
+        emulate(delay).await;
+        out
     }
 
     /// Replaces stage `k` by a fresh route over its blocks, replaying its history.
@@ -302,6 +310,13 @@ impl RemoteChain {
     }
 
     async fn open_session(&self, hop: Hop) -> Result<Conn, NodeFault> {
+        emulate(self.config.emulated_delay).await;
+        let conn = self.open_session_now(hop).await;
+        emulate(self.config.emulated_delay).await;
+        conn
+    }
+
+    async fn open_session_now(&self, hop: Hop) -> Result<Conn, NodeFault> {
         let node = node_id_of(&hop.peer).ok_or_else(|| NodeFault::Protocol("peer id carries no ed25519 key".into()))?;
         let stream = self.network.open_stream(hop.peer, PROTOCOL_INFER, self.config.open_timeout).await?;
         let mut framed = Framed::new(hop.peer, stream);
@@ -314,6 +329,12 @@ impl RemoteChain {
             NodeMessage::Error { code, message } => Err(NodeFault::Refused { code, message }),
             other => Err(NodeFault::Protocol(format!("unexpected answer to Open: {other:?}"))),
         }
+    }
+}
+
+async fn emulate(delay: Duration) {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
 }
 

@@ -44,6 +44,12 @@ pub async fn generate_remote(
     }
 }
 
+/// Runs client compute without stalling the runtime: in place on a
+/// multi-threaded runtime (other tasks move to other workers; no thread
+/// hand-off per token), on the blocking pool otherwise.
 async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Result<R, ChainError> {
+    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        return Ok(tokio::task::block_in_place(f));
+    }
     tokio::task::spawn_blocking(f).await.map_err(|e| ChainError::Internal(e.to_string()))
 }
