@@ -32,8 +32,12 @@ enum Command {
     Tokenize(run::TokenizeArgs),
     /// Measure prefill and decode speed (like llama-bench).
     Bench(bench::BenchArgs),
+    /// A local swarm and the OpenAI API in one command.
+    Up(swarm::UpArgs),
     /// Serve a span of a model's blocks to the swarm.
     Node(swarm::NodeArgs),
+    /// Serve the OpenAI API over an existing swarm.
+    Gateway(swarm::GatewayArgs),
     /// Look at the swarm.
     #[command(subcommand)]
     Swarm(SwarmCommand),
@@ -56,7 +60,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Tokenize(args) => run::tokenize(&args),
         Command::Bench(args) => bench::bench(&args),
+        Command::Up(args) => swarm::up(&args),
         Command::Node(args) => swarm::node(&args),
+        Command::Gateway(args) => swarm::gateway(&args),
         Command::Swarm(SwarmCommand::Status(args)) => swarm::status(&args),
     };
     match result {

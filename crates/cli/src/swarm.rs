@@ -278,7 +278,7 @@ pub fn run_remote(args: &RunArgs) -> Result<()> {
             emulated_delay: Duration::from_millis(args.emulate_delay_ms),
             ..ChainConfig::default()
         };
-        let mut chain = RemoteChain::open(network.clone(), directory, model, config.n_blocks, config.dim, chain_config)
+        let mut chain = RemoteChain::open(network.clone(), directory, model, config.n_blocks, config.dim, chain_config, None)
             .await
             .with_context(|| format!("the swarm cannot serve {}", entry.name))?;
         if args.show_route {
@@ -300,6 +300,163 @@ pub fn run_remote(args: &RunArgs) -> Result<()> {
         }
         chain.close().await;
         network.shutdown().await;
+        Ok(())
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    /// Model name, id or .gguf path (the gateway holds its tokenizer, embedding and head).
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    #[command(flatten)]
+    pub peers: PeerArgs,
+    /// Address for the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub listen: std::net::SocketAddr,
+    /// JSON file of API keys; without it, the API is open.
+    #[arg(long)]
+    pub api_keys: Option<std::path::PathBuf>,
+    /// Compute threads for the gateway's own work (0: one per core).
+    #[arg(short, long, default_value_t = 0)]
+    pub threads: usize,
+    /// Largest request body, MiB.
+    #[arg(long, default_value_t = 4)]
+    pub max_body_mb: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Model name, id or .gguf path (pulled if missing).
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Local nodes to split the blocks across.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u32,
+    /// Port of the OpenAI API (0: any free port).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// JSON file of API keys; without it, the API is open.
+    #[arg(long)]
+    pub api_keys: Option<std::path::PathBuf>,
+    /// Compute threads per node (0: the cores divided among the nodes).
+    #[arg(short, long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+struct GatewayModel {
+    client: Arc<ClientParts>,
+    id: hotpot_core::ModelId,
+    name: String,
+}
+
+fn load_gateway_model(name: &str, threads: usize) -> Result<(GatewayModel, std::path::PathBuf)> {
+    let entry = Store::from_env()?.resolve(name)?;
+    let file = ModelFile::open(&entry.path)?;
+    let id = file.model_id()?;
+    let client = Arc::new(ClientParts::load(&file, &Device::cpu(threads)?)?);
+    Ok((GatewayModel { client, id, name: entry.name.clone() }, entry.path))
+}
+
+async fn serve_http(
+    model: GatewayModel,
+    network: Network,
+    keys: Option<&std::path::Path>,
+    max_body_mb: usize,
+    listener: tokio::net::TcpListener,
+) -> Result<()> {
+    let mut config = hotpot_gateway::GatewayConfig::new(model.name.clone());
+    config.max_body_bytes = max_body_mb << 20;
+    if let Some(path) = keys {
+        config.keys = Some(hotpot_gateway::KeyStore::load(path).map_err(anyhow::Error::msg)?);
+    }
+    let gateway = hotpot_gateway::Gateway::new(model.client, model.id, network, config).await;
+    let missing = gateway.missing_blocks();
+    if !missing.is_empty() {
+        eprintln!(
+            "warning: no node serves blocks {} yet; requests get 503 until they do",
+            missing.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        );
+    }
+    axum::serve(listener, hotpot_gateway::router(gateway)).with_graceful_shutdown(shutdown_signal()).await?;
+    Ok(())
+}
+
+pub fn gateway(args: &GatewayArgs) -> Result<()> {
+    let (model, _) = load_gateway_model(&args.model, args.threads)?;
+    runtime()?.block_on(async {
+        let network = join_as_client(&args.peers).await?;
+        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        println!("OpenAI API for {} ({}) at http://{addr}/v1", model.name, model.id);
+        let _ = std::io::stdout().flush();
+        serve_http(model, network.clone(), args.api_keys.as_deref(), args.max_body_mb, listener).await?;
+        eprintln!("shutting down");
+        network.shutdown().await;
+        Ok(())
+    })
+}
+
+pub fn up(args: &UpArgs) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (model, path) = load_gateway_model(&args.model, cores)?;
+    let file = ModelFile::open(&path)?;
+    let n_blocks = file.config().n_blocks;
+    let spans = LayerSpan::split_even(n_blocks, args.nodes)
+        .with_context(|| format!("--nodes {} must be between 1 and the model's {n_blocks} blocks", args.nodes))?;
+    let threads = if args.threads == 0 { (cores / spans.len()).max(1) } else { args.threads };
+    runtime()?.block_on(async {
+        let mut networks = Vec::new();
+        let mut bootstrap: Option<Multiaddr> = None;
+        println!("hotpot up: {} ({}) on {} local node(s), {threads} thread(s) each", model.name, model.id, spans.len());
+        for (i, span) in spans.iter().enumerate() {
+            let network = Network::start(NetworkConfig {
+                key: NodeKey::generate(),
+                listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?],
+                join: bootstrap.iter().cloned().collect(),
+                dht_server: true,
+                mdns: false,
+            })
+            .await?;
+            let addr = network.listen_addrs().await?.first().cloned().context("the node has no address")?;
+            let config = NodeConfig {
+                model_path: path.clone(),
+                model_name: model.name.clone(),
+                blocks: BlockChoice::Fixed(*span),
+                threads,
+                ..NodeConfig::default()
+            };
+            let node = hotpot_node::start(config, network.clone()).await?;
+            println!("  node {}  blocks {:<7} {:>7.1} tok/s  {addr}", i + 1, span.to_string(), node.throughput());
+            bootstrap.get_or_insert(addr);
+            networks.push(network);
+        }
+        let gateway_net = Network::start(NetworkConfig {
+            key: NodeKey::generate(),
+            listen: vec![],
+            join: bootstrap.iter().cloned().collect(),
+            dht_server: false,
+            mdns: false,
+        })
+        .await?;
+        let listener = tokio::net::TcpListener::bind((args.host, args.port)).await.with_context(|| format!("binding {}:{}", args.host, args.port))?;
+        let addr = listener.local_addr()?;
+        println!("OpenAI API at http://{addr}/v1");
+        println!("try:");
+        println!(
+            "  curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"stream\": true}}'",
+            model.name
+        );
+        println!("Ctrl-C stops everything.");
+        let _ = std::io::stdout().flush();
+        serve_http(model, gateway_net.clone(), args.api_keys.as_deref(), 4, listener).await?;
+        eprintln!("shutting down");
+        gateway_net.shutdown().await;
+        for network in networks.iter().rev() {
+            network.shutdown().await;
+        }
         Ok(())
     })
 }

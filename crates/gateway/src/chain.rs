@@ -8,11 +8,12 @@
 //! step. Because every node computes bit-identically, the replayed outputs
 //! must equal what the next stage already received; the chain checks that.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hotpot_core::{LayerSpan, ModelId, NodeId, SessionId, StepRecord};
 use hotpot_engine::{ForwardError, HiddenStates};
-use hotpot_net::{Framed, Network, node_id_of};
+use hotpot_net::{Framed, Network, PeerId, node_id_of};
 use hotpot_wire::{ClientMessage, DType, ErrorCode, NodeMessage, Open, PROTOCOL_INFER, Step, Tensor};
 
 use crate::directory::SharedDirectory;
@@ -91,14 +92,34 @@ struct Stage {
     history: Vec<f32>,
 }
 
-/// A pipeline of remote sessions covering all of a model's blocks.
-pub struct RemoteChain {
+/// What a chain reports as it works (for metrics).
+#[derive(Debug, Clone, Copy)]
+pub enum ChainEvent<'a> {
+    SessionOpened(&'a PeerId),
+    SessionClosed(&'a PeerId),
+    Step { peer: &'a PeerId, sent: usize, received: usize },
+    Failover,
+}
+
+/// Receives a chain's events.
+pub type Observer = Arc<dyn Fn(ChainEvent<'_>) + Send + Sync>;
+
+/// What a chain needs to find nodes and open sessions: shareable, so
+/// that opening sessions never borrows the chain's own streams.
+#[derive(Clone)]
+struct Connector {
     network: Network,
     directory: SharedDirectory,
     model: ModelId,
     n_blocks: u32,
-    dim: usize,
     config: ChainConfig,
+    observer: Option<Observer>,
+}
+
+/// A pipeline of remote sessions covering all of a model's blocks.
+pub struct RemoteChain {
+    connector: Connector,
+    dim: usize,
     stages: Vec<Stage>,
     len: usize,
     failovers: usize,
@@ -119,12 +140,13 @@ impl RemoteChain {
         n_blocks: u32,
         dim: usize,
         config: ChainConfig,
+        observer: Option<Observer>,
     ) -> Result<Self, ChainError> {
-        let mut chain = Self { network, directory, model, n_blocks, dim, config, stages: Vec::new(), len: 0, failovers: 0 };
+        let connector = Connector { network, directory, model, n_blocks, config, observer };
         let full = LayerSpan::full(n_blocks).map_err(|e| ChainError::Internal(e.to_string()))?;
         let mut failures = 0;
-        chain.stages = chain.connect(full, &mut failures).await?.into_iter().map(|conn| Stage { span: conn.hop.span, conn, history: Vec::new() }).collect();
-        Ok(chain)
+        let stages = connector.connect(full, &mut failures).await?.into_iter().map(|conn| Stage { span: conn.hop.span, conn, history: Vec::new() }).collect();
+        Ok(Self { connector, dim, stages, len: 0, failovers: 0 })
     }
 
     /// The hops in use, in order.
@@ -165,14 +187,15 @@ impl RemoteChain {
                 Err(fault) => {
                     let stage = &self.stages[k];
                     let peer = stage.conn.hop.peer;
-                    let ban = self.directory.with(|d| d.ban(peer));
+                    let ban = self.connector.directory.with(|d| d.ban(peer));
                     failures += 1;
                     self.failovers += 1;
+                    self.emit(ChainEvent::Failover);
                     tracing::warn!(
                         %peer, blocks = %stage.span, position = start_pos, banned_for = ?ban,
                         "failover: node failed ({fault}); rerouting its blocks"
                     );
-                    if failures > self.config.max_failovers {
+                    if failures > self.connector.config.max_failovers {
                         return Err(ChainError::GaveUp { failures, last: fault.to_string() });
                     }
                     self.replace(k, &mut failures).await?;
@@ -185,47 +208,58 @@ impl RemoteChain {
 
     /// Closes every session (best effort).
     pub async fn close(&mut self) {
-        for stage in &mut self.stages {
+        for mut stage in std::mem::take(&mut self.stages) {
             let close = ClientMessage::Close { session: stage.conn.session }.encode();
             let _ = stage.conn.framed.send(&close, Duration::from_secs(1)).await;
             stage.conn.framed.close().await;
+            self.emit(ChainEvent::SessionClosed(&stage.conn.hop.peer));
         }
-        self.stages.clear();
+    }
+
+    fn emit(&self, event: ChainEvent<'_>) {
+        self.connector.emit(event);
     }
 
     fn step_timeout(&self, rows: usize) -> Duration {
-        self.config.step_timeout + self.config.per_row_timeout.saturating_mul(rows as u32)
+        self.connector.config.step_timeout + self.connector.config.per_row_timeout.saturating_mul(rows as u32)
     }
 
     async fn step(&mut self, k: usize, pos: usize, rows: usize, x: &[f32]) -> Result<Vec<f32>, NodeFault> {
         let timeout = self.step_timeout(rows);
-        let (model, dim, dtype, delay) = (self.model, self.dim, self.config.dtype, self.config.emulated_delay);
+        let (model, dim, dtype, delay) = (self.connector.model, self.dim, self.connector.config.dtype, self.connector.config.emulated_delay);
         emulate(delay).await;
         let out = run_step(&mut self.stages[k].conn, model, dim, dtype, pos, rows, x, timeout).await;
         emulate(delay).await;
+        if let Ok(values) = &out {
+            let bytes = rows * dim * dtype.size();
+            self.emit(ChainEvent::Step { peer: &self.stages[k].conn.hop.peer, sent: bytes, received: values.len() * 4 });
+        }
         out
     }
 
     /// Replaces stage `k` by a fresh route over its blocks, replaying its history.
     async fn replace(&mut self, k: usize, failures: &mut usize) -> Result<(), ChainError> {
         let old = self.stages.remove(k);
+        self.emit(ChainEvent::SessionClosed(&old.conn.hop.peer));
         let rows = old.history.len() / self.dim;
         'attempt: loop {
-            let conns = self.connect(old.span, failures).await?;
+            let conns = self.connector.connect(old.span, failures).await?;
             let mut input = old.history.clone();
             let mut fresh = Vec::with_capacity(conns.len());
             for mut conn in conns {
                 let history = input.clone();
                 if rows > 0 {
                     let timeout = self.step_timeout(rows);
-                    match run_step(&mut conn, self.model, self.dim, self.config.dtype, 0, rows, &input, timeout).await {
+                    match run_step(&mut conn, self.connector.model, self.dim, self.connector.config.dtype, 0, rows, &input, timeout).await {
                         Ok(out) => input = out,
                         Err(fault) => {
-                            let ban = self.directory.with(|d| d.ban(conn.hop.peer));
+                            let ban = self.connector.directory.with(|d| d.ban(conn.hop.peer));
                             *failures += 1;
                             self.failovers += 1;
+                            self.emit(ChainEvent::SessionClosed(&conn.hop.peer));
+                            self.emit(ChainEvent::Failover);
                             tracing::warn!(peer = %conn.hop.peer, blocks = %conn.hop.span, banned_for = ?ban, "failover: replacement failed while replaying ({fault})");
-                            if *failures > self.config.max_failovers {
+                            if *failures > self.connector.config.max_failovers {
                                 return Err(ChainError::GaveUp { failures: *failures, last: fault.to_string() });
                             }
                             continue 'attempt;
@@ -246,6 +280,14 @@ impl RemoteChain {
                 self.stages.insert(k + i, stage);
             }
             return Ok(());
+        }
+    }
+}
+
+impl Connector {
+    fn emit(&self, event: ChainEvent<'_>) {
+        if let Some(observer) = &self.observer {
+            observer(event);
         }
     }
 
@@ -285,6 +327,7 @@ impl RemoteChain {
             if failed {
                 for mut conn in conns {
                     conn.framed.close().await;
+                    self.emit(ChainEvent::SessionClosed(&conn.hop.peer));
                 }
                 refreshed = false;
                 continue;
@@ -313,6 +356,9 @@ impl RemoteChain {
         emulate(self.config.emulated_delay).await;
         let conn = self.open_session_now(hop).await;
         emulate(self.config.emulated_delay).await;
+        if conn.is_ok() {
+            self.emit(ChainEvent::SessionOpened(&hop.peer));
+        }
         conn
     }
 
@@ -335,6 +381,15 @@ impl RemoteChain {
 async fn emulate(delay: Duration) {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
+    }
+}
+
+impl Drop for RemoteChain {
+    /// Dropping the streams closes the sessions on the nodes.
+    fn drop(&mut self) {
+        for stage in &self.stages {
+            self.emit(ChainEvent::SessionClosed(&stage.conn.hop.peer));
+        }
     }
 }
 
@@ -389,7 +444,6 @@ pub fn describe_route(route: &[Hop]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hotpot_net::PeerId;
 
     #[test]
     fn route_description_reads_in_order() {

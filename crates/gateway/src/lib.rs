@@ -4,17 +4,28 @@
 //! head, sampling), learns the swarm from heartbeats and the DHT
 //! ([`directory`]), plans routes over block spans ([`route`]), runs each
 //! session as a chain of remote stages that fails over when a node dies
-//! ([`chain`]), and drives generation through it ([`generate_remote`]).
+//! ([`chain`]), drives generation through it ([`generate_remote`]), and
+//! serves all of this as the OpenAI API ([`api`], [`openai`]).
 
+pub mod api;
 pub mod chain;
 pub mod directory;
+mod error;
+pub mod keys;
+pub mod metrics;
+pub mod openai;
 pub mod route;
+mod service;
 
 use std::sync::Arc;
 
 use hotpot_engine::{ClientParts, FinishReason, Generation, Step};
 
-pub use chain::{ChainConfig, ChainError, RemoteChain, describe_route};
+pub use api::router;
+pub use chain::{ChainConfig, ChainError, ChainEvent, Observer, RemoteChain, describe_route};
+pub use error::ApiError;
+pub use keys::KeyStore;
+pub use service::{Gateway, GatewayConfig, ServedModel};
 pub use directory::{Directory, NodeRecord, SharedDirectory};
 pub use route::{Candidate, Hop, MissingBlocks, plan};
 
