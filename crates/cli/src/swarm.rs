@@ -142,6 +142,7 @@ pub fn node(args: &NodeArgs) -> Result<()> {
             idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
             heartbeat: Duration::from_secs(args.heartbeat.max(1)),
             price_per_1k: args.price,
+            device: None,
         };
         let running = hotpot_node::start(config, network.clone()).await?;
         println!("serving blocks {} of {} ({}) at {:.1} tokens/s", running.span(), entry.name, running.model(), running.throughput());
@@ -341,7 +342,7 @@ pub struct UpArgs {
     /// JSON file of API keys; without it, the API is open.
     #[arg(long)]
     pub api_keys: Option<std::path::PathBuf>,
-    /// Compute threads per node (0: the cores divided among the nodes).
+    /// Compute threads, shared by the local nodes and the gateway (0: one per core).
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
 }
@@ -352,11 +353,11 @@ struct GatewayModel {
     name: String,
 }
 
-fn load_gateway_model(name: &str, threads: usize) -> Result<(GatewayModel, std::path::PathBuf)> {
+fn load_gateway_model(name: &str, device: &Device) -> Result<(GatewayModel, std::path::PathBuf)> {
     let entry = Store::from_env()?.resolve(name)?;
     let file = ModelFile::open(&entry.path)?;
     let id = file.model_id()?;
-    let client = Arc::new(ClientParts::load(&file, &Device::cpu(threads)?)?);
+    let client = Arc::new(ClientParts::load(&file, device)?);
     Ok((GatewayModel { client, id, name: entry.name.clone() }, entry.path))
 }
 
@@ -385,7 +386,7 @@ async fn serve_http(
 }
 
 pub fn gateway(args: &GatewayArgs) -> Result<()> {
-    let (model, _) = load_gateway_model(&args.model, args.threads)?;
+    let (model, _) = load_gateway_model(&args.model, &Device::cpu(args.threads)?)?;
     runtime()?.block_on(async {
         let network = join_as_client(&args.peers).await?;
         let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
@@ -400,17 +401,19 @@ pub fn gateway(args: &GatewayArgs) -> Result<()> {
 }
 
 pub fn up(args: &UpArgs) -> Result<()> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (model, path) = load_gateway_model(&args.model, cores)?;
+    // One pool of compute threads for every local node and the gateway:
+    // a token's work moves along the chain, so they never need it at once.
+    let device = Device::cpu(args.threads)?;
+    let threads = device.threads();
+    let (model, path) = load_gateway_model(&args.model, &device)?;
     let file = ModelFile::open(&path)?;
     let n_blocks = file.config().n_blocks;
     let spans = LayerSpan::split_even(n_blocks, args.nodes)
         .with_context(|| format!("--nodes {} must be between 1 and the model's {n_blocks} blocks", args.nodes))?;
-    let threads = if args.threads == 0 { (cores / spans.len()).max(1) } else { args.threads };
     runtime()?.block_on(async {
         let mut networks = Vec::new();
         let mut bootstrap: Option<Multiaddr> = None;
-        println!("hotpot up: {} ({}) on {} local node(s), {threads} thread(s) each", model.name, model.id, spans.len());
+        println!("hotpot up: {} ({}) on {} local node(s) sharing {threads} compute thread(s)", model.name, model.id, spans.len());
         for (i, span) in spans.iter().enumerate() {
             let network = Network::start(NetworkConfig {
                 key: NodeKey::generate(),
@@ -425,7 +428,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
                 model_path: path.clone(),
                 model_name: model.name.clone(),
                 blocks: BlockChoice::Fixed(*span),
-                threads,
+                device: Some(device.clone()),
                 ..NodeConfig::default()
             };
             let node = hotpot_node::start(config, network.clone()).await?;

@@ -99,7 +99,7 @@ impl Sampler {
             return argmax(logits);
         }
         // Softmax at the temperature over what survived, then one draw.
-        let max = candidates[0].1;
+        let max = candidates.iter().fold(f32::NEG_INFINITY, |m, &(_, l)| m.max(l));
         let weights: Vec<f64> = candidates.iter().map(|&(_, l)| (f64::from(l - max) / f64::from(p.temperature)).exp()).collect();
         let total: f64 = weights.iter().sum();
         let mut u = self.rng.random::<f64>() * total;
@@ -112,7 +112,9 @@ impl Sampler {
         candidates[candidates.len() - 1].0
     }
 
-    /// The tokens that survive top-k, top-p and min-p, most likely first.
+    /// The tokens that survive top-k, top-p and min-p (in a deterministic
+    /// order, not necessarily sorted). Sorting the whole vocabulary each
+    /// token would cost a millisecond; only what top-p needs is sorted.
     fn candidates(&self, logits: &[f32]) -> Vec<(u32, f32)> {
         let p = &self.params;
         let mut c: Vec<(u32, f32)> = logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (i as u32, l)).collect();
@@ -121,29 +123,40 @@ impl Sampler {
             c.select_nth_unstable_by(p.top_k - 1, by_logit);
             c.truncate(p.top_k);
         }
-        c.sort_unstable_by(by_logit);
         if c.is_empty() {
             return c;
         }
         if p.top_p < 1.0 {
-            let max = c[0].1;
-            let weights: Vec<f64> = c.iter().map(|&(_, l)| f64::from(l - max).exp()).collect();
-            let total: f64 = weights.iter().sum();
-            let mut mass = 0.0;
-            let mut keep = c.len();
-            for (i, w) in weights.iter().enumerate() {
-                mass += w / total;
-                if mass >= f64::from(p.top_p) {
-                    keep = i + 1;
-                    break;
+            // The smallest most-likely prefix holding `top_p` of the mass:
+            // sort a growing head of the candidates until it is enough.
+            let max = c.iter().fold(f32::NEG_INFINITY, |m, &(_, l)| m.max(l));
+            let total: f64 = c.iter().map(|&(_, l)| f64::from(l - max).exp()).sum();
+            let mut head = 64;
+            loop {
+                if head < c.len() {
+                    c.select_nth_unstable_by(head - 1, by_logit);
+                }
+                let sorted = head.min(c.len());
+                c[..sorted].sort_unstable_by(by_logit);
+                let mut mass = 0.0;
+                let cut = c[..sorted].iter().position(|&(_, l)| {
+                    mass += f64::from(l - max).exp() / total;
+                    mass >= f64::from(p.top_p)
+                });
+                match cut {
+                    Some(i) => {
+                        c.truncate(i + 1);
+                        break;
+                    }
+                    None if sorted == c.len() => break,
+                    None => head *= 4,
                 }
             }
-            c.truncate(keep.max(1));
         }
         if p.min_p > 0.0 {
-            let floor = c[0].1 + p.min_p.ln();
-            let keep = c.iter().take_while(|&&(_, l)| l >= floor).count();
-            c.truncate(keep.max(1));
+            let max = c.iter().fold(f32::NEG_INFINITY, |m, &(_, l)| m.max(l));
+            let floor = max + p.min_p.ln();
+            c.retain(|&(_, l)| l >= floor);
         }
         c
     }

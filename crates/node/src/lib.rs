@@ -42,6 +42,10 @@ pub struct NodeConfig {
     pub blocks: BlockChoice,
     /// Compute threads (0: one per core).
     pub threads: usize,
+    /// Compute on this device instead of a new one with `threads` threads
+    /// (`hotpot up` shares one between its nodes and its gateway, so that
+    /// they never fight over the cores).
+    pub device: Option<Device>,
     pub max_sessions: usize,
     /// Memory the KV caches of all sessions may reserve together.
     pub kv_budget_bytes: usize,
@@ -58,6 +62,7 @@ impl Default for NodeConfig {
             model_name: String::new(),
             blocks: BlockChoice::Auto { count: None },
             threads: 0,
+            device: None,
             max_sessions: 32,
             kv_budget_bytes: 2 << 30,
             idle_timeout: Duration::from_secs(120),
@@ -166,7 +171,10 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
         }
     };
 
-    let device = Device::cpu(config.threads)?;
+    let device = match &config.device {
+        Some(device) => device.clone(),
+        None => Device::cpu(config.threads)?,
+    };
     let (span_weights, throughput) = tokio::task::spawn_blocking(move || -> Result<_, ModelError> {
         let loaded = Span::load(&file, span, &device)?;
         let throughput = measure_throughput(&loaded);

@@ -86,23 +86,6 @@ pub(crate) fn spawn(span: Span, config: WorkerConfig) -> std::io::Result<Jobs> {
     Ok(Jobs { tx, load })
 }
 
-/// How long the engine thread polls for the next job before sleeping: a
-/// session's next step usually arrives within a network round trip, and
-/// waking a sleeping thread costs more than that on a small VM.
-const SPIN: Duration = Duration::from_micros(300);
-
-fn next_job(rx: &mut mpsc::Receiver<Job>) -> Option<Job> {
-    let started = Instant::now();
-    while started.elapsed() < SPIN {
-        match rx.try_recv() {
-            Ok(job) => return Some(job),
-            Err(mpsc::error::TryRecvError::Disconnected) => return None,
-            Err(mpsc::error::TryRecvError::Empty) => std::hint::spin_loop(),
-        }
-    }
-    rx.blocking_recv()
-}
-
 struct Worker {
     span: Span,
     config: WorkerConfig,
@@ -112,7 +95,7 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        while let Some(job) = next_job(&mut rx) {
+        while let Some(job) = rx.blocking_recv() {
             self.load.queue.fetch_sub(1, Ordering::Relaxed);
             match job {
                 Job::Open { owner, open, reply } => {

@@ -13,8 +13,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How long a worker spins on the next section before it goes to sleep.
-const SPIN: Duration = Duration::from_micros(200);
+/// How long a worker spins on the next section before it goes to sleep:
+/// long enough to span the gaps between the sections of one forward pass,
+/// short enough not to steal a small machine's cores from other work.
+const SPIN: Duration = Duration::from_micros(50);
+/// Spin iterations between two looks at the clock (reading it is not free).
+const SPINS_PER_CHECK: u32 = 64;
 
 type Job = dyn Fn(usize) + Sync;
 
@@ -99,9 +103,15 @@ impl CpuPool {
         }
         let mine = catch_unwind(AssertUnwindSafe(|| job(0)));
         let started = Instant::now();
+        let mut spins = 0u32;
+        let mut spinning = true;
         while shared.pending.load(Ordering::Acquire) != 0 {
-            if started.elapsed() < SPIN {
+            if spinning {
                 std::hint::spin_loop();
+                spins += 1;
+                if spins % SPINS_PER_CHECK == 0 {
+                    spinning = started.elapsed() < SPIN;
+                }
             } else {
                 std::thread::yield_now();
             }
@@ -143,6 +153,7 @@ fn worker(shared: &Shared, index: usize) {
     loop {
         // Wait for a new section: spin first, then sleep.
         let started = Instant::now();
+        let mut spins = 0u32;
         loop {
             if shared.shutdown.load(Ordering::Acquire) {
                 return;
@@ -150,7 +161,8 @@ fn worker(shared: &Shared, index: usize) {
             if shared.epoch.load(Ordering::Acquire) != seen {
                 break;
             }
-            if started.elapsed() < SPIN {
+            spins += 1;
+            if spins % SPINS_PER_CHECK != 0 || started.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }

@@ -1,0 +1,127 @@
+//! The OpenAI gateway end to end: the official `openai` Python package and
+//! curl against real processes serving the real model.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A running `hotpot gateway` or `hotpot up`, killed when dropped.
+struct Served {
+    child: Child,
+    base_url: String,
+    stdout: Vec<String>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `hotpot ARGS` and waits for the line announcing the API's URL.
+fn serve(args: &[&str]) -> Served {
+    let mut child = Command::new(HOTPOT).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut lines = Vec::new();
+    loop {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| panic!("no API URL from {args:?}: {lines:?}"));
+        lines.push(line.clone());
+        if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+            if line.contains("OpenAI API") {
+                // `hotpot up` prints a few more lines (the curl example).
+                std::thread::sleep(Duration::from_millis(200));
+                lines.extend(rx.try_iter());
+                return Served { child, base_url: url.to_string(), stdout: lines };
+            }
+        }
+    }
+}
+
+fn python(script: &str, args: &[&str]) -> std::process::Output {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script);
+    let mut child = Command::new("python3").arg(path).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("python3 runs");
+    let started = Instant::now();
+    loop {
+        if child.try_wait().expect("waits").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if started.elapsed() > Duration::from_secs(400) {
+            let _ = child.kill();
+            panic!("{script} ran too long");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn openai_client_against_a_three_node_swarm() {
+    let _serial = serial();
+    let a = NodeProc::start("0..10", None, &[]);
+    let _b = NodeProc::start("10..20", Some(&a.addr), &[]);
+    let _c = NodeProc::start("20..30", Some(&a.addr), &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys.json");
+    std::fs::write(
+        &keys,
+        r#"{"keys": [
+            {"key": "sk-test-good", "name": "tester"},
+            {"key": "sk-test-budget", "name": "small", "token_budget": 30},
+            {"key": "sk-test-slow", "name": "slow", "requests_per_minute": 1}
+        ]}"#,
+    )
+    .expect("writes keys");
+    let gateway = serve(&["gateway", "--join", &a.addr, "--listen", "127.0.0.1:0", "--api-keys", keys.to_str().expect("utf-8"), "-t", "1"]);
+    let out = python("openai_client.py", &[&gateway.base_url, "sk-test-good", "sk-test-budget", "sk-test-slow"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "openai client checks failed:\n{stdout}\n{stderr}");
+    assert!(stdout.trim_end().ends_with("all openai client checks passed"), "{stdout}");
+}
+
+#[test]
+fn curl_streams_from_hotpot_up() {
+    let _serial = serial();
+    let up = serve(&["up", "--port", "0", "--nodes", "3"]);
+    let printed = up.stdout.join("\n");
+    assert!(printed.contains("node 3  blocks 20..30"), "{printed}");
+    assert!(printed.contains("curl http://"), "a ready-to-paste curl command: {printed}");
+    let url = format!("{}/chat/completions", up.base_url);
+    let body = r#"{"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hello!"}], "stream": true, "max_tokens": 16}"#;
+    let out = Command::new("curl").args(["-sN", &url, "-H", "Content-Type: application/json", "-d", body]).output().expect("curl runs");
+    let sse = text(&out.stdout);
+    let events: Vec<&str> = sse.lines().filter(|l| l.starts_with("data: ")).collect();
+    assert!(events.len() > 3, "{sse}");
+    assert_eq!(events.last().copied(), Some("data: [DONE]"), "{sse}");
+    let content: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(&e["data: ".len()..]).ok())
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert!(!content.trim().is_empty(), "{sse}");
+    let models = Command::new("curl").args(["-s", &format!("{}/models", up.base_url)]).output().expect("curl runs");
+    assert!(text(&models.stdout).contains("\"id\":\"smollm2-135m\""), "{}", text(&models.stdout));
+}
+
+#[test]
+fn many_users_and_users_who_leave() {
+    let _serial = serial();
+    let up = serve(&["up", "--port", "0", "--nodes", "3"]);
+    let out = python("concurrency.py", &[&up.base_url]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "concurrency checks failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("all concurrency checks passed"), "{stdout}");
+}
