@@ -32,5 +32,5 @@ pub use error::{ForwardError, ModelError};
 pub use generate::{FinishReason, Generation, GenerationParams, LocalChain, Pipeline, Step, TokenLogprob, generate};
 pub use model::{Architecture, ModelConfig, ModelFile, TensorEntry};
 pub use sampling::{Sampler, SamplingParams, argmax, log_softmax, top_logprobs};
-pub use span::{Device, HiddenStates, KvCache, Span};
+pub use span::{BatchItem, Device, HiddenStates, KvCache, Span};
 pub use tokenizer::Tokenizer;

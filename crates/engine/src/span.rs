@@ -85,6 +85,11 @@ impl HiddenStates {
         &self.data[i * self.dim..(i + 1) * self.dim]
     }
 
+    /// A placeholder with no rows (never handed out).
+    fn empty() -> Self {
+        Self { rows: 0, dim: 0, data: Vec::new() }
+    }
+
     /// The last row alone (what the head needs during generation).
     pub fn last_row(&self) -> HiddenStates {
         Self { rows: 1, dim: self.dim, data: self.row(self.rows - 1).to_vec() }
@@ -256,6 +261,22 @@ impl std::fmt::Debug for Span {
     }
 }
 
+/// One session's part of a batched forward pass.
+pub struct BatchItem<'a> {
+    pub cache: &'a mut KvCache,
+    pub hidden: &'a HiddenStates,
+    pub start_pos: usize,
+}
+
+/// The rows of one session inside a batch, with its cache of one block.
+struct RowGroup<'a> {
+    kv: &'a mut BlockCache,
+    capacity: usize,
+    start_pos: usize,
+    offset: usize,
+    rows: usize,
+}
+
 /// Reusable buffers of one forward pass.
 #[derive(Default)]
 struct Scratch {
@@ -325,16 +346,20 @@ impl Span {
     /// `start_pos .. start_pos + T`: a prefill when `T > 1`, a decode step
     /// when `T = 1`. Appends to `cache`; on error the cache is unchanged.
     pub fn forward(&self, cache: &mut KvCache, hidden: &HiddenStates, start_pos: usize) -> Result<HiddenStates, ForwardError> {
-        let c = &self.config;
-        let t = hidden.rows();
+        let mut items = [BatchItem { cache, hidden, start_pos }];
+        self.forward_batch(&mut items).pop().unwrap_or(Err(ForwardError::Empty))
+    }
+
+    fn check(&self, item: &BatchItem<'_>) -> Result<(), ForwardError> {
+        let (c, cache, hidden, start_pos) = (&self.config, &*item.cache, item.hidden, item.start_pos);
         if hidden.dim() != c.dim {
             return Err(ForwardError::Width { expected: c.dim, got: hidden.dim() });
         }
         if start_pos != cache.len() {
             return Err(ForwardError::Position { expected: cache.len(), got: start_pos });
         }
-        if start_pos + t > cache.max_len() {
-            return Err(ForwardError::ContextFull { needed: start_pos + t, max: cache.max_len() });
+        if start_pos + hidden.rows() > cache.max_len() {
+            return Err(ForwardError::ContextFull { needed: start_pos + hidden.rows(), max: cache.max_len() });
         }
         if !hidden.as_slice().iter().all(|v| v.is_finite()) {
             return Err(ForwardError::NotFinite);
@@ -342,32 +367,61 @@ impl Span {
         if cache.span.start() < self.span.start() || cache.span.end() > self.span.end() {
             return Err(ForwardError::Span { requested: cache.span, served: self.span });
         }
-        cache.reserve(start_pos + t);
-        let rope = RopeTable::new(c.rope_base, c.rope_dim, start_pos..start_pos + t);
-        let mut x = hidden.as_slice().to_vec();
-        let mut s = Scratch::default();
-        let first = (cache.span.start() - self.span.start()) as usize;
-        let blocks = &self.blocks[first..first + cache.blocks.len()];
-        for (block, kv) in blocks.iter().zip(cache.blocks.iter_mut()) {
-            self.attention(block, kv, cache.capacity, &rope, &mut x, t, start_pos, &mut s);
-            self.feed_forward(block, &mut x, t, &mut s);
-        }
-        cache.len = start_pos + t;
-        Ok(HiddenStates { rows: t, dim: c.dim, data: x })
+        Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        block: &Block,
-        kv: &mut BlockCache,
-        capacity: usize,
-        rope: &RopeTable,
-        x: &mut [f32],
-        t: usize,
-        start_pos: usize,
-        s: &mut Scratch,
-    ) {
+    /// Runs several sessions' steps as one pass over the weights: each
+    /// matrix product reads its weights once for the rows of all of them.
+    /// Each session gets exactly the bits `forward` alone would give it.
+    /// Items whose cache covers other blocks than the first valid item's
+    /// are refused (`ForwardError::Span`); refused items leave their cache
+    /// as it was.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Vec<Result<HiddenStates, ForwardError>> {
+        let c = &self.config;
+        let mut results: Vec<Result<HiddenStates, ForwardError>> = items.iter().map(|item| self.check(item).map(|()| HiddenStates::empty())).collect();
+        let Some(lead) = results.iter().position(Result::is_ok) else { return results };
+        let blocks_span = items[lead].cache.span;
+        for (result, item) in results.iter_mut().zip(items.iter()) {
+            if result.is_ok() && item.cache.span != blocks_span {
+                *result = Err(ForwardError::Span { requested: item.cache.span, served: blocks_span });
+            }
+        }
+        let run: Vec<usize> = (0..items.len()).filter(|&i| results[i].is_ok()).collect();
+        let total: usize = run.iter().map(|&i| items[i].hidden.rows()).sum();
+        let mut x = Vec::with_capacity(total * c.dim);
+        let mut positions = Vec::with_capacity(total);
+        for &i in &run {
+            let item = &mut items[i];
+            item.cache.reserve(item.start_pos + item.hidden.rows());
+            x.extend_from_slice(item.hidden.as_slice());
+            positions.extend(item.start_pos..item.start_pos + item.hidden.rows());
+        }
+        let rope = RopeTable::at(c.rope_base, c.rope_dim, &positions);
+        let mut s = Scratch::default();
+        let first = (blocks_span.start() - self.span.start()) as usize;
+        for (b, block) in self.blocks[first..first + blocks_span.len() as usize].iter().enumerate() {
+            let mut groups: Vec<RowGroup<'_>> = Vec::with_capacity(run.len());
+            let mut offset = 0;
+            for item in items.iter_mut().enumerate().filter(|(i, _)| run.contains(i)).map(|(_, item)| item) {
+                let rows = item.hidden.rows();
+                groups.push(RowGroup { kv: &mut item.cache.blocks[b], capacity: item.cache.capacity, start_pos: item.start_pos, offset, rows });
+                offset += rows;
+            }
+            self.attention(block, &mut groups, &rope, &mut x, total, &mut s);
+            self.feed_forward(block, &mut x, total, &mut s);
+        }
+        let mut offset = 0;
+        for &i in &run {
+            let item = &mut items[i];
+            let rows = item.hidden.rows();
+            item.cache.len = item.start_pos + rows;
+            results[i] = Ok(HiddenStates { rows, dim: c.dim, data: x[offset * c.dim..(offset + rows) * c.dim].to_vec() });
+            offset += rows;
+        }
+        results
+    }
+
+    fn attention(&self, block: &Block, groups: &mut [RowGroup<'_>], rope: &RopeTable, x: &mut [f32], t: usize, s: &mut Scratch) {
         let c = &self.config;
         let cpu = self.device.kernels();
         let (q_dim, kv_dim, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
@@ -382,40 +436,47 @@ impl Span {
                 matmul(cpu, m, &s.input, &mut s.qkv, width, *at);
             }
         });
-        let stride = capacity * hd;
         profile::time(Phase::Rope, || {
-            for (row, qkv) in s.qkv.chunks_exact_mut(width).enumerate() {
-                if let Some(bias) = &block.qkv_bias {
-                    ops::add_assign(qkv, bias);
-                }
-                let (q, kv_part) = qkv.split_at_mut(q_dim);
-                for head in q.chunks_exact_mut(hd).chain(kv_part[..kv_dim].chunks_exact_mut(hd)) {
-                    rope.apply(c.rope_style, &mut head[..c.rope_dim], row);
-                }
-                let pos = start_pos + row;
-                let key_at = pos / KEY_PANEL * KEY_PANEL * hd + pos % KEY_PANEL;
-                for h in 0..c.n_kv_heads {
-                    for (d, &k) in kv_part[h * hd..][..hd].iter().enumerate() {
-                        kv.k[h * stride + key_at + d * KEY_PANEL] = k;
+            for group in groups.iter_mut() {
+                let stride = group.capacity * hd;
+                for r in 0..group.rows {
+                    let row = group.offset + r;
+                    let qkv = &mut s.qkv[row * width..(row + 1) * width];
+                    if let Some(bias) = &block.qkv_bias {
+                        ops::add_assign(qkv, bias);
                     }
-                    kv.v[h * stride + pos * hd..][..hd].copy_from_slice(&kv_part[kv_dim + h * hd..][..hd]);
+                    let (q, kv_part) = qkv.split_at_mut(q_dim);
+                    for head in q.chunks_exact_mut(hd).chain(kv_part[..kv_dim].chunks_exact_mut(hd)) {
+                        rope.apply(c.rope_style, &mut head[..c.rope_dim], row);
+                    }
+                    let pos = group.start_pos + r;
+                    let key_at = pos / KEY_PANEL * KEY_PANEL * hd + pos % KEY_PANEL;
+                    for h in 0..c.n_kv_heads {
+                        for (d, &k) in kv_part[h * hd..][..hd].iter().enumerate() {
+                            group.kv.k[h * stride + key_at + d * KEY_PANEL] = k;
+                        }
+                        group.kv.v[h * stride + pos * hd..][..hd].copy_from_slice(&kv_part[kv_dim + h * hd..][..hd]);
+                    }
                 }
             }
         });
 
-        // One task per (query position, head); each writes its own slice.
+        // One task per (row, head); each writes its own slice of the output.
         s.attn.resize(t * q_dim, 0.0);
-        let group = c.n_heads / c.n_kv_heads;
+        let group_size = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let out = SharedRows(s.attn.as_mut_ptr());
-        let (qkv, kv) = (&s.qkv, &*kv);
+        let views: Vec<(&BlockCache, usize, usize, usize)> = groups.iter().map(|g| (&*g.kv, g.capacity * hd, g.start_pos, g.offset)).collect();
+        let row_group: Vec<usize> = groups.iter().enumerate().flat_map(|(i, g)| std::iter::repeat_n(i, g.rows)).collect();
+        let qkv = &s.qkv;
         let tasks = t * c.n_heads;
         let work = |range: std::ops::Range<usize>| {
             let mut scores = Vec::new();
             for task in range {
                 let (row, h) = (task / c.n_heads, task % c.n_heads);
-                let kvh = h / group;
-                let len = start_pos + row + 1;
+                let (kv, stride, start_pos, offset) = views[row_group[row]];
+                let kvh = h / group_size;
+                let len = start_pos + (row - offset) + 1;
                 let q = &qkv[row * width + h * hd..][..hd];
                 let keys = &kv.k[kvh * stride..][..len.next_multiple_of(KEY_PANEL) * hd];
                 let values = &kv.v[kvh * stride..][..len * hd];
@@ -426,8 +487,8 @@ impl Span {
         };
         profile::time(Phase::Attention, || {
             // Short decode steps are cheaper than waking the other threads.
-            let positions = t * (start_pos + t);
-            if positions < ATTENTION_PARALLEL_MIN {
+            let pairs: usize = groups.iter().map(|g| g.rows * (g.start_pos + g.rows)).sum();
+            if pairs < ATTENTION_PARALLEL_MIN {
                 work(0..tasks);
             } else {
                 cpu.pool.for_each_chunk(tasks, tasks.div_ceil(cpu.pool.threads() * 8), &work);

@@ -10,7 +10,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Content;
 use hotpot_core::LayerSpan;
 use hotpot_engine::testing::TinyModel;
-use hotpot_engine::{ClientParts, Device, ForwardError, HiddenStates, LocalChain, ModelError, ModelFile, Pipeline, Span};
+use hotpot_engine::{BatchItem, ClientParts, Device, ForwardError, HiddenStates, LocalChain, ModelError, ModelFile, Pipeline, Span};
 
 fn write(dir: &Path, name: &str, model: &TinyModel) -> PathBuf {
     let path = dir.join(name);
@@ -332,4 +332,44 @@ fn model_id_ignores_the_file_name_but_not_the_weights() {
     let id = |p: &Path| ModelFile::open(p).expect("opens").model_id().expect("hashes");
     assert_eq!(id(&a), id(&b));
     assert_ne!(id(&a), id(&c));
+}
+
+#[test]
+fn batched_sessions_equal_separate_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "m.gguf", &TinyModel { context: 512, ..Default::default() });
+    let file = ModelFile::open(&path).expect("opens");
+    let device = Device::cpu(2).expect("threads");
+    let client = ClientParts::load(&file, &device).expect("client");
+    let span = Span::load(&file, file.config().full_span(), &device).expect("loads");
+    // Three sessions at different positions, prefilled separately.
+    let prompts = [tokens(5, 1), tokens(17, 2), tokens(300, 3)];
+    let mut alone: Vec<_> = prompts.iter().map(|_| span.new_cache(512)).collect();
+    let mut batched: Vec<_> = prompts.iter().map(|_| span.new_cache(512)).collect();
+    for (i, p) in prompts.iter().enumerate() {
+        let h = client.embed(p).expect("embeds");
+        span.forward(&mut alone[i], &h, 0).expect("prefill");
+        span.forward(&mut batched[i], &h, 0).expect("prefill");
+    }
+    // Then decode steps (one with two rows), one batch against separate calls.
+    let steps = [client.embed(&tokens(1, 4)).expect("e"), client.embed(&tokens(2, 5)).expect("e"), client.embed(&tokens(1, 6)).expect("e")];
+    let expected: Vec<_> = (0..3).map(|i| span.forward(&mut alone[i], &steps[i], prompts[i].len()).expect("step")).collect();
+    let bad = client.embed(&tokens(1, 7)).expect("e");
+    let mut stray = span.new_cache(512);
+    let mut items: Vec<BatchItem<'_>> = batched
+        .iter_mut()
+        .zip(&steps)
+        .zip(&prompts)
+        .map(|((cache, hidden), p)| BatchItem { cache, hidden, start_pos: p.len() })
+        .collect();
+    // A broken item (wrong position) fails alone.
+    items.insert(1, BatchItem { cache: &mut stray, hidden: &bad, start_pos: 9 });
+    let results = span.forward_batch(&mut items);
+    assert!(matches!(results[1], Err(ForwardError::Position { .. })));
+    let got: Vec<_> = [0, 2, 3].iter().map(|&i| results[i].clone().expect("batched step")).collect();
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g.as_slice(), e.as_slice(), "a batched session differs from the same session alone");
+    }
+    assert_eq!(stray.len(), 0);
+    assert_eq!(batched[2].len(), 301);
 }

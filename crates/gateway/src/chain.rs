@@ -295,6 +295,7 @@ impl Connector {
     /// nodes that refuse and planning again.
     async fn connect(&self, range: LayerSpan, failures: &mut usize) -> Result<Vec<Conn>, ChainError> {
         let mut refreshed = false;
+        let give_up_waiting = tokio::time::Instant::now() + self.config.open_timeout;
         loop {
             let candidates = self.candidates();
             let hops = match plan(range, &candidates) {
@@ -305,7 +306,18 @@ impl Connector {
                     refreshed = true;
                     continue;
                 }
-                Err(missing) => return Err(missing.into()),
+                Err(missing) => {
+                    // Blocks that only banned nodes serve: wait out the ban
+                    // (bans are short) rather than fail the request.
+                    let until = self.directory.with(|d| d.ban_ends_covering(&self.model, &missing.0));
+                    match until {
+                        Some(until) if until < give_up_waiting => {
+                            tokio::time::sleep_until(until).await;
+                            continue;
+                        }
+                        _ => return Err(missing.into()),
+                    }
+                }
             };
             let mut conns = Vec::with_capacity(hops.len());
             let mut failed = false;
@@ -362,7 +374,23 @@ impl Connector {
         conn
     }
 
+    /// Opens a session, retrying transport hiccups (a node that is busy
+    /// accepting streams may drop one) before calling the node failed.
     async fn open_session_now(&self, hop: Hop) -> Result<Conn, NodeFault> {
+        let mut attempt = 0;
+        loop {
+            match self.open_session_once(hop).await {
+                Err(NodeFault::Net(e)) if attempt < 2 => {
+                    attempt += 1;
+                    tracing::debug!(peer = %hop.peer, error = %e, attempt, "retrying a session open");
+                    tokio::time::sleep(Duration::from_millis(25 << attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn open_session_once(&self, hop: Hop) -> Result<Conn, NodeFault> {
         let node = node_id_of(&hop.peer).ok_or_else(|| NodeFault::Protocol("peer id carries no ed25519 key".into()))?;
         let stream = self.network.open_stream(hop.peer, PROTOCOL_INFER, self.config.open_timeout).await?;
         let mut framed = Framed::new(hop.peer, stream);

@@ -61,6 +61,18 @@ impl Directory {
         self.bans.get(peer).is_some_and(|b| b.until > Instant::now())
     }
 
+    /// When the earliest ban ends among the banned nodes of `model` that
+    /// would serve part of `blocks` (none: no banned node would help).
+    pub fn ban_ends_covering(&self, model: &ModelId, blocks: &[hotpot_core::LayerSpan]) -> Option<tokio::time::Instant> {
+        self.nodes
+            .values()
+            .filter(|r| &r.info.model == model && r.seen.elapsed() < STALE)
+            .filter(|r| blocks.iter().any(|b| r.info.span.start() < b.end() && b.start() < r.info.span.end()))
+            .filter_map(|r| self.bans.get(&r.peer).filter(|b| b.until > Instant::now()).map(|b| b.until))
+            .min()
+            .map(tokio::time::Instant::from_std)
+    }
+
     /// Fresh, unbanned nodes serving `model`.
     pub fn usable(&self, model: &ModelId) -> Vec<NodeRecord> {
         self.nodes

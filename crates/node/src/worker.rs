@@ -2,13 +2,13 @@
 //! and runs one request at a time. Network tasks send it jobs that carry
 //! their own reply channel, so compute never blocks the async runtime.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hotpot_core::{Commitment, ModelId, NodeKey, SessionId, StepRecord};
-use hotpot_engine::{ForwardError, HiddenStates, KvCache, Span};
+use hotpot_engine::{BatchItem, ForwardError, HiddenStates, KvCache, Span};
 use hotpot_net::PeerId;
 use hotpot_wire::{DType, ErrorCode, NodeMessage, Open, Step, Tensor};
 use tokio::sync::{mpsc, oneshot};
@@ -29,6 +29,9 @@ struct Session {
     reserved_bytes: usize,
     last_used: Instant,
 }
+
+/// Most steps run in one batch.
+const MAX_BATCH: usize = 16;
 
 /// Counters the network side reads for heartbeats and status.
 #[derive(Debug, Default)]
@@ -95,14 +98,41 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        while let Some(job) = rx.blocking_recv() {
-            self.load.queue.fetch_sub(1, Ordering::Relaxed);
+        let mut deferred: VecDeque<Job> = VecDeque::new();
+        loop {
+            let job = match deferred.pop_front() {
+                Some(job) => job,
+                None => match rx.blocking_recv() {
+                    Some(job) => {
+                        self.load.queue.fetch_sub(1, Ordering::Relaxed);
+                        job
+                    }
+                    None => break,
+                },
+            };
             match job {
                 Job::Open { owner, open, reply } => {
                     let _ = reply.send(self.open(owner, open));
                 }
                 Job::Step { owner, step, reply } => {
-                    let _ = reply.send(self.step(owner, step));
+                    // Every step already waiting joins this one: one pass
+                    // over the weights serves all of their sessions.
+                    let mut batch = vec![(owner, step, reply)];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(job) => {
+                                self.load.queue.fetch_sub(1, Ordering::Relaxed);
+                                match job {
+                                    Job::Step { owner, step, reply } if !batch.iter().any(|(_, s, _)| s.session == step.session) => {
+                                        batch.push((owner, step, reply));
+                                    }
+                                    other => deferred.push_back(other),
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.steps(batch);
                 }
                 Job::Truncate { owner, session, pos, reply } => {
                     let _ = reply.send(self.truncate(owner, session, pos));
@@ -156,48 +186,86 @@ impl Worker {
         NodeMessage::Opened { session: open.session, max_len: max_len as u32 }
     }
 
-    fn step(&mut self, owner: PeerId, step: Step) -> NodeMessage {
-        let model = self.config.model;
-        let Some(session) = self.sessions.get_mut(&step.session) else {
-            return NodeMessage::error(ErrorCode::UnknownSession, "no such session (it may have expired)");
-        };
-        if session.owner != owner {
-            return NodeMessage::error(ErrorCode::NotYourSession, "this session belongs to another peer");
-        }
-        session.last_used = Instant::now();
+    /// Runs a batch of steps from different sessions and answers each.
+    fn steps(&mut self, batch: Vec<(PeerId, Step, oneshot::Sender<NodeMessage>)>) {
         let dim = self.span.config().dim;
-        if step.hidden.cols() != dim {
-            return NodeMessage::error(ErrorCode::BadTensor, format!("hidden states must be {dim} wide, got {}", step.hidden.cols()));
-        }
-        let rows = step.hidden.rows();
-        let hidden = match HiddenStates::new(rows, dim, step.hidden.to_f32()) {
-            Ok(h) => h,
-            Err(e) => return NodeMessage::error(ErrorCode::BadTensor, e.to_string()),
-        };
-        let before = session.cache.memory_bytes();
-        let output = match self.span.forward(&mut session.cache, &hidden, step.pos as usize) {
-            Ok(output) => output,
-            Err(e) => {
-                let code = match e {
-                    ForwardError::Position { .. } => ErrorCode::BadPosition,
-                    ForwardError::ContextFull { .. } => ErrorCode::ContextFull,
-                    ForwardError::Width { .. } | ForwardError::NotFinite | ForwardError::Empty => ErrorCode::BadTensor,
-                    _ => ErrorCode::BadRequest,
-                };
-                return NodeMessage::error(code, e.to_string());
+        // Check each step and take its session out of the map while it runs.
+        let mut ready: Vec<(Step, oneshot::Sender<NodeMessage>, Session, HiddenStates)> = Vec::with_capacity(batch.len());
+        for (owner, step, reply) in batch {
+            let problem = match self.sessions.get(&step.session) {
+                None => Some(NodeMessage::error(ErrorCode::UnknownSession, "no such session (it may have expired)")),
+                Some(s) if s.owner != owner => Some(NodeMessage::error(ErrorCode::NotYourSession, "this session belongs to another peer")),
+                Some(_) if step.hidden.cols() != dim => {
+                    Some(NodeMessage::error(ErrorCode::BadTensor, format!("hidden states must be {dim} wide, got {}", step.hidden.cols())))
+                }
+                Some(_) => None,
+            };
+            if let Some(problem) = problem {
+                let _ = reply.send(problem);
+                continue;
             }
-        };
-        let grown = session.cache.memory_bytes().saturating_sub(before);
-        self.load.kv_bytes.fetch_add(grown, Ordering::Relaxed);
-        let out = Tensor::from_f32(DType::F32, rows, dim, output.as_slice());
+            let hidden = match HiddenStates::new(step.hidden.rows(), dim, step.hidden.to_f32()) {
+                Ok(h) => h,
+                Err(e) => {
+                    let _ = reply.send(NodeMessage::error(ErrorCode::BadTensor, e.to_string()));
+                    continue;
+                }
+            };
+            let mut session = self.sessions.remove(&step.session).expect("checked above");
+            session.last_used = Instant::now();
+            ready.push((step, reply, session, hidden));
+        }
+        // Sessions over the same blocks run together.
+        let mut spans: Vec<_> = ready.iter().map(|(_, _, s, _)| s.cache.span()).collect();
+        spans.sort();
+        spans.dedup();
+        let mut outputs: Vec<Option<Result<HiddenStates, ForwardError>>> = (0..ready.len()).map(|_| None).collect();
+        for span in spans {
+            let members: Vec<usize> = (0..ready.len()).filter(|&i| ready[i].2.cache.span() == span).collect();
+            let before: usize = members.iter().map(|&i| ready[i].2.cache.memory_bytes()).sum();
+            let mut items: Vec<BatchItem<'_>> = ready
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| members.contains(i))
+                .map(|(_, (step, _, session, hidden))| BatchItem { cache: &mut session.cache, hidden: &*hidden, start_pos: step.pos as usize })
+                .collect();
+            let results = self.span.forward_batch(&mut items);
+            drop(items);
+            for (&i, result) in members.iter().zip(results) {
+                outputs[i] = Some(result);
+            }
+            let after: usize = members.iter().map(|&i| ready[i].2.cache.memory_bytes()).sum();
+            self.load.kv_bytes.fetch_add(after.saturating_sub(before), Ordering::Relaxed);
+        }
+        for ((step, reply, session, _), output) in ready.into_iter().zip(outputs) {
+            let answer = match output.unwrap_or(Err(ForwardError::Empty)) {
+                Ok(output) => self.output(&step, &session, &output),
+                Err(e) => {
+                    let code = match e {
+                        ForwardError::Position { .. } => ErrorCode::BadPosition,
+                        ForwardError::ContextFull { .. } => ErrorCode::ContextFull,
+                        ForwardError::Width { .. } | ForwardError::NotFinite | ForwardError::Empty => ErrorCode::BadTensor,
+                        _ => ErrorCode::BadRequest,
+                    };
+                    NodeMessage::error(code, e.to_string())
+                }
+            };
+            self.sessions.insert(step.session, session);
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// The answer to a computed step, with its signed commitment.
+    fn output(&self, step: &Step, session: &Session, output: &HiddenStates) -> NodeMessage {
+        let out = Tensor::from_f32(DType::F32, output.rows(), output.dim(), output.as_slice());
         let commitment = Commitment::sign(
             &self.config.key,
             StepRecord {
                 session: step.session,
-                model,
+                model: self.config.model,
                 span: session.cache.span(),
                 start_pos: step.pos,
-                rows: rows as u32,
+                rows: output.rows() as u32,
                 input: step.hidden.bytes(),
                 output: out.bytes(),
             },

@@ -121,10 +121,15 @@ pub struct RopeTable {
 
 impl RopeTable {
     pub fn new(base: f32, dim: usize, positions: std::ops::Range<usize>) -> Self {
+        Self::at(base, dim, &positions.collect::<Vec<_>>())
+    }
+
+    /// A table whose row `i` is position `positions[i]`.
+    pub fn at(base: f32, dim: usize, positions: &[usize]) -> Self {
         let half = dim / 2;
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
-        for pos in positions {
+        for &pos in positions {
             for i in 0..half {
                 let theta = f64::from(base).powf(-2.0 * i as f64 / dim as f64);
                 let angle = pos as f64 * theta;

@@ -109,7 +109,7 @@ impl CpuPool {
             if spinning {
                 std::hint::spin_loop();
                 spins += 1;
-                if spins % SPINS_PER_CHECK == 0 {
+                if spins.is_multiple_of(SPINS_PER_CHECK) {
                     spinning = started.elapsed() < SPIN;
                 }
             } else {
@@ -162,7 +162,7 @@ fn worker(shared: &Shared, index: usize) {
                 break;
             }
             spins += 1;
-            if spins % SPINS_PER_CHECK != 0 || started.elapsed() < SPIN {
+            if !spins.is_multiple_of(SPINS_PER_CHECK) || started.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }
