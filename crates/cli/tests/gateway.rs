@@ -26,8 +26,10 @@ impl Drop for Served {
 
 /// Starts `hotpot ARGS` and waits for the line announcing the API's URL.
 fn serve(args: &[&str]) -> Served {
-    let mut child = Command::new(HOTPOT).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("starts");
-    let stdout = child.stdout.take().expect("stdout");
+    let child = Command::new(HOTPOT).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("starts");
+    // Owned by `Served` at once, so that a failure below still kills it.
+    let mut served = Served { child, base_url: String::new(), stdout: Vec::new() };
+    let stdout = served.child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -37,17 +39,19 @@ fn serve(args: &[&str]) -> Served {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut lines = Vec::new();
     loop {
-        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| panic!("no API URL from {args:?}: {lines:?}"));
-        lines.push(line.clone());
-        if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
-            if line.contains("OpenAI API") {
-                // `hotpot up` prints a few more lines (the curl example).
-                std::thread::sleep(Duration::from_millis(200));
-                lines.extend(rx.try_iter());
-                return Served { child, base_url: url.to_string(), stdout: lines };
-            }
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            panic!("no API URL from {args:?}: {:?}", served.stdout);
+        };
+        served.stdout.push(line.clone());
+        if line.contains("OpenAI API")
+            && let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://"))
+        {
+            // `hotpot up` prints a few more lines (the curl example).
+            std::thread::sleep(Duration::from_millis(200));
+            served.stdout.extend(rx.try_iter());
+            served.base_url = url.to_string();
+            return served;
         }
     }
 }
