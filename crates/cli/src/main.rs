@@ -109,8 +109,7 @@ fn models() -> anyhow::Result<()> {
             m.path.display()
         );
     }
-    let missing: Vec<&str> =
-        store::CATALOGUE.iter().map(|c| c.alias).filter(|alias| !models.iter().any(|m| m.name == *alias)).collect();
+    let missing: Vec<&str> = store::CATALOGUE.iter().map(|c| c.alias).filter(|alias| !models.iter().any(|m| m.name == *alias)).collect();
     if !missing.is_empty() {
         println!("\nnot pulled yet (hotpot pull NAME): {}", missing.join(", "));
     }

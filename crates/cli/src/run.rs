@@ -7,8 +7,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use hotpot_core::LayerSpan;
 use hotpot_engine::{
-    ChatMessage, ChatTemplate, ClientParts, Device, FinishReason, Generation, GenerationParams, LocalChain, ModelFile,
-    SamplingParams, Span, Tokenizer, generate,
+    ChatMessage, ChatTemplate, ClientParts, Device, FinishReason, Generation, GenerationParams, LocalChain, ModelFile, SamplingParams, Span, Tokenizer,
+    generate,
 };
 
 use crate::store::Store;
@@ -158,11 +158,7 @@ fn chat_messages(system: Option<&str>, user: &str) -> Vec<ChatMessage> {
 /// The prompt's token ids: the raw text, or a user message in the model's
 /// chat template with `--chat` / `--system`.
 pub fn prompt_tokens(client: &ClientParts, args: &RunArgs) -> Result<Vec<u32>> {
-    let text = if args.chat || args.system.is_some() {
-        client.render_chat(&chat_messages(args.system.as_deref(), &args.prompt))?
-    } else {
-        args.prompt.clone()
-    };
+    let text = if args.chat || args.system.is_some() { client.render_chat(&chat_messages(args.system.as_deref(), &args.prompt))? } else { args.prompt.clone() };
     let tokens = client.tokenizer().encode(&text)?;
     if tokens.is_empty() {
         bail!("the prompt is empty");
@@ -250,8 +246,7 @@ pub fn tokenize(args: &TokenizeArgs) -> Result<()> {
     };
     let ids = tokenizer.encode(&text)?;
     if args.json {
-        let pieces: Vec<serde_json::Value> =
-            ids.iter().map(|&id| serde_json::json!({"id": id, "piece": tokenizer.piece(id)})).collect();
+        let pieces: Vec<serde_json::Value> = ids.iter().map(|&id| serde_json::json!({"id": id, "piece": tokenizer.piece(id)})).collect();
         println!("{}", serde_json::to_string(&pieces)?);
     } else {
         println!("{}", serde_json::to_string(&ids)?);

@@ -120,14 +120,8 @@ pub fn node(args: &NodeArgs) -> Result<()> {
     };
     let key = load_key(args.key.as_deref())?;
     runtime()?.block_on(async {
-        let network = Network::start(NetworkConfig {
-            key,
-            listen: args.listen.clone(),
-            join: args.peers.join.clone(),
-            dht_server: true,
-            mdns: args.peers.mdns,
-        })
-        .await?;
+        let network =
+            Network::start(NetworkConfig { key, listen: args.listen.clone(), join: args.peers.join.clone(), dht_server: true, mdns: args.peers.mdns }).await?;
         println!("peer id: {}", network.peer_id());
         for addr in network.listen_addrs().await? {
             println!("listening on {addr}");
@@ -158,14 +152,8 @@ async fn join_as_client(peers: &PeerArgs) -> Result<Network> {
     if peers.join.is_empty() && !peers.mdns {
         bail!("give --join MULTIADDR (a node's address) or --mdns to find the swarm");
     }
-    let network = Network::start(NetworkConfig {
-        key: NodeKey::generate(),
-        listen: vec![],
-        join: peers.join.clone(),
-        dht_server: false,
-        mdns: peers.mdns,
-    })
-    .await?;
+    let network =
+        Network::start(NetworkConfig { key: NodeKey::generate(), listen: vec![], join: peers.join.clone(), dht_server: false, mdns: peers.mdns }).await?;
     Ok(network)
 }
 
@@ -274,11 +262,7 @@ pub fn run_remote(args: &RunArgs) -> Result<()> {
         let network = join_as_client(&args.peers).await?;
         let directory = SharedDirectory::follow(&network, model).await;
         directory.refresh(&network, &model, config.n_blocks, Duration::from_secs(3)).await;
-        let chain_config = ChainConfig {
-            max_len: max_len + 1,
-            emulated_delay: Duration::from_millis(args.emulate_delay_ms),
-            ..ChainConfig::default()
-        };
+        let chain_config = ChainConfig { max_len: max_len + 1, emulated_delay: Duration::from_millis(args.emulate_delay_ms), ..ChainConfig::default() };
         let mut chain = RemoteChain::open(network.clone(), directory, model, config.n_blocks, config.dim, chain_config, None)
             .await
             .with_context(|| format!("the swarm cannot serve {}", entry.name))?;
@@ -408,8 +392,8 @@ pub fn up(args: &UpArgs) -> Result<()> {
     let (model, path) = load_gateway_model(&args.model, &device)?;
     let file = ModelFile::open(&path)?;
     let n_blocks = file.config().n_blocks;
-    let spans = LayerSpan::split_even(n_blocks, args.nodes)
-        .with_context(|| format!("--nodes {} must be between 1 and the model's {n_blocks} blocks", args.nodes))?;
+    let spans =
+        LayerSpan::split_even(n_blocks, args.nodes).with_context(|| format!("--nodes {} must be between 1 and the model's {n_blocks} blocks", args.nodes))?;
     runtime()?.block_on(async {
         let mut networks = Vec::new();
         let mut bootstrap: Option<Multiaddr> = None;

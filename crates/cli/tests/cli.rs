@@ -95,9 +95,7 @@ fn greedy_run_and_span_chains_give_the_same_text() {
 
 #[test]
 fn same_seed_same_text() {
-    let run = |seed: &str| {
-        stdout(&ok(hotpot(&["run", "smollm2-135m", "Once upon a time", "--temperature", "1.0", "--seed", seed, "-n", "24", "-q"])))
-    };
+    let run = |seed: &str| stdout(&ok(hotpot(&["run", "smollm2-135m", "Once upon a time", "--temperature", "1.0", "--seed", seed, "-n", "24", "-q"])));
     let a = run("7");
     assert_eq!(a, run("7"));
     assert_ne!(a, run("8"));

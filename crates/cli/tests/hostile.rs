@@ -16,15 +16,9 @@ const T: Duration = Duration::from_secs(10);
 const DIM: usize = 576;
 
 async fn client(addr: &str) -> Network {
-    Network::start(NetworkConfig {
-        key: NodeKey::generate(),
-        listen: vec![],
-        join: vec![addr.parse().expect("addr")],
-        dht_server: false,
-        mdns: false,
-    })
-    .await
-    .expect("client joins")
+    Network::start(NetworkConfig { key: NodeKey::generate(), listen: vec![], join: vec![addr.parse().expect("addr")], dht_server: false, mdns: false })
+        .await
+        .expect("client joins")
 }
 
 async fn stream(net: &Network, peer: PeerId) -> Framed {
@@ -170,7 +164,12 @@ fn full_nodes_are_routed_around() {
 
         let out = tokio::task::spawn_blocking({
             let addr = full.addr.clone();
-            move || hotpot(&["run", "smollm2-135m", "The capital of France is", "--temperature", "0", "-n", "8", "--join", &addr, "--show-route"], Duration::from_secs(60))
+            move || {
+                hotpot(
+                    &["run", "smollm2-135m", "The capital of France is", "--temperature", "0", "-n", "8", "--join", &addr, "--show-route"],
+                    Duration::from_secs(60),
+                )
+            }
         })
         .await
         .expect("joins");

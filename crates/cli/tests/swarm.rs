@@ -125,12 +125,8 @@ fn failover_when_the_node_in_use_dies() {
     // Two nodes for the middle span.
     let head = NodeProc::start("0..10", None, &[]);
     let addr = head.addr.clone();
-    let mut nodes = vec![
-        head,
-        NodeProc::start("10..20", Some(&addr), &[]),
-        NodeProc::start("10..20", Some(&addr), &[]),
-        NodeProc::start("20..30", Some(&addr), &[]),
-    ];
+    let mut nodes =
+        vec![head, NodeProc::start("10..20", Some(&addr), &[]), NodeProc::start("10..20", Some(&addr), &[]), NodeProc::start("20..30", Some(&addr), &[])];
     failover_case(&mut nodes, &addr, "10..20");
 }
 

@@ -47,9 +47,7 @@ impl ChatTemplate {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
         });
         env.add_function("strftime_now", |format: String| -> String {
-            let days = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() / 86_400);
+            let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400);
             strftime_date(&format, days as i64)
         });
         env.add_template_owned(NAME, source.to_string()).map_err(|e| ModelError::Template(e.to_string()))?;
@@ -79,8 +77,7 @@ impl ChatTemplate {
     }
 }
 
-const MONTHS: [&str; 12] =
-    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
 
 /// The date `days` after 1970-01-01 formatted with the strftime directives
 /// chat templates use (`%d %m %Y %y %b %B %%`); other directives stay as they are.

@@ -33,11 +33,7 @@ impl ClientParts {
         let c = file.config().clone();
         let tokenizer = Tokenizer::from_gguf(file)?;
         let template = ChatTemplate::from_gguf(file, &tokenizer)?;
-        let output = if file.has_tensor("output.weight") {
-            Some(file.load_matrix("output.weight", c.vocab_size, c.dim)?)
-        } else {
-            None
-        };
+        let output = if file.has_tensor("output.weight") { Some(file.load_matrix("output.weight", c.vocab_size, c.dim)?) } else { None };
         Ok(Self {
             embedding: file.load_matrix("token_embd.weight", c.vocab_size, c.dim)?,
             output_norm: file.load_vector("output_norm.weight", c.dim)?,

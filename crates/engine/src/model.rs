@@ -79,11 +79,7 @@ impl ModelConfig {
 
     /// Errors unless `span` lies within the model's blocks.
     pub fn check_span(&self, span: LayerSpan) -> Result<(), ModelError> {
-        if span.fits(self.n_blocks) {
-            Ok(())
-        } else {
-            Err(ModelError::SpanOutOfRange { span, n_blocks: self.n_blocks })
-        }
+        if span.fits(self.n_blocks) { Ok(()) } else { Err(ModelError::SpanOutOfRange { span, n_blocks: self.n_blocks }) }
     }
 }
 
@@ -146,21 +142,13 @@ impl ModelFile {
         for (name, info) in &content.tensor_infos {
             let bad = |reason: String| ModelError::BadTensor { name: name.clone(), reason };
             let dims = info.shape.dims().to_vec();
-            let elements = dims
-                .iter()
-                .try_fold(1usize, |n, &d| n.checked_mul(d))
-                .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
+            let elements = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
             let block = info.ggml_dtype.block_size();
             if elements % block != 0 {
                 return Err(bad(format!("{elements} elements is not a whole number of {block}-element blocks")));
             }
-            let bytes = (elements / block)
-                .checked_mul(info.ggml_dtype.type_size())
-                .ok_or_else(|| bad("size overflows".into()))? as u64;
-            let offset = content
-                .tensor_data_offset
-                .checked_add(info.offset)
-                .ok_or_else(|| bad("offset overflows".into()))?;
+            let bytes = (elements / block).checked_mul(info.ggml_dtype.type_size()).ok_or_else(|| bad("size overflows".into()))? as u64;
+            let offset = content.tensor_data_offset.checked_add(info.offset).ok_or_else(|| bad("offset overflows".into()))?;
             let end = offset.checked_add(bytes).ok_or_else(|| bad("end overflows".into()))?;
             if end > file_len {
                 return Err(ModelError::Truncated { path: path.to_path_buf(), tensor: name.clone(), end, len: file_len });
@@ -221,10 +209,8 @@ impl ModelFile {
         let io = |source| ModelError::Io { path: self.path.clone(), source };
         let mut file = File::open(&self.path).map_err(io)?;
         file.seek(SeekFrom::Start(entry.offset)).map_err(io)?;
-        let len = usize::try_from(entry.bytes).map_err(|_| ModelError::BadTensor {
-            name: name.to_string(),
-            reason: "larger than this machine's address space".into(),
-        })?;
+        let len = usize::try_from(entry.bytes)
+            .map_err(|_| ModelError::BadTensor { name: name.to_string(), reason: "larger than this machine's address space".into() })?;
         let mut bytes = vec![0u8; len];
         file.read_exact(&mut bytes).map_err(io)?;
         Ok(bytes)
@@ -272,8 +258,7 @@ impl ModelFile {
             return Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
         }
         let device = candle_core::Device::Cpu;
-        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(entry.dtype, bytes, entry.dims.clone(), &device)
-            .map_err(bad)?;
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(entry.dtype, bytes, entry.dims.clone(), &device).map_err(bad)?;
         q.dequantize(&device).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(bad)
     }
 
@@ -284,8 +269,7 @@ impl ModelFile {
         hasher.update(b"hotpot-model-id/1\0");
         let arch = self.config.architecture.name();
         let prefix = format!("{arch}.");
-        let mut keys: Vec<&String> =
-            self.metadata.keys().filter(|k| *k == "general.architecture" || k.starts_with(&prefix)).collect();
+        let mut keys: Vec<&String> = self.metadata.keys().filter(|k| *k == "general.architecture" || k.starts_with(&prefix)).collect();
         keys.sort();
         for key in keys {
             hasher.update(key.as_bytes());

@@ -208,10 +208,7 @@ impl Block {
         } else {
             None
         };
-        let gate_up = vec![
-            file.load_matrix(&name("ffn_gate.weight"), c.ffn_dim, c.dim)?,
-            file.load_matrix(&name("ffn_up.weight"), c.ffn_dim, c.dim)?,
-        ];
+        let gate_up = vec![file.load_matrix(&name("ffn_gate.weight"), c.ffn_dim, c.dim)?, file.load_matrix(&name("ffn_up.weight"), c.ffn_dim, c.dim)?];
         Ok(Self {
             attn_norm: file.load_vector(&name("attn_norm.weight"), c.dim)?,
             qkv: fuse(qkv),

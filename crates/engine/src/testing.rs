@@ -28,18 +28,7 @@ pub struct TinyModel {
 
 impl Default for TinyModel {
     fn default() -> Self {
-        Self {
-            architecture: "llama".into(),
-            blocks: 4,
-            dim: 64,
-            heads: 4,
-            kv_heads: 2,
-            ffn: 96,
-            context: 256,
-            format: GgmlDType::Q4_1,
-            tied: true,
-            seed: 1,
-        }
+        Self { architecture: "llama".into(), blocks: 4, dim: 64, heads: 4, kv_heads: 2, ffn: 96, context: 256, format: GgmlDType::Q4_1, tied: true, seed: 1 }
     }
 }
 
@@ -93,10 +82,7 @@ impl TinyModel {
             ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
             ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
             ("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect())),
-            (
-                "tokenizer.ggml.token_type".into(),
-                Value::Array((0..vocab).map(|i| Value::I32(if i < TINY_SPECIAL.len() { 3 } else { 1 })).collect()),
-            ),
+            ("tokenizer.ggml.token_type".into(), Value::Array((0..vocab).map(|i| Value::I32(if i < TINY_SPECIAL.len() { 3 } else { 1 })).collect())),
             ("tokenizer.ggml.merges".into(), Value::Array(MERGES.iter().map(|(a, b)| Value::String(format!("{a} {b}"))).collect())),
             ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
             ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),

@@ -42,8 +42,7 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 fn split(regex: &str) -> Result<PreTokenizerWrapper, ModelError> {
-    let split = Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false)
-        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let split = Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
     Ok(split.into())
 }
 
@@ -88,18 +87,14 @@ impl Tokenizer {
     pub fn from_gguf(file: &ModelFile) -> Result<Self, ModelError> {
         let model = file.meta_str("tokenizer.ggml.model").unwrap_or("gpt2");
         if model != "gpt2" {
-            return Err(ModelError::Tokenizer(format!(
-                "tokenizer model `{model}` is not supported yet (supported: gpt2-style byte-level BPE)"
-            )));
+            return Err(ModelError::Tokenizer(format!("tokenizer model `{model}` is not supported yet (supported: gpt2-style byte-level BPE)")));
         }
         let texts: Vec<String> = file.meta_strings("tokenizer.ggml.tokens")?.into_iter().map(str::to_owned).collect();
         let merges: Vec<(String, String)> = file
             .meta_strings("tokenizer.ggml.merges")?
             .into_iter()
             .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                    .ok_or_else(|| ModelError::Tokenizer(format!("merge `{m}` is not two tokens")))
+                m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())).ok_or_else(|| ModelError::Tokenizer(format!("merge `{m}` is not two tokens")))
             })
             .collect::<Result<_, _>>()?;
         let types = match file.meta_ints("tokenizer.ggml.token_type") {
@@ -111,10 +106,7 @@ impl Tokenizer {
             return Err(ModelError::Tokenizer(format!("{} token types for {} tokens", types.len(), texts.len())));
         }
         let vocab: tokenizers::models::bpe::Vocab = texts.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(pre_tokenizer(file.meta_str("tokenizer.ggml.pre").unwrap_or("default"))?));
         let control: Vec<bool> = types.iter().map(|&t| t == TOKEN_CONTROL).collect();
@@ -148,14 +140,11 @@ impl Tokenizer {
 
         let vocab_size = texts.len() as u32;
         let id = |key: &str| file.meta_u32(key).filter(|&id| id < vocab_size);
-        let mut end_of_generation: HashSet<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
-            .into_iter()
-            .filter_map(id)
-            .collect();
+        let mut end_of_generation: HashSet<u32> =
+            ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"].into_iter().filter_map(id).collect();
         // Like llama.cpp: control tokens that end a turn in common templates.
         for (i, text) in texts.iter().enumerate() {
-            let ends_turn =
-                ["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>", "</s>"].contains(&text.as_str());
+            let ends_turn = ["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>", "</s>"].contains(&text.as_str());
             if ends_turn && control[i] {
                 end_of_generation.insert(i as u32);
             }

@@ -20,10 +20,8 @@ fn tokenizer_and_chat_template_match_llamacpp() {
         let ours = client.tokenizer().encode(text).expect("encodes");
         assert_eq!(ours, ids(&case["prompt_ids"]), "token ids for case {}", case["id"]);
         if let Some(messages) = case["messages"].as_array() {
-            let messages: Vec<ChatMessage> = messages
-                .iter()
-                .map(|m| ChatMessage::new(m["role"].as_str().expect("role"), m["content"].as_str().expect("content")))
-                .collect();
+            let messages: Vec<ChatMessage> =
+                messages.iter().map(|m| ChatMessage::new(m["role"].as_str().expect("role"), m["content"].as_str().expect("content"))).collect();
             assert_eq!(client.render_chat(&messages).expect("renders"), text, "chat rendering of case {}", case["id"]);
             rendered += 1;
         }

@@ -100,9 +100,8 @@ impl Reference {
                 for head in 0..m.heads {
                     let kvh = head / (m.heads / m.kv_heads);
                     let qh = &q[head * hd..][..hd];
-                    let scores: Vec<f64> = (0..=pos)
-                        .map(|j| qh.iter().zip(&keys[j][kvh * hd..][..hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt())
-                        .collect();
+                    let scores: Vec<f64> =
+                        (0..=pos).map(|j| qh.iter().zip(&keys[j][kvh * hd..][..hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()).collect();
                     let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                     let sum: f64 = e.iter().sum();
@@ -356,12 +355,8 @@ fn batched_sessions_equal_separate_ones() {
     let expected: Vec<_> = (0..3).map(|i| span.forward(&mut alone[i], &steps[i], prompts[i].len()).expect("step")).collect();
     let bad = client.embed(&tokens(1, 7)).expect("e");
     let mut stray = span.new_cache(512);
-    let mut items: Vec<BatchItem<'_>> = batched
-        .iter_mut()
-        .zip(&steps)
-        .zip(&prompts)
-        .map(|((cache, hidden), p)| BatchItem { cache, hidden, start_pos: p.len() })
-        .collect();
+    let mut items: Vec<BatchItem<'_>> =
+        batched.iter_mut().zip(&steps).zip(&prompts).map(|((cache, hidden), p)| BatchItem { cache, hidden, start_pos: p.len() }).collect();
     // A broken item (wrong position) fails alone.
     items.insert(1, BatchItem { cache: &mut stray, hidden: &bad, start_pos: 9 });
     let results = span.forward_batch(&mut items);

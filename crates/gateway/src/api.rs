@@ -74,7 +74,10 @@ impl Gateway {
         if self.serves(name) {
             Ok(())
         } else {
-            Err(ApiError::NotFound { message: format!("the model `{name}` does not exist (this gateway serves `{}`)", self.model.name), code: "model_not_found" })
+            Err(ApiError::NotFound {
+                message: format!("the model `{name}` does not exist (this gateway serves `{}`)", self.model.name),
+                code: "model_not_found",
+            })
         }
     }
 
@@ -438,8 +441,7 @@ async fn completions(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Bo
     )?;
     let params = GenerationParams { sampling: sampling_params, max_tokens, stop: request.stop.clone().map(Stop::into_vec).unwrap_or_default(), logprobs: top };
     let echo_logprobs = if request.echo { top } else { None };
-    let jobs: Vec<ChoiceJob> =
-        prompts.iter().enumerate().flat_map(|(pi, p)| choice_jobs(p, &params, n, pi as u32 * n, echo_logprobs)).collect();
+    let jobs: Vec<ChoiceJob> = prompts.iter().enumerate().flat_map(|(pi, p)| choice_jobs(p, &params, n, pi as u32 * n, echo_logprobs)).collect();
     let total = jobs.len();
     let prepared = prepare_all(&gateway, jobs).await?;
     let mut events = spawn_choices(&gateway, prepared, started);
@@ -573,15 +575,8 @@ async fn completions(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Bo
         .enumerate()
         .map(|(i, b)| CompletionChoice { text: b.text, index: i as u32, logprobs: b.logprobs, finish_reason: b.finish })
         .collect();
-    let response = CompletionResponse {
-        id,
-        object: "text_completion",
-        created,
-        model,
-        system_fingerprint: gateway.fingerprint.clone(),
-        choices,
-        usage: Some(usage),
-    };
+    let response =
+        CompletionResponse { id, object: "text_completion", created, model, system_fingerprint: gateway.fingerprint.clone(), choices, usage: Some(usage) };
     Ok(Json(response).into_response())
 }
 

@@ -353,13 +353,7 @@ impl Connector {
             d.usable(&self.model)
                 .into_iter()
                 .filter(|r| r.info.free_slots > 0 && r.info.n_blocks == self.n_blocks)
-                .map(|r| Candidate {
-                    peer: r.peer,
-                    span: r.info.span,
-                    throughput: r.info.throughput,
-                    queue: r.info.queue,
-                    rtt: r.rtt.unwrap_or_default(),
-                })
+                .map(|r| Candidate { peer: r.peer, span: r.info.span, throughput: r.info.throughput, queue: r.info.queue, rtt: r.rtt.unwrap_or_default() })
                 .collect()
         })
     }

@@ -75,11 +75,7 @@ impl Directory {
 
     /// Fresh, unbanned nodes serving `model`.
     pub fn usable(&self, model: &ModelId) -> Vec<NodeRecord> {
-        self.nodes
-            .values()
-            .filter(|r| &r.info.model == model && r.seen.elapsed() < STALE && !self.is_banned(&r.peer))
-            .cloned()
-            .collect()
+        self.nodes.values().filter(|r| &r.info.model == model && r.seen.elapsed() < STALE && !self.is_banned(&r.peer)).cloned().collect()
     }
 
     /// Every node heard of, banned or not.

@@ -85,10 +85,7 @@ impl KeyStore {
         if let Some(budget) = account.spec.token_budget
             && account.spent >= budget
         {
-            return Err(ApiError::RateLimited {
-                message: format!("this key has spent its budget of {budget} tokens"),
-                code: "insufficient_quota",
-            });
+            return Err(ApiError::RateLimited { message: format!("this key has spent its budget of {budget} tokens"), code: "insufficient_quota" });
         }
         if let Some(rpm) = account.spec.requests_per_minute {
             let rpm = f64::from(rpm);
@@ -114,8 +111,7 @@ impl KeyStore {
     /// `(name, spent)` for every key.
     pub fn spending(&self) -> Vec<(String, u64)> {
         let accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<_> =
-            accounts.iter().map(|(k, a)| (a.spec.name.clone().unwrap_or_else(|| format!("key-{}", &k[..k.len().min(6)])), a.spent)).collect();
+        let mut out: Vec<_> = accounts.iter().map(|(k, a)| (a.spec.name.clone().unwrap_or_else(|| format!("key-{}", &k[..k.len().min(6)])), a.spent)).collect();
         out.sort();
         out
     }

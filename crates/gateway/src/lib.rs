@@ -23,11 +23,11 @@ use hotpot_engine::{ClientParts, FinishReason, Generation, Step};
 
 pub use api::router;
 pub use chain::{ChainConfig, ChainError, ChainEvent, Observer, RemoteChain, describe_route};
+pub use directory::{Directory, NodeRecord, SharedDirectory};
 pub use error::ApiError;
 pub use keys::KeyStore;
-pub use service::{Gateway, GatewayConfig, ServedModel};
-pub use directory::{Directory, NodeRecord, SharedDirectory};
 pub use route::{Candidate, Hop, MissingBlocks, plan};
+pub use service::{Gateway, GatewayConfig, ServedModel};
 
 /// Runs `generation` to the end through `chain`, calling `on_step` for each
 /// token. The client's own compute (embedding, head) runs on blocking

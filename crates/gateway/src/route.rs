@@ -79,10 +79,7 @@ pub fn plan(range: LayerSpan, candidates: &[Candidate]) -> Result<Vec<Hop>, Miss
                 LayerSpan::new(a - start, b - start).ok().map(|span| Served { span, throughput: c.throughput })
             })
             .collect();
-        let missing = gaps(end - start, &served)
-            .into_iter()
-            .map(|g| LayerSpan::new(g.start() + start, g.end() + start).expect("non-empty"))
-            .collect();
+        let missing = gaps(end - start, &served).into_iter().map(|g| LayerSpan::new(g.start() + start, g.end() + start).expect("non-empty")).collect();
         return Err(MissingBlocks(missing));
     }
     let mut hops = Vec::new();

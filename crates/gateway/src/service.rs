@@ -70,9 +70,21 @@ pub(crate) struct ChoiceJob {
 #[derive(Debug, Clone)]
 pub(crate) enum ChoiceEvent {
     /// Log-probabilities of prompt tokens 1.. (the first has none).
-    Prompt { index: u32, logprobs: Vec<TokenLogprob> },
-    Token { index: u32, token: u32, text: String, logprob: Option<TokenLogprob> },
-    Done { index: u32, finish: FinishReason, completion_tokens: usize },
+    Prompt {
+        index: u32,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Token {
+        index: u32,
+        token: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    Done {
+        index: u32,
+        finish: FinishReason,
+        completion_tokens: usize,
+    },
 }
 
 /// A choice whose route is open, ready to run.
@@ -141,17 +153,10 @@ impl Gateway {
         let max_len = (job.prompt.len() + job.params.max_tokens).min(self.model.context);
         let config = ChainConfig { max_len: max_len + 1, ..self.config.chain.clone() };
         let generation = Generation::new(job.prompt.clone(), job.params.clone(), self.model.context).map_err(forward_error)?;
-        let chain = RemoteChain::open(
-            self.network.clone(),
-            self.directory.clone(),
-            self.model.id,
-            self.model.n_blocks,
-            self.model.dim,
-            config,
-            Some(self.observer()),
-        )
-        .await
-        .map_err(|e| self.chain_error(e))?;
+        let chain =
+            RemoteChain::open(self.network.clone(), self.directory.clone(), self.model.id, self.model.n_blocks, self.model.dim, config, Some(self.observer()))
+                .await
+                .map_err(|e| self.chain_error(e))?;
         Ok(PreparedChoice { job, chain, generation })
     }
 

@@ -60,18 +60,10 @@ pub(crate) fn build_swarm(config: &NetworkConfig) -> Result<(Swarm<Behaviour>, l
             let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)
                 .map_err(|e| Box::new(std::io::Error::other(e)) as Box<dyn std::error::Error + Send + Sync>)?;
             let identify = identify::Behaviour::new(
-                identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                    .with_agent_version(format!("hotpot/{}", env!("CARGO_PKG_VERSION"))),
+                identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public()).with_agent_version(format!("hotpot/{}", env!("CARGO_PKG_VERSION"))),
             );
             let mdns = if mdns_on { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
-            Ok(Behaviour {
-                kad,
-                gossipsub,
-                identify,
-                ping: ping::Behaviour::default(),
-                stream: libp2p_stream::Behaviour::new(),
-                mdns: Toggle::from(mdns),
-            })
+            Ok(Behaviour { kad, gossipsub, identify, ping: ping::Behaviour::default(), stream: libp2p_stream::Behaviour::new(), mdns: Toggle::from(mdns) })
         })
         .map_err(|e| err(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
@@ -192,12 +184,10 @@ impl EventLoop {
                     tracing::warn!(error = %e, "cannot subscribe");
                 }
             }
-            Command::Publish(topic, data) => {
-                match self.swarm.behaviour_mut().gossipsub.publish(gossipsub::IdentTopic::new(topic), data) {
-                    Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
-                    Err(e) => tracing::debug!(error = %e, "gossip publish failed"),
-                }
-            }
+            Command::Publish(topic, data) => match self.swarm.behaviour_mut().gossipsub.publish(gossipsub::IdentTopic::new(topic), data) {
+                Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+                Err(e) => tracing::debug!(error = %e, "gossip publish failed"),
+            },
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }

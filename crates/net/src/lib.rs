@@ -47,9 +47,16 @@ pub struct NetworkConfig {
 #[derive(Debug, Clone)]
 pub enum NetEvent {
     /// A gossip message on a subscribed topic, from its original publisher.
-    Gossip { topic: String, source: Option<PeerId>, data: Vec<u8> },
+    Gossip {
+        topic: String,
+        source: Option<PeerId>,
+        data: Vec<u8>,
+    },
     /// A peer subscribed to one of our topics.
-    Subscribed { peer: PeerId, topic: String },
+    Subscribed {
+        peer: PeerId,
+        topic: String,
+    },
     Connected(PeerId),
     Disconnected(PeerId),
 }
@@ -174,9 +181,7 @@ impl Network {
 
     /// Peers that provide `key`, found within `timeout`.
     pub async fn providers(&self, key: String, timeout: Duration) -> Result<HashSet<PeerId>, NetError> {
-        tokio::time::timeout(timeout, self.ask(|tx| Command::Providers(key, tx)))
-            .await
-            .map_err(|_| NetError::Timeout(timeout))?
+        tokio::time::timeout(timeout, self.ask(|tx| Command::Providers(key, tx))).await.map_err(|_| NetError::Timeout(timeout))?
     }
 
     /// Refreshes the DHT routing table (finds the peers near us).

@@ -29,7 +29,9 @@ pub enum BlockChoice {
     Fixed(LayerSpan),
     /// The window of `count` blocks (default: as many as fit in memory)
     /// that the swarm covers worst.
-    Auto { count: Option<u32> },
+    Auto {
+        count: Option<u32>,
+    },
 }
 
 /// How a node runs. `Default` gives sensible values for everything but the

@@ -15,10 +15,26 @@ use tokio::sync::{mpsc, oneshot};
 
 /// What the engine thread is asked to do.
 pub(crate) enum Job {
-    Open { owner: PeerId, open: Open, reply: oneshot::Sender<NodeMessage> },
-    Step { owner: PeerId, step: Step, reply: oneshot::Sender<NodeMessage> },
-    Truncate { owner: PeerId, session: SessionId, pos: u32, reply: oneshot::Sender<NodeMessage> },
-    Close { owner: PeerId, session: SessionId },
+    Open {
+        owner: PeerId,
+        open: Open,
+        reply: oneshot::Sender<NodeMessage>,
+    },
+    Step {
+        owner: PeerId,
+        step: Step,
+        reply: oneshot::Sender<NodeMessage>,
+    },
+    Truncate {
+        owner: PeerId,
+        session: SessionId,
+        pos: u32,
+        reply: oneshot::Sender<NodeMessage>,
+    },
+    Close {
+        owner: PeerId,
+        session: SessionId,
+    },
     /// Drop sessions idle for longer than the configured timeout.
     Expire,
 }

@@ -12,11 +12,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, max: usize) -> Res
     while got < 4 {
         let n = reader.read(&mut len[got..]).await?;
         if n == 0 {
-            return if got == 0 {
-                Ok(None)
-            } else {
-                Err(WireError::Truncated { needed: 4 - got, left: 0 })
-            };
+            return if got == 0 { Ok(None) } else { Err(WireError::Truncated { needed: 4 - got, left: 0 }) };
         }
         got += n;
     }

@@ -29,8 +29,13 @@ pub enum ClientMessage {
     Open(Open),
     Step(Step),
     /// Keep only the first `pos` positions of the session's cache.
-    Truncate { session: SessionId, pos: u32 },
-    Close { session: SessionId },
+    Truncate {
+        session: SessionId,
+        pos: u32,
+    },
+    Close {
+        session: SessionId,
+    },
 }
 
 /// Why a node refused a request.
@@ -197,12 +202,7 @@ impl ClientMessage {
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(bytes);
         let msg = match read_header(&mut r)? {
-            TAG_OPEN => Self::Open(Open {
-                session: session(&mut r)?,
-                model: ModelId::from_bytes(r.array()?),
-                span: span(&mut r)?,
-                max_len: r.u32()?,
-            }),
+            TAG_OPEN => Self::Open(Open { session: session(&mut r)?, model: ModelId::from_bytes(r.array()?), span: span(&mut r)?, max_len: r.u32()? }),
             TAG_STEP => Self::Step(Step { session: session(&mut r)?, pos: r.u32()?, hidden: Tensor::read(&mut r)? }),
             TAG_TRUNCATE => Self::Truncate { session: session(&mut r)?, pos: r.u32()? },
             TAG_CLOSE => Self::Close { session: session(&mut r)? },

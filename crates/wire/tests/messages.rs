@@ -9,9 +9,8 @@ fn span() -> impl Strategy<Value = LayerSpan> {
 }
 
 fn tensor() -> impl Strategy<Value = Tensor> {
-    (prop_oneof![Just(DType::F32), Just(DType::F16)], 1usize..4, 1usize..40).prop_flat_map(|(dtype, rows, cols)| {
-        proptest::collection::vec(-1e4f32..1e4, rows * cols).prop_map(move |v| Tensor::from_f32(dtype, rows, cols, &v))
-    })
+    (prop_oneof![Just(DType::F32), Just(DType::F16)], 1usize..4, 1usize..40)
+        .prop_flat_map(|(dtype, rows, cols)| proptest::collection::vec(-1e4f32..1e4, rows * cols).prop_map(move |v| Tensor::from_f32(dtype, rows, cols, &v)))
 }
 
 fn session() -> impl Strategy<Value = SessionId> {
@@ -75,8 +74,8 @@ fn node_message() -> impl Strategy<Value = NodeMessage> {
 }
 
 fn node_info() -> impl Strategy<Value = NodeInfo> {
-    (span(), 0u32..50, "[a-z0-9-]{0,20}", proptest::collection::vec("/ip4/127.0.0.1/udp/[0-9]{1,5}/quic-v1", 0..4), any::<u64>())
-        .prop_map(|(span, extra, model_name, addrs, timestamp_ms)| NodeInfo {
+    (span(), 0u32..50, "[a-z0-9-]{0,20}", proptest::collection::vec("/ip4/127.0.0.1/udp/[0-9]{1,5}/quic-v1", 0..4), any::<u64>()).prop_map(
+        |(span, extra, model_name, addrs, timestamp_ms)| NodeInfo {
             node: NodeKey::from_secret_bytes(&[1; 32]).expect("key").id(),
             model: ModelId::from_bytes([5; 32]),
             model_name,
@@ -90,7 +89,8 @@ fn node_info() -> impl Strategy<Value = NodeInfo> {
             version: "0.1.0".into(),
             addrs,
             timestamp_ms,
-        })
+        },
+    )
 }
 
 proptest! {
@@ -142,16 +142,8 @@ fn hex(bytes: &[u8]) -> String {
 #[test]
 fn byte_snapshots() {
     let session = SessionId([0xAB; 16]);
-    let open = ClientMessage::Open(Open {
-        session,
-        model: ModelId::from_bytes([0x11; 32]),
-        span: LayerSpan::new(10, 20).expect("span"),
-        max_len: 2048,
-    });
-    assert_eq!(
-        hex(&open.encode()),
-        format!("0101{}{}0a00000014000000{}", "ab".repeat(16), "11".repeat(32), "00080000")
-    );
+    let open = ClientMessage::Open(Open { session, model: ModelId::from_bytes([0x11; 32]), span: LayerSpan::new(10, 20).expect("span"), max_len: 2048 });
+    assert_eq!(hex(&open.encode()), format!("0101{}{}0a00000014000000{}", "ab".repeat(16), "11".repeat(32), "00080000"));
     let step = ClientMessage::Step(Step { session, pos: 7, hidden: Tensor::from_f32(DType::F32, 1, 2, &[1.0, -2.0]) });
     assert_eq!(hex(&step.encode()), format!("0102{}07000000000100000002000000080000000000803f000000c0", "ab".repeat(16)));
     let error = NodeMessage::Error { code: ErrorCode::Busy, message: "full".into() };

@@ -26,8 +26,8 @@
 
 use half::f16;
 
-use super::aligned::AlignedBuf;
 use super::Cpu;
+use super::aligned::AlignedBuf;
 
 use super::isa::Isa;
 use super::quant::{self, QK, QuantizedRows};
@@ -280,10 +280,12 @@ impl Matrix {
 pub(crate) fn unpack_q4(quants: &[u8], lane: usize, q: &mut [u8; QK]) {
     for g in 0..4 {
         let [b0, b1, b2, b3] = [0, 1, 2, 3].map(|j| quants[g * 64 + lane * 4 + j]);
-        for (col, byte, high) in [(2 * g, b0, false), (2 * g + 1, b2, false), (2 * g + 16, b0, true), (2 * g + 17, b2, true)]
-            .into_iter()
-            .chain([(2 * g + 8, b1, false), (2 * g + 9, b3, false), (2 * g + 24, b1, true), (2 * g + 25, b3, true)])
-        {
+        for (col, byte, high) in [(2 * g, b0, false), (2 * g + 1, b2, false), (2 * g + 16, b0, true), (2 * g + 17, b2, true)].into_iter().chain([
+            (2 * g + 8, b1, false),
+            (2 * g + 9, b3, false),
+            (2 * g + 24, b1, true),
+            (2 * g + 25, b3, true),
+        ]) {
             q[col] = if high { byte >> 4 } else { byte & 15 };
         }
     }

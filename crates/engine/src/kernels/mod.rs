@@ -42,7 +42,7 @@ mod scalar;
 mod x86;
 
 pub use isa::Isa;
-pub use matrix::{Matrix, MatmulInput, PANEL, WeightFormat, matmul};
+pub use matrix::{MatmulInput, Matrix, PANEL, WeightFormat, matmul};
 pub use pool::CpuPool;
 
 /// The kernel family in use on this CPU (reported with benchmark figures).

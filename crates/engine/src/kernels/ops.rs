@@ -376,7 +376,11 @@ mod tests {
                 assert!((f64::from(reference[i]) - want).abs() < 1e-5, "head {hd} len {len} dim {i}");
             }
             for isa in Isa::available() {
-                assert_eq!(run(isa).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{isa:?} len {len}");
+                assert_eq!(
+                    run(isa).iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{isa:?} len {len}"
+                );
             }
             // The code specialized for a head size computes what the
             // general code does.

@@ -67,9 +67,7 @@ impl CpuPool {
         let workers = (1..threads)
             .map(|index| {
                 let shared = Arc::clone(&shared);
-                std::thread::Builder::new()
-                    .name(format!("hotpot-cpu-{index}"))
-                    .spawn(move || worker(&shared, index))
+                std::thread::Builder::new().name(format!("hotpot-cpu-{index}")).spawn(move || worker(&shared, index))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self { shared, workers, section: Mutex::new(()), threads })
@@ -91,9 +89,7 @@ impl CpuPool {
         // SAFETY: we erase the lifetime; the pointer is dropped from the slot
         // below before this function returns, and workers only use it between
         // seeing the new epoch and decrementing `pending`.
-        let ptr: *const Job = unsafe {
-            std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync + 'static)>(job)
-        };
+        let ptr: *const Job = unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync + 'static)>(job) };
         *shared.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(ptr);
         shared.pending.store(self.threads - 1, Ordering::SeqCst);
         shared.epoch.fetch_add(1, Ordering::SeqCst);
@@ -170,9 +166,7 @@ fn worker(shared: &Shared, index: usize) {
             shared.sleepers.fetch_add(1, Ordering::SeqCst);
             let guard = shared
                 .wake
-                .wait_while(guard, |_| {
-                    shared.epoch.load(Ordering::SeqCst) == seen && !shared.shutdown.load(Ordering::SeqCst)
-                })
+                .wait_while(guard, |_| shared.epoch.load(Ordering::SeqCst) == seen && !shared.shutdown.load(Ordering::SeqCst))
                 .unwrap_or_else(|e| e.into_inner());
             shared.sleepers.fetch_sub(1, Ordering::SeqCst);
             drop(guard);

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use hotpot_engine::{ClientParts, Device, ModelFile, Span};
 use hotpot_core::LayerSpan;
+use hotpot_engine::{ClientParts, Device, ModelFile, Span};
 
 pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -15,9 +15,8 @@ pub fn model_path() -> PathBuf {
     if let Ok(path) = std::env::var("HOTPOT_TEST_MODEL") {
         return PathBuf::from(path);
     }
-    let home = std::env::var("HOTPOT_HOME").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache/hotpot")
-    });
+    let home =
+        std::env::var("HOTPOT_HOME").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache/hotpot"));
     let path = home.join("models").join(MODEL_FILE);
     assert!(path.exists(), "{} is missing: run `hotpot pull smollm2-135m` first", path.display());
     path
@@ -42,10 +41,7 @@ pub fn threads() -> usize {
 }
 
 pub fn load_spans(file: &ModelFile, chain: &[(u32, u32)], device: &Device) -> Vec<Span> {
-    chain
-        .iter()
-        .map(|&(a, b)| Span::load(file, LayerSpan::new(a, b).expect("valid span"), device).expect("span loads"))
-        .collect()
+    chain.iter().map(|&(a, b)| Span::load(file, LayerSpan::new(a, b).expect("valid span"), device).expect("span loads")).collect()
 }
 
 pub fn client(file: &ModelFile, device: &Device) -> ClientParts {
