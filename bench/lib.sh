@@ -2,12 +2,15 @@
 # the figures `hotpot run` prints. Source it; it needs $HOTPOT and $WORK.
 
 PIDS=()
+# Extra arguments and environment (VAR=value) for the next start_node.
+NODE_ARGS=()
+NODE_ENV=()
 
-# start_node BLOCKS THREADS [JOIN] [NETNS] -> sets NODE_ADDR (and appends to PIDS)
+# start_node BLOCKS THREADS [JOIN] [NETNS] -> sets NODE_ADDR and NODE_PEER (and appends to PIDS)
 start_node() {
     local blocks=$1 threads=$2 join=${3:-} netns=${4:-} listen_ip=${5:-127.0.0.1}
     local log="$WORK/node-${blocks/../-}-$RANDOM.log"
-    local cmd=("$HOTPOT" node --model smollm2-135m --blocks "$blocks" --listen "/ip4/$listen_ip/udp/0/quic-v1" -t "$threads")
+    local cmd=(env "${NODE_ENV[@]}" "$HOTPOT" node --model smollm2-135m --blocks "$blocks" --listen "/ip4/$listen_ip/udp/0/quic-v1" -t "$threads" "${NODE_ARGS[@]}")
     [ -n "$join" ] && cmd+=(--join "$join")
     if [ -n "$netns" ]; then
         ip netns exec "$netns" "${cmd[@]}" >"$log" 2>&1 &
@@ -18,6 +21,7 @@ start_node() {
     for _ in $(seq 1 600); do
         if grep -q "^serving blocks" "$log"; then
             NODE_ADDR=$(grep -m1 "^listening on" "$log" | awk '{print $3}')
+            NODE_PEER=${NODE_ADDR##*/p2p/}
             return 0
         fi
         sleep 0.1

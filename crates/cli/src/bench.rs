@@ -33,6 +33,14 @@ pub struct BenchArgs {
     /// Also show where the time goes, per operation.
     #[arg(long)]
     pub profile: bool,
+    /// Measure what verification costs instead: an audit's prefill against
+    /// the session it checks, and decode with and without commitments and
+    /// sketches.
+    #[arg(long)]
+    pub verification: bool,
+    /// Random sessions of the audit-cost test.
+    #[arg(long, default_value_t = 24)]
+    pub sessions: usize,
 }
 
 struct Measurement {
@@ -46,6 +54,9 @@ struct Measurement {
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
+    if args.verification {
+        return verification(args);
+    }
     let file = open_model(&args.model)?;
     let config = file.config().clone();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1234);
@@ -147,6 +158,156 @@ fn print_profiles(results: &[Measurement]) {
             println!("| {} | {:.1} % | {:.2} |", phase.name(), 100.0 * d.as_secs_f64() / total, 1e3 * d.as_secs_f64() / m.reps as f64);
         }
     }
+}
+
+/// What verification costs a node and an auditor, with the real model:
+///
+/// - audit cost: for random sessions (prompt and generation lengths drawn
+///   from 16..256), the node's work — a prefill of the prompt, then one
+///   decode step per generated token — against the audit's one prefill over
+///   the same inputs on a fresh cache;
+/// - proof overhead: decode through the first half of the blocks (a typical
+///   node's span) and through all of them, with and without what a node
+///   adds per step — output sketches and a signed commitment over the input
+///   and output bytes; repetitions alternate so drift hits both equally;
+/// - proof size: sketch bytes per position and commitment bytes per step.
+fn verification(args: &BenchArgs) -> Result<()> {
+    use hotpot_core::{Commitment, NodeKey, SessionId, StepRecord};
+    use hotpot_engine::HiddenStates;
+    use hotpot_verify::{CHUNK, SketchBuilder};
+    use hotpot_wire::{DType, Tensor, commitment_wire_bytes};
+
+    let file = open_model(&args.model)?;
+    let config = file.config().clone();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4321);
+    let key = NodeKey::generate();
+    let model_id = file.model_id()?;
+    let proof_seconds = {
+        // What one step's proof costs, piece by piece, on decode-sized tensors.
+        let dim = config.dim;
+        let values: Vec<f32> = (0..CHUNK * dim).map(|_| rng.random_range(-4.0f32..4.0)).collect();
+        let row = Tensor::from_f32(DType::F32, 1, dim, &values[..dim]);
+        let (session, span, n) = (SessionId::random(), config.full_span(), 2000u32);
+        let record = |pos| StepRecord { session, model: model_id, span, start_pos: pos, rows: 1, input: row.bytes(), output: row.bytes() };
+        let started = Instant::now();
+        for pos in 0..n {
+            std::hint::black_box(Commitment::sign(&key, record(pos), Vec::new()));
+        }
+        let sign = started.elapsed().as_secs_f64() / f64::from(n);
+        let started = Instant::now();
+        for _ in 0..n / 20 {
+            std::hint::black_box(hotpot_verify::Sketch::of(0, CHUNK as u32, &values));
+        }
+        let sketch = started.elapsed().as_secs_f64() / f64::from(n / 20);
+        println!(
+            "proof cost per decode step: {:.1} µs to hash and sign the commitment, {:.1} µs of sketching ({:.0} µs per {CHUNK}-position sketch)",
+            sign * 1e6,
+            sketch * 1e6 / CHUNK as f64,
+            sketch * 1e6
+        );
+        sign + sketch / CHUNK as f64
+    };
+    for &threads in &args.threads {
+        let device = Device::cpu(threads)?;
+        let client = ClientParts::load(&file, &device)?;
+        let full = Span::load(&file, config.full_span(), &device)?;
+        let embed =
+            |rng: &mut rand_chacha::ChaCha8Rng, n: usize| client.embed(&(0..n).map(|_| rng.random_range(0..config.vocab_size as u32)).collect::<Vec<_>>());
+
+        // Audit cost: one prefill against prefill + sequential decode.
+        let (mut session_s, mut audit_s, mut ratios) = (0.0f64, 0.0f64, Vec::new());
+        for i in 0..=args.sessions {
+            let (prompt, generated) = (rng.random_range(16..=256usize), rng.random_range(16..=256usize));
+            let inputs = embed(&mut rng, prompt + generated - 1)?;
+            let dim = inputs.dim();
+            let rows = |from: usize, to: usize| HiddenStates::new(to - from, dim, inputs.as_slice()[from * dim..to * dim].to_vec());
+            let mut cache = full.new_cache(prompt + generated);
+            let started = Instant::now();
+            full.forward(&mut cache, &rows(0, prompt)?, 0)?;
+            for pos in prompt..prompt + generated - 1 {
+                full.forward(&mut cache, &rows(pos, pos + 1)?, pos)?;
+            }
+            let session = started.elapsed().as_secs_f64();
+            let mut fresh = full.new_cache(prompt + generated);
+            let started = Instant::now();
+            full.forward(&mut fresh, &inputs, 0)?;
+            let audit = started.elapsed().as_secs_f64();
+            // The first session warms up caches and the thread pool.
+            if i > 0 {
+                session_s += session;
+                audit_s += audit;
+                ratios.push(audit / session);
+            }
+        }
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "audit cost, {threads} thread(s), {} kernels, {} random sessions (prompt 16..256, generated 16..256): \
+             audit prefill / session compute = {:.1} % in total, {:.1} % median, {:.1} % worst",
+            hotpot_engine::kernels::variant(),
+            ratios.len(),
+            100.0 * audit_s / session_s,
+            100.0 * ratios[ratios.len() / 2],
+            100.0 * ratios[ratios.len() - 1],
+        );
+
+        // Proof overhead on decode.
+        let half = hotpot_core::LayerSpan::new(0, config.n_blocks / 2)?;
+        for span in [half, config.full_span()] {
+            let loaded = Span::load(&file, span, &device)?;
+            let steps = args.n_gen.max(16);
+            let inputs = embed(&mut rng, steps)?;
+            let dim = inputs.dim();
+            let (mut rates_off, mut rates_on) = (Vec::new(), Vec::new());
+            let (mut sketch_bytes, mut commitment_bytes, mut commitments) = (0usize, 0usize, 0usize);
+            for rep in 0..=args.repetitions * 2 + 1 {
+                let proofs = rep % 2 == 1;
+                let mut cache = loaded.new_cache(steps);
+                let mut sketches = SketchBuilder::default();
+                let session = SessionId::random();
+                let started = Instant::now();
+                for pos in 0..steps {
+                    // Work a node does either way: decode the input tensor,
+                    // compute, encode the output tensor.
+                    let input = Tensor::from_f32(DType::F32, 1, dim, &inputs.as_slice()[pos * dim..(pos + 1) * dim]);
+                    let hidden = HiddenStates::new(1, dim, input.to_f32())?;
+                    let out = loaded.forward(&mut cache, &hidden, pos)?;
+                    let output = Tensor::from_f32(DType::F32, 1, dim, out.as_slice());
+                    if proofs {
+                        let made: Vec<Vec<u8>> = sketches.push(pos as u32, 1, out.as_slice()).iter().map(hotpot_verify::Sketch::to_bytes).collect();
+                        let record =
+                            StepRecord { session, model: model_id, span, start_pos: pos as u32, rows: 1, input: input.bytes(), output: output.bytes() };
+                        let commitment = Commitment::sign(&key, record, made);
+                        if rep == 1 {
+                            sketch_bytes += commitment.sketches.iter().map(Vec::len).sum::<usize>();
+                            commitment_bytes += commitment_wire_bytes(&commitment);
+                            commitments += 1;
+                        }
+                    }
+                    std::hint::black_box(&output);
+                }
+                let rate = steps as f64 / started.elapsed().as_secs_f64();
+                // The first pair warms up.
+                if rep >= 2 {
+                    if proofs { rates_on.push(rate) } else { rates_off.push(rate) }
+                }
+            }
+            let (off, on) = (mean(&rates_off), mean(&rates_on));
+            println!(
+                "proof overhead, blocks {span}, {threads} thread(s), {steps} decode steps x {} reps: {off:.1} tok/s without, {on:.1} tok/s with \
+                 commitments and sketches ({:+.2} %; the proof's own cost is {:.2} % of a step); sketches {:.2} bytes/position, commitment {:.0} bytes/step",
+                rates_on.len(),
+                100.0 * (on - off) / off,
+                100.0 * proof_seconds * off,
+                sketch_bytes as f64 / steps as f64,
+                commitment_bytes as f64 / commitments.max(1) as f64,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
 /// The process's peak resident set size (Linux), in bytes.

@@ -4,6 +4,7 @@ mod bench;
 mod run;
 mod store;
 mod swarm;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -41,6 +42,11 @@ enum Command {
     /// Look at the swarm.
     #[command(subcommand)]
     Swarm(SwarmCommand),
+    /// Re-check an evidence file of cheating, with the model.
+    Verify(verify::VerifyArgs),
+    /// Measure honest differences between kernel variants, thread counts,
+    /// prefill and decode; store the audit tolerance with the model.
+    Calibrate(verify::CalibrateArgs),
 }
 
 #[derive(Subcommand)]
@@ -64,6 +70,8 @@ fn main() -> ExitCode {
         Command::Node(args) => swarm::node(&args),
         Command::Gateway(args) => swarm::gateway(&args),
         Command::Swarm(SwarmCommand::Status(args)) => swarm::status(&args),
+        Command::Verify(args) => verify::verify(&args),
+        Command::Calibrate(args) => verify::calibrate(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

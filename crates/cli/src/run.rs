@@ -140,8 +140,12 @@ pub fn check_chain(chain: &[LayerSpan], n_blocks: u32) -> Result<()> {
             bail!("span {span} lies outside the model's {n_blocks} blocks (spans must lie within 0..{n_blocks})");
         }
         match span.start().cmp(&next) {
-            std::cmp::Ordering::Greater => bail!("the spans leave blocks {next}..{} uncovered", span.start()),
-            std::cmp::Ordering::Less => bail!("span {span} overlaps the previous one (expected it to start at {next})"),
+            std::cmp::Ordering::Greater => {
+                bail!("the spans leave blocks {next}..{} uncovered", span.start())
+            }
+            std::cmp::Ordering::Less => {
+                bail!("span {span} overlaps the previous one (expected it to start at {next})")
+            }
             std::cmp::Ordering::Equal => next = span.end(),
         }
     }

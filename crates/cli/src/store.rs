@@ -54,6 +54,9 @@ pub struct ModelEntry {
     pub size: u64,
     /// Where it came from: `pypi:…`, `hf:…` or `file`.
     pub source: String,
+    /// The audit tolerance `hotpot calibrate` measured for this model.
+    #[serde(default)]
+    pub tolerance: Option<hotpot_verify::Tolerance>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -79,6 +82,29 @@ impl Store {
             }
         };
         Ok(Self { home })
+    }
+
+    /// The registry file, for messages.
+    pub fn registry_display(&self) -> String {
+        self.registry_path().display().to_string()
+    }
+
+    /// Where gateways write evidence of cheating.
+    pub fn evidence_dir(&self) -> PathBuf {
+        self.home.join("evidence")
+    }
+
+    /// The calibrated tolerance of the registered model at `path`, if any.
+    pub fn tolerance_for(&self, path: &Path) -> Result<Option<hotpot_verify::Tolerance>> {
+        Ok(self.list()?.into_iter().find(|m| m.path == path).and_then(|m| m.tolerance))
+    }
+
+    /// Stores a calibrated tolerance with the model entry at `path`.
+    pub fn set_tolerance(&self, path: &Path, tolerance: hotpot_verify::Tolerance) -> Result<()> {
+        let mut entry = self.list()?.into_iter().find(|m| m.path == path).context("calibrate a registered model (hotpot pull it first)")?;
+        entry.tolerance = Some(tolerance);
+        self.register(entry)?;
+        Ok(())
     }
 
     fn models_dir(&self) -> PathBuf {
@@ -296,6 +322,7 @@ fn describe(path: &Path, name: &str, source: &str, sha256: Option<String>) -> Re
         parameters: file.parameters(),
         size: file.file_len(),
         source: source.to_string(),
+        tolerance: None,
     })
 }
 

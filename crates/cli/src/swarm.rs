@@ -65,6 +65,55 @@ pub struct NodeArgs {
     /// it, the node gets a fresh identity each start.
     #[arg(long)]
     pub key: Option<std::path::PathBuf>,
+    /// Leave TOPLOC-style output sketches out of commitments.
+    #[arg(long)]
+    pub no_sketches: bool,
+    /// Red-team only: cheat this way, to test the verification
+    /// (requantize-q4_0, requantize-q8_0, noise, skip-block,
+    /// attention-window, replay, other-span, alter-input, weights:FILE).
+    #[arg(long, hide = true)]
+    pub redteam: Option<String>,
+}
+
+/// Audit options of the gateway.
+#[derive(Args, Debug, Clone)]
+pub struct AuditArgs {
+    /// Share of sessions audited (a node's first 20 are always audited).
+    #[arg(long, default_value_t = 0.05)]
+    pub audit_rate: f64,
+    /// Do not audit at all.
+    #[arg(long)]
+    pub no_audits: bool,
+    /// Audit only with other nodes, not with the gateway's own engine.
+    #[arg(long)]
+    pub no_audit_local: bool,
+    /// Where evidence of cheating is written (default: $HOTPOT_HOME/evidence).
+    #[arg(long)]
+    pub evidence_dir: Option<std::path::PathBuf>,
+    /// Measurement only: convict, but keep routing through convicted nodes.
+    #[arg(long, hide = true)]
+    pub redteam_keep_cheats: bool,
+}
+
+impl AuditArgs {
+    fn config(&self, model_path: &std::path::Path, device: Option<Device>) -> Result<Option<hotpot_gateway::AuditConfig>> {
+        if self.no_audits {
+            return Ok(None);
+        }
+        if !(0.0..=1.0).contains(&self.audit_rate) {
+            bail!("--audit-rate must be in [0, 1]");
+        }
+        let store = Store::from_env()?;
+        let tolerance = store.tolerance_for(model_path)?.unwrap_or_default();
+        Ok(Some(hotpot_gateway::AuditConfig {
+            policy: hotpot_verify::AuditPolicy { rate: self.audit_rate, ..Default::default() },
+            tolerance,
+            local_model: (!self.no_audit_local).then(|| model_path.to_path_buf()),
+            evidence_dir: Some(self.evidence_dir.clone().unwrap_or_else(|| store.evidence_dir())),
+            device,
+            keep_cheats: self.redteam_keep_cheats,
+        }))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -84,7 +133,9 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn load_key(path: Option<&std::path::Path>) -> Result<NodeKey> {
-    let Some(path) = path else { return Ok(NodeKey::generate()) };
+    let Some(path) = path else {
+        return Ok(NodeKey::generate());
+    };
     match std::fs::read(path) {
         Ok(bytes) => NodeKey::from_secret_bytes(&bytes).with_context(|| format!("{} is not a node key", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -137,6 +188,8 @@ pub fn node(args: &NodeArgs) -> Result<()> {
             heartbeat: Duration::from_secs(args.heartbeat.max(1)),
             price_per_1k: args.price,
             device: None,
+            sketches: !args.no_sketches,
+            cheat: args.redteam.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?,
         };
         let running = hotpot_node::start(config, network.clone()).await?;
         println!("serving blocks {} of {} ({}) at {:.1} tokens/s", running.span(), entry.name, running.model(), running.throughput());
@@ -308,6 +361,8 @@ pub struct GatewayArgs {
     /// Largest request body, MiB.
     #[arg(long, default_value_t = 4)]
     pub max_body_mb: usize,
+    #[command(flatten)]
+    pub audit: AuditArgs,
 }
 
 #[derive(Args, Debug)]
@@ -329,6 +384,8 @@ pub struct UpArgs {
     /// Compute threads, shared by the local nodes and the gateway (0: one per core).
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub audit: AuditArgs,
 }
 
 struct GatewayModel {
@@ -350,10 +407,12 @@ async fn serve_http(
     network: Network,
     keys: Option<&std::path::Path>,
     max_body_mb: usize,
+    audit: Option<hotpot_gateway::AuditConfig>,
     listener: tokio::net::TcpListener,
 ) -> Result<()> {
     let mut config = hotpot_gateway::GatewayConfig::new(model.name.clone());
     config.max_body_bytes = max_body_mb << 20;
+    config.audit = audit;
     if let Some(path) = keys {
         config.keys = Some(hotpot_gateway::KeyStore::load(path).map_err(anyhow::Error::msg)?);
     }
@@ -370,14 +429,16 @@ async fn serve_http(
 }
 
 pub fn gateway(args: &GatewayArgs) -> Result<()> {
-    let (model, _) = load_gateway_model(&args.model, &Device::cpu(args.threads)?)?;
+    let device = Device::cpu(args.threads)?;
+    let (model, path) = load_gateway_model(&args.model, &device)?;
+    let audit = args.audit.config(&path, Some(device))?;
     runtime()?.block_on(async {
         let network = join_as_client(&args.peers).await?;
         let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
         println!("OpenAI API for {} ({}) at http://{addr}/v1", model.name, model.id);
         let _ = std::io::stdout().flush();
-        serve_http(model, network.clone(), args.api_keys.as_deref(), args.max_body_mb, listener).await?;
+        serve_http(model, network.clone(), args.api_keys.as_deref(), args.max_body_mb, audit, listener).await?;
         eprintln!("shutting down");
         network.shutdown().await;
         Ok(())
@@ -438,7 +499,8 @@ pub fn up(args: &UpArgs) -> Result<()> {
         );
         println!("Ctrl-C stops everything.");
         let _ = std::io::stdout().flush();
-        serve_http(model, gateway_net.clone(), args.api_keys.as_deref(), 4, listener).await?;
+        let audit = args.audit.config(&path, Some(device.clone()))?;
+        serve_http(model, gateway_net.clone(), args.api_keys.as_deref(), 4, audit, listener).await?;
         eprintln!("shutting down");
         gateway_net.shutdown().await;
         for network in networks.iter().rev() {

@@ -98,7 +98,9 @@ fn failover_case(nodes: &mut [NodeProc], bootstrap: &str, victim_span: &str) {
         match out_rx.recv_timeout(Duration::from_millis(100)) {
             Ok(chunk) => got.extend(chunk),
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => assert!(Instant::now() < deadline, "the client did not finish"),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                assert!(Instant::now() < deadline, "the client did not finish")
+            }
         }
     }
     let status = client.wait().expect("client exits");

@@ -37,8 +37,10 @@ pub fn hash(bytes: &[u8]) -> [u8; 32] {
 
 /// A node's signed statement about one step of one session: "for these
 /// exact input bytes at these positions, blocks `span` of model `model`
-/// gave these exact output bytes". It costs two hashes and a signature, and
-/// it is what audits, evidence and receipts are built on.
+/// gave these exact output bytes", plus sketches of the outputs (opaque
+/// here; `hotpot-verify` makes and checks them) so that a third party can
+/// check the work without the full tensors. It costs two hashes and a
+/// signature, and it is what audits, evidence and receipts are built on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Commitment {
     pub session: SessionId,
@@ -49,6 +51,8 @@ pub struct Commitment {
     pub input_hash: [u8; 32],
     pub output_hash: [u8; 32],
     pub node: NodeId,
+    /// Encoded output sketches completed by this step (often none).
+    pub sketches: Vec<Vec<u8>>,
     pub signature: Signature,
 }
 
@@ -72,10 +76,10 @@ pub enum CommitmentError {
     Mismatch(&'static str),
 }
 
-const DOMAIN: &[u8] = b"hotpot-commitment/1\0";
+const DOMAIN: &[u8] = b"hotpot-commitment/2\0";
 
 impl Commitment {
-    pub fn sign(key: &NodeKey, step: StepRecord<'_>) -> Self {
+    pub fn sign(key: &NodeKey, step: StepRecord<'_>, sketches: Vec<Vec<u8>>) -> Self {
         let mut c = Self {
             session: step.session,
             model: step.model,
@@ -85,6 +89,7 @@ impl Commitment {
             input_hash: hash(step.input),
             output_hash: hash(step.output),
             node: key.id(),
+            sketches,
             signature: Signature([0; 64]),
         };
         c.signature = key.sign(&c.signed_message());
@@ -104,6 +109,11 @@ impl Commitment {
         m.extend_from_slice(&self.input_hash);
         m.extend_from_slice(&self.output_hash);
         m.extend_from_slice(self.node.as_bytes());
+        m.extend_from_slice(&(self.sketches.len() as u32).to_le_bytes());
+        for sketch in &self.sketches {
+            m.extend_from_slice(&(sketch.len() as u32).to_le_bytes());
+            m.extend_from_slice(sketch);
+        }
         m
     }
 
@@ -148,7 +158,7 @@ mod tests {
     #[test]
     fn signed_commitments_check_out() {
         let key = NodeKey::generate();
-        let c = Commitment::sign(&key, step(b"in", b"out"));
+        let c = Commitment::sign(&key, step(b"in", b"out"), vec![vec![1, 2, 3]]);
         assert_eq!(c.check(key.id(), step(b"in", b"out")), Ok(()));
         assert_eq!(c.check(key.id(), step(b"in!", b"out")), Err(CommitmentError::Mismatch("input bytes")));
         assert_eq!(c.check(key.id(), step(b"in", b"ou")), Err(CommitmentError::Mismatch("output bytes")));
@@ -156,5 +166,8 @@ mod tests {
         let mut forged = c.clone();
         forged.start_pos = 6;
         assert!(matches!(forged.check(key.id(), step(b"in", b"out")), Err(CommitmentError::Signature(_))));
+        let mut resketched = c.clone();
+        resketched.sketches[0][0] = 9;
+        assert!(matches!(resketched.check(key.id(), step(b"in", b"out")), Err(CommitmentError::Signature(_))));
     }
 }

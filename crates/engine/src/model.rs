@@ -392,8 +392,12 @@ fn as_i64(value: &Value) -> Option<i64> {
 fn read_config(meta: &HashMap<String, Value>, tensors: &HashMap<String, TensorEntry>) -> Result<ModelConfig, ModelError> {
     let arch_name = match meta.get("general.architecture") {
         Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(ModelError::BadMetadata { key: "general.architecture".into(), reason: "not a string".into() }),
-        None => return Err(ModelError::MissingMetadata { key: "general.architecture".into() }),
+        Some(_) => {
+            return Err(ModelError::BadMetadata { key: "general.architecture".into(), reason: "not a string".into() });
+        }
+        None => {
+            return Err(ModelError::MissingMetadata { key: "general.architecture".into() });
+        }
     };
     let architecture = Architecture::from_name(&arch_name).ok_or(ModelError::UnsupportedArchitecture(arch_name.clone()))?;
     let key = |k: &str| format!("{arch_name}.{k}");

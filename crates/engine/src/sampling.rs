@@ -169,7 +169,9 @@ fn apply_penalties(p: &SamplingParams, logits: &mut [f32], history: &[u32]) {
         *counts.entry(t).or_default() += 1;
     }
     for (&t, &n) in &counts {
-        let Some(l) = logits.get_mut(t as usize) else { continue };
+        let Some(l) = logits.get_mut(t as usize) else {
+            continue;
+        };
         if p.repeat_penalty != 1.0 {
             *l = if *l > 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
         }

@@ -250,6 +250,8 @@ pub struct Span {
     span: LayerSpan,
     blocks: Vec<Block>,
     device: Device,
+    /// Attend only to the last this-many positions (sliding-window models).
+    attention_window: Option<usize>,
 }
 
 impl std::fmt::Debug for Span {
@@ -291,11 +293,25 @@ impl Span {
     pub fn load(file: &ModelFile, span: LayerSpan, device: &Device) -> Result<Self, ModelError> {
         file.config().check_span(span)?;
         let blocks = span.blocks().map(|i| Block::load(file, i)).collect::<Result<_, _>>()?;
-        Ok(Self { config: file.config().clone(), span, blocks, device: device.clone() })
+        Ok(Self { config: file.config().clone(), span, blocks, device: device.clone(), attention_window: None })
     }
 
     pub fn span(&self) -> LayerSpan {
         self.span
+    }
+
+    /// Sliding-window attention: each position sees only the last `window`
+    /// positions (`None`: all). For models trained that way — and for the
+    /// red-team's "cheap KV cache" cheat.
+    pub fn set_attention_window(&mut self, window: Option<usize>) {
+        self.attention_window = window.map(|w| w.max(1));
+    }
+
+    /// Serves these blocks as if they were `span` (same length): the
+    /// red-team's "other span's weights" cheat.
+    pub fn relabel(&mut self, span: LayerSpan) {
+        assert_eq!(span.len(), self.span.len(), "a relabelled span keeps its length");
+        self.span = span;
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -376,7 +392,9 @@ impl Span {
     pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Vec<Result<HiddenStates, ForwardError>> {
         let c = &self.config;
         let mut results: Vec<Result<HiddenStates, ForwardError>> = items.iter().map(|item| self.check(item).map(|()| HiddenStates::empty())).collect();
-        let Some(lead) = results.iter().position(Result::is_ok) else { return results };
+        let Some(lead) = results.iter().position(Result::is_ok) else {
+            return results;
+        };
         let blocks_span = items[lead].cache.span;
         for (result, item) in results.iter_mut().zip(items.iter()) {
             if result.is_ok() && item.cache.span != blocks_span {
@@ -474,12 +492,16 @@ impl Span {
                 let (kv, stride, start_pos, offset) = views[row_group[row]];
                 let kvh = h / group_size;
                 let len = start_pos + (row - offset) + 1;
+                // With a sliding window, keys before `first` are masked; the
+                // slices still start on a key panel.
+                let first = self.attention_window.map_or(0, |w| len.saturating_sub(w));
+                let from = first / KEY_PANEL * KEY_PANEL;
                 let q = &qkv[row * width + h * hd..][..hd];
-                let keys = &kv.k[kvh * stride..][..len.next_multiple_of(KEY_PANEL) * hd];
-                let values = &kv.v[kvh * stride..][..len * hd];
+                let keys = &kv.k[kvh * stride + from * hd..][..(len.next_multiple_of(KEY_PANEL) - from) * hd];
+                let values = &kv.v[kvh * stride + from * hd..][..(len - from) * hd];
                 // SAFETY: task (row, h) is the only writer of this slice.
                 let dst = unsafe { out.slice(row * q_dim + h * hd, hd) };
-                ops::attend(cpu.isa, q, keys, values, scale, &mut scores, dst);
+                ops::attend(cpu.isa, q, keys, values, scale, first - from, &mut scores, dst);
             }
         };
         profile::time(Phase::Attention, || {

@@ -129,3 +129,94 @@ impl TinyModel {
         gguf_file::write(&mut file, &meta_refs, &tensor_refs)
     }
 }
+
+/// Red-team helpers: copies of a model file with some blocks tampered with,
+/// the way a cheating node would run "almost" the claimed model.
+pub mod tamper {
+    use std::path::Path;
+
+    pub use candle_core::quantized::GgmlDType;
+    use candle_core::quantized::QTensor;
+    use candle_core::quantized::gguf_file::{self, Content};
+    use candle_core::{Device, Tensor};
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+
+    /// How to change one block's matrices.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Change {
+        /// Re-quantize to another GGML type (`Q4_0`, `Q8_0`, …).
+        Requantize(GgmlDType),
+        /// Add Gaussian noise of `fraction` of each 32-weight group's
+        /// quantization step (kept in f32, so nothing rounds it away).
+        Noise { fraction: f32, seed: u64 },
+        /// Zero the projections that write into the residual stream, so the
+        /// block passes its input through: a skipped block.
+        Skip,
+    }
+
+    fn matrix(name: &str) -> bool {
+        ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"].iter().any(|m| name.contains(&format!(".{m}.weight")))
+    }
+
+    fn block_of(name: &str) -> Option<u32> {
+        name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+    }
+
+    fn change(name: &str, q: QTensor, how: Change) -> candle_core::Result<QTensor> {
+        if !matrix(name) {
+            return Ok(q);
+        }
+        let w = q.dequantize(&Device::Cpu)?;
+        match how {
+            Change::Requantize(dtype) => QTensor::quantize(&w, dtype),
+            Change::Skip if name.contains(".attn_output.") || name.contains(".ffn_down.") => QTensor::quantize(&w.zeros_like()?, GgmlDType::F32),
+            Change::Skip => Ok(q),
+            Change::Noise { fraction, seed } => {
+                let dims = w.dims().to_vec();
+                let mut values = w.flatten_all()?.to_vec1::<f32>()?;
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                for group in values.chunks_mut(32) {
+                    let (lo, hi) = group.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+                    let step = ((hi - lo) / 15.0).max(1e-12);
+                    let normal = Normal::new(0.0, f64::from(fraction * step)).map_err(candle_core::Error::wrap)?;
+                    for v in group.iter_mut() {
+                        *v += normal.sample(&mut rng) as f32;
+                    }
+                }
+                QTensor::quantize(&Tensor::from_vec(values, dims, &Device::Cpu)?, GgmlDType::F32)
+            }
+        }
+    }
+
+    /// Copies `src` to `dst`, changing the matrices of `blocks` with `how`,
+    /// and serving the weights of block `i + shift` as block `i` for every
+    /// block in `shift_blocks` (a different span's weights).
+    pub fn rewrite(src: &Path, dst: &Path, blocks: std::ops::Range<u32>, how: Option<Change>, shift: i32) -> candle_core::Result<()> {
+        let mut file = std::fs::File::open(src)?;
+        let content = Content::read(&mut file)?;
+        let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+        names.sort();
+        let mut tensors = Vec::with_capacity(names.len());
+        for name in names {
+            let source = match block_of(name) {
+                Some(b) if shift != 0 && blocks.contains(&b) => {
+                    let other = (b as i64 + i64::from(shift)) as u32;
+                    name.replacen(&format!("blk.{b}."), &format!("blk.{other}."), 1)
+                }
+                _ => name.clone(),
+            };
+            let mut q = content.tensor(&mut file, &source, &Device::Cpu)?;
+            if let (Some(how), Some(b)) = (how, block_of(name))
+                && blocks.contains(&b)
+            {
+                q = change(name, q, how)?;
+            }
+            tensors.push((name.clone(), q));
+        }
+        let metadata: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
+        let mut out = std::fs::File::create(dst)?;
+        gguf_file::write(&mut out, &metadata, &refs)
+    }
+}

@@ -65,7 +65,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
 
 impl Gateway {
     fn authorize(&self, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
-        let Some(keys) = &self.config.keys else { return Ok(None) };
+        let Some(keys) = &self.config.keys else {
+            return Ok(None);
+        };
         let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         keys.admit(value).map(Some)
     }
@@ -227,7 +229,9 @@ async fn chat(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Body(requ
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
-            other => return Err(ApiError::bad_param(&format!("messages[{i}].role"), format!("unsupported role `{other}`"))),
+            other => {
+                return Err(ApiError::bad_param(&format!("messages[{i}].role"), format!("unsupported role `{other}`")));
+            }
         };
         let content = m.content.as_ref().map(|c| c.text()).transpose().map_err(|e| ApiError::bad_param(&format!("messages[{i}].content"), e))?;
         messages.push(ChatMessage::new(role, content.unwrap_or_default()));
@@ -302,7 +306,9 @@ async fn chat(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Body(requ
             }
             let (mut done, mut completion) = (0, 0);
             while done < n {
-                let Some(event) = events.recv().await else { break };
+                let Some(event) = events.recv().await else {
+                    break;
+                };
                 let choice = match event {
                     Ok(ChoiceEvent::Token { index, token, text, logprob }) => {
                         let logprobs = logprob.map(|lp| ChoiceLogprobs { content: vec![chat_logprob(&gw, token, &lp)] });
@@ -355,7 +361,9 @@ async fn chat(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Body(requ
             }
             Some(Ok(ChoiceEvent::Prompt { .. })) => {}
             Some(Err(e)) => return Err(e),
-            None => return Err(ApiError::Internal("a generation ended without finishing".into())),
+            None => {
+                return Err(ApiError::Internal("a generation ended without finishing".into()));
+            }
         }
     }
     let usage = Usage::new(prompt_len, completion);
@@ -491,7 +499,9 @@ async fn completions(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Bo
             }
             let (mut done, mut completion) = (0, 0);
             while done < total {
-                let Some(event) = events.recv().await else { break };
+                let Some(event) = events.recv().await else {
+                    break;
+                };
                 let choice = match event {
                     Ok(ChoiceEvent::Prompt { index, logprobs }) => {
                         let prompt = &prompts[index as usize / n as usize];
@@ -565,7 +575,9 @@ async fn completions(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Bo
                 done += 1;
             }
             Some(Err(e)) => return Err(e),
-            None => return Err(ApiError::Internal("a generation ended without finishing".into())),
+            None => {
+                return Err(ApiError::Internal("a generation ended without finishing".into()));
+            }
         }
     }
     let usage = Usage::new(prompt_tokens, completion);

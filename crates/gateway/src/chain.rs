@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hotpot_core::{LayerSpan, ModelId, NodeId, SessionId, StepRecord};
+use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId, SessionId, StepRecord};
 use hotpot_engine::{ForwardError, HiddenStates};
 use hotpot_net::{Framed, Network, PeerId, node_id_of};
 use hotpot_wire::{ClientMessage, DType, ErrorCode, NodeMessage, Open, PROTOCOL_INFER, Step, Tensor};
@@ -90,6 +90,27 @@ struct Stage {
     conn: Conn,
     /// Every hidden state fed to this stage so far, row-major.
     history: Vec<f32>,
+    /// What the node returned for them, and its signed commitments.
+    outputs: Vec<f32>,
+    commitments: Vec<Commitment>,
+}
+
+impl Stage {
+    fn new(conn: Conn) -> Self {
+        Self { span: conn.hop.span, conn, history: Vec::new(), outputs: Vec::new(), commitments: Vec::new() }
+    }
+}
+
+/// Everything one node did in a session: what audits and evidence need.
+#[derive(Debug, Clone)]
+pub struct StageTranscript {
+    pub peer: PeerId,
+    pub node: NodeId,
+    pub span: LayerSpan,
+    pub dim: usize,
+    pub inputs: Vec<f32>,
+    pub outputs: Vec<f32>,
+    pub commitments: Vec<Commitment>,
 }
 
 /// What a chain reports as it works (for metrics).
@@ -145,7 +166,7 @@ impl RemoteChain {
         let connector = Connector { network, directory, model, n_blocks, config, observer };
         let full = LayerSpan::full(n_blocks).map_err(|e| ChainError::Internal(e.to_string()))?;
         let mut failures = 0;
-        let stages = connector.connect(full, &mut failures).await?.into_iter().map(|conn| Stage { span: conn.hop.span, conn, history: Vec::new() }).collect();
+        let stages = connector.connect(full, &mut failures).await?.into_iter().map(Stage::new).collect();
         Ok(Self { connector, dim, stages, len: 0, failovers: 0 })
     }
 
@@ -179,8 +200,11 @@ impl RemoteChain {
         let mut k = 0;
         while k < self.stages.len() {
             match self.step(k, start_pos, rows, &x).await {
-                Ok(out) => {
-                    self.stages[k].history.extend_from_slice(&x);
+                Ok((out, commitment)) => {
+                    let stage = &mut self.stages[k];
+                    stage.history.extend_from_slice(&x);
+                    stage.outputs.extend_from_slice(&out);
+                    stage.commitments.push(commitment);
                     x = out;
                     k += 1;
                 }
@@ -206,6 +230,22 @@ impl RemoteChain {
         Ok(HiddenStates::new(rows, self.dim, x)?)
     }
 
+    /// What each node did in this session so far.
+    pub fn transcript(&self) -> Vec<StageTranscript> {
+        self.stages
+            .iter()
+            .map(|s| StageTranscript {
+                peer: s.conn.hop.peer,
+                node: s.conn.node,
+                span: s.span,
+                dim: self.dim,
+                inputs: s.history.clone(),
+                outputs: s.outputs.clone(),
+                commitments: s.commitments.clone(),
+            })
+            .collect()
+    }
+
     /// Closes every session (best effort).
     pub async fn close(&mut self) {
         for mut stage in std::mem::take(&mut self.stages) {
@@ -224,13 +264,13 @@ impl RemoteChain {
         self.connector.config.step_timeout + self.connector.config.per_row_timeout.saturating_mul(rows as u32)
     }
 
-    async fn step(&mut self, k: usize, pos: usize, rows: usize, x: &[f32]) -> Result<Vec<f32>, NodeFault> {
+    async fn step(&mut self, k: usize, pos: usize, rows: usize, x: &[f32]) -> Result<(Vec<f32>, Commitment), NodeFault> {
         let timeout = self.step_timeout(rows);
         let (model, dim, dtype, delay) = (self.connector.model, self.dim, self.connector.config.dtype, self.connector.config.emulated_delay);
         emulate(delay).await;
         let out = run_step(&mut self.stages[k].conn, model, dim, dtype, pos, rows, x, timeout).await;
         emulate(delay).await;
-        if let Ok(values) = &out {
+        if let Ok((values, _)) = &out {
             let bytes = rows * dim * dtype.size();
             self.emit(ChainEvent::Step { peer: &self.stages[k].conn.hop.peer, sent: bytes, received: values.len() * 4 });
         }
@@ -246,19 +286,30 @@ impl RemoteChain {
             let conns = self.connector.connect(old.span, failures).await?;
             let mut input = old.history.clone();
             let mut fresh = Vec::with_capacity(conns.len());
-            for mut conn in conns {
-                let history = input.clone();
+            let mut conns = conns.into_iter();
+            while let Some(conn) = conns.next() {
+                let mut stage = Stage::new(conn);
+                stage.history.clone_from(&input);
                 if rows > 0 {
                     let timeout = self.step_timeout(rows);
-                    match run_step(&mut conn, self.connector.model, self.dim, self.connector.config.dtype, 0, rows, &input, timeout).await {
-                        Ok(out) => input = out,
+                    match run_step(&mut stage.conn, self.connector.model, self.dim, self.connector.config.dtype, 0, rows, &input, timeout).await {
+                        Ok((out, commitment)) => {
+                            stage.outputs.clone_from(&out);
+                            stage.commitments.push(commitment);
+                            input = out;
+                        }
                         Err(fault) => {
-                            let ban = self.connector.directory.with(|d| d.ban(conn.hop.peer));
+                            let peer = stage.conn.hop.peer;
+                            let ban = self.connector.directory.with(|d| d.ban(peer));
                             *failures += 1;
                             self.failovers += 1;
-                            self.emit(ChainEvent::SessionClosed(&conn.hop.peer));
+                            self.emit(ChainEvent::SessionClosed(&peer));
                             self.emit(ChainEvent::Failover);
-                            tracing::warn!(peer = %conn.hop.peer, blocks = %conn.hop.span, banned_for = ?ban, "failover: replacement failed while replaying ({fault})");
+                            tracing::warn!(%peer, blocks = %stage.span, banned_for = ?ban, "failover: replacement failed while replaying ({fault})");
+                            // The sessions opened for this attempt close as they drop.
+                            for other in fresh.iter().map(|s: &Stage| s.conn.hop.peer).chain(conns.map(|c| c.hop.peer)) {
+                                self.emit(ChainEvent::SessionClosed(&other));
+                            }
                             if *failures > self.connector.config.max_failovers {
                                 return Err(ChainError::GaveUp { failures: *failures, last: fault.to_string() });
                             }
@@ -266,7 +317,7 @@ impl RemoteChain {
                         }
                     }
                 }
-                fresh.push(Stage { span: conn.hop.span, conn, history });
+                fresh.push(stage);
             }
             if rows > 0
                 && let Some(next) = self.stages.get(k)
@@ -353,7 +404,14 @@ impl Connector {
             d.usable(&self.model)
                 .into_iter()
                 .filter(|r| r.info.free_slots > 0 && r.info.n_blocks == self.n_blocks)
-                .map(|r| Candidate { peer: r.peer, span: r.info.span, throughput: r.info.throughput, queue: r.info.queue, rtt: r.rtt.unwrap_or_default() })
+                .map(|r| Candidate {
+                    peer: r.peer,
+                    span: r.info.span,
+                    throughput: r.info.throughput,
+                    queue: r.info.queue,
+                    rtt: r.rtt.unwrap_or_default(),
+                    penalty: d.penalty(&r.peer),
+                })
                 .collect()
         })
     }
@@ -426,7 +484,7 @@ async fn run_step(
     rows: usize,
     x: &[f32],
     timeout: Duration,
-) -> Result<Vec<f32>, NodeFault> {
+) -> Result<(Vec<f32>, Commitment), NodeFault> {
     let tensor = Tensor::from_f32(dtype, rows, dim, x);
     let message = ClientMessage::Step(Step { session: conn.session, pos: pos as u32, hidden: tensor });
     conn.framed.send(&message.encode(), timeout).await?;
@@ -451,7 +509,7 @@ async fn run_step(
             if !values.iter().all(|v| v.is_finite()) {
                 return Err(NodeFault::Protocol("non-finite hidden states".into()));
             }
-            Ok(values)
+            Ok((values, *commitment))
         }
         NodeMessage::Error { code, message } => Err(NodeFault::Refused { code, message }),
         other => Err(NodeFault::Protocol(format!("unexpected answer to Step: {other:?}"))),

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use hotpot_core::ModelId;
 use hotpot_net::{NetEvent, Network, PeerId, model_topic, node_id_of};
+use hotpot_verify::Reputation;
 use hotpot_wire::NodeInfo;
 
 /// A node as last heard of.
@@ -35,6 +36,8 @@ const STALE: Duration = Duration::from_secs(60);
 pub struct Directory {
     nodes: HashMap<PeerId, NodeRecord>,
     bans: HashMap<PeerId, Ban>,
+    /// Audit history per node (feeds routing and the audit rate).
+    reputations: HashMap<PeerId, Reputation>,
 }
 
 impl Directory {
@@ -58,7 +61,22 @@ impl Directory {
     }
 
     pub fn is_banned(&self, peer: &PeerId) -> bool {
-        self.bans.get(peer).is_some_and(|b| b.until > Instant::now())
+        self.bans.get(peer).is_some_and(|b| b.until > Instant::now()) || self.reputations.get(peer).is_some_and(|r| r.cheat)
+    }
+
+    /// The audit history of `peer`.
+    pub fn reputation(&mut self, peer: PeerId) -> &mut Reputation {
+        self.reputations.entry(peer).or_default()
+    }
+
+    /// Bans `peer` from routing for good: it was proven to cheat.
+    pub fn mark_cheat(&mut self, peer: PeerId) {
+        self.reputation(peer).cheat = true;
+    }
+
+    /// How much more a route through `peer` costs because of failed audits.
+    pub fn penalty(&self, peer: &PeerId) -> f64 {
+        self.reputations.get(peer).map_or(1.0, Reputation::penalty)
     }
 
     /// When the earliest ban ends among the banned nodes of `model` that
@@ -175,6 +193,19 @@ mod tests {
         assert_eq!(d.ban(peer), Duration::from_secs(8));
         assert!(d.is_banned(&peer));
         assert!(d.usable(&ModelId::from_bytes([1; 32])).is_empty());
+    }
+
+    #[test]
+    fn cheats_stay_banned_and_failures_cost() {
+        let mut d = Directory::default();
+        let key = NodeKey::generate();
+        let peer = hotpot_net::peer_id_of(&key.id()).expect("peer");
+        d.update(peer, info(&key), None);
+        assert_eq!(d.penalty(&peer), 1.0);
+        d.reputation(peer).failed_audits = 2;
+        assert_eq!(d.penalty(&peer), 3.0);
+        d.mark_cheat(peer);
+        assert!(d.is_banned(&peer) && d.usable(&ModelId::from_bytes([1; 32])).is_empty());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! serves all of this as the OpenAI API ([`api`], [`openai`]).
 
 pub mod api;
+pub mod audit;
 pub mod chain;
 pub mod directory;
 mod error;
@@ -22,7 +23,8 @@ use std::sync::Arc;
 use hotpot_engine::{ClientParts, FinishReason, Generation, Step};
 
 pub use api::router;
-pub use chain::{ChainConfig, ChainError, ChainEvent, Observer, RemoteChain, describe_route};
+pub use audit::{AuditConfig, Auditor, LocalExecutor};
+pub use chain::{ChainConfig, ChainError, ChainEvent, Observer, RemoteChain, StageTranscript, describe_route};
 pub use directory::{Directory, NodeRecord, SharedDirectory};
 pub use error::ApiError;
 pub use keys::KeyStore;

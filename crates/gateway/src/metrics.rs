@@ -25,6 +25,12 @@ pub struct KeyLabels {
     pub key: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabels {
+    pub peer: String,
+    pub result: String,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     pub requests: Family<RequestLabels, Counter>,
@@ -39,6 +45,10 @@ pub struct Metrics {
     pub node_bytes_sent: Family<PeerLabels, Counter>,
     pub node_bytes_received: Family<PeerLabels, Counter>,
     pub key_tokens: Family<KeyLabels, Counter>,
+    /// First audits of a node's session, by result.
+    pub audits: Family<AuditLabels, Counter>,
+    /// Nodes proven to cheat.
+    pub cheats: Counter,
 }
 
 impl Default for Metrics {
@@ -66,6 +76,10 @@ impl Default for Metrics {
         registry.register("node_bytes_received", "hidden-state bytes received from each node", node_bytes_received.clone());
         let key_tokens = Family::<KeyLabels, Counter>::default();
         registry.register("key_tokens", "tokens spent per API key", key_tokens.clone());
+        let audits = Family::<AuditLabels, Counter>::default();
+        registry.register("audits", "audits of node work, by the first audit's result", audits.clone());
+        let cheats = Counter::default();
+        registry.register("cheats", "nodes proven to cheat (banned, evidence stored)", cheats.clone());
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -79,6 +93,8 @@ impl Default for Metrics {
             node_bytes_sent,
             node_bytes_received,
             key_tokens,
+            audits,
+            cheats,
         }
     }
 }

@@ -18,6 +18,8 @@ pub struct Candidate {
     pub throughput: f32,
     pub queue: u32,
     pub rtt: Duration,
+    /// Cost multiplier from the node's audit history (1: clean).
+    pub penalty: f64,
 }
 
 /// One hop of a route: `peer` runs blocks `span`.
@@ -39,7 +41,7 @@ fn hop_cost(c: &Candidate, blocks: u32) -> f64 {
     let per_block = 1.0 / (f64::from(c.throughput.max(1e-3)) * f64::from(c.span.len()));
     let compute = per_block * f64::from(blocks);
     let rtt = if c.rtt.is_zero() { DEFAULT_RTT } else { c.rtt }.as_secs_f64();
-    rtt + compute * (1.0 + f64::from(c.queue))
+    (rtt + compute * (1.0 + f64::from(c.queue))) * c.penalty.max(1.0)
 }
 
 /// The cheapest chain of hops covering `range` exactly, in order.
@@ -97,7 +99,7 @@ mod tests {
     use super::*;
 
     fn c(peer: PeerId, a: u32, b: u32, throughput: f32) -> Candidate {
-        Candidate { peer, span: LayerSpan::new(a, b).expect("span"), throughput, queue: 0, rtt: Duration::from_millis(1) }
+        Candidate { peer, span: LayerSpan::new(a, b).expect("span"), throughput, queue: 0, rtt: Duration::from_millis(1), penalty: 1.0 }
     }
 
     fn span(a: u32, b: u32) -> LayerSpan {
@@ -125,6 +127,15 @@ mod tests {
         assert_eq!(route.first().map(|h| h.span.start()), Some(10));
         assert_eq!(route.last().map(|h| h.span.end()), Some(20));
         assert!(route.windows(2).all(|w| w[0].span.end() == w[1].span.start()));
+    }
+
+    #[test]
+    fn failed_audits_push_routes_elsewhere() {
+        let (doubtful, clean) = (PeerId::random(), PeerId::random());
+        let mut suspect = c(doubtful, 0, 30, 120.0);
+        suspect.penalty = 3.0;
+        let route = plan(span(0, 30), &[suspect, c(clean, 0, 30, 100.0)]).expect("covered");
+        assert_eq!(route[0].peer, clean);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use hotpot_engine::{ClientParts, FinishReason, ForwardError, Generation, Generat
 use hotpot_net::Network;
 use tokio::sync::mpsc;
 
+use crate::audit::{AuditConfig, Auditor};
 use crate::chain::{ChainConfig, ChainError, ChainEvent, Observer, RemoteChain};
 use crate::directory::SharedDirectory;
 use crate::error::ApiError;
@@ -21,6 +22,8 @@ use crate::metrics::Metrics;
 pub struct GatewayConfig {
     /// The name clients use for the model (its alias).
     pub model_name: String,
+    /// Audits of node work (`None`: no audits).
+    pub audit: Option<AuditConfig>,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     pub chain: ChainConfig,
@@ -31,7 +34,7 @@ pub struct GatewayConfig {
 
 impl GatewayConfig {
     pub fn new(model_name: impl Into<String>) -> Self {
-        Self { model_name: model_name.into(), max_body_bytes: 4 << 20, chain: ChainConfig::default(), keys: None, max_choices: 8 }
+        Self { model_name: model_name.into(), audit: None, max_body_bytes: 4 << 20, chain: ChainConfig::default(), keys: None, max_choices: 8 }
     }
 }
 
@@ -53,6 +56,7 @@ pub struct Gateway {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) config: GatewayConfig,
     pub(crate) fingerprint: String,
+    auditor: Option<Arc<Auditor>>,
 }
 
 /// One choice to generate.
@@ -103,7 +107,9 @@ impl Gateway {
         let directory = SharedDirectory::follow(&network, model_id).await;
         directory.refresh(&network, &model_id, model.n_blocks, Duration::from_secs(3)).await;
         let fingerprint = format!("hotpot-{}-{}", env!("CARGO_PKG_VERSION"), &model_id.to_full_string()[4..12]);
-        Arc::new(Self { model, client, network, directory, metrics: Arc::new(Metrics::default()), config, fingerprint })
+        let metrics = Arc::new(Metrics::default());
+        let auditor = config.audit.clone().map(|audit| Auditor::new(network.clone(), directory.clone(), model.clone(), audit, Arc::clone(&metrics)));
+        Arc::new(Self { model, client, network, directory, metrics, config, fingerprint, auditor })
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -176,7 +182,11 @@ impl Gateway {
     pub(crate) async fn run(&self, prepared: PreparedChoice, events: mpsc::Sender<ChoiceEvent>, started: Instant) -> Result<(), ApiError> {
         let PreparedChoice { job, mut chain, mut generation } = prepared;
         let result = self.drive(&job, &mut chain, &mut generation, &events, started).await;
+        let transcript = self.auditor.as_ref().map(|_| chain.transcript());
         chain.close().await;
+        if let (Some(auditor), Some(transcript)) = (&self.auditor, transcript) {
+            auditor.after_session(transcript);
+        }
         result
     }
 

@@ -18,10 +18,10 @@ use hotpot_core::placement::{Served, weakest_window};
 use hotpot_core::{LayerSpan, ModelId};
 use hotpot_engine::{Device, HiddenStates, ModelError, ModelFile, Span};
 use hotpot_net::{NetError, NetEvent, Network, block_key, model_topic};
-use hotpot_wire::{NodeInfo, PROTOCOL_INFER, PROTOCOL_INFO};
+use hotpot_wire::{NodeInfo, PROTOCOL_AUDIT, PROTOCOL_INFER, PROTOCOL_INFO};
 
 use crate::serve::StreamLimits;
-use crate::worker::{Jobs, WorkerConfig};
+use crate::worker::{Jobs, RuntimeCheat, WorkerConfig};
 
 /// Which blocks to serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,53 @@ pub enum BlockChoice {
     Auto {
         count: Option<u32>,
     },
+}
+
+/// How a red-team node cheats: the cheats Hotpot's verification must catch.
+/// Only for testing that verification (`hotpot node --redteam …`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cheat {
+    /// Run the span re-quantized to another GGML type (`Q4_0`, `Q8_0`).
+    Requantize(String),
+    /// Add Gaussian noise of 1 % of the quantization step to the first block.
+    Noise,
+    /// Skip the span's first block.
+    SkipBlock,
+    /// Attend only to the last 64 positions (a cheap KV cache).
+    AttentionWindow(usize),
+    /// Return the previous decode output again.
+    Replay,
+    /// Run the weights of the neighbouring span.
+    OtherSpan,
+    /// Perturb the input hidden states before computing.
+    AlterInput,
+    /// Run the weights of another GGUF while announcing the original id.
+    Weights(PathBuf),
+}
+
+impl std::str::FromStr for Cheat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "requantize-q4_0" => Self::Requantize("Q4_0".into()),
+            "requantize-q8_0" => Self::Requantize("Q8_0".into()),
+            "noise" => Self::Noise,
+            "skip-block" => Self::SkipBlock,
+            "attention-window" => Self::AttentionWindow(64),
+            "replay" => Self::Replay,
+            "other-span" => Self::OtherSpan,
+            "alter-input" => Self::AlterInput,
+            other => match other.strip_prefix("weights:") {
+                Some(path) => Self::Weights(PathBuf::from(path)),
+                None => {
+                    return Err(format!(
+                        "unknown cheat `{other}` (requantize-q4_0, requantize-q8_0, noise, skip-block, attention-window, replay, other-span, alter-input, weights:FILE)"
+                    ));
+                }
+            },
+        })
+    }
 }
 
 /// How a node runs. `Default` gives sensible values for everything but the
@@ -55,6 +102,10 @@ pub struct NodeConfig {
     pub idle_timeout: Duration,
     pub heartbeat: Duration,
     pub price_per_1k: u64,
+    /// Put TOPLOC-style output sketches in commitments.
+    pub sketches: bool,
+    /// Red-team only: cheat this way.
+    pub cheat: Option<Cheat>,
 }
 
 impl Default for NodeConfig {
@@ -70,6 +121,8 @@ impl Default for NodeConfig {
             idle_timeout: Duration::from_secs(120),
             heartbeat: Duration::from_secs(10),
             price_per_1k: 0,
+            sketches: true,
+            cheat: None,
         }
     }
 }
@@ -94,6 +147,8 @@ pub struct RunningNode {
 
 struct State {
     model: ModelId,
+    dim: usize,
+    redteam: bool,
     model_name: String,
     n_blocks: u32,
     span: LayerSpan,
@@ -119,7 +174,7 @@ impl State {
             max_sessions: self.max_sessions as u32,
             queue: load.queue.load(Ordering::Relaxed) as u32,
             price_per_1k: self.price_per_1k,
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version: if self.redteam { format!("{}-redteam", env!("CARGO_PKG_VERSION")) } else { env!("CARGO_PKG_VERSION").to_string() },
             addrs: self.network.listen_addrs().await.unwrap_or_default().iter().map(ToString::to_string).collect(),
             timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         }
@@ -177,8 +232,21 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
         Some(device) => device.clone(),
         None => Device::cpu(config.threads)?,
     };
-    let (span_weights, throughput) = tokio::task::spawn_blocking(move || -> Result<_, ModelError> {
-        let loaded = Span::load(&file, span, &device)?;
+    let runtime_cheat = match &config.cheat {
+        Some(Cheat::Replay) => RuntimeCheat::Replay,
+        Some(Cheat::AlterInput) => RuntimeCheat::AlterInput(1e-3),
+        _ => RuntimeCheat::None,
+    };
+    if let Some(cheat) = &config.cheat {
+        tracing::warn!(?cheat, "RED-TEAM NODE: this node cheats, to test Hotpot's verification");
+    }
+    let cheat = config.cheat.clone();
+    let model_path = config.model_path.clone();
+    let (span_weights, throughput) = tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
+        let mut loaded = load_span(&file, &model_path, span, &device, cheat.as_ref())?;
+        if let Some(Cheat::AttentionWindow(window)) = cheat {
+            loaded.set_attention_window(Some(window));
+        }
         let throughput = measure_throughput(&loaded);
         Ok((loaded, throughput))
     })
@@ -186,6 +254,7 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
     .map_err(|e| NodeError::Config(e.to_string()))??;
     tracing::info!(%span, mib = span_weights.size_bytes() >> 20, threads = span_weights.device().threads(), kernels = %span_weights.device().isa().name(), tokens_per_s = throughput, "blocks loaded");
 
+    let span_weights_dim = span_weights.config().dim;
     let jobs = worker::spawn(
         span_weights,
         WorkerConfig {
@@ -194,10 +263,14 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
             max_sessions: config.max_sessions,
             kv_budget_bytes: config.kv_budget_bytes,
             idle_timeout: config.idle_timeout,
+            sketches: config.sketches,
+            cheat: runtime_cheat,
         },
     )?;
     let state = Arc::new(State {
         model,
+        dim: span_weights_dim,
+        redteam: config.cheat.is_some(),
         model_name: config.model_name.clone(),
         n_blocks,
         span,
@@ -222,6 +295,14 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
         while let Some((peer, stream)) = infos.next().await {
             let info = info_state.info().await;
             tokio::spawn(serve::serve_info(peer, stream, info));
+        }
+    });
+    let mut audits = network.accept(PROTOCOL_AUDIT)?;
+    let audit_jobs = jobs.clone();
+    let dim = state.dim;
+    tokio::spawn(async move {
+        while let Some((peer, stream)) = audits.next().await {
+            tokio::spawn(serve::serve_audit(peer, stream, audit_jobs.clone(), model, dim, limits));
         }
     });
     let expire_jobs = jobs.clone();
@@ -264,6 +345,36 @@ async fn heartbeats(state: Arc<State>, topic: String, every: Duration) {
             return;
         }
     }
+}
+
+/// Loads `span` — honestly, or the way a red-team `cheat` would (the
+/// run-time cheats, replay and altered inputs, happen in the engine thread).
+pub fn load_span(file: &ModelFile, path: &std::path::Path, span: LayerSpan, device: &Device, cheat: Option<&Cheat>) -> Result<Span, NodeError> {
+    use hotpot_engine::testing::tamper::{Change, GgmlDType, rewrite};
+    let n_blocks = file.config().n_blocks;
+    let first = span.start()..span.start() + 1;
+    let (change, blocks, shift) = match cheat {
+        Some(Cheat::Requantize(to)) => {
+            let dtype = match to.as_str() {
+                "Q4_0" => GgmlDType::Q4_0,
+                _ => GgmlDType::Q8_0,
+            };
+            (Some(Change::Requantize(dtype)), span.blocks(), 0)
+        }
+        Some(Cheat::Noise) => (Some(Change::Noise { fraction: 0.01, seed: 7 }), first, 0),
+        Some(Cheat::SkipBlock) => (Some(Change::Skip), first, 0),
+        Some(Cheat::OtherSpan) => (None, span.blocks(), if span.end() < n_blocks { 1 } else { -1 }),
+        Some(Cheat::Weights(other)) => {
+            let other = ModelFile::open(other)?;
+            return Ok(Span::load(&other, span, device)?);
+        }
+        _ => return Ok(Span::load(file, span, device)?),
+    };
+    let tampered = std::env::temp_dir().join(format!("hotpot-redteam-{}-{}.gguf", std::process::id(), span));
+    rewrite(path, &tampered, blocks, change, shift).map_err(|e| NodeError::Config(format!("red-team rewrite: {e}")))?;
+    let loaded = ModelFile::open(&tampered).and_then(|f| Span::load(&f, span, device));
+    let _ = std::fs::remove_file(&tampered);
+    Ok(loaded?)
 }
 
 /// How many blocks fit in 80 % of the memory available now.

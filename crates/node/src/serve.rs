@@ -88,7 +88,27 @@ async fn handle(peer: PeerId, message: ClientMessage, session: &mut Option<Sessi
             }
             (None, true)
         }
+        ClientMessage::Audit { .. } => (Some(NodeMessage::error(ErrorCode::BadRequest, "audits go over /hotpot/audit/1")), true),
     }
+}
+
+/// One audit per stream: recompute a span over the given inputs.
+pub(crate) async fn serve_audit(peer: PeerId, stream: Stream, jobs: Jobs, model: hotpot_core::ModelId, dim: usize, limits: StreamLimits) {
+    let mut framed = Framed::new(peer, stream);
+    if let Ok(Some(frame)) = framed.recv(limits.idle).await {
+        let answer = match ClientMessage::decode(&frame) {
+            Ok(ClientMessage::Audit { model: m, .. }) if m != model => NodeMessage::error(ErrorCode::WrongModel, "this node serves another model"),
+            Ok(ClientMessage::Audit { inputs, .. }) if inputs.cols() != dim => NodeMessage::error(ErrorCode::BadTensor, format!("inputs must be {dim} wide")),
+            Ok(ClientMessage::Audit { span, inputs, .. }) => match hotpot_engine::HiddenStates::new(inputs.rows(), dim, inputs.to_f32()) {
+                Ok(inputs) => jobs.ask(|reply| Job::Audit { span, inputs, reply }).await,
+                Err(e) => NodeMessage::error(ErrorCode::BadTensor, e.to_string()),
+            },
+            Ok(_) => NodeMessage::error(ErrorCode::BadRequest, "expected an Audit request"),
+            Err(e) => NodeMessage::error(ErrorCode::BadRequest, e.to_string()),
+        };
+        let _ = framed.send(&answer.encode(), limits.write).await;
+    }
+    framed.close().await;
 }
 
 pub(crate) async fn serve_info(peer: PeerId, stream: Stream, info: NodeInfo) {

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use hotpot_core::{Commitment, ModelId, NodeKey, SessionId, StepRecord};
+use hotpot_core::{Commitment, LayerSpan, ModelId, NodeKey, SessionId, StepRecord};
 use hotpot_engine::{BatchItem, ForwardError, HiddenStates, KvCache, Span};
 use hotpot_net::PeerId;
+use hotpot_verify::{Sketch, SketchBuilder};
 use hotpot_wire::{DType, ErrorCode, NodeMessage, Open, Step, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
@@ -35,6 +36,12 @@ pub(crate) enum Job {
         owner: PeerId,
         session: SessionId,
     },
+    /// Recompute `span` over `inputs` on a fresh cache (an audit).
+    Audit {
+        span: LayerSpan,
+        inputs: HiddenStates,
+        reply: oneshot::Sender<NodeMessage>,
+    },
     /// Drop sessions idle for longer than the configured timeout.
     Expire,
 }
@@ -44,6 +51,9 @@ struct Session {
     cache: KvCache,
     reserved_bytes: usize,
     last_used: Instant,
+    sketches: SketchBuilder,
+    /// The previous decode output (the red-team's replay cheat).
+    last_output: Option<Vec<f32>>,
 }
 
 /// Most steps run in one batch.
@@ -63,6 +73,22 @@ pub(crate) struct WorkerConfig {
     pub max_sessions: usize,
     pub kv_budget_bytes: usize,
     pub idle_timeout: Duration,
+    /// Put output sketches in commitments.
+    pub sketches: bool,
+    /// Misbehave at run time (red-team tests only).
+    pub cheat: RuntimeCheat,
+}
+
+/// Run-time misbehaviour of a red-team node (weights-level cheats change
+/// the span it loads instead).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum RuntimeCheat {
+    #[default]
+    None,
+    /// Return the previous decode step's output again.
+    Replay,
+    /// Scale the input by `1 + ε` before computing (but sign the original).
+    AlterInput(f32),
 }
 
 /// The sending side, held by network tasks.
@@ -158,6 +184,9 @@ impl Worker {
                         self.remove(session);
                     }
                 }
+                Job::Audit { span, inputs, reply } => {
+                    let _ = reply.send(self.audit(span, &inputs));
+                }
                 Job::Expire => self.expire(),
             }
             self.load.sessions.store(self.sessions.len(), Ordering::Relaxed);
@@ -197,7 +226,8 @@ impl Worker {
         if self.reserved() + reserved_bytes > self.config.kv_budget_bytes {
             return NodeMessage::error(ErrorCode::Busy, "not enough KV-cache memory for a session this long");
         }
-        self.sessions.insert(open.session, Session { owner, cache, reserved_bytes, last_used: Instant::now() });
+        let session = Session { owner, cache, reserved_bytes, last_used: Instant::now(), sketches: SketchBuilder::default(), last_output: None };
+        self.sessions.insert(open.session, session);
         tracing::debug!(session = %open.session, span = %open.span, max_len, "session opened");
         NodeMessage::Opened { session: open.session, max_len: max_len as u32 }
     }
@@ -220,7 +250,11 @@ impl Worker {
                 let _ = reply.send(problem);
                 continue;
             }
-            let hidden = match HiddenStates::new(step.hidden.rows(), dim, step.hidden.to_f32()) {
+            let mut values = step.hidden.to_f32();
+            if let RuntimeCheat::AlterInput(eps) = self.config.cheat {
+                values.iter_mut().for_each(|v| *v *= 1.0 + eps);
+            }
+            let hidden = match HiddenStates::new(step.hidden.rows(), dim, values) {
                 Ok(h) => h,
                 Err(e) => {
                     let _ = reply.send(NodeMessage::error(ErrorCode::BadTensor, e.to_string()));
@@ -253,9 +287,9 @@ impl Worker {
             let after: usize = members.iter().map(|&i| ready[i].2.cache.memory_bytes()).sum();
             self.load.kv_bytes.fetch_add(after.saturating_sub(before), Ordering::Relaxed);
         }
-        for ((step, reply, session, _), output) in ready.into_iter().zip(outputs) {
+        for ((step, reply, mut session, _), output) in ready.into_iter().zip(outputs) {
             let answer = match output.unwrap_or(Err(ForwardError::Empty)) {
-                Ok(output) => self.output(&step, &session, &output),
+                Ok(output) => self.output(&step, &mut session, output),
                 Err(e) => {
                     let code = match e {
                         ForwardError::Position { .. } => ErrorCode::BadPosition,
@@ -272,8 +306,18 @@ impl Worker {
     }
 
     /// The answer to a computed step, with its signed commitment.
-    fn output(&self, step: &Step, session: &Session, output: &HiddenStates) -> NodeMessage {
-        let out = Tensor::from_f32(DType::F32, output.rows(), output.dim(), output.as_slice());
+    fn output(&self, step: &Step, session: &mut Session, output: HiddenStates) -> NodeMessage {
+        let (rows, dim) = (output.rows(), output.dim());
+        let mut values = output.into_vec();
+        if self.config.cheat == RuntimeCheat::Replay && rows == 1 {
+            let previous = session.last_output.replace(values.clone());
+            if let Some(previous) = previous {
+                values = previous;
+            }
+        }
+        let sketches =
+            if self.config.sketches { session.sketches.push(step.pos, rows as u32, &values).iter().map(Sketch::to_bytes).collect() } else { Vec::new() };
+        let out = Tensor::from_f32(DType::F32, rows, dim, &values);
         let commitment = Commitment::sign(
             &self.config.key,
             StepRecord {
@@ -281,12 +325,27 @@ impl Worker {
                 model: self.config.model,
                 span: session.cache.span(),
                 start_pos: step.pos,
-                rows: output.rows() as u32,
+                rows: rows as u32,
                 input: step.hidden.bytes(),
                 output: out.bytes(),
             },
+            sketches,
         );
         NodeMessage::Output { session: step.session, hidden: out, commitment: Box::new(commitment) }
+    }
+
+    /// Recomputes `span` over `inputs` in one prefill on a fresh cache.
+    fn audit(&self, span: LayerSpan, inputs: &HiddenStates) -> NodeMessage {
+        let mut cache = match self.span.cache_for(span, inputs.rows()) {
+            Ok(cache) => cache,
+            Err(_) => {
+                return NodeMessage::error(ErrorCode::SpanNotServed, format!("this node serves blocks {}, not {span}", self.span.span()));
+            }
+        };
+        match self.span.forward(&mut cache, inputs, 0) {
+            Ok(out) => NodeMessage::Audited { outputs: Tensor::from_f32(DType::F32, out.rows(), out.dim(), out.as_slice()) },
+            Err(e) => NodeMessage::error(ErrorCode::BadRequest, e.to_string()),
+        }
     }
 
     fn truncate(&mut self, owner: PeerId, session: SessionId, pos: u32) -> NodeMessage {

@@ -20,12 +20,13 @@ mod tensor;
 
 pub use codec::{Reader, Writer};
 pub use frame::{read_frame, write_frame};
-pub use message::{ClientMessage, ErrorCode, InfoRequest, NodeInfo, NodeMessage, Open, Step};
+pub use message::{ClientMessage, ErrorCode, InfoRequest, NodeInfo, NodeMessage, Open, Step, commitment_wire_bytes};
 pub use tensor::{DType, Tensor};
 
 /// Protocol names.
 pub const PROTOCOL_INFER: &str = "/hotpot/infer/1";
 pub const PROTOCOL_INFO: &str = "/hotpot/info/1";
+pub const PROTOCOL_AUDIT: &str = "/hotpot/audit/1";
 
 /// The payload format version this crate writes and reads.
 pub const VERSION: u8 = 1;

@@ -36,6 +36,13 @@ pub enum ClientMessage {
     Close {
         session: SessionId,
     },
+    /// `/hotpot/audit/1`: recompute `span` over `inputs` (positions 0..),
+    /// in one prefill, on a fresh cache.
+    Audit {
+        model: ModelId,
+        span: LayerSpan,
+        inputs: Tensor,
+    },
 }
 
 /// Why a node refused a request.
@@ -80,10 +87,27 @@ impl ErrorCode {
 /// Node → client.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NodeMessage {
-    Opened { session: SessionId, max_len: u32 },
-    Output { session: SessionId, hidden: Tensor, commitment: Box<Commitment> },
-    Truncated { session: SessionId, len: u32 },
-    Error { code: ErrorCode, message: String },
+    Opened {
+        session: SessionId,
+        max_len: u32,
+    },
+    Output {
+        session: SessionId,
+        hidden: Tensor,
+        commitment: Box<Commitment>,
+    },
+    Truncated {
+        session: SessionId,
+        len: u32,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    /// The answer to `Audit`.
+    Audited {
+        outputs: Tensor,
+    },
 }
 
 /// Asks a node to describe itself.
@@ -117,10 +141,12 @@ const TAG_OPEN: u8 = 1;
 const TAG_STEP: u8 = 2;
 const TAG_TRUNCATE: u8 = 3;
 const TAG_CLOSE: u8 = 4;
+const TAG_AUDIT: u8 = 5;
 const TAG_OPENED: u8 = 16;
 const TAG_OUTPUT: u8 = 17;
 const TAG_TRUNCATED: u8 = 18;
 const TAG_ERROR: u8 = 19;
+const TAG_AUDITED: u8 = 20;
 const TAG_INFO_REQUEST: u8 = 32;
 const TAG_INFO: u8 = 33;
 
@@ -152,24 +178,37 @@ fn session(r: &mut Reader<'_>) -> Result<SessionId, WireError> {
     Ok(SessionId(r.array()?))
 }
 
+/// Most sketches one commitment may carry, and the largest one.
+const MAX_SKETCHES: usize = 64;
+const MAX_SKETCH_BYTES: usize = 4096;
+
 fn write_commitment(w: &mut Writer, c: &Commitment) {
     w.fixed(&c.session.0).fixed(c.model.as_bytes());
     write_span(w, c.span);
-    w.u32(c.start_pos).u32(c.rows).fixed(&c.input_hash).fixed(&c.output_hash).fixed(c.node.as_bytes()).fixed(&c.signature.0);
+    w.u32(c.start_pos).u32(c.rows).fixed(&c.input_hash).fixed(&c.output_hash).fixed(c.node.as_bytes());
+    w.u32(c.sketches.len() as u32);
+    for sketch in &c.sketches {
+        w.bytes(sketch);
+    }
+    w.fixed(&c.signature.0);
+}
+
+/// Bytes `c` takes on the wire.
+pub fn commitment_wire_bytes(c: &Commitment) -> usize {
+    let mut w = Writer::default();
+    write_commitment(&mut w, c);
+    w.buf.len()
 }
 
 fn read_commitment(r: &mut Reader<'_>) -> Result<Commitment, WireError> {
-    Ok(Commitment {
-        session: session(r)?,
-        model: ModelId::from_bytes(r.array()?),
-        span: span(r)?,
-        start_pos: r.u32()?,
-        rows: r.u32()?,
-        input_hash: r.array()?,
-        output_hash: r.array()?,
-        node: NodeId::from_bytes(r.array()?),
-        signature: Signature(r.array()?),
-    })
+    let (session, model, span, start_pos, rows) = (session(r)?, ModelId::from_bytes(r.array()?), span(r)?, r.u32()?, r.u32()?);
+    let (input_hash, output_hash, node) = (r.array()?, r.array()?, NodeId::from_bytes(r.array()?));
+    let count = r.u32()? as usize;
+    if count > MAX_SKETCHES {
+        return Err(WireError::TooLong { what: "sketch list", len: count, max: MAX_SKETCHES });
+    }
+    let sketches = (0..count).map(|_| r.bytes(MAX_SKETCH_BYTES).map(<[u8]>::to_vec)).collect::<Result<_, _>>()?;
+    Ok(Commitment { session, model, span, start_pos, rows, input_hash, output_hash, node, sketches, signature: Signature(r.array()?) })
 }
 
 impl ClientMessage {
@@ -195,6 +234,12 @@ impl ClientMessage {
                 header(&mut w, TAG_CLOSE);
                 w.fixed(&session.0);
             }
+            Self::Audit { model, span, inputs } => {
+                header(&mut w, TAG_AUDIT);
+                w.fixed(model.as_bytes());
+                write_span(&mut w, *span);
+                inputs.write(&mut w);
+            }
         }
         w.buf
     }
@@ -206,6 +251,7 @@ impl ClientMessage {
             TAG_STEP => Self::Step(Step { session: session(&mut r)?, pos: r.u32()?, hidden: Tensor::read(&mut r)? }),
             TAG_TRUNCATE => Self::Truncate { session: session(&mut r)?, pos: r.u32()? },
             TAG_CLOSE => Self::Close { session: session(&mut r)? },
+            TAG_AUDIT => Self::Audit { model: ModelId::from_bytes(r.array()?), span: span(&mut r)?, inputs: Tensor::read(&mut r)? },
             tag => return Err(WireError::Tag(tag)),
         };
         r.finish()?;
@@ -247,6 +293,10 @@ impl NodeMessage {
                 header(&mut w, TAG_ERROR);
                 w.u8(code.tag()).str(message);
             }
+            Self::Audited { outputs } => {
+                header(&mut w, TAG_AUDITED);
+                outputs.write(&mut w);
+            }
         }
         w.buf
     }
@@ -258,6 +308,7 @@ impl NodeMessage {
             TAG_OUTPUT => Self::Output { session: session(&mut r)?, hidden: Tensor::read(&mut r)?, commitment: Box::new(read_commitment(&mut r)?) },
             TAG_TRUNCATED => Self::Truncated { session: session(&mut r)?, len: r.u32()? },
             TAG_ERROR => Self::Error { code: ErrorCode::from_tag(r.u8()?), message: r.str(MAX_TEXT)? },
+            TAG_AUDITED => Self::Audited { outputs: Tensor::read(&mut r)? },
             tag => return Err(WireError::Tag(tag)),
         };
         r.finish()?;

@@ -28,6 +28,7 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         (session(), any::<u32>(), tensor()).prop_map(|(session, pos, hidden)| ClientMessage::Step(Step { session, pos, hidden })),
         (session(), any::<u32>()).prop_map(|(session, pos)| ClientMessage::Truncate { session, pos }),
         session().prop_map(|session| ClientMessage::Close { session }),
+        (any::<[u8; 32]>(), span(), tensor()).prop_map(|(m, span, inputs)| ClientMessage::Audit { model: ModelId::from_bytes(m), span, inputs }),
     ]
 }
 
@@ -44,6 +45,7 @@ fn commitment(tensor: &Tensor, session: SessionId) -> Commitment {
             input: tensor.bytes(),
             output: tensor.bytes(),
         },
+        vec![vec![7; 10], vec![]],
     )
 }
 
@@ -70,6 +72,7 @@ fn node_message() -> impl Strategy<Value = NodeMessage> {
             ];
             NodeMessage::Error { code: codes[i], message }
         }),
+        tensor().prop_map(|outputs| NodeMessage::Audited { outputs }),
     ]
 }
 

@@ -28,8 +28,17 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts a node on 127.0.0.1 and waits until it serves.
     pub fn start(blocks: &str, join: Option<&str>, extra: &[&str]) -> NodeProc {
+        Self::start_with_env(blocks, join, extra, &[])
+    }
+
+    /// [`NodeProc::start`] with extra environment variables.
+    pub fn start_with_env(blocks: &str, join: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> NodeProc {
         let mut cmd = Command::new(HOTPOT);
-        cmd.args(["node", "--model", "smollm2-135m", "--blocks", blocks, "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "-t", "1"]);
+        cmd.envs(env.iter().copied());
+        cmd.args(["node", "--model", "smollm2-135m", "--blocks", blocks, "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]);
+        if !extra.contains(&"-t") {
+            cmd.args(["-t", "1"]);
+        }
         if let Some(join) = join {
             cmd.args(["--join", join]);
         }

@@ -165,8 +165,10 @@ multiversion! {
 ///
 /// `keys` are in panels of [`KEY_PANEL`] positions (`[panel][dim][16]`), so
 /// each score is one vector lane accumulated over the dimensions in order;
-/// `scores` is scratch.
-pub fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+/// the first `masked` positions are left out (sliding windows); `scores`
+/// is scratch.
+#[expect(clippy::too_many_arguments, reason = "the kernel's inputs are separate slices; a struct would only rename them")]
+pub fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, masked: usize, scores: &mut Vec<f32>, out: &mut [f32]) {
     let hd = q.len();
     // Common head sizes get code specialized for them, so the accumulators
     // live in registers; every size computes the same sequence.
@@ -176,6 +178,9 @@ pub fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut 
         _ => score_keys_any(q, keys, scale, scores),
     }
     scores.truncate(values.len() / hd);
+    for s in scores.iter_mut().take(masked) {
+        *s = f32::NEG_INFINITY;
+    }
     let sum = softmax_numerators(scores);
     match hd {
         64 => mix_values::<64>(scores, values, sum, out),
@@ -343,7 +348,7 @@ mod tests {
         let k = [0.1f32; 8 * KEY_PANEL];
         let v: Vec<f32> = (0..8).map(|i| i as f32).collect();
         let mut out = [0.0f32; 8];
-        attend(Isa::Scalar, &q, &k, &v, 0.5, &mut Vec::new(), &mut out);
+        attend(Isa::Scalar, &q, &k, &v, 0.5, 0, &mut Vec::new(), &mut out);
         assert_eq!(out.to_vec(), v);
     }
 
@@ -363,7 +368,7 @@ mod tests {
             // Padding positions hold NaN: they must not leak into the result.
             let run = |isa| {
                 let mut out = vec![0.0f32; hd];
-                attend(isa, &q, &panels, &values, 0.125, &mut Vec::new(), &mut out);
+                attend(isa, &q, &panels, &values, 0.125, 0, &mut Vec::new(), &mut out);
                 out
             };
             let reference = run(Isa::Scalar);

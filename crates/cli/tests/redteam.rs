@@ -1,0 +1,135 @@
+//! The red team against real processes: a cheating node serving blocks
+//! 0..15 next to an honest one serving 15..30, a gateway that audits every
+//! session of new nodes. Every cheat must end in a conviction with evidence
+//! that `hotpot verify` confirms; honest nodes with other thread counts and
+//! kernel variants must pass their audits.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use hotpot_engine::testing::tamper::{Change, GgmlDType, rewrite};
+
+struct Gateway {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn gateway(join: &str, evidence: &std::path::Path) -> Gateway {
+    let port = {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        socket.local_addr().expect("addr").port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(HOTPOT)
+        .args(["gateway", "--join", join, "--listen", &listen, "--evidence-dir", evidence.to_str().expect("utf-8"), "-t", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("gateway starts");
+    let gateway = Gateway { child, url: format!("http://{listen}") };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while curl(&["-sf", &format!("{}/health", gateway.url)]).is_empty() {
+        assert!(Instant::now() < deadline, "the gateway did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    gateway
+}
+
+fn curl(args: &[&str]) -> String {
+    text(&Command::new("curl").args(args).output().expect("curl runs").stdout)
+}
+
+fn complete(gateway: &Gateway, prompt: &str, tokens: u32) -> String {
+    let body = serde_json::json!({"model": "smollm2-135m", "prompt": prompt, "max_tokens": tokens, "temperature": 0}).to_string();
+    curl(&["-s", &format!("{}/v1/completions", gateway.url), "-H", "Content-Type: application/json", "-d", &body])
+}
+
+/// A counter from the gateway's /metrics, summed over the series whose
+/// labels contain `label` (0 when absent).
+fn metric(gateway: &Gateway, name: &str, label: &str) -> u64 {
+    let text = curl(&["-s", &format!("{}/metrics", gateway.url)]);
+    text.lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn wait_for(gateway: &Gateway, name: &str, label: &str, at_least: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if metric(gateway, name, label) >= at_least {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// Long enough (prompt + 70 tokens) that the 64-position attention window
+/// cheat is in effect.
+const PROMPT: &str = "Once upon a time, in a small village at the edge of a great forest, there lived";
+
+#[test]
+fn every_cheat_is_caught_and_honest_variants_pass() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Another model file with the same shapes, for the `weights:` cheat.
+    let model = {
+        let out = hotpot(&["pull", "smollm2-135m"], Duration::from_secs(300));
+        text(&out.stdout).trim().split('\t').nth(2).expect("model path").to_string()
+    };
+    let other = dir.path().join("other.gguf");
+    rewrite(std::path::Path::new(&model), &other, 0..30, Some(Change::Requantize(GgmlDType::Q8_0)), 0).expect("writes another model");
+    let other_weights = format!("weights:{}", other.display());
+
+    let cheats =
+        ["requantize-q4_0", "requantize-q8_0", "noise", "skip-block", "attention-window", "replay", "other-span", "alter-input", other_weights.as_str()];
+    for cheat in cheats {
+        let evidence = dir.path().join(format!("evidence-{}", cheat.split(':').next().unwrap_or(cheat)));
+        let cheater = NodeProc::start("0..15", None, &["--redteam", cheat]);
+        let _honest = NodeProc::start("15..30", Some(&cheater.addr), &[]);
+        let gw = gateway(&cheater.addr, &evidence);
+        let answer = complete(&gw, PROMPT, 70);
+        assert!(answer.contains("\"choices\""), "{cheat}: {answer}");
+        assert!(wait_for(&gw, "hotpot_cheats_total", "", 1), "{cheat} was not caught; metrics:\n{}", curl(&["-s", &format!("{}/metrics", gw.url)]));
+        assert_eq!(metric(&gw, "hotpot_audits_total", "result=\"fail\""), 1, "{cheat}: one failed first audit");
+        let files: Vec<_> = std::fs::read_dir(&evidence).expect("evidence dir").filter_map(Result::ok).map(|e| e.path()).collect();
+        assert_eq!(files.len(), 1, "{cheat}: one evidence file");
+        let check = hotpot(&["verify", files[0].to_str().expect("utf-8"), "-t", "1"], Duration::from_secs(120));
+        let verdict = text(&check.stdout);
+        assert!(check.status.success() && verdict.contains("verdict: CHEAT"), "{cheat}: {verdict}{}", text(&check.stderr));
+        // The cheat is banned: the gateway no longer routes through it.
+        let after = complete(&gw, "Hello", 4);
+        assert!(after.contains("no node serves blocks 0..15"), "{cheat}: still routed after conviction: {after}");
+    }
+
+    // Honest nodes on other thread counts and kernel variants pass.
+    let evidence = dir.path().join("evidence-honest");
+    let mut first = NodeProc::start("0..15", None, &["-t", "1"]);
+    let mut nodes = Vec::new();
+    for (kernels, threads) in [("avx2", "2"), ("scalar", "1")] {
+        let mut cmd_node = NodeProc::start_with_env("15..30", Some(&first.addr), &["-t", threads], &[("HOTPOT_KERNELS", kernels)]);
+        let gw = gateway(&first.addr, &evidence);
+        for i in 0..3 {
+            let answer = complete(&gw, &format!("{PROMPT} {i}"), 12);
+            assert!(answer.contains("\"choices\""), "{answer}");
+        }
+        assert!(wait_for(&gw, "hotpot_audits_total", "result=\"pass\"", 6), "honest audits did not all pass");
+        assert_eq!(metric(&gw, "hotpot_audits_total", "result=\"fail\""), 0);
+        assert_eq!(metric(&gw, "hotpot_cheats_total", ""), 0);
+        cmd_node.kill();
+        nodes.push(cmd_node);
+    }
+    first.kill();
+    assert!(std::fs::read_dir(&evidence).map_or(true, |mut d| d.next().is_none()), "no evidence against honest nodes");
+}

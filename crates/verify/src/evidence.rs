@@ -1,0 +1,268 @@
+//! Evidence that a node cheated: its own signed commitments, the inputs it
+//! was given and the outputs it returned (whose hashes it signed), and what
+//! the auditors recomputed. Anyone with the model can re-check it: the
+//! signatures and hashes tie the outputs to the node, and one prefill over
+//! the inputs shows whether they are the span's function of the inputs.
+
+use data_encoding::{BASE64, HEXLOWER};
+use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId, SessionId, Signature, StepRecord};
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{Comparison, Tolerance, compare};
+
+/// Something that can recompute a span over given inputs (the node crate
+/// and the gateway implement it with the engine).
+pub trait Executor {
+    /// Outputs of blocks `span` for `rows` input rows, positions `0..rows`.
+    fn recompute(&self, span: LayerSpan, inputs: &[f32], rows: usize) -> Result<Vec<f32>, String>;
+}
+
+/// A commitment in JSON-friendly form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitmentRecord {
+    pub session: String,
+    pub model: ModelId,
+    pub span: LayerSpan,
+    pub start_pos: u32,
+    pub rows: u32,
+    pub input_hash: String,
+    pub output_hash: String,
+    pub node: NodeId,
+    pub sketches: Vec<String>,
+    pub signature: String,
+}
+
+impl From<&Commitment> for CommitmentRecord {
+    fn from(c: &Commitment) -> Self {
+        Self {
+            session: HEXLOWER.encode(&c.session.0),
+            model: c.model,
+            span: c.span,
+            start_pos: c.start_pos,
+            rows: c.rows,
+            input_hash: HEXLOWER.encode(&c.input_hash),
+            output_hash: HEXLOWER.encode(&c.output_hash),
+            node: c.node,
+            sketches: c.sketches.iter().map(|s| HEXLOWER.encode(s)).collect(),
+            signature: HEXLOWER.encode(&c.signature.0),
+        }
+    }
+}
+
+impl TryFrom<&CommitmentRecord> for Commitment {
+    type Error = EvidenceError;
+
+    fn try_from(r: &CommitmentRecord) -> Result<Self, EvidenceError> {
+        fn fixed<const N: usize>(text: &str, what: &'static str) -> Result<[u8; N], EvidenceError> {
+            let bytes = HEXLOWER.decode(text.as_bytes()).map_err(|_| EvidenceError::Malformed(what))?;
+            bytes.try_into().map_err(|_| EvidenceError::Malformed(what))
+        }
+        Ok(Commitment {
+            session: SessionId(fixed(&r.session, "session")?),
+            model: r.model,
+            span: r.span,
+            start_pos: r.start_pos,
+            rows: r.rows,
+            input_hash: fixed(&r.input_hash, "input hash")?,
+            output_hash: fixed(&r.output_hash, "output hash")?,
+            node: r.node,
+            sketches: r.sketches.iter().map(|s| HEXLOWER.decode(s.as_bytes()).map_err(|_| EvidenceError::Malformed("sketch"))).collect::<Result<_, _>>()?,
+            signature: Signature(fixed(&r.signature, "signature")?),
+        })
+    }
+}
+
+/// One step of the audited session, as the node signed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvidenceStep {
+    pub commitment: CommitmentRecord,
+    /// The step's input rows, f32 little-endian, base64.
+    pub input: String,
+    /// The step's output rows as the node returned them.
+    pub output: String,
+}
+
+/// One auditor's recomputation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub executor: String,
+    pub comparison: Comparison,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub version: u32,
+    pub model: ModelId,
+    pub model_name: String,
+    pub span: LayerSpan,
+    pub dim: usize,
+    pub node: NodeId,
+    pub steps: Vec<EvidenceStep>,
+    pub audits: Vec<AuditRecord>,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EvidenceError {
+    #[error("malformed evidence: bad {0}")]
+    Malformed(&'static str),
+    #[error("unsupported evidence version {0}")]
+    Version(u32),
+    #[error("step {step}: {reason}")]
+    Step { step: usize, reason: String },
+}
+
+/// What re-checking evidence concluded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvidenceVerdict {
+    pub signatures_valid: bool,
+    pub comparison: Comparison,
+    /// The node signed outputs that are not its span's function of the inputs.
+    pub cheat: bool,
+}
+
+pub const EVIDENCE_VERSION: u32 = 1;
+
+fn floats_to_base64(values: &[f32]) -> String {
+    BASE64.encode(&values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>())
+}
+
+fn base64_to_bytes(text: &str, what: &'static str) -> Result<Vec<u8>, EvidenceError> {
+    BASE64.decode(text.as_bytes()).map_err(|_| EvidenceError::Malformed(what))
+}
+
+fn bytes_to_floats(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+impl Evidence {
+    /// Evidence from a session's steps: `(commitment, input rows, output rows)`.
+    pub fn new(model: ModelId, model_name: &str, span: LayerSpan, dim: usize, node: NodeId, steps: &[(Commitment, Vec<f32>, Vec<f32>)]) -> Self {
+        Self {
+            version: EVIDENCE_VERSION,
+            model,
+            model_name: model_name.to_string(),
+            span,
+            dim,
+            node,
+            steps: steps
+                .iter()
+                .map(|(c, input, output)| EvidenceStep {
+                    commitment: CommitmentRecord::from(c),
+                    input: floats_to_base64(input),
+                    output: floats_to_base64(output),
+                })
+                .collect(),
+            audits: Vec::new(),
+            created_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+
+    /// Checks that every step is signed by the node, covers the next
+    /// positions, and that the recorded bytes are what it signed. Returns
+    /// all inputs and outputs, concatenated.
+    pub fn check_signatures(&self) -> Result<(Vec<f32>, Vec<f32>), EvidenceError> {
+        if self.version != EVIDENCE_VERSION {
+            return Err(EvidenceError::Version(self.version));
+        }
+        let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
+        let mut next = 0u32;
+        for (i, step) in self.steps.iter().enumerate() {
+            let bad = |reason: String| EvidenceError::Step { step: i, reason };
+            let c = Commitment::try_from(&step.commitment)?;
+            let input = base64_to_bytes(&step.input, "input")?;
+            let output = base64_to_bytes(&step.output, "output")?;
+            if c.model != self.model || c.span != self.span {
+                return Err(bad("signed for another model or span".into()));
+            }
+            if c.start_pos != next {
+                return Err(bad(format!("starts at position {}, expected {next}", c.start_pos)));
+            }
+            if input.len() != c.rows as usize * self.dim * 4 || output.len() != input.len() {
+                return Err(bad("tensor sizes do not match the signed row count".into()));
+            }
+            let record = StepRecord { session: c.session, model: c.model, span: c.span, start_pos: c.start_pos, rows: c.rows, input: &input, output: &output };
+            c.check(self.node, record).map_err(|e| bad(e.to_string()))?;
+            next += c.rows;
+            inputs.extend(bytes_to_floats(&input));
+            outputs.extend(bytes_to_floats(&output));
+        }
+        Ok((inputs, outputs))
+    }
+
+    /// Re-checks everything with `executor`'s recomputation.
+    pub fn verify(&self, executor: &dyn Executor, tolerance: &Tolerance) -> Result<EvidenceVerdict, EvidenceError> {
+        let (inputs, outputs) = self.check_signatures()?;
+        let rows = inputs.len() / self.dim.max(1);
+        let recomputed = executor.recompute(self.span, &inputs, rows).map_err(|reason| EvidenceError::Step { step: 0, reason })?;
+        let comparison = compare(&outputs, &recomputed, self.dim, tolerance);
+        Ok(EvidenceVerdict { signatures_valid: true, cheat: !comparison.pass, comparison })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hotpot_core::NodeKey;
+
+    /// Doubles its inputs: a stand-in span.
+    struct Doubler;
+    impl Executor for Doubler {
+        fn recompute(&self, _: LayerSpan, inputs: &[f32], _: usize) -> Result<Vec<f32>, String> {
+            Ok(inputs.iter().map(|v| v * 2.0).collect())
+        }
+    }
+
+    /// A signed step with its input and output rows.
+    type Step = (Commitment, Vec<f32>, Vec<f32>);
+
+    fn session_steps(key: &NodeKey, lie_at: Option<usize>) -> (ModelId, LayerSpan, Vec<Step>) {
+        let (model, span, session) = (ModelId::from_bytes([2; 32]), LayerSpan::new(0, 4).expect("span"), SessionId([1; 16]));
+        let mut steps = Vec::new();
+        let mut pos = 0;
+        for (i, rows) in [3usize, 1, 1].into_iter().enumerate() {
+            let input: Vec<f32> = (0..rows * 2).map(|j| (i * 10 + j) as f32).collect();
+            let mut output: Vec<f32> = input.iter().map(|v| v * 2.0).collect();
+            if lie_at == Some(i) {
+                output[0] += 0.5;
+            }
+            let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+            let (ib, ob) = (bytes(&input), bytes(&output));
+            let record = StepRecord { session, model, span, start_pos: pos, rows: rows as u32, input: &ib, output: &ob };
+            steps.push((Commitment::sign(key, record, vec![]), input, output));
+            pos += rows as u32;
+        }
+        (model, span, steps)
+    }
+
+    #[test]
+    fn evidence_round_trips_and_convicts_only_liars() {
+        let key = NodeKey::generate();
+        let (model, span, honest) = session_steps(&key, None);
+        let e = Evidence::new(model, "m", span, 2, key.id(), &honest);
+        let json = serde_json::to_string(&e).expect("serializes");
+        let back: Evidence = serde_json::from_str(&json).expect("parses");
+        assert_eq!(back, e);
+        let verdict = back.verify(&Doubler, &Tolerance::default()).expect("checks");
+        assert!(verdict.signatures_valid && !verdict.cheat);
+
+        let (_, _, lying) = session_steps(&key, Some(1));
+        let verdict = Evidence::new(model, "m", span, 2, key.id(), &lying).verify(&Doubler, &Tolerance::default()).expect("checks");
+        assert!(verdict.cheat && verdict.comparison.first_bad == Some(3), "{verdict:?}");
+    }
+
+    #[test]
+    fn tampered_evidence_is_refused() {
+        let key = NodeKey::generate();
+        let (model, span, steps) = session_steps(&key, Some(0));
+        let mut e = Evidence::new(model, "m", span, 2, key.id(), &steps);
+        // An accuser who edits the outputs breaks the node's signature.
+        e.steps[0].output = floats_to_base64(&[0.0; 6]);
+        assert!(matches!(e.check_signatures(), Err(EvidenceError::Step { step: 0, .. })));
+        let mut other = Evidence::new(model, "m", span, 2, NodeKey::generate().id(), &steps);
+        assert!(other.check_signatures().is_err(), "signed by someone else");
+        other.node = key.id();
+        other.steps.swap(1, 2);
+        assert!(other.check_signatures().is_err(), "steps out of order");
+    }
+}
