@@ -93,6 +93,9 @@ pub struct AuditArgs {
     /// Measurement only: convict, but keep routing through convicted nodes.
     #[arg(long, hide = true)]
     pub redteam_keep_cheats: bool,
+    /// Red-team only: convict every audited node (false accusations).
+    #[arg(long, hide = true)]
+    pub redteam_accuse_everyone: bool,
 }
 
 impl AuditArgs {
@@ -112,6 +115,7 @@ impl AuditArgs {
             evidence_dir: Some(self.evidence_dir.clone().unwrap_or_else(|| store.evidence_dir())),
             device,
             keep_cheats: self.redteam_keep_cheats,
+            accuse_everyone: self.redteam_accuse_everyone,
         }))
     }
 }
@@ -201,18 +205,18 @@ pub fn node(args: &NodeArgs) -> Result<()> {
     })
 }
 
-async fn join_as_client(peers: &PeerArgs) -> Result<Network> {
+/// Joins the swarm as a client (not a DHT server), listening on `listen`.
+async fn join_as_client(peers: &PeerArgs, listen: Vec<Multiaddr>) -> Result<Network> {
     if peers.join.is_empty() && !peers.mdns {
         bail!("give --join MULTIADDR (a node's address) or --mdns to find the swarm");
     }
-    let network =
-        Network::start(NetworkConfig { key: NodeKey::generate(), listen: vec![], join: peers.join.clone(), dht_server: false, mdns: peers.mdns }).await?;
+    let network = Network::start(NetworkConfig { key: NodeKey::generate(), listen, join: peers.join.clone(), dht_server: false, mdns: peers.mdns }).await?;
     Ok(network)
 }
 
 pub fn status(args: &StatusArgs) -> Result<()> {
     runtime()?.block_on(async {
-        let network = join_as_client(&args.peers).await?;
+        let network = join_as_client(&args.peers, vec![]).await?;
         // Ask every peer the DHT knows, for a few rounds.
         let deadline = Instant::now() + Duration::from_secs(args.wait.max(1));
         let mut seen = BTreeMap::new();
@@ -312,7 +316,7 @@ pub fn run_remote(args: &RunArgs) -> Result<()> {
     let max_len = (prompt_len + params.max_tokens.min(context)).min(context);
     let mut generation = Generation::new(tokens, params, context)?;
     runtime()?.block_on(async {
-        let network = join_as_client(&args.peers).await?;
+        let network = join_as_client(&args.peers, vec![]).await?;
         let directory = SharedDirectory::follow(&network, model).await;
         directory.refresh(&network, &model, config.n_blocks, Duration::from_secs(3)).await;
         let chain_config = ChainConfig { max_len: max_len + 1, emulated_delay: Duration::from_millis(args.emulate_delay_ms), ..ChainConfig::default() };
@@ -361,6 +365,10 @@ pub struct GatewayArgs {
     /// Largest request body, MiB.
     #[arg(long, default_value_t = 4)]
     pub max_body_mb: usize,
+    /// Peer-to-peer address to listen on, so that other gateways can fetch
+    /// this one's evidence of cheating.
+    #[arg(long, default_value = "/ip4/0.0.0.0/udp/0/quic-v1")]
+    pub p2p_listen: Vec<Multiaddr>,
     #[command(flatten)]
     pub audit: AuditArgs,
 }
@@ -433,7 +441,7 @@ pub fn gateway(args: &GatewayArgs) -> Result<()> {
     let (model, path) = load_gateway_model(&args.model, &device)?;
     let audit = args.audit.config(&path, Some(device))?;
     runtime()?.block_on(async {
-        let network = join_as_client(&args.peers).await?;
+        let network = join_as_client(&args.peers, args.p2p_listen.clone()).await?;
         let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
         println!("OpenAI API for {} ({}) at http://{addr}/v1", model.name, model.id);

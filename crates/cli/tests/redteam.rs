@@ -25,6 +25,10 @@ impl Drop for Gateway {
 }
 
 fn gateway(join: &str, evidence: &std::path::Path) -> Gateway {
+    gateway_with(join, evidence, &[])
+}
+
+fn gateway_with(join: &str, evidence: &std::path::Path, extra: &[&str]) -> Gateway {
     let port = {
         let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
         socket.local_addr().expect("addr").port()
@@ -32,6 +36,7 @@ fn gateway(join: &str, evidence: &std::path::Path) -> Gateway {
     let listen = format!("127.0.0.1:{port}");
     let child = Command::new(HOTPOT)
         .args(["gateway", "--join", join, "--listen", &listen, "--evidence-dir", evidence.to_str().expect("utf-8"), "-t", "1"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -132,4 +137,52 @@ fn every_cheat_is_caught_and_honest_variants_pass() {
     }
     first.kill();
     assert!(std::fs::read_dir(&evidence).map_or(true, |mut d| d.next().is_none()), "no evidence against honest nodes");
+}
+
+#[test]
+fn a_conviction_reaches_other_gateways_that_check_it_themselves() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cheater = NodeProc::start("0..15", None, &["--redteam", "noise"]);
+    let _honest = NodeProc::start("15..30", Some(&cheater.addr), &[]);
+    let accuser = gateway(&cheater.addr, &dir.path().join("accuser"));
+    let listener = gateway(&cheater.addr, &dir.path().join("listener"));
+    let answer = complete(&accuser, PROMPT, 8);
+    assert!(answer.contains("\"choices\""), "{answer}");
+    assert!(wait_for(&accuser, "hotpot_cheats_total", "", 1), "the accuser did not convict");
+    // The other gateway served no session: it learns of the cheat from the
+    // accusation, fetches the evidence and convicts only after auditing it.
+    assert!(
+        wait_for(&listener, "hotpot_accusations_total", "result=\"confirmed\"", 1),
+        "the accusation was not confirmed; metrics:\n{}",
+        curl(&["-s", &format!("{}/metrics", listener.url)])
+    );
+    assert_eq!(metric(&listener, "hotpot_cheats_total", ""), 1);
+    assert_eq!(metric(&listener, "hotpot_audits_total", "result=\"fail\""), 1, "its own audit failed the node");
+    let after = complete(&listener, "Hello", 4);
+    assert!(after.contains("no node serves blocks 0..15"), "still routed after the accusation: {after}");
+    let evidence: Vec<_> = std::fs::read_dir(dir.path().join("listener")).expect("own evidence").collect();
+    assert_eq!(evidence.len(), 1, "the listener keeps evidence of its own");
+}
+
+#[test]
+fn a_false_accusation_is_rejected_and_the_honest_node_keeps_serving() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = NodeProc::start("0..15", None, &[]);
+    let _second = NodeProc::start("15..30", Some(&first.addr), &[]);
+    let liar = gateway_with(&first.addr, &dir.path().join("liar"), &["--redteam-accuse-everyone"]);
+    let listener = gateway(&first.addr, &dir.path().join("listener"));
+    let answer = complete(&liar, PROMPT, 8);
+    assert!(answer.contains("\"choices\""), "{answer}");
+    assert!(wait_for(&liar, "hotpot_cheats_total", "", 2), "the lying gateway did not accuse both nodes");
+    assert!(
+        wait_for(&listener, "hotpot_accusations_total", "result=\"rejected\"", 1),
+        "the false accusation was not rejected; metrics:\n{}",
+        curl(&["-s", &format!("{}/metrics", listener.url)])
+    );
+    assert_eq!(metric(&listener, "hotpot_cheats_total", ""), 0, "no honest node convicted");
+    assert_eq!(metric(&listener, "hotpot_accusations_total", "result=\"confirmed\""), 0);
+    let after = complete(&listener, PROMPT, 4);
+    assert!(after.contains("\"choices\""), "the honest nodes still serve: {after}");
 }

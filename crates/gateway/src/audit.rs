@@ -4,21 +4,29 @@
 //! and signed. A failed audit is repeated by other executors; a majority of
 //! failures marks the node as a cheat, bans it from routing, and stores
 //! evidence that anyone holding the model can re-check (`hotpot verify`).
+//!
+//! A conviction is gossiped to other gateways as an accusation; each of
+//! them fetches the evidence from the accuser, checks the accused node's
+//! signatures on it, and audits the recorded work itself: it bans the node
+//! only if its own audit fails too, and ignores an accuser whose evidence
+//! turned out false.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use hotpot_core::LayerSpan;
+use futures::StreamExt;
+use hotpot_core::{Commitment, LayerSpan};
 use hotpot_engine::{Device, HiddenStates, ModelFile, Span};
-use hotpot_net::{Framed, Network, PeerId};
+use hotpot_net::{Framed, NetEvent, Network, PeerId, Stream, cheats_topic, peer_id_of};
 use hotpot_verify::{AuditPolicy, AuditRecord, Evidence, Executor, Sketch, Tolerance, Verdict, compare};
-use hotpot_wire::{ClientMessage, DType, NodeMessage, PROTOCOL_AUDIT, Tensor};
+use hotpot_wire::{Accusation, ClientMessage, DType, EvidenceMessage, NodeMessage, PROTOCOL_AUDIT, PROTOCOL_EVIDENCE, Tensor};
 use rand::Rng;
 
 use crate::chain::StageTranscript;
 use crate::directory::SharedDirectory;
-use crate::metrics::{AuditLabels, Metrics};
+use crate::metrics::{AuditLabels, Metrics, ResultLabels};
 use crate::service::ServedModel;
 
 /// How the gateway audits.
@@ -37,6 +45,9 @@ pub struct AuditConfig {
     /// evidence but keep routing through the convicted node, so that every
     /// one of its sessions is audited.
     pub keep_cheats: bool,
+    /// Red-team only: convict every audited node, honest or not, so that
+    /// tests can check that other gateways reject false accusations.
+    pub accuse_everyone: bool,
 }
 
 /// The whole model loaded locally: recomputes any span.
@@ -76,6 +87,51 @@ impl ExecutorChoice {
     }
 }
 
+/// Evidence this gateway wrote, kept to serve to other gateways by hash.
+#[derive(Default)]
+struct EvidenceStore {
+    order: VecDeque<[u8; 32]>,
+    files: HashMap<[u8; 32], Arc<Vec<u8>>>,
+}
+
+/// How many evidence files are kept in memory for other gateways.
+const KEPT_EVIDENCE: usize = 256;
+
+impl EvidenceStore {
+    fn insert(&mut self, bytes: Vec<u8>) -> [u8; 32] {
+        let hash = hotpot_core::hash(&bytes);
+        if self.files.insert(hash, Arc::new(bytes)).is_none() {
+            self.order.push_back(hash);
+        }
+        while self.order.len() > KEPT_EVIDENCE {
+            if let Some(old) = self.order.pop_front() {
+                self.files.remove(&old);
+            }
+        }
+        hash
+    }
+}
+
+/// Accusations from other gateways being checked, and accusers caught lying.
+#[derive(Default)]
+struct Accusations {
+    checking: HashSet<PeerId>,
+    false_accusers: HashSet<PeerId>,
+}
+
+/// What checking another gateway's accusation found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Finding {
+    /// Our own audit convicted the node.
+    Confirmed,
+    /// Our own audit found the recorded work honest.
+    Rejected,
+    /// The evidence was not what the accusation said, or not signed by the node.
+    Invalid(String),
+    /// We could not get the evidence or audit it (no fault of the accuser's).
+    Unchecked(String),
+}
+
 pub struct Auditor {
     network: Network,
     directory: SharedDirectory,
@@ -83,11 +139,84 @@ pub struct Auditor {
     config: AuditConfig,
     local: Mutex<Option<Arc<LocalExecutor>>>,
     metrics: Arc<Metrics>,
+    evidence: Mutex<EvidenceStore>,
+    accusations: Mutex<Accusations>,
+    /// One accusation is checked at a time, so that a flood of them cannot
+    /// take the gateway's compute.
+    checks: tokio::sync::Semaphore,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Auditor {
+    /// An auditor that also serves its evidence to other gateways and checks
+    /// theirs (tasks on the current Tokio runtime).
     pub fn new(network: Network, directory: SharedDirectory, model: ServedModel, config: AuditConfig, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self { network, directory, model, config, local: Mutex::new(None), metrics })
+        let auditor = Arc::new(Self {
+            network,
+            directory,
+            model,
+            config,
+            local: Mutex::new(None),
+            metrics,
+            evidence: Mutex::default(),
+            accusations: Mutex::default(),
+            checks: tokio::sync::Semaphore::new(1),
+        });
+        auditor.listen();
+        auditor
+    }
+
+    /// Serves evidence over `/hotpot/evidence/1` and follows the model's
+    /// accusations topic.
+    fn listen(self: &Arc<Self>) {
+        match self.network.accept(PROTOCOL_EVIDENCE) {
+            Ok(mut incoming) => {
+                let auditor = Arc::downgrade(self);
+                tokio::spawn(async move {
+                    while let Some((peer, stream)) = incoming.next().await {
+                        let Some(auditor) = auditor.upgrade() else { return };
+                        tokio::spawn(async move { auditor.serve_evidence(peer, stream).await });
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot serve evidence to other gateways"),
+        }
+        let auditor: Weak<Self> = Arc::downgrade(self);
+        let (network, topic) = (self.network.clone(), cheats_topic(&self.model.id));
+        let mut events = network.events();
+        tokio::spawn(async move {
+            let _ = network.subscribe(topic.clone()).await;
+            loop {
+                match events.recv().await {
+                    Ok(NetEvent::Gossip { topic: t, source: Some(accuser), data }) if t == topic => {
+                        let Some(auditor) = auditor.upgrade() else { return };
+                        match Accusation::decode(&data) {
+                            Ok(accusation) => {
+                                tokio::spawn(async move { auditor.on_accusation(accuser, accusation).await });
+                            }
+                            Err(e) => tracing::debug!(%accuser, error = %e, "ignoring a malformed accusation"),
+                        }
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+
+    async fn serve_evidence(&self, peer: PeerId, stream: Stream) {
+        let timeout = Duration::from_secs(30);
+        let mut framed = Framed::new(peer, stream);
+        let Ok(Some(request)) = framed.recv(timeout).await else { return };
+        let bytes = match EvidenceMessage::decode(&request) {
+            Ok(EvidenceMessage::Request { evidence }) => lock(&self.evidence).files.get(&evidence).map(|b| b.as_ref().clone()),
+            _ => None,
+        };
+        let _ = framed.send(&EvidenceMessage::Evidence { bytes }.encode(), timeout).await;
+        framed.close().await;
     }
 
     /// Decides which of a finished session's stages to audit, and starts
@@ -103,7 +232,7 @@ impl Auditor {
             });
             if audit {
                 let auditor = Arc::clone(self);
-                tokio::spawn(async move { auditor.audit(stage).await });
+                tokio::spawn(async move { auditor.audit(stage).await; });
             }
         }
     }
@@ -175,16 +304,17 @@ impl Auditor {
             let Some(sketch) = Sketch::from_bytes(bytes) else {
                 return false;
             };
-            let (start, end) = (sketch.start as usize, (sketch.start + sketch.rows) as usize);
+            let (start, end) = (sketch.start as usize, sketch.start as usize + sketch.rows as usize);
             end <= rows && sketch.check(&recomputed[start * stage.dim..end * stage.dim]).passes(&self.config.tolerance.sketch)
         })
     }
 
-    async fn audit(&self, stage: StageTranscript) {
+    /// Audits `stage`, escalating a failure; convicts on a majority.
+    async fn audit(&self, stage: StageTranscript) -> Verdict {
         let executors = self.executors(&stage);
         if executors.is_empty() {
             tracing::debug!(peer = %stage.peer, blocks = %stage.span, "no one can audit these blocks");
-            return;
+            return Verdict::Pending;
         }
         let mut results = Vec::new();
         let mut records = Vec::new();
@@ -208,8 +338,11 @@ impl Auditor {
             }
         }
         let Some(&first) = results.first() else {
-            return;
+            return Verdict::Pending;
         };
+        if self.config.accuse_everyone {
+            verdict = Verdict::Cheat;
+        }
         let labels = AuditLabels { peer: stage.peer.to_string(), result: if first { "pass".into() } else { "fail".into() } };
         self.metrics.audits.get_or_create(&labels).inc();
         self.directory.with(|d| {
@@ -220,15 +353,16 @@ impl Auditor {
             }
         });
         match verdict {
-            Verdict::Cheat => self.convict(&stage, records),
+            Verdict::Cheat => self.convict(&stage, records).await,
             Verdict::Honest if !first => {
                 tracing::warn!(peer = %stage.peer, "a failed audit was not confirmed by re-audits")
             }
             _ => {}
         }
+        verdict
     }
 
-    fn convict(&self, stage: &StageTranscript, records: Vec<AuditRecord>) {
+    async fn convict(&self, stage: &StageTranscript, records: Vec<AuditRecord>) {
         if !self.config.keep_cheats {
             self.directory.with(|d| d.mark_cheat(stage.peer));
         }
@@ -243,10 +377,10 @@ impl Auditor {
             .collect();
         let mut evidence = Evidence::new(self.model.id, &self.model.name, stage.span, stage.dim, stage.node, &steps);
         evidence.audits = records;
+        let bytes = serde_json::to_vec_pretty(&evidence).unwrap_or_default();
         let path = self.config.evidence_dir.as_ref().map(|dir| dir.join(format!("{}-{}.json", stage.node, evidence.created_ms)));
         if let Some(path) = &path {
-            let written = std::fs::create_dir_all(path.parent().unwrap_or(path))
-                .and_then(|()| std::fs::write(path, serde_json::to_vec_pretty(&evidence).unwrap_or_default()));
+            let written = std::fs::create_dir_all(path.parent().unwrap_or(path)).and_then(|()| std::fs::write(path, &bytes));
             if let Err(e) = written {
                 tracing::warn!(error = %e, "cannot write evidence");
             }
@@ -255,5 +389,108 @@ impl Auditor {
             peer = %stage.peer, blocks = %stage.span, evidence = ?path,
             "CHEAT: the node's signed outputs are not its blocks' function of their inputs; banned from routing"
         );
+        let hash = lock(&self.evidence).insert(bytes);
+        let addrs = self.network.listen_addrs().await.unwrap_or_default().iter().map(ToString::to_string).collect();
+        let accusation = Accusation { node: stage.node, model: self.model.id, span: stage.span, evidence: hash, addrs };
+        if let Err(e) = self.network.publish(cheats_topic(&self.model.id), accusation.encode()).await {
+            tracing::debug!(error = %e, "could not gossip the accusation (no other gateway listening yet?)");
+        }
+    }
+
+    /// Checks another gateway's accusation with an audit of our own.
+    async fn on_accusation(&self, accuser: PeerId, accusation: Accusation) {
+        let Some(peer) = peer_id_of(&accusation.node) else { return };
+        // Only nodes this gateway might route through are worth an audit.
+        let known = self.directory.with(|d| d.all().iter().any(|r| r.peer == peer) && !d.reputation(peer).cheat);
+        if accusation.model != self.model.id || accuser == self.network.peer_id() || !known {
+            return;
+        }
+        {
+            let mut state = lock(&self.accusations);
+            if state.false_accusers.contains(&accuser) || !state.checking.insert(peer) {
+                return;
+            }
+        }
+        let finding = match self.checks.acquire().await {
+            Ok(_permit) => self.check_accusation(accuser, peer, &accusation).await,
+            Err(_) => Finding::Unchecked("shutting down".into()),
+        };
+        lock(&self.accusations).checking.remove(&peer);
+        let result = match &finding {
+            Finding::Confirmed => {
+                tracing::info!(%accuser, accused = %peer, "another gateway's accusation confirmed by our own audit");
+                "confirmed"
+            }
+            Finding::Rejected => {
+                tracing::warn!(%accuser, accused = %peer, "an accusation was false: our audit of its evidence passed; ignoring that accuser");
+                lock(&self.accusations).false_accusers.insert(accuser);
+                "rejected"
+            }
+            Finding::Invalid(reason) => {
+                tracing::warn!(%accuser, accused = %peer, %reason, "an accusation came with invalid evidence; ignoring that accuser");
+                lock(&self.accusations).false_accusers.insert(accuser);
+                "invalid"
+            }
+            Finding::Unchecked(reason) => {
+                tracing::debug!(%accuser, accused = %peer, %reason, "could not check an accusation");
+                "unchecked"
+            }
+        };
+        self.metrics.accusations.get_or_create(&ResultLabels { result: result.into() }).inc();
+    }
+
+    async fn check_accusation(&self, accuser: PeerId, peer: PeerId, accusation: &Accusation) -> Finding {
+        // Connect to the accuser first (gateways are not in the DHT).
+        for addr in accusation.addrs.iter().take(4).filter_map(|a| a.parse::<hotpot_net::Multiaddr>().ok()) {
+            if tokio::time::timeout(Duration::from_secs(10), self.network.dial(addr)).await.is_ok_and(|r| r.is_ok()) {
+                break;
+            }
+        }
+        let bytes = match self.fetch_evidence(accuser, accusation.evidence).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Finding::Invalid("the accuser does not have the evidence it announced".into()),
+            Err(e) => return Finding::Unchecked(e),
+        };
+        let stage = match self.transcript_of(peer, accusation, &bytes) {
+            Ok(stage) => stage,
+            Err(e) => return Finding::Invalid(e),
+        };
+        match self.audit(stage).await {
+            Verdict::Cheat => Finding::Confirmed,
+            Verdict::Honest => Finding::Rejected,
+            Verdict::Pending => Finding::Unchecked("no one could audit the evidence".into()),
+        }
+    }
+
+    async fn fetch_evidence(&self, accuser: PeerId, hash: [u8; 32]) -> Result<Option<Vec<u8>>, String> {
+        let timeout = Duration::from_secs(60);
+        let stream = self.network.open_stream(accuser, PROTOCOL_EVIDENCE, timeout).await.map_err(|e| e.to_string())?;
+        let mut framed = Framed::new(accuser, stream);
+        framed.send(&EvidenceMessage::Request { evidence: hash }.encode(), timeout).await.map_err(|e| e.to_string())?;
+        let reply = framed.recv(timeout).await.map_err(|e| e.to_string())?.ok_or("the accuser closed the stream")?;
+        framed.close().await;
+        match EvidenceMessage::decode(&reply) {
+            Ok(EvidenceMessage::Evidence { bytes }) => Ok(bytes),
+            Ok(other) => Err(format!("unexpected answer: {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The accused node's recorded work, if `bytes` are the announced
+    /// evidence and every step of it carries the node's signature.
+    fn transcript_of(&self, peer: PeerId, accusation: &Accusation, bytes: &[u8]) -> Result<StageTranscript, String> {
+        if hotpot_core::hash(bytes) != accusation.evidence {
+            return Err("the evidence does not hash to what was announced".into());
+        }
+        let evidence: Evidence = serde_json::from_slice(bytes).map_err(|e| format!("unreadable evidence: {e}"))?;
+        if evidence.node != accusation.node || evidence.model != self.model.id || evidence.span != accusation.span {
+            return Err("the evidence is about another node, model or span".into());
+        }
+        if evidence.dim != self.model.dim || evidence.span.end() > self.model.n_blocks {
+            return Err("the evidence does not fit the model".into());
+        }
+        let (inputs, outputs) = evidence.check_signatures().map_err(|e| e.to_string())?;
+        let commitments = evidence.steps.iter().map(|s| Commitment::try_from(&s.commitment)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+        Ok(StageTranscript { peer, node: evidence.node, span: evidence.span, dim: evidence.dim, inputs, outputs, commitments })
     }
 }

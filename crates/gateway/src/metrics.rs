@@ -31,6 +31,11 @@ pub struct AuditLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     pub requests: Family<RequestLabels, Counter>,
@@ -49,6 +54,8 @@ pub struct Metrics {
     pub audits: Family<AuditLabels, Counter>,
     /// Nodes proven to cheat.
     pub cheats: Counter,
+    /// Other gateways' accusations, by what this gateway's own check found.
+    pub accusations: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -80,6 +87,8 @@ impl Default for Metrics {
         registry.register("audits", "audits of node work, by the first audit's result", audits.clone());
         let cheats = Counter::default();
         registry.register("cheats", "nodes proven to cheat (banned, evidence stored)", cheats.clone());
+        let accusations = Family::<ResultLabels, Counter>::default();
+        registry.register("accusations", "other gateways' accusations, by this gateway's own finding", accusations.clone());
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -95,6 +104,7 @@ impl Default for Metrics {
             key_tokens,
             audits,
             cheats,
+            accusations,
         }
     }
 }

@@ -245,3 +245,9 @@ pub fn block_key(model: &ModelId, block: u32) -> String {
 pub fn model_topic(model: &ModelId) -> String {
     format!("hotpot/{}", model.to_full_string())
 }
+
+/// The gossip topic where gateways publish accusations against nodes of
+/// `model` (nodes subscribe too, so that accusations travel through them).
+pub fn cheats_topic(model: &ModelId) -> String {
+    format!("hotpot/{}/cheats", model.to_full_string())
+}

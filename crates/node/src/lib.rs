@@ -17,7 +17,7 @@ use futures::StreamExt;
 use hotpot_core::placement::{Served, weakest_window};
 use hotpot_core::{LayerSpan, ModelId};
 use hotpot_engine::{Device, HiddenStates, ModelError, ModelFile, Span};
-use hotpot_net::{NetError, NetEvent, Network, block_key, model_topic};
+use hotpot_net::{NetError, NetEvent, Network, block_key, cheats_topic, model_topic};
 use hotpot_wire::{NodeInfo, PROTOCOL_AUDIT, PROTOCOL_INFER, PROTOCOL_INFO};
 
 use crate::serve::StreamLimits;
@@ -318,6 +318,8 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
     network.provide(span.blocks().map(|b| block_key(&model, b)).collect()).await?;
     let topic = model_topic(&model);
     network.subscribe(topic.clone()).await?;
+    // Accusations between gateways travel through the nodes' gossip mesh.
+    network.subscribe(cheats_topic(&model)).await?;
     tokio::spawn(heartbeats(Arc::clone(&state), topic, config.heartbeat));
     tracing::info!(peer = %network.peer_id(), %span, "serving");
     Ok(RunningNode { state })

@@ -175,6 +175,13 @@ impl Evidence {
             if c.model != self.model || c.span != self.span {
                 return Err(bad("signed for another model or span".into()));
             }
+            // Steps spliced from different sessions would recompute
+            // differently even for an honest node.
+            if let Some(first) = self.steps.first()
+                && step.commitment.session != first.commitment.session
+            {
+                return Err(bad("belongs to another session".into()));
+            }
             if c.start_pos != next {
                 return Err(bad(format!("starts at position {}, expected {next}", c.start_pos)));
             }
@@ -264,5 +271,20 @@ mod tests {
         other.node = key.id();
         other.steps.swap(1, 2);
         assert!(other.check_signatures().is_err(), "steps out of order");
+    }
+
+    #[test]
+    fn steps_spliced_from_another_session_are_refused() {
+        // Honest steps of two sessions, at contiguous positions: recomputing
+        // them as one session would convict an honest node.
+        let key = NodeKey::generate();
+        let (model, span, mut steps) = session_steps(&key, None);
+        let (c, input, output) = steps.pop().expect("a step");
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (ib, ob) = (bytes(&input), bytes(&output));
+        let record = StepRecord { session: SessionId([7; 16]), model, span, start_pos: c.start_pos, rows: c.rows, input: &ib, output: &ob };
+        steps.push((Commitment::sign(&key, record, vec![]), input, output));
+        let e = Evidence::new(model, "m", span, 2, key.id(), &steps);
+        assert!(matches!(e.check_signatures(), Err(EvidenceError::Step { step: 2, .. })), "{:?}", e.check_signatures());
     }
 }

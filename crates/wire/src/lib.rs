@@ -10,7 +10,9 @@
 //! then `Step`s (each answered by an `Output` carrying the node's signed
 //! `Commitment`), `Truncate`s, and `Close`. `/hotpot/info/1` answers one
 //! `InfoRequest` with the node's `NodeInfo`, which is also what gossip
-//! heartbeats carry. Hidden states travel as f32 by default so a pipeline is
+//! heartbeats carry. `/hotpot/audit/1` asks a node to recompute a span over
+//! given inputs; gateways gossip an `Accusation` when they convict a node
+//! and serve the evidence over `/hotpot/evidence/1`. Hidden states travel as f32 by default so a pipeline is
 //! bit-identical to one process.
 
 mod codec;
@@ -20,13 +22,14 @@ mod tensor;
 
 pub use codec::{Reader, Writer};
 pub use frame::{read_frame, write_frame};
-pub use message::{ClientMessage, ErrorCode, InfoRequest, NodeInfo, NodeMessage, Open, Step, commitment_wire_bytes};
+pub use message::{Accusation, ClientMessage, EvidenceMessage, ErrorCode, InfoRequest, NodeInfo, NodeMessage, Open, Step, commitment_wire_bytes};
 pub use tensor::{DType, Tensor};
 
 /// Protocol names.
 pub const PROTOCOL_INFER: &str = "/hotpot/infer/1";
 pub const PROTOCOL_INFO: &str = "/hotpot/info/1";
 pub const PROTOCOL_AUDIT: &str = "/hotpot/audit/1";
+pub const PROTOCOL_EVIDENCE: &str = "/hotpot/evidence/1";
 
 /// The payload format version this crate writes and reads.
 pub const VERSION: u8 = 1;

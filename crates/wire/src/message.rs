@@ -149,6 +149,9 @@ const TAG_ERROR: u8 = 19;
 const TAG_AUDITED: u8 = 20;
 const TAG_INFO_REQUEST: u8 = 32;
 const TAG_INFO: u8 = 33;
+const TAG_ACCUSATION: u8 = 48;
+const TAG_EVIDENCE_REQUEST: u8 = 49;
+const TAG_EVIDENCE: u8 = 50;
 
 const MAX_TEXT: usize = 4096;
 const MAX_ADDRS: usize = 32;
@@ -376,5 +379,94 @@ impl NodeInfo {
         let timestamp_ms = r.u64()?;
         r.finish()?;
         Ok(Self { node, model, model_name, n_blocks, span, throughput, free_slots, max_sessions, queue, price_per_1k, version, addrs, timestamp_ms })
+    }
+}
+
+/// Gossiped by a gateway that convicted a node (topic `hotpot/<model>/cheats`):
+/// "node `node` cheated on blocks `span`; ask me for evidence `evidence`
+/// (the BLAKE3 of its bytes) over `/hotpot/evidence/1`". The accuser is the
+/// gossip message's signed author. A gateway that hears it fetches the
+/// evidence, checks the accused node's signatures, recomputes, and bans the
+/// node only if its own audit agrees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accusation {
+    pub node: NodeId,
+    pub model: ModelId,
+    pub span: LayerSpan,
+    pub evidence: [u8; 32],
+    /// Where the accuser listens (multiaddrs), to fetch the evidence from.
+    pub addrs: Vec<String>,
+}
+
+impl Accusation {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        header(&mut w, TAG_ACCUSATION);
+        w.fixed(self.node.as_bytes()).fixed(self.model.as_bytes());
+        write_span(&mut w, self.span);
+        w.fixed(&self.evidence).u32(self.addrs.len().min(MAX_ADDRS) as u32);
+        for addr in self.addrs.iter().take(MAX_ADDRS) {
+            w.str(addr);
+        }
+        w.buf
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(bytes);
+        let tag = read_header(&mut r)?;
+        if tag != TAG_ACCUSATION {
+            return Err(WireError::Tag(tag));
+        }
+        let (node, model, span, evidence) = (NodeId::from_bytes(r.array()?), ModelId::from_bytes(r.array()?), span(&mut r)?, r.array()?);
+        let n_addrs = r.u32()? as usize;
+        if n_addrs > MAX_ADDRS {
+            return Err(WireError::TooLong { what: "address list", len: n_addrs, max: MAX_ADDRS });
+        }
+        let addrs = (0..n_addrs).map(|_| r.str(MAX_TEXT)).collect::<Result<_, _>>()?;
+        r.finish()?;
+        Ok(Self { node, model, span, evidence, addrs })
+    }
+}
+
+/// `/hotpot/evidence/1`: one request for evidence by hash, one answer: the
+/// evidence file's bytes (JSON, see `hotpot-verify`), or none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EvidenceMessage {
+    Request { evidence: [u8; 32] },
+    Evidence { bytes: Option<Vec<u8>> },
+}
+
+impl EvidenceMessage {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        match self {
+            Self::Request { evidence } => {
+                header(&mut w, TAG_EVIDENCE_REQUEST);
+                w.fixed(evidence);
+            }
+            Self::Evidence { bytes } => {
+                header(&mut w, TAG_EVIDENCE);
+                match bytes {
+                    Some(bytes) => w.u8(1).bytes(bytes),
+                    None => w.u8(0),
+                };
+            }
+        }
+        w.buf
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(bytes);
+        let message = match read_header(&mut r)? {
+            TAG_EVIDENCE_REQUEST => Self::Request { evidence: r.array()? },
+            TAG_EVIDENCE => match r.u8()? {
+                0 => Self::Evidence { bytes: None },
+                1 => Self::Evidence { bytes: Some(r.bytes(crate::MAX_FRAME)?.to_vec()) },
+                _ => return Err(WireError::Invalid("evidence presence flag")),
+            },
+            tag => return Err(WireError::Tag(tag)),
+        };
+        r.finish()?;
+        Ok(message)
     }
 }

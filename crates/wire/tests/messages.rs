@@ -1,7 +1,7 @@
 //! Round-trip properties and byte snapshots of the wire format.
 
 use hotpot_core::{Commitment, LayerSpan, ModelId, NodeKey, SessionId, StepRecord};
-use hotpot_wire::{ClientMessage, DType, ErrorCode, InfoRequest, NodeInfo, NodeMessage, Open, Step, Tensor, WireError};
+use hotpot_wire::{Accusation, ClientMessage, DType, EvidenceMessage, ErrorCode, InfoRequest, NodeInfo, NodeMessage, Open, Step, Tensor, WireError};
 use proptest::prelude::*;
 
 fn span() -> impl Strategy<Value = LayerSpan> {
@@ -113,6 +113,19 @@ proptest! {
     }
 
     #[test]
+    fn accusations_and_evidence_round_trip(node in any::<[u8; 32]>(), model in any::<[u8; 32]>(), span in span(), hash in any::<[u8; 32]>(),
+                                           addrs in proptest::collection::vec("/ip4/127.0.0.1/udp/[0-9]{1,5}/quic-v1", 0..4),
+                                           bytes in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..200))) {
+        let a = Accusation { node: hotpot_core::NodeId::from_bytes(node), model: ModelId::from_bytes(model), span, evidence: hash, addrs };
+        prop_assert_eq!(Accusation::decode(&a.encode()).expect("decodes"), a);
+        for m in [EvidenceMessage::Request { evidence: hash }, EvidenceMessage::Evidence { bytes }] {
+            let encoded = m.encode();
+            prop_assert_eq!(EvidenceMessage::decode(&encoded).expect("decodes"), m);
+            prop_assert!(EvidenceMessage::decode(&encoded[..encoded.len() - 1]).is_err());
+        }
+    }
+
+    #[test]
     fn truncated_messages_are_errors(m in client_message(), cut in 0usize..1000) {
         let bytes = m.encode();
         let cut = cut % bytes.len();
@@ -125,6 +138,8 @@ proptest! {
         let _ = NodeMessage::decode(&bytes);
         let _ = NodeInfo::decode(&bytes);
         let _ = InfoRequest::decode(&bytes);
+        let _ = Accusation::decode(&bytes);
+        let _ = EvidenceMessage::decode(&bytes);
     }
 
     #[test]
