@@ -77,10 +77,12 @@ honest_row() {
     HONEST_AUDITS=$((HONEST_AUDITS + n)); HONEST_FAILS=$((HONEST_FAILS + fails)); HONEST_CONVICTIONS=$((HONEST_CONVICTIONS + cheats))
     echo "| $name | $sessions | $n | $fails | $cheats |"
 }
-if [ "$HONEST_SESSIONS" -gt 0 ]; then
+if [ "$HONEST_SESSIONS" -gt 0 ] || [ "$SCALAR_SESSIONS" -gt 0 ]; then
     echo
     echo "| honest swarm (the gateway audits with avx512 -t 1) | sessions | audits | failed first audits | convictions |"
     echo "| --- | ---: | ---: | ---: | ---: |"
+fi
+if [ "$HONEST_SESSIONS" -gt 0 ]; then
     NODE_ENV=(HOTPOT_KERNELS=avx2); start_node 0..15 2; BOOT=$NODE_ADDR
     NODE_ENV=(); start_node 15..30 1 "$BOOT"
     start_gateway "$BOOT"
