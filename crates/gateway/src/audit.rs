@@ -232,7 +232,9 @@ impl Auditor {
             });
             if audit {
                 let auditor = Arc::clone(self);
-                tokio::spawn(async move { auditor.audit(stage).await; });
+                tokio::spawn(async move {
+                    auditor.audit(stage).await;
+                });
             }
         }
     }

@@ -22,7 +22,7 @@ mod tensor;
 
 pub use codec::{Reader, Writer};
 pub use frame::{read_frame, write_frame};
-pub use message::{Accusation, ClientMessage, EvidenceMessage, ErrorCode, InfoRequest, NodeInfo, NodeMessage, Open, Step, commitment_wire_bytes};
+pub use message::{Accusation, ClientMessage, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Step, commitment_wire_bytes};
 pub use tensor::{DType, Tensor};
 
 /// Protocol names.

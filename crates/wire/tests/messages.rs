@@ -1,7 +1,7 @@
 //! Round-trip properties and byte snapshots of the wire format.
 
 use hotpot_core::{Commitment, LayerSpan, ModelId, NodeKey, SessionId, StepRecord};
-use hotpot_wire::{Accusation, ClientMessage, DType, EvidenceMessage, ErrorCode, InfoRequest, NodeInfo, NodeMessage, Open, Step, Tensor, WireError};
+use hotpot_wire::{Accusation, ClientMessage, DType, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Step, Tensor, WireError};
 use proptest::prelude::*;
 
 fn span() -> impl Strategy<Value = LayerSpan> {
