@@ -207,13 +207,71 @@ fn chat_logprob(gateway: &Gateway, token: u32, lp: &TokenLogprob) -> TokenLogpro
     TokenLogprobOut { token: text, logprob: lp.logprob, bytes, top_logprobs }
 }
 
-fn sse(event: &impl serde::Serialize) -> Result<Event, Infallible> {
+fn sse(event: &impl serde::Serialize) -> SseEvent {
     Ok(Event::default().data(serde_json::to_string(event).unwrap_or_default()))
 }
 
-fn sse_stream(rx: mpsc::Receiver<Result<Event, Infallible>>) -> Response {
+fn sse_stream(rx: mpsc::Receiver<SseEvent>) -> Response {
     let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|event| (event, rx)) });
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+type SseEvent = Result<Event, Infallible>;
+
+/// One streamed answer: its SSE channel, and how its endpoint wraps choices
+/// (and, last, the usage) in a chunk.
+struct ChunkStream<C> {
+    tx: mpsc::Sender<SseEvent>,
+    chunk: Box<dyn Fn(Vec<C>, Option<Usage>) -> SseEvent + Send + Sync>,
+}
+
+impl<C> ChunkStream<C> {
+    /// Sends one chunk; false when the client has gone.
+    async fn send(&self, choices: Vec<C>) -> bool {
+        self.tx.send((self.chunk)(choices, None)).await.is_ok()
+    }
+
+    /// Sends each choice event as a chunk (`to_choice` shapes it, `None`
+    /// skips it) until `expected` choices are done or one fails (its error
+    /// goes out as an event). The completion tokens, or `None` when the
+    /// client has gone.
+    async fn relay(
+        &self,
+        events: &mut mpsc::Receiver<Result<ChoiceEvent, ApiError>>,
+        expected: usize,
+        mut to_choice: impl FnMut(ChoiceEvent) -> Option<C>,
+    ) -> Option<usize> {
+        let (mut done, mut completion) = (0, 0);
+        while done < expected {
+            let event = match events.recv().await {
+                None => break,
+                Some(Ok(event)) => event,
+                Some(Err(e)) => {
+                    let _ = self.tx.send(Ok(Event::default().data(e.body().to_string()))).await;
+                    break;
+                }
+            };
+            if let ChoiceEvent::Done { completion_tokens, .. } = &event {
+                done += 1;
+                completion += completion_tokens;
+            }
+            if let Some(choice) = to_choice(event)
+                && !self.send(vec![choice]).await
+            {
+                return None;
+            }
+        }
+        Some(completion)
+    }
+
+    /// Bills the answer, sends the usage chunk when asked, then `[DONE]`.
+    async fn finish(&self, gateway: &Gateway, caller: Option<&Caller>, usage: Usage, include_usage: bool) {
+        gateway.account(caller, usage);
+        if include_usage {
+            let _ = self.tx.send((self.chunk)(Vec::new(), Some(usage))).await;
+        }
+        let _ = self.tx.send(Ok(Event::default().data("[DONE]"))).await;
+    }
 }
 
 async fn chat(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Body(request): Body<ChatRequest>) -> Result<Response, ApiError> {
@@ -288,56 +346,44 @@ async fn chat(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Body(requ
         let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let (tx, rx) = mpsc::channel(64);
         let gw = Arc::clone(&gateway);
+        let fingerprint = gateway.fingerprint.clone();
+        let out = ChunkStream {
+            tx,
+            chunk: Box::new(move |choices: Vec<ChatChunkChoice>, usage| {
+                sse(&ChatChunk {
+                    id: id.clone(),
+                    object: "chat.completion.chunk",
+                    created,
+                    model: model.clone(),
+                    system_fingerprint: fingerprint.clone(),
+                    choices,
+                    usage,
+                })
+            }),
+        };
         tokio::spawn(async move {
-            let chunk = |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatChunk {
-                id: id.clone(),
-                object: "chat.completion.chunk",
-                created,
-                model: model.clone(),
-                system_fingerprint: gw.fingerprint.clone(),
-                choices,
-                usage,
-            };
             for index in 0..n {
                 let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
-                if tx.send(sse(&chunk(vec![ChatChunkChoice { index, delta, logprobs: None, finish_reason: None }], None))).await.is_err() {
+                if !out.send(vec![ChatChunkChoice { index, delta, logprobs: None, finish_reason: None }]).await {
                     return;
                 }
             }
-            let (mut done, mut completion) = (0, 0);
-            while done < n {
-                let Some(event) = events.recv().await else {
-                    break;
-                };
-                let choice = match event {
-                    Ok(ChoiceEvent::Token { index, token, text, logprob }) => {
+            let relayed = out
+                .relay(&mut events, n as usize, |event| match event {
+                    ChoiceEvent::Token { index, token, text, logprob } => {
                         let logprobs = logprob.map(|lp| ChoiceLogprobs { content: vec![chat_logprob(&gw, token, &lp)] });
-                        if text.is_empty() && logprobs.is_none() {
-                            continue;
-                        }
-                        ChatChunkChoice { index, delta: Delta { role: None, content: Some(text) }, logprobs, finish_reason: None }
+                        let shown = !text.is_empty() || logprobs.is_some();
+                        shown.then_some(ChatChunkChoice { index, delta: Delta { role: None, content: Some(text) }, logprobs, finish_reason: None })
                     }
-                    Ok(ChoiceEvent::Done { index, finish, completion_tokens }) => {
-                        done += 1;
-                        completion += completion_tokens;
-                        ChatChunkChoice { index, delta: Delta::default(), logprobs: None, finish_reason: Some(finish.as_str()) }
+                    ChoiceEvent::Done { index, finish, .. } => {
+                        Some(ChatChunkChoice { index, delta: Delta::default(), logprobs: None, finish_reason: Some(finish.as_str()) })
                     }
-                    Ok(ChoiceEvent::Prompt { .. }) => continue,
-                    Err(e) => {
-                        let _ = tx.send(Ok(Event::default().data(e.body().to_string()))).await;
-                        break;
-                    }
-                };
-                if tx.send(sse(&chunk(vec![choice], None))).await.is_err() {
-                    return;
-                }
+                    ChoiceEvent::Prompt { .. } => None,
+                })
+                .await;
+            if let Some(completion) = relayed {
+                out.finish(&gw, caller.as_ref(), Usage::new(prompt_len, completion), include_usage).await;
             }
-            let usage = Usage::new(prompt_len, completion);
-            gw.account(caller.as_ref(), usage);
-            if include_usage {
-                let _ = tx.send(sse(&chunk(Vec::new(), Some(usage)))).await;
-            }
-            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
         });
         return Ok(sse_stream(rx));
     }
@@ -479,31 +525,33 @@ async fn completions(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Bo
         let (tx, rx) = mpsc::channel(64);
         let gw = Arc::clone(&gateway);
         let prompts = prompts.clone();
+        let fingerprint = gateway.fingerprint.clone();
+        let out = ChunkStream {
+            tx,
+            chunk: Box::new(move |choices: Vec<CompletionChoice>, usage| {
+                sse(&CompletionResponse {
+                    id: id.clone(),
+                    object: "text_completion",
+                    created,
+                    model: model.clone(),
+                    system_fingerprint: fingerprint.clone(),
+                    choices,
+                    usage,
+                })
+            }),
+        };
         tokio::spawn(async move {
-            let chunk = |choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionResponse {
-                id: id.clone(),
-                object: "text_completion",
-                created,
-                model: model.clone(),
-                system_fingerprint: gw.fingerprint.clone(),
-                choices,
-                usage,
-            };
             for (index, b) in builds.iter_mut().enumerate() {
                 if !b.text.is_empty() {
                     let echo = CompletionChoice { text: std::mem::take(&mut b.text), index: index as u32, logprobs: b.logprobs.take(), finish_reason: None };
-                    if tx.send(sse(&chunk(vec![echo], None))).await.is_err() {
+                    if !out.send(vec![echo]).await {
                         return;
                     }
                 }
             }
-            let (mut done, mut completion) = (0, 0);
-            while done < total {
-                let Some(event) = events.recv().await else {
-                    break;
-                };
-                let choice = match event {
-                    Ok(ChoiceEvent::Prompt { index, logprobs }) => {
+            let relayed = out
+                .relay(&mut events, total, |event| match event {
+                    ChoiceEvent::Prompt { index, logprobs } => {
                         let prompt = &prompts[index as usize / n as usize];
                         let mut lp = top.map(|_| CompletionLogprobs::default());
                         let mut text = String::new();
@@ -517,37 +565,25 @@ async fn completions(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Bo
                             }
                             text.push_str(&piece_text);
                         }
-                        CompletionChoice { text, index, logprobs: lp, finish_reason: None }
+                        Some(CompletionChoice { text, index, logprobs: lp, finish_reason: None })
                     }
-                    Ok(ChoiceEvent::Token { index, token, text, logprob }) => {
+                    ChoiceEvent::Token { index, token, text, logprob } => {
                         let lp = logprob.map(|l| CompletionLogprobs {
                             tokens: vec![piece(&gw, token).0],
                             token_logprobs: vec![Some(l.logprob)],
                             top_logprobs: vec![Some(top_map(&gw, &l))],
                             text_offset: vec![0],
                         });
-                        CompletionChoice { text, index, logprobs: lp, finish_reason: None }
+                        Some(CompletionChoice { text, index, logprobs: lp, finish_reason: None })
                     }
-                    Ok(ChoiceEvent::Done { index, finish, completion_tokens }) => {
-                        done += 1;
-                        completion += completion_tokens;
-                        CompletionChoice { text: String::new(), index, logprobs: None, finish_reason: Some(finish.as_str()) }
+                    ChoiceEvent::Done { index, finish, .. } => {
+                        Some(CompletionChoice { text: String::new(), index, logprobs: None, finish_reason: Some(finish.as_str()) })
                     }
-                    Err(e) => {
-                        let _ = tx.send(Ok(Event::default().data(e.body().to_string()))).await;
-                        break;
-                    }
-                };
-                if tx.send(sse(&chunk(vec![choice], None))).await.is_err() {
-                    return;
-                }
+                })
+                .await;
+            if let Some(completion) = relayed {
+                out.finish(&gw, caller.as_ref(), Usage::new(prompt_tokens, completion), include_usage).await;
             }
-            let usage = Usage::new(prompt_tokens, completion);
-            gw.account(caller.as_ref(), usage);
-            if include_usage {
-                let _ = tx.send(sse(&chunk(Vec::new(), Some(usage)))).await;
-            }
-            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
         });
         return Ok(sse_stream(rx));
     }
