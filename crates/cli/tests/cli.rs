@@ -3,31 +3,21 @@
 //! models for bad input.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use hotpot_engine::testing::TinyModel;
 
-/// Runs `hotpot` with `args`, killing it after `limit`.
+mod common;
+
+/// Runs `hotpot` with `args` (and `HOTPOT_HOME=home`), killing it after `limit`.
 fn hotpot_with(args: &[&str], home: Option<&Path>, limit: Duration) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hotpot"));
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut cmd = Command::new(common::HOTPOT);
+    cmd.args(args);
     if let Some(home) = home {
         cmd.env("HOTPOT_HOME", home);
     }
-    let mut child = cmd.spawn().expect("hotpot starts");
-    let started = Instant::now();
-    loop {
-        if child.try_wait().expect("waits").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!("hotpot {args:?} ran past {limit:?}; stderr: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::output_within(&mut cmd, limit)
 }
 
 fn hotpot(args: &[&str]) -> Output {

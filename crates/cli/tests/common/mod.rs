@@ -99,7 +99,13 @@ impl Drop for NodeProc {
 
 /// Runs `hotpot` with `args` to completion, killing it after `limit`.
 pub fn hotpot(args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(HOTPOT).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("hotpot starts");
+    output_within(Command::new(HOTPOT).args(args), limit)
+}
+
+/// Runs `cmd` to completion with its output captured; kills it and fails
+/// the test if it runs past `limit`.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("the command starts");
     let started = Instant::now();
     loop {
         if child.try_wait().expect("waits").is_some() {
@@ -108,7 +114,7 @@ pub fn hotpot(args: &[&str], limit: Duration) -> Output {
         if started.elapsed() > limit {
             let _ = child.kill();
             let out = child.wait_with_output().expect("output");
-            panic!("hotpot {args:?} ran past {limit:?}; stderr: {}", String::from_utf8_lossy(&out.stderr));
+            panic!("{cmd:?} ran past {limit:?}; stderr: {}", String::from_utf8_lossy(&out.stderr));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
