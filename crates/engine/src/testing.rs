@@ -42,17 +42,7 @@ impl TinyModel {
     /// Token strings: control tokens, the 256 byte characters, the merges.
     fn tokens() -> Vec<String> {
         let mut tokens: Vec<String> = TINY_SPECIAL.iter().map(|s| s.to_string()).collect();
-        let mut next = 256u32;
-        for b in 0..=255u8 {
-            let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
-            let c = if printable {
-                char::from(b)
-            } else {
-                next += 1;
-                char::from_u32(next - 1).expect("valid")
-            };
-            tokens.push(c.to_string());
-        }
+        tokens.extend(crate::tokenizer::byte_level_chars().iter().map(char::to_string));
         tokens.extend(MERGES.iter().map(|(a, b)| format!("{a}{b}")));
         tokens
     }

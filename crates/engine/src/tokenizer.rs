@@ -64,23 +64,26 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, ModelError> {
     })
 }
 
-/// GPT-2's byte-to-character map, inverted: which byte each character of a
-/// byte-level token stands for.
-fn byte_level_decoder() -> std::collections::HashMap<char, u8> {
-    let mut map = std::collections::HashMap::with_capacity(256);
+/// GPT-2's byte-to-character map: the character that stands for each byte
+/// in a byte-level token (printable bytes stand for themselves, the others
+/// for code points from U+0100 on, in byte order).
+pub(crate) fn byte_level_chars() -> [char; 256] {
     let mut next = 256u32;
-    for b in 0..=255u8 {
+    std::array::from_fn(|b| {
+        let b = b as u8;
         let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
-        let c = if printable {
+        if printable {
             char::from(b)
         } else {
-            let c = char::from_u32(next).expect("valid code point");
             next += 1;
-            c
-        };
-        map.insert(c, b);
-    }
-    map
+            char::from_u32(next - 1).expect("U+0100..U+0143 are valid code points")
+        }
+    })
+}
+
+/// [`byte_level_chars`] inverted: which byte each character stands for.
+fn byte_level_decoder() -> std::collections::HashMap<char, u8> {
+    byte_level_chars().into_iter().zip(0..=255u8).collect()
 }
 
 impl Tokenizer {
