@@ -356,7 +356,8 @@ pub struct GatewayArgs {
     /// Address for the HTTP API.
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub listen: std::net::SocketAddr,
-    /// JSON file of API keys; without it, the API is open.
+    /// JSON file of API keys; without it, the API is open. What each key
+    /// spends is kept beside it (KEYS.spending.sqlite) across restarts.
     #[arg(long)]
     pub api_keys: Option<std::path::PathBuf>,
     /// Compute threads for the gateway's own work (0: one per core).
@@ -386,7 +387,8 @@ pub struct UpArgs {
     pub port: u16,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: std::net::IpAddr,
-    /// JSON file of API keys; without it, the API is open.
+    /// JSON file of API keys; without it, the API is open. What each key
+    /// spends is kept beside it (KEYS.spending.sqlite) across restarts.
     #[arg(long)]
     pub api_keys: Option<std::path::PathBuf>,
     /// Compute threads, shared by the local nodes and the gateway (0: one per core).
