@@ -90,6 +90,10 @@ pub struct AuditArgs {
     /// Where evidence of cheating is written (default: $HOTPOT_HOME/evidence).
     #[arg(long)]
     pub evidence_dir: Option<std::path::PathBuf>,
+    /// Seconds between repeats of this gateway's accusations, so that
+    /// gateways that join later hear of earlier convictions too.
+    #[arg(long, default_value_t = 60)]
+    pub accusations_every: u64,
     /// Measurement only: convict, but keep routing through convicted nodes.
     #[arg(long, hide = true)]
     pub redteam_keep_cheats: bool,
@@ -116,6 +120,7 @@ impl AuditArgs {
             device,
             keep_cheats: self.redteam_keep_cheats,
             accuse_everyone: self.redteam_accuse_everyone,
+            accusations_every: Duration::from_secs(self.accusations_every.max(1)),
         }))
     }
 }

@@ -166,6 +166,29 @@ fn a_conviction_reaches_other_gateways_that_check_it_themselves() {
 }
 
 #[test]
+fn a_gateway_that_joins_later_hears_of_earlier_convictions() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cheater = NodeProc::start("0..15", None, &["--redteam", "skip-block"]);
+    let _honest = NodeProc::start("15..30", Some(&cheater.addr), &[]);
+    let accuser = gateway_with(&cheater.addr, &dir.path().join("accuser"), &["--accusations-every", "1"]);
+    let answer = complete(&accuser, PROMPT, 8);
+    assert!(answer.contains("\"choices\""), "{answer}");
+    assert!(wait_for(&accuser, "hotpot_cheats_total", "", 1), "the accuser did not convict");
+    // This gateway starts after the conviction was first gossiped; the
+    // accuser's repeats reach it, and it audits the evidence itself.
+    let late = gateway(&cheater.addr, &dir.path().join("late"));
+    assert!(
+        wait_for(&late, "hotpot_accusations_total", "result=\"confirmed\"", 1),
+        "the late gateway did not hear of the conviction; metrics:\n{}",
+        curl(&["-s", &format!("{}/metrics", late.url)])
+    );
+    assert_eq!(metric(&late, "hotpot_cheats_total", ""), 1);
+    let after = complete(&late, "Hello", 4);
+    assert!(after.contains("no node serves blocks 0..15"), "still routed after the accusation: {after}");
+}
+
+#[test]
 fn a_false_accusation_is_rejected_and_the_honest_node_keeps_serving() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");

@@ -48,6 +48,9 @@ pub struct AuditConfig {
     /// Red-team only: convict every audited node, honest or not, so that
     /// tests can check that other gateways reject false accusations.
     pub accuse_everyone: bool,
+    /// How often the gateway gossips its accusations again, for gateways
+    /// that were not listening when it first did.
+    pub accusations_every: Duration,
 }
 
 /// The whole model loaded locally: recomputes any span.
@@ -141,6 +144,9 @@ pub struct Auditor {
     metrics: Arc<Metrics>,
     evidence: Mutex<EvidenceStore>,
     accusations: Mutex<Accusations>,
+    /// This gateway's own accusations, the latest per convicted node, as
+    /// gossiped (repeated every `accusations_every`).
+    convictions: Mutex<HashMap<PeerId, Vec<u8>>>,
     /// One accusation is checked at a time, so that a flood of them cannot
     /// take the gateway's compute.
     checks: tokio::sync::Semaphore,
@@ -163,9 +169,11 @@ impl Auditor {
             metrics,
             evidence: Mutex::default(),
             accusations: Mutex::default(),
+            convictions: Mutex::default(),
             checks: tokio::sync::Semaphore::new(1),
         });
         auditor.listen();
+        auditor.repeat_accusations();
         auditor
     }
 
@@ -393,10 +401,32 @@ impl Auditor {
         );
         let hash = lock(&self.evidence).insert(bytes);
         let addrs = self.network.listen_addrs().await.unwrap_or_default().iter().map(ToString::to_string).collect();
-        let accusation = Accusation { node: stage.node, model: self.model.id, span: stage.span, evidence: hash, addrs };
-        if let Err(e) = self.network.publish(cheats_topic(&self.model.id), accusation.encode()).await {
+        let accusation = Accusation { node: stage.node, model: self.model.id, span: stage.span, evidence: hash, addrs }.encode();
+        lock(&self.convictions).insert(stage.peer, accusation.clone());
+        if let Err(e) = self.network.publish(cheats_topic(&self.model.id), accusation).await {
             tracing::debug!(error = %e, "could not gossip the accusation (no other gateway listening yet?)");
         }
+    }
+
+    /// Gossips this gateway's accusations again every `accusations_every`,
+    /// for as long as the gateway runs.
+    fn repeat_accusations(self: &Arc<Self>) {
+        let auditor = Arc::downgrade(self);
+        let (network, topic, every) = (self.network.clone(), cheats_topic(&self.model.id), self.config.accusations_every);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                ticks.tick().await;
+                let Some(auditor) = auditor.upgrade() else { return };
+                let accusations: Vec<Vec<u8>> = lock(&auditor.convictions).values().cloned().collect();
+                drop(auditor);
+                for accusation in accusations {
+                    if let Err(e) = network.publish(topic.clone(), accusation).await {
+                        tracing::debug!(error = %e, "could not gossip an accusation again");
+                    }
+                }
+            }
+        });
     }
 
     /// Checks another gateway's accusation with an audit of our own.
