@@ -189,6 +189,33 @@ fn a_gateway_that_joins_later_hears_of_earlier_convictions() {
 }
 
 #[test]
+fn a_restarted_gateway_keeps_its_convictions() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let evidence = dir.path().join("evidence");
+    let cheater = NodeProc::start("0..15", None, &["--redteam", "replay"]);
+    let _honest = NodeProc::start("15..30", Some(&cheater.addr), &[]);
+    let first = gateway(&cheater.addr, &evidence);
+    let answer = complete(&first, PROMPT, 8);
+    assert!(answer.contains("\"choices\""), "{answer}");
+    assert!(wait_for(&first, "hotpot_cheats_total", "", 1), "the gateway did not convict");
+    drop(first);
+    // Restarted on the same evidence: it serves nothing and audits nothing,
+    // yet another gateway hears of the conviction from it, and it does not
+    // route through the cheater.
+    let restarted = gateway_with(&cheater.addr, &evidence, &["--accusations-every", "1"]);
+    let other = gateway(&cheater.addr, &dir.path().join("other"));
+    assert!(
+        wait_for(&other, "hotpot_accusations_total", "result=\"confirmed\"", 1),
+        "the restarted gateway did not repeat its conviction; metrics:\n{}",
+        curl(&["-s", &format!("{}/metrics", other.url)])
+    );
+    let after = complete(&restarted, "Hello", 4);
+    assert!(after.contains("no node serves blocks 0..15"), "the restarted gateway routed through the cheater: {after}");
+    assert_eq!(metric(&restarted, "hotpot_audits_total", ""), 0, "the ban came from its own earlier evidence, not a new audit");
+}
+
+#[test]
 fn a_false_accusation_is_rejected_and_the_honest_node_keeps_serving() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");

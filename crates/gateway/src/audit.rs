@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
-use hotpot_core::{Commitment, LayerSpan};
+use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId};
 use hotpot_engine::{Device, HiddenStates, ModelFile, Span};
 use hotpot_net::{Framed, NetEvent, Network, PeerId, Stream, cheats_topic, peer_id_of};
 use hotpot_verify::{AuditPolicy, AuditRecord, Evidence, Executor, Sketch, Tolerance, Verdict, compare};
@@ -135,6 +135,14 @@ enum Finding {
     Unchecked(String),
 }
 
+/// What an accusation names: the node, its blocks, the evidence's hash.
+#[derive(Debug, Clone, Copy)]
+struct Conviction {
+    node: NodeId,
+    span: LayerSpan,
+    evidence: [u8; 32],
+}
+
 pub struct Auditor {
     network: Network,
     directory: SharedDirectory,
@@ -144,9 +152,9 @@ pub struct Auditor {
     metrics: Arc<Metrics>,
     evidence: Mutex<EvidenceStore>,
     accusations: Mutex<Accusations>,
-    /// This gateway's own accusations, the latest per convicted node, as
-    /// gossiped (repeated every `accusations_every`).
-    convictions: Mutex<HashMap<PeerId, Vec<u8>>>,
+    /// This gateway's own convictions, the latest per node, whose
+    /// accusations it repeats every `accusations_every`.
+    convictions: Mutex<HashMap<PeerId, Conviction>>,
     /// One accusation is checked at a time, so that a flood of them cannot
     /// take the gateway's compute.
     checks: tokio::sync::Semaphore,
@@ -173,8 +181,32 @@ impl Auditor {
             checks: tokio::sync::Semaphore::new(1),
         });
         auditor.listen();
+        auditor.remember_convictions();
         auditor.repeat_accusations();
         auditor
+    }
+
+    /// Takes up the convictions whose evidence this gateway wrote in earlier
+    /// runs (its evidence directory): those nodes stay banned, and their
+    /// accusations are repeated.
+    fn remember_convictions(self: &Arc<Self>) {
+        let Some(dir) = self.config.evidence_dir.clone() else { return };
+        let (auditor, model) = (Arc::downgrade(self), self.model.id);
+        tokio::spawn(async move {
+            let found = tokio::task::spawn_blocking(move || read_convictions(&dir, &model)).await.unwrap_or_default();
+            let Some(auditor) = auditor.upgrade() else { return };
+            if !found.is_empty() {
+                tracing::info!(convictions = found.len(), "remembering the cheats convicted before");
+            }
+            for (evidence, bytes) in found {
+                let Some(peer) = peer_id_of(&evidence.node) else { continue };
+                if !auditor.config.keep_cheats {
+                    auditor.directory.with(|d| d.mark_cheat(peer));
+                }
+                let hash = lock(&auditor.evidence).insert(bytes);
+                lock(&auditor.convictions).insert(peer, Conviction { node: evidence.node, span: evidence.span, evidence: hash });
+            }
+        });
     }
 
     /// Serves evidence over `/hotpot/evidence/1` and follows the model's
@@ -401,9 +433,10 @@ impl Auditor {
         );
         let hash = lock(&self.evidence).insert(bytes);
         let addrs = self.network.listen_addrs().await.unwrap_or_default().iter().map(ToString::to_string).collect();
-        let accusation = Accusation { node: stage.node, model: self.model.id, span: stage.span, evidence: hash, addrs }.encode();
-        lock(&self.convictions).insert(stage.peer, accusation.clone());
-        if let Err(e) = self.network.publish(cheats_topic(&self.model.id), accusation).await {
+        let conviction = Conviction { node: stage.node, span: stage.span, evidence: hash };
+        lock(&self.convictions).insert(stage.peer, conviction);
+        let accusation = Accusation { node: conviction.node, model: self.model.id, span: conviction.span, evidence: conviction.evidence, addrs };
+        if let Err(e) = self.network.publish(cheats_topic(&self.model.id), accusation.encode()).await {
             tracing::debug!(error = %e, "could not gossip the accusation (no other gateway listening yet?)");
         }
     }
@@ -412,16 +445,22 @@ impl Auditor {
     /// for as long as the gateway runs.
     fn repeat_accusations(self: &Arc<Self>) {
         let auditor = Arc::downgrade(self);
-        let (network, topic, every) = (self.network.clone(), cheats_topic(&self.model.id), self.config.accusations_every);
+        let (network, model, every) = (self.network.clone(), self.model.id, self.config.accusations_every);
+        let topic = cheats_topic(&model);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 ticks.tick().await;
                 let Some(auditor) = auditor.upgrade() else { return };
-                let accusations: Vec<Vec<u8>> = lock(&auditor.convictions).values().cloned().collect();
+                let convictions: Vec<Conviction> = lock(&auditor.convictions).values().copied().collect();
                 drop(auditor);
-                for accusation in accusations {
-                    if let Err(e) = network.publish(topic.clone(), accusation).await {
+                if convictions.is_empty() {
+                    continue;
+                }
+                let addrs: Vec<String> = network.listen_addrs().await.unwrap_or_default().iter().map(ToString::to_string).collect();
+                for c in convictions {
+                    let accusation = Accusation { node: c.node, model, span: c.span, evidence: c.evidence, addrs: addrs.clone() };
+                    if let Err(e) = network.publish(topic.clone(), accusation.encode()).await {
                         tracing::debug!(error = %e, "could not gossip an accusation again");
                     }
                 }
@@ -525,4 +564,20 @@ impl Auditor {
         let commitments = evidence.steps.iter().map(|s| Commitment::try_from(&s.commitment)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
         Ok(StageTranscript { peer, node: evidence.node, span: evidence.span, dim: evidence.dim, inputs, outputs, commitments })
     }
+}
+
+/// The evidence files in `dir` about `model` whose commitments the accused
+/// node really signed, with their bytes (anything else is skipped).
+fn read_convictions(dir: &std::path::Path, model: &ModelId) -> Vec<(Evidence, Vec<u8>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut found = Vec::new();
+    for path in entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")) {
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        match serde_json::from_slice::<Evidence>(&bytes) {
+            Ok(evidence) if evidence.model == *model && evidence.check_signatures().is_ok() => found.push((evidence, bytes)),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(path = %path.display(), error = %e, "not an evidence file"),
+        }
+    }
+    found
 }
