@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SESSIONS="${1:-200}"; HONEST_SESSIONS="${2:-250}"; SCALAR_SESSIONS="${3:-24}"
-cargo build --release -p hotpot-cli >&2
+cargo build --release -p hotpot-cli --features redteam >&2
 HOTPOT="$PWD/target/release/hotpot"
 "$HOTPOT" pull smollm2-135m >/dev/null
 WORK="$(mktemp -d)"

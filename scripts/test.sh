@@ -18,15 +18,19 @@ fi
 # The gateway tests use the official OpenAI client.
 python3 -m pip install -q --disable-pip-version-check openai
 
+# One build for everything, with the red team's cheating nodes (feature
+# `redteam`) that the verification tests need.
+FEATURES=(--features hotpot-cli/redteam)
+
 log "build (release)"
-cargo build --release --workspace --all-targets --locked
+cargo build --release --workspace --all-targets --locked "${FEATURES[@]}"
 
 log "model"
 ./target/release/hotpot pull smollm2-135m
 
 log "tests"
 export HOTPOT_TEST_THREADS="${HOTPOT_TEST_THREADS:-2}"
-cargo test --release --workspace --locked -- --nocapture 2>&1 | tee target/test-output.txt
+cargo test --release --workspace --locked "${FEATURES[@]}" -- --nocapture 2>&1 | tee target/test-output.txt
 
 log "figures"
 grep -E '^(accuracy vs|prefill vs|Q[0-9_K]+ |F32 )' target/test-output.txt || true

@@ -110,6 +110,12 @@ impl AuditArgs {
         if !(0.0..=1.0).contains(&self.audit_rate) {
             bail!("--audit-rate must be in [0, 1]");
         }
+        if self.redteam_keep_cheats {
+            redteam_only("--redteam-keep-cheats")?;
+        }
+        if self.redteam_accuse_everyone {
+            redteam_only("--redteam-accuse-everyone")?;
+        }
         let store = Store::from_env()?;
         let tolerance = store.tolerance_for(model_path)?.unwrap_or_default();
         Ok(Some(hotpot_gateway::AuditConfig {
@@ -135,6 +141,15 @@ pub struct StatusArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Red-team switches work only in builds with the `redteam` feature.
+fn redteam_only(flag: &str) -> Result<()> {
+    if cfg!(feature = "redteam") {
+        Ok(())
+    } else {
+        bail!("{flag} is a red-team switch for testing verification; this hotpot was built without it (cargo feature `redteam`)")
+    }
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -198,7 +213,10 @@ pub fn node(args: &NodeArgs) -> Result<()> {
             price_per_1k: args.price,
             device: None,
             sketches: !args.no_sketches,
-            cheat: args.redteam.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?,
+            cheat: match args.redteam.as_deref() {
+                Some(cheat) => Some(redteam_only("--redteam").and_then(|()| cheat.parse().map_err(anyhow::Error::msg))?),
+                None => None,
+            },
         };
         let running = hotpot_node::start(config, network.clone()).await?;
         println!("serving blocks {} of {} ({}) at {:.1} tokens/s", running.span(), entry.name, running.model(), running.throughput());

@@ -3,6 +3,10 @@
 //! session of new nodes. Every cheat must end in a conviction with evidence
 //! that `hotpot verify` confirms; honest nodes with other thread counts and
 //! kernel variants must pass their audits.
+//!
+//! The cheats exist only in builds with the `redteam` feature, which the
+//! test command (`scripts/test.sh`) turns on.
+#![cfg(feature = "redteam")]
 
 mod common;
 
