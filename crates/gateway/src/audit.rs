@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId};
 use hotpot_engine::{Device, HiddenStates, ModelFile, Span};
-use hotpot_net::{Framed, NetEvent, Network, PeerId, Stream, cheats_topic, peer_id_of};
+use hotpot_net::{Framed, Multiaddr, NetEvent, Network, PeerId, Stream, cheats_topic, peer_id_of};
 use hotpot_verify::{AuditPolicy, AuditRecord, Evidence, Executor, Sketch, Tolerance, Verdict, compare};
 use hotpot_wire::{Accusation, ClientMessage, DType, EvidenceMessage, NodeMessage, PROTOCOL_AUDIT, PROTOCOL_EVIDENCE, Tensor};
 use rand::Rng;
@@ -141,6 +141,13 @@ struct Conviction {
     node: NodeId,
     span: LayerSpan,
     evidence: [u8; 32],
+}
+
+impl Conviction {
+    /// The accusation to gossip: the evidence can be fetched at `addrs`.
+    fn accusation(&self, model: ModelId, addrs: &[Multiaddr]) -> Accusation {
+        Accusation { node: self.node, model, span: self.span, evidence: self.evidence, addrs: addrs.iter().map(ToString::to_string).collect() }
+    }
 }
 
 pub struct Auditor {
@@ -432,10 +439,9 @@ impl Auditor {
             "CHEAT: the node's signed outputs are not its blocks' function of their inputs; banned from routing"
         );
         let hash = lock(&self.evidence).insert(bytes);
-        let addrs = self.network.listen_addrs().await.unwrap_or_default().iter().map(ToString::to_string).collect();
         let conviction = Conviction { node: stage.node, span: stage.span, evidence: hash };
         lock(&self.convictions).insert(stage.peer, conviction);
-        let accusation = Accusation { node: conviction.node, model: self.model.id, span: conviction.span, evidence: conviction.evidence, addrs };
+        let accusation = conviction.accusation(self.model.id, &self.network.listen_addrs().await.unwrap_or_default());
         if let Err(e) = self.network.publish(cheats_topic(&self.model.id), accusation.encode()).await {
             tracing::debug!(error = %e, "could not gossip the accusation (no other gateway listening yet?)");
         }
@@ -457,10 +463,9 @@ impl Auditor {
                 if convictions.is_empty() {
                     continue;
                 }
-                let addrs: Vec<String> = network.listen_addrs().await.unwrap_or_default().iter().map(ToString::to_string).collect();
-                for c in convictions {
-                    let accusation = Accusation { node: c.node, model, span: c.span, evidence: c.evidence, addrs: addrs.clone() };
-                    if let Err(e) = network.publish(topic.clone(), accusation.encode()).await {
+                let addrs = network.listen_addrs().await.unwrap_or_default();
+                for conviction in convictions {
+                    if let Err(e) = network.publish(topic.clone(), conviction.accusation(model, &addrs).encode()).await {
                         tracing::debug!(error = %e, "could not gossip an accusation again");
                     }
                 }
@@ -566,18 +571,23 @@ impl Auditor {
     }
 }
 
-/// The evidence files in `dir` about `model` whose commitments the accused
-/// node really signed, with their bytes (anything else is skipped).
+/// The newest evidence file in `dir` about each node of `model`, among
+/// those whose commitments the node really signed, with its bytes
+/// (anything else is skipped).
 fn read_convictions(dir: &std::path::Path, model: &ModelId) -> Vec<(Evidence, Vec<u8>)> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut found = Vec::new();
+    let mut newest: HashMap<NodeId, (Evidence, Vec<u8>)> = HashMap::new();
     for path in entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")) {
         let Ok(bytes) = std::fs::read(&path) else { continue };
         match serde_json::from_slice::<Evidence>(&bytes) {
-            Ok(evidence) if evidence.model == *model && evidence.check_signatures().is_ok() => found.push((evidence, bytes)),
+            Ok(evidence) if evidence.model == *model && evidence.check_signatures().is_ok() => {
+                if newest.get(&evidence.node).is_none_or(|(kept, _)| kept.created_ms < evidence.created_ms) {
+                    newest.insert(evidence.node, (evidence, bytes));
+                }
+            }
             Ok(_) => {}
             Err(e) => tracing::debug!(path = %path.display(), error = %e, "not an evidence file"),
         }
     }
-    found
+    newest.into_values().collect()
 }
