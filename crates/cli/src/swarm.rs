@@ -193,6 +193,10 @@ pub fn node(args: &NodeArgs) -> Result<()> {
         "auto" => BlockChoice::Auto { count: args.num_blocks },
         text => BlockChoice::Fixed(text.parse::<LayerSpan>().with_context(|| format!("--blocks {text}"))?),
     };
+    let cheat = match args.redteam.as_deref() {
+        Some(cheat) => Some(redteam_only("--redteam").and_then(|()| cheat.parse().map_err(anyhow::Error::msg))?),
+        None => None,
+    };
     let key = load_key(args.key.as_deref())?;
     runtime()?.block_on(async {
         let network =
@@ -213,10 +217,7 @@ pub fn node(args: &NodeArgs) -> Result<()> {
             price_per_1k: args.price,
             device: None,
             sketches: !args.no_sketches,
-            cheat: match args.redteam.as_deref() {
-                Some(cheat) => Some(redteam_only("--redteam").and_then(|()| cheat.parse().map_err(anyhow::Error::msg))?),
-                None => None,
-            },
+            cheat,
         };
         let running = hotpot_node::start(config, network.clone()).await?;
         println!("serving blocks {} of {} ({}) at {:.1} tokens/s", running.span(), entry.name, running.model(), running.throughput());
