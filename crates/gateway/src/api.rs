@@ -218,17 +218,21 @@ fn sse_stream(rx: mpsc::Receiver<SseEvent>) -> Response {
 
 type SseEvent = Result<Event, Infallible>;
 
-/// One streamed answer: its SSE channel, and how its endpoint wraps choices
-/// (and, last, the usage) in a chunk.
+/// One streamed answer: its SSE channel, and the envelope every chunk
+/// shares (with no choices of its own).
 struct ChunkStream<C> {
     tx: mpsc::Sender<SseEvent>,
-    chunk: Box<dyn Fn(Vec<C>, Option<Usage>) -> SseEvent + Send + Sync>,
+    head: Answer<C>,
 }
 
-impl<C> ChunkStream<C> {
+impl<C: Clone + serde::Serialize> ChunkStream<C> {
+    fn chunk(&self, choices: Vec<C>, usage: Option<Usage>) -> SseEvent {
+        sse(&Answer { choices, usage, ..self.head.clone() })
+    }
+
     /// Sends one chunk; false when the client has gone.
     async fn send(&self, choices: Vec<C>) -> bool {
-        self.tx.send((self.chunk)(choices, None)).await.is_ok()
+        self.tx.send(self.chunk(choices, None)).await.is_ok()
     }
 
     /// Sends each choice event as a chunk (`to_choice` shapes it, `None`
@@ -268,7 +272,7 @@ impl<C> ChunkStream<C> {
     async fn finish(&self, gateway: &Gateway, caller: Option<&Caller>, usage: Usage, include_usage: bool) {
         gateway.account(caller, usage);
         if include_usage {
-            let _ = self.tx.send((self.chunk)(Vec::new(), Some(usage))).await;
+            let _ = self.tx.send(self.chunk(Vec::new(), Some(usage))).await;
         }
         let _ = self.tx.send(Ok(Event::default().data("[DONE]"))).await;
     }
@@ -346,21 +350,7 @@ async fn chat(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Body(requ
         let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let (tx, rx) = mpsc::channel(64);
         let gw = Arc::clone(&gateway);
-        let fingerprint = gateway.fingerprint.clone();
-        let out = ChunkStream {
-            tx,
-            chunk: Box::new(move |choices: Vec<ChatChunkChoice>, usage| {
-                sse(&ChatChunk {
-                    id: id.clone(),
-                    object: "chat.completion.chunk",
-                    created,
-                    model: model.clone(),
-                    system_fingerprint: fingerprint.clone(),
-                    choices,
-                    usage,
-                })
-            }),
-        };
+        let out = ChunkStream { tx, head: ChatChunk::new("chat.completion.chunk", id, created, model, gateway.fingerprint.clone()) };
         tokio::spawn(async move {
             for index in 0..n {
                 let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
@@ -422,7 +412,7 @@ async fn chat(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Body(requ
             finish_reason: finishes[i].as_str(),
         })
         .collect();
-    let response = ChatResponse { id, object: "chat.completion", created, model, system_fingerprint: gateway.fingerprint.clone(), choices, usage };
+    let response = ChatResponse { choices, usage: Some(usage), ..Answer::new("chat.completion", id, created, model, gateway.fingerprint.clone()) };
     Ok(Json(response).into_response())
 }
 
@@ -525,21 +515,7 @@ async fn completions(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Bo
         let (tx, rx) = mpsc::channel(64);
         let gw = Arc::clone(&gateway);
         let prompts = prompts.clone();
-        let fingerprint = gateway.fingerprint.clone();
-        let out = ChunkStream {
-            tx,
-            chunk: Box::new(move |choices: Vec<CompletionChoice>, usage| {
-                sse(&CompletionResponse {
-                    id: id.clone(),
-                    object: "text_completion",
-                    created,
-                    model: model.clone(),
-                    system_fingerprint: fingerprint.clone(),
-                    choices,
-                    usage,
-                })
-            }),
-        };
+        let out = ChunkStream { tx, head: CompletionResponse::new("text_completion", id, created, model, gateway.fingerprint.clone()) };
         tokio::spawn(async move {
             for (index, b) in builds.iter_mut().enumerate() {
                 if !b.text.is_empty() {
@@ -623,8 +599,7 @@ async fn completions(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Bo
         .enumerate()
         .map(|(i, b)| CompletionChoice { text: b.text, index: i as u32, logprobs: b.logprobs, finish_reason: b.finish })
         .collect();
-    let response =
-        CompletionResponse { id, object: "text_completion", created, model, system_fingerprint: gateway.fingerprint.clone(), choices, usage: Some(usage) };
+    let response = CompletionResponse { choices, usage: Some(usage), ..Answer::new("text_completion", id, created, model, gateway.fingerprint.clone()) };
     Ok(Json(response).into_response())
 }
 

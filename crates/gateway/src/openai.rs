@@ -192,16 +192,31 @@ pub struct ChatChoice {
     pub finish_reason: &'static str,
 }
 
+/// OpenAI's envelope of an answer (`chat.completion`,
+/// `chat.completion.chunk`, `text_completion`): the same fields around each
+/// endpoint's own kind of choice.
 #[derive(Debug, Clone, Serialize)]
-pub struct ChatResponse {
+pub struct Answer<C> {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
     pub model: String,
     pub system_fingerprint: String,
-    pub choices: Vec<ChatChoice>,
-    pub usage: Usage,
+    pub choices: Vec<C>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
+
+impl<C> Answer<C> {
+    /// An answer with no choices and no usage yet.
+    pub fn new(object: &'static str, id: String, created: u64, model: String, system_fingerprint: String) -> Self {
+        Self { id, object, created, model, system_fingerprint, choices: Vec::new(), usage: None }
+    }
+}
+
+pub type ChatResponse = Answer<ChatChoice>;
+pub type ChatChunk = Answer<ChatChunkChoice>;
+pub type CompletionResponse = Answer<CompletionChoice>;
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Delta {
@@ -219,18 +234,6 @@ pub struct ChatChunkChoice {
     pub finish_reason: Option<&'static str>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct ChatChunk {
-    pub id: String,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub system_fingerprint: String,
-    pub choices: Vec<ChatChunkChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
-}
-
 /// The legacy completions logprobs shape (what lm-evaluation-harness reads).
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct CompletionLogprobs {
@@ -246,18 +249,6 @@ pub struct CompletionChoice {
     pub index: u32,
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct CompletionResponse {
-    pub id: String,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub system_fingerprint: String,
-    pub choices: Vec<CompletionChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
 }
 
 #[derive(Debug, Clone, Serialize)]
