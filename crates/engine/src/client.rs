@@ -74,6 +74,9 @@ impl ClientParts {
                     return Err(ForwardError::Token { token, vocab: self.config.vocab_size });
                 }
                 self.embedding.dequantize_row(token as usize, row);
+                if let Some(scale) = self.config.recipe.embedding_scale {
+                    row.iter_mut().for_each(|v| *v *= scale);
+                }
             }
             HiddenStates::new(tokens.len(), dim, data)
         })
@@ -103,6 +106,9 @@ impl ClientParts {
         input.prepare(cpu.isa, &normed, rows, c.dim, [head.format()]);
         let mut logits = vec![0.0f32; rows * c.vocab_size];
         matmul(cpu, head, &input, &mut logits, c.vocab_size, 0);
+        if let Some(cap) = c.recipe.logit_softcap {
+            logits.iter_mut().for_each(|l| *l = cap * ops::tanh(*l / cap));
+        }
         logits
     }
 }

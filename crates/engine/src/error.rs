@@ -15,7 +15,7 @@ pub enum ModelError {
     Format { path: PathBuf, reason: String },
     #[error("{path} is truncated or corrupt: tensor `{tensor}` ends at byte {end}, but the file has {len} bytes")]
     Truncated { path: PathBuf, tensor: String, end: u64, len: u64 },
-    #[error("unsupported model architecture `{0}` (this engine runs: {supported})", supported = crate::model::Architecture::SUPPORTED)]
+    #[error("unsupported model architecture `{0}` (this engine runs: {supported})", supported = crate::arch::Architecture::SUPPORTED)]
     UnsupportedArchitecture(String),
     #[error("the model file lacks metadata key `{key}`")]
     MissingMetadata { key: String },

@@ -12,6 +12,7 @@
 //! tokens ─ ClientParts::embed ─▶ Span[0,k) ─▶ Span[k,L) ─▶ ClientParts::logits ─▶ Sampler
 //! ```
 
+mod arch;
 mod chat;
 mod client;
 mod detok;
@@ -22,15 +23,17 @@ mod model;
 pub mod profile;
 mod sampling;
 mod span;
+mod spm;
 pub mod testing;
 mod tokenizer;
 
+pub use arch::{Activation, Architecture, LayerPlan, Recipe, SlidingWindow};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use client::ClientParts;
 pub use detok::{Released, TextStream};
 pub use error::{ForwardError, ModelError};
 pub use generate::{FinishReason, Generation, GenerationParams, LocalChain, Pipeline, Step, TokenLogprob, generate};
-pub use model::{Architecture, ModelConfig, ModelFile, TensorEntry};
+pub use model::{ModelConfig, ModelFile, TensorEntry};
 pub use sampling::{Sampler, SamplingParams, argmax, log_softmax, top_logprobs};
 pub use span::{BatchItem, Device, HiddenStates, KvCache, Span};
 pub use tokenizer::Tokenizer;

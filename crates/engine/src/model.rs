@@ -14,36 +14,10 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::{Content, Value};
 use hotpot_core::{LayerSpan, ModelId};
 
+pub use crate::arch::Architecture;
+use crate::arch::{Meta, Recipe, Shape};
 use crate::error::ModelError;
-use crate::kernels::ops::RopeStyle;
 use crate::kernels::{Matrix, WeightFormat};
-
-/// The model families the engine runs. GGUF's `llama` covers Llama 2/3,
-/// Mistral and SmolLM; `qwen2` adds biases on Q/K/V and NeoX rotary pairs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Architecture {
-    Llama,
-    Qwen2,
-}
-
-impl Architecture {
-    pub const SUPPORTED: &'static str = "llama, qwen2";
-
-    fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "llama" => Some(Self::Llama),
-            "qwen2" => Some(Self::Qwen2),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Llama => "llama",
-            Self::Qwen2 => "qwen2",
-        }
-    }
-}
 
 /// The shape of a model, read from GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,11 +31,11 @@ pub struct ModelConfig {
     pub ffn_dim: usize,
     pub vocab_size: usize,
     pub context_length: usize,
-    pub rope_base: f32,
+    /// Leading dimensions of each head that rotary embeddings turn.
     pub rope_dim: usize,
-    pub rope_style: RopeStyle,
     pub rms_eps: f32,
-    pub qkv_bias: bool,
+    /// What the architecture does differently from the plain block.
+    pub recipe: Recipe,
 }
 
 impl ModelConfig {
@@ -197,7 +171,8 @@ impl ModelFile {
         let mut by_type: HashMap<String, u64> = HashMap::new();
         for (name, t) in &self.tensors {
             if name.starts_with("blk.") {
-                *by_type.entry(format!("{:?}", t.dtype)).or_default() += t.bytes;
+                let name = WeightFormat::of(t.dtype).map_or_else(|| format!("{:?}", t.dtype), |f| f.name().to_string());
+                *by_type.entry(name).or_default() += t.bytes;
             }
         }
         by_type.into_iter().max_by_key(|(_, bytes)| *bytes).map(|(t, _)| t).unwrap_or_else(|| "none".into())
@@ -224,15 +199,8 @@ impl ModelFile {
             return Err(ModelError::TensorShape { name: name.into(), expected: vec![rows, cols], got: entry.dims.clone() });
         }
         let bytes = self.read_bytes(name)?;
-        let native = match entry.dtype {
-            GgmlDType::F32 => Some(WeightFormat::F32),
-            GgmlDType::Q4_0 => Some(WeightFormat::Q4_0),
-            GgmlDType::Q4_1 => Some(WeightFormat::Q4_1),
-            GgmlDType::Q8_0 => Some(WeightFormat::Q8_0),
-            _ => None,
-        };
         let pack_error = |e: crate::kernels::matrix::PackError| ModelError::BadTensor { name: name.into(), reason: e.to_string() };
-        match native {
+        match WeightFormat::of(entry.dtype) {
             Some(format) => Matrix::from_ggml(format, rows, cols, &bytes).map_err(pack_error),
             None => {
                 tracing::debug!(tensor = name, dtype = ?entry.dtype, "no native kernel: dequantizing to f32");
@@ -336,6 +304,23 @@ impl ModelFile {
         }
     }
 
+    /// The number array at `key`, as f32.
+    pub fn meta_floats(&self, key: &str) -> Result<Vec<f32>, ModelError> {
+        let bad = || ModelError::BadMetadata { key: key.into(), reason: "expected an array of numbers".into() };
+        match self.metadata.get(key) {
+            Some(Value::Array(values)) => values
+                .iter()
+                .map(|v| match v {
+                    Value::F32(f) => Ok(*f),
+                    Value::F64(f) => Ok(*f as f32),
+                    other => as_i64(other).map(|i| i as f32).ok_or_else(bad),
+                })
+                .collect(),
+            Some(_) => Err(bad()),
+            None => Err(ModelError::MissingMetadata { key: key.into() }),
+        }
+    }
+
     /// The integer array at `key`.
     pub fn meta_ints(&self, key: &str) -> Result<Vec<i64>, ModelError> {
         let bad = || ModelError::BadMetadata { key: key.into(), reason: "expected an array of integers".into() };
@@ -371,7 +356,7 @@ fn hash_value(hasher: &mut blake3::Hasher, value: &Value) {
     };
 }
 
-fn as_u64(value: &Value) -> Option<u64> {
+pub(crate) fn as_u64(value: &Value) -> Option<u64> {
     as_i64(value).and_then(|v| u64::try_from(v).ok())
 }
 
@@ -456,6 +441,10 @@ fn read_config(meta: &HashMap<String, Value>, tensors: &HashMap<String, TensorEn
         }
         None => return Err(ModelError::MissingTensor("token_embd.weight".into())),
     };
+    let context_length = int("context_length", MAX_CONTEXT)?.unwrap_or(2048);
+    let rms_eps = float("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5);
+    let shape = Shape { n_blocks, dim, head_dim };
+    let recipe = architecture.recipe(&Meta { arch: &arch_name, map: meta }, &shape)?;
     Ok(ModelConfig {
         architecture,
         n_blocks: n_blocks as u32,
@@ -465,14 +454,9 @@ fn read_config(meta: &HashMap<String, Value>, tensors: &HashMap<String, TensorEn
         head_dim,
         ffn_dim,
         vocab_size,
-        context_length: int("context_length", MAX_CONTEXT)?.unwrap_or(2048),
-        rope_base: float("rope.freq_base")?.unwrap_or(10_000.0),
+        context_length,
         rope_dim,
-        rope_style: match architecture {
-            Architecture::Llama => RopeStyle::Interleaved,
-            Architecture::Qwen2 => RopeStyle::Halves,
-        },
-        rms_eps: float("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
-        qkv_bias: architecture == Architecture::Qwen2,
+        rms_eps,
+        recipe,
     })
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use hotpot_core::LayerSpan;
 
+use crate::arch::{Activation, LayerPlan};
 use crate::error::{ForwardError, ModelError};
 use crate::kernels::ops::{self, RopeTable};
 use crate::kernels::{Cpu, CpuPool, Isa, MatmulInput, Matrix, PANEL, isa, matmul};
@@ -177,52 +178,68 @@ impl KvCache {
     }
 }
 
-/// The weights of one transformer block.
+/// The weights of one transformer block, and how it attends.
 struct Block {
     attn_norm: Vec<f32>,
     /// Q, K and V projections, fused into as few matrices as their encodings
     /// allow; outputs land side by side as `[q | k | v]`.
     qkv: Vec<(Matrix, usize)>,
     qkv_bias: Option<Vec<f32>>,
+    /// Per-head RMS norm weights of queries and keys (`head_dim` each).
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     attn_out: Matrix,
+    post_attn_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
     /// Gate and up projections, outputs `[gate | up]`.
     gate_up: Vec<(Matrix, usize)>,
     down: Matrix,
+    post_ffn_norm: Option<Vec<f32>>,
+    plan: LayerPlan,
 }
 
 impl Block {
+    /// Loads block `i`'s tensors, by name, as the recipe asks.
     fn load(file: &ModelFile, i: u32) -> Result<Self, ModelError> {
         let c = file.config();
+        let r = &c.recipe;
         let name = |t: &str| format!("blk.{i}.{t}");
+        let vector = |t: &str, len: usize| file.load_vector(&name(t), len);
         let qkv = vec![
             file.load_matrix(&name("attn_q.weight"), c.q_dim(), c.dim)?,
             file.load_matrix(&name("attn_k.weight"), c.kv_dim(), c.dim)?,
             file.load_matrix(&name("attn_v.weight"), c.kv_dim(), c.dim)?,
         ];
-        let qkv_bias = if c.qkv_bias {
-            let mut bias = file.load_vector(&name("attn_q.bias"), c.q_dim())?;
-            bias.extend(file.load_vector(&name("attn_k.bias"), c.kv_dim())?);
-            bias.extend(file.load_vector(&name("attn_v.bias"), c.kv_dim())?);
+        let qkv_bias = if r.qkv_bias {
+            let mut bias = vector("attn_q.bias", c.q_dim())?;
+            bias.extend(vector("attn_k.bias", c.kv_dim())?);
+            bias.extend(vector("attn_v.bias", c.kv_dim())?);
             Some(bias)
         } else {
             None
         };
+        let qk_norm = if r.qk_norm { Some((vector("attn_q_norm.weight", c.head_dim)?, vector("attn_k_norm.weight", c.head_dim)?)) } else { None };
+        let (post_attn_norm, post_ffn_norm) =
+            if r.post_norms { (Some(vector("post_attention_norm.weight", c.dim)?), Some(vector("post_ffw_norm.weight", c.dim)?)) } else { (None, None) };
         let gate_up = vec![file.load_matrix(&name("ffn_gate.weight"), c.ffn_dim, c.dim)?, file.load_matrix(&name("ffn_up.weight"), c.ffn_dim, c.dim)?];
         Ok(Self {
-            attn_norm: file.load_vector(&name("attn_norm.weight"), c.dim)?,
+            attn_norm: vector("attn_norm.weight", c.dim)?,
             qkv: fuse(qkv),
             qkv_bias,
+            qk_norm,
             attn_out: file.load_matrix(&name("attn_output.weight"), c.dim, c.q_dim())?,
-            ffn_norm: file.load_vector(&name("ffn_norm.weight"), c.dim)?,
+            post_attn_norm,
+            ffn_norm: vector("ffn_norm.weight", c.dim)?,
             gate_up: fuse(gate_up),
             down: file.load_matrix(&name("ffn_down.weight"), c.dim, c.ffn_dim)?,
+            post_ffn_norm,
+            plan: r.layer(i),
         })
     }
 
     fn size_bytes(&self) -> usize {
         let matrices = self.qkv.iter().chain(&self.gate_up).map(|(m, _)| m).chain([&self.attn_out, &self.down]);
-        matrices.map(Matrix::size_bytes).sum::<usize>() + (self.attn_norm.len() + self.ffn_norm.len()) * 4
+        let vectors = [&self.attn_norm, &self.ffn_norm].into_iter().chain(self.post_attn_norm.iter()).chain(self.post_ffn_norm.iter());
+        matrices.map(Matrix::size_bytes).sum::<usize>() + vectors.map(|v| v.len() * 4).sum::<usize>()
     }
 }
 
@@ -411,7 +428,8 @@ impl Span {
             x.extend_from_slice(item.hidden.as_slice());
             positions.extend(item.start_pos..item.start_pos + item.hidden.rows());
         }
-        let rope = RopeTable::at(c.rope_base, c.rope_dim, &positions);
+        // One rotary table per distinct base and scale among the blocks.
+        let mut ropes: Vec<(LayerPlan, RopeTable)> = Vec::new();
         let mut s = Scratch::default();
         let first = (blocks_span.start() - self.span.start()) as usize;
         for (b, block) in self.blocks[first..first + blocks_span.len() as usize].iter().enumerate() {
@@ -422,7 +440,13 @@ impl Span {
                 groups.push(RowGroup { kv: &mut item.cache.blocks[b], capacity: item.cache.capacity, start_pos: item.start_pos, offset, rows });
                 offset += rows;
             }
-            self.attention(block, &mut groups, &rope, &mut x, total, &mut s);
+            let key = |p: &LayerPlan| (p.rope_base.to_bits(), p.rope_scale.to_bits());
+            if !ropes.iter().any(|(p, _)| key(p) == key(&block.plan)) {
+                let table = RopeTable::scaled(block.plan.rope_base, block.plan.rope_scale, c.rope_dim, &positions);
+                ropes.push((block.plan, table));
+            }
+            let rope = &ropes.iter().find(|(p, _)| key(p) == key(&block.plan)).expect("added above").1;
+            self.attention(block, &mut groups, rope, &mut x, total, &mut s);
             self.feed_forward(block, &mut x, total, &mut s);
         }
         let mut offset = 0;
@@ -460,9 +484,14 @@ impl Span {
                     if let Some(bias) = &block.qkv_bias {
                         ops::add_assign(qkv, bias);
                     }
+                    if let Some((q_norm, k_norm)) = &block.qk_norm {
+                        let (q, k) = qkv[..q_dim + kv_dim].split_at_mut(q_dim);
+                        ops::rms_norm_in_place(cpu.isa, q, q_norm, c.rms_eps);
+                        ops::rms_norm_in_place(cpu.isa, k, k_norm, c.rms_eps);
+                    }
                     let (q, kv_part) = qkv.split_at_mut(q_dim);
                     for head in q.chunks_exact_mut(hd).chain(kv_part[..kv_dim].chunks_exact_mut(hd)) {
-                        rope.apply(c.rope_style, &mut head[..c.rope_dim], row);
+                        rope.apply(c.recipe.rope_style, &mut head[..c.rope_dim], row);
                     }
                     let pos = group.start_pos + r;
                     let key_at = pos / KEY_PANEL * KEY_PANEL * hd + pos % KEY_PANEL;
@@ -479,7 +508,12 @@ impl Span {
         // One task per (row, head); each writes its own slice of the output.
         s.attn.resize(t * q_dim, 0.0);
         let group_size = c.n_heads / c.n_kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = c.recipe.attention_scale;
+        // The model's window for this block, narrowed by a red-team window.
+        let window = match (block.plan.window, self.attention_window) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let out = SharedRows(s.attn.as_mut_ptr());
         let views: Vec<(&BlockCache, usize, usize, usize)> = groups.iter().map(|g| (&*g.kv, g.capacity * hd, g.start_pos, g.offset)).collect();
         let row_group: Vec<usize> = groups.iter().enumerate().flat_map(|(i, g)| std::iter::repeat_n(i, g.rows)).collect();
@@ -494,7 +528,7 @@ impl Span {
                 let len = start_pos + (row - offset) + 1;
                 // With a sliding window, keys before `first` are masked; the
                 // slices still start on a key panel.
-                let first = self.attention_window.map_or(0, |w| len.saturating_sub(w));
+                let first = window.map_or(0, |w| len.saturating_sub(w));
                 let from = first / KEY_PANEL * KEY_PANEL;
                 let q = &qkv[row * width + h * hd..][..hd];
                 let keys = &kv.k[kvh * stride + from * hd..][..(len.next_multiple_of(KEY_PANEL) - from) * hd];
@@ -518,6 +552,9 @@ impl Span {
         profile::time(Phase::Quantize, || s.input.prepare(cpu.isa, &s.attn, t, q_dim, formats));
         s.proj.resize(t * c.dim, 0.0);
         profile::time(Phase::MatmulOut, || matmul(cpu, &block.attn_out, &s.input, &mut s.proj, c.dim, 0));
+        if let Some(norm) = &block.post_attn_norm {
+            profile::time(Phase::Norm, || ops::rms_norm_in_place(cpu.isa, &mut s.proj, norm, c.rms_eps));
+        }
         profile::time(Phase::Residual, || ops::add_assign(x, &s.proj));
     }
 
@@ -534,10 +571,16 @@ impl Span {
             }
         });
         s.act.resize(t * c.ffn_dim, 0.0);
-        profile::time(Phase::Swiglu, || ops::swiglu(cpu.isa, &s.gate_up, c.ffn_dim, &mut s.act));
+        profile::time(Phase::Swiglu, || match c.recipe.activation {
+            Activation::SwiGlu => ops::swiglu(cpu.isa, &s.gate_up, c.ffn_dim, &mut s.act),
+            Activation::GeGlu => ops::geglu(cpu.isa, &s.gate_up, c.ffn_dim, &mut s.act),
+        });
         let formats = [block.down.format()];
         profile::time(Phase::Quantize, || s.input.prepare(cpu.isa, &s.act, t, c.ffn_dim, formats));
         profile::time(Phase::MatmulDown, || matmul(cpu, &block.down, &s.input, &mut s.proj, c.dim, 0));
+        if let Some(norm) = &block.post_ffn_norm {
+            profile::time(Phase::Norm, || ops::rms_norm_in_place(cpu.isa, &mut s.proj, norm, c.rms_eps));
+        }
         profile::time(Phase::Residual, || ops::add_assign(x, &s.proj));
     }
 }

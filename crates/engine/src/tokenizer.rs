@@ -1,6 +1,8 @@
-//! The tokenizer stored in a GGUF file (`tokenizer.ggml.*`), rebuilt as a
-//! `tokenizers` BPE model with the pre-tokenizer llama.cpp uses for the
-//! file's `tokenizer.ggml.pre`, so our token ids match llama.cpp's.
+//! The tokenizer stored in a GGUF file (`tokenizer.ggml.*`), so that our
+//! token ids match llama.cpp's: GPT-2-style byte-level BPE (`gpt2`) rebuilt
+//! as a `tokenizers` BPE model with the pre-tokenizer llama.cpp uses for
+//! the file's `tokenizer.ggml.pre`, or a SentencePiece vocabulary
+//! (`llama`) tokenized by [`crate::spm`].
 
 use std::collections::HashSet;
 
@@ -14,17 +16,21 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 use crate::error::ModelError;
 use crate::model::ModelFile;
 
-/// GGUF token types (`tokenizer.ggml.token_type`).
-const TOKEN_CONTROL: i64 = 3;
-const TOKEN_USER_DEFINED: i64 = 4;
+use crate::spm::{Spm, TOKEN_CONTROL, TOKEN_USER_DEFINED};
 
 const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// How text becomes token ids.
+enum Model {
+    Bpe(Box<tokenizers::Tokenizer>),
+    Spm(Box<Spm>),
+}
+
 /// Text ↔ token ids for one model.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    model: Model,
     /// The bytes each token stands for (empty for control tokens).
     bytes: Vec<Vec<u8>>,
     /// The token strings as stored in the file.
@@ -88,18 +94,13 @@ fn byte_level_decoder() -> std::collections::HashMap<char, u8> {
 
 impl Tokenizer {
     pub fn from_gguf(file: &ModelFile) -> Result<Self, ModelError> {
-        let model = file.meta_str("tokenizer.ggml.model").unwrap_or("gpt2");
-        if model != "gpt2" {
-            return Err(ModelError::Tokenizer(format!("tokenizer model `{model}` is not supported yet (supported: gpt2-style byte-level BPE)")));
+        let kind = file.meta_str("tokenizer.ggml.model").unwrap_or("gpt2");
+        if kind != "gpt2" && kind != "llama" {
+            return Err(ModelError::Tokenizer(format!(
+                "tokenizer model `{kind}` is not supported (supported: gpt2-style byte-level BPE, llama-style SentencePiece)"
+            )));
         }
         let texts: Vec<String> = file.meta_strings("tokenizer.ggml.tokens")?.into_iter().map(str::to_owned).collect();
-        let merges: Vec<(String, String)> = file
-            .meta_strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())).ok_or_else(|| ModelError::Tokenizer(format!("merge `{m}` is not two tokens")))
-            })
-            .collect::<Result<_, _>>()?;
         let types = match file.meta_ints("tokenizer.ggml.token_type") {
             Ok(types) => types,
             Err(ModelError::MissingMetadata { .. }) => vec![1; texts.len()],
@@ -108,38 +109,22 @@ impl Tokenizer {
         if types.len() != texts.len() {
             return Err(ModelError::Tokenizer(format!("{} token types for {} tokens", types.len(), texts.len())));
         }
-        let vocab: tokenizers::models::bpe::Vocab = texts.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(pre_tokenizer(file.meta_str("tokenizer.ggml.pre").unwrap_or("default"))?));
         let control: Vec<bool> = types.iter().map(|&t| t == TOKEN_CONTROL).collect();
-        let specials: Vec<AddedToken> = texts
-            .iter()
-            .zip(&types)
-            .filter(|(_, t)| **t == TOKEN_CONTROL || **t == TOKEN_USER_DEFINED)
-            .map(|(text, t)| AddedToken::from(text.clone(), *t == TOKEN_CONTROL).normalized(false))
-            .collect();
-        inner.add_special_tokens(specials).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-
-        let decoder = byte_level_decoder();
-        let bytes = texts
-            .iter()
-            .zip(&control)
-            .map(|(text, &is_control)| {
-                if is_control {
-                    Vec::new()
-                } else {
-                    let mut out = Vec::with_capacity(text.len());
-                    for c in text.chars() {
-                        match decoder.get(&c) {
-                            Some(&b) => out.push(b),
-                            None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
-                        }
-                    }
-                    out
+        let (model, bytes) = if kind == "llama" {
+            let scores = match file.meta_floats("tokenizer.ggml.scores") {
+                Ok(scores) => scores,
+                Err(ModelError::MissingMetadata { .. }) => {
+                    return Err(ModelError::Tokenizer("a SentencePiece vocabulary needs tokenizer.ggml.scores, and this file has none".into()));
                 }
-            })
-            .collect();
+                Err(e) => return Err(e),
+            };
+            let add_space_prefix = file.meta_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+            let spm = Spm::new(&texts, scores, &types, add_space_prefix)?;
+            let bytes = texts.iter().zip(&types).map(|(t, &k)| crate::spm::token_bytes(t, k)).collect();
+            (Model::Spm(Box::new(spm)), bytes)
+        } else {
+            (Model::Bpe(Box::new(Self::bpe(file, &texts, &types)?)), Self::byte_level_bytes(&texts, &control))
+        };
 
         let vocab_size = texts.len() as u32;
         let id = |key: &str| file.meta_u32(key).filter(|&id| id < vocab_size);
@@ -152,15 +137,53 @@ impl Tokenizer {
                 end_of_generation.insert(i as u32);
             }
         }
-        Ok(Self {
-            inner,
-            bytes,
-            texts,
-            control,
-            bos: id("tokenizer.ggml.bos_token_id"),
-            add_bos: file.meta_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
-            end_of_generation,
-        })
+        // SentencePiece vocabularies start with BOS unless they say otherwise (as in llama.cpp).
+        let add_bos = file.meta_bool("tokenizer.ggml.add_bos_token").unwrap_or(kind == "llama");
+        Ok(Self { model, bytes, texts, control, bos: id("tokenizer.ggml.bos_token_id"), add_bos, end_of_generation })
+    }
+
+    fn bpe(file: &ModelFile, texts: &[String], types: &[i64]) -> Result<tokenizers::Tokenizer, ModelError> {
+        let merges: Vec<(String, String)> = file
+            .meta_strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())).ok_or_else(|| ModelError::Tokenizer(format!("merge `{m}` is not two tokens")))
+            })
+            .collect::<Result<_, _>>()?;
+        let vocab: tokenizers::models::bpe::Vocab = texts.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre_tokenizer(file.meta_str("tokenizer.ggml.pre").unwrap_or("default"))?));
+        let specials: Vec<AddedToken> = texts
+            .iter()
+            .zip(types)
+            .filter(|(_, t)| **t == TOKEN_CONTROL || **t == TOKEN_USER_DEFINED)
+            .map(|(text, t)| AddedToken::from(text.clone(), *t == TOKEN_CONTROL).normalized(false))
+            .collect();
+        inner.add_special_tokens(specials).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(inner)
+    }
+
+    /// The bytes of byte-level BPE tokens (empty for control tokens).
+    fn byte_level_bytes(texts: &[String], control: &[bool]) -> Vec<Vec<u8>> {
+        let decoder = byte_level_decoder();
+        texts
+            .iter()
+            .zip(control)
+            .map(|(text, &is_control)| {
+                if is_control {
+                    return Vec::new();
+                }
+                let mut out = Vec::with_capacity(text.len());
+                for c in text.chars() {
+                    match decoder.get(&c) {
+                        Some(&b) => out.push(b),
+                        None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                    }
+                }
+                out
+            })
+            .collect()
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -171,13 +194,23 @@ impl Tokenizer {
     /// `<|im_start|>`) become their ids, as in llama.cpp with special-token
     /// parsing on; BOS is prepended when the model asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let encoding = self.inner.encode_fast(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        let mut ids = Vec::new();
         if self.add_bos {
             ids.extend(self.bos);
         }
-        ids.extend_from_slice(encoding.get_ids());
+        match &self.model {
+            Model::Bpe(inner) => {
+                let encoding = inner.encode_fast(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+                ids.extend_from_slice(encoding.get_ids());
+            }
+            Model::Spm(spm) => ids.extend(spm.encode(text)),
+        }
         Ok(ids)
+    }
+
+    /// Whether `encode` starts with the BOS token.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos && self.bos.is_some()
     }
 
     /// The bytes token `id` contributes to generated text (nothing for

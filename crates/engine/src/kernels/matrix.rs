@@ -18,6 +18,21 @@
 //!     columns (2g, 2g+1), high bytes (2g+16, 2g+17).
 //! ```
 //!
+//! Q5_0, Q4_K, Q5_K and Q6_K keep their low four bits in the Q4 layout
+//! above (one 32-column block or K-quant sub-block at a time) and add a
+//! plane of high bits per block, arranged so that constant shifts of
+//! 16-bit lanes put them next to the nibbles they extend:
+//!
+//! ```text
+//! 1 high bit (Q5_0, Q5_K): 64 bytes, row r's u32 at 4r; bit 16h + 4i + g
+//!     belongs to nibble i of group g, column half h (h = 0: even columns).
+//! 2 high bits (Q6_K): 128 bytes, groups 0–1 then groups 2–3; in each,
+//!     row r's u32 at 4r, bits 16h + 4i + 2(g mod 2) .. +1.
+//! scales: Q5_0: d per block (f16); Q4_K/Q5_K: 6-bit scale and min per
+//!     block (a byte each) and d, dmin per 256 columns (f16); Q6_K: the two
+//!     i8 scales of the block's 16-column halves, d per 256 columns (f16).
+//! ```
+//!
 //! Each output element is one lane of a vector register, accumulated block
 //! after block with a fused multiply-add in the same order in every code
 //! path (scalar, AVX2, AVX-512; one token or many; any thread count).
@@ -30,58 +45,168 @@ use super::Cpu;
 use super::aligned::AlignedBuf;
 
 use super::isa::Isa;
-use super::quant::{self, QK, QuantizedRows};
+use super::quant::{self, QK, QK_K, QuantizedRows};
 
 /// Rows per panel: one 512-bit vector of f32 or i32 lanes.
 pub const PANEL: usize = 16;
 
 /// The weight encodings the kernels run natively.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types, reason = "GGML's names for the encodings")]
 pub enum WeightFormat {
     F32,
     Q4_0,
     Q4_1,
     Q8_0,
+    Q5_0,
+    Q4_K,
+    Q5_K,
+    Q6_K,
 }
 
 impl WeightFormat {
+    pub const ALL: [Self; 8] = [Self::F32, Self::Q4_0, Self::Q4_1, Self::Q8_0, Self::Q5_0, Self::Q4_K, Self::Q5_K, Self::Q6_K];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::F32 => "F32",
             Self::Q4_0 => "Q4_0",
             Self::Q4_1 => "Q4_1",
             Self::Q8_0 => "Q8_0",
+            Self::Q5_0 => "Q5_0",
+            Self::Q4_K => "Q4_K",
+            Self::Q5_K => "Q5_K",
+            Self::Q6_K => "Q6_K",
         }
     }
 
-    /// Bytes of a GGML block of 32 weights.
+    /// Weights per GGML block (32, or 256 for K-quant superblocks).
+    pub fn ggml_block_len(self) -> usize {
+        if self.is_k_quant() { QK_K } else { QK }
+    }
+
+    /// Bytes of one GGML block (`ggml_block_len` weights).
     pub fn ggml_block_bytes(self) -> usize {
         match self {
             Self::F32 => 4 * QK,
             Self::Q4_0 => quant::Q4_0_BYTES,
             Self::Q4_1 => quant::Q4_1_BYTES,
             Self::Q8_0 => quant::Q8_0_BYTES,
+            Self::Q5_0 => quant::Q5_0_BYTES,
+            Self::Q4_K => quant::Q4_K_BYTES,
+            Self::Q5_K => quant::Q5_K_BYTES,
+            Self::Q6_K => quant::Q6_K_BYTES,
         }
     }
 
+    pub fn is_k_quant(self) -> bool {
+        matches!(self, Self::Q4_K | Self::Q5_K | Self::Q6_K)
+    }
+
+    /// Bits above the low nibble in each quant (0, 1 or 2; Q8_0 is its own layout).
+    pub(crate) fn high_bits(self) -> usize {
+        match self {
+            Self::Q5_0 | Self::Q5_K => 1,
+            Self::Q6_K => 2,
+            _ => 0,
+        }
+    }
+
+    /// Bytes of quants per 32-column block of a panel.
     pub(crate) fn quant_bytes(self) -> usize {
         match self {
             Self::F32 => 0,
-            Self::Q4_0 | Self::Q4_1 => PANEL * QK / 2,
             Self::Q8_0 => PANEL * QK,
+            _ => PANEL * QK / 2 + self.high_bits() * PANEL * QK / 8,
         }
     }
 
-    fn scale_arrays(self) -> usize {
+    /// Arrays of one f16 per row and 32-column block (d, then m for Q4_1).
+    pub(crate) fn block_halves(self) -> usize {
         match self {
-            Self::F32 => 0,
-            Self::Q4_0 | Self::Q8_0 => 1,
+            Self::Q4_0 | Self::Q8_0 | Self::Q5_0 => 1,
             Self::Q4_1 => 2,
+            _ => 0,
+        }
+    }
+
+    /// Arrays of one byte per row and 32-column block (K-quant scales).
+    pub(crate) fn block_bytes(self) -> usize {
+        if self.is_k_quant() { 2 } else { 0 }
+    }
+
+    /// Arrays of one f16 per row and 256-column superblock (d, dmin).
+    pub(crate) fn super_halves(self) -> usize {
+        match self {
+            Self::Q4_K | Self::Q5_K => 2,
+            Self::Q6_K => 1,
+            _ => 0,
         }
     }
 
     pub fn is_quantized(self) -> bool {
         self != Self::F32
+    }
+
+    fn from_ggml(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
+        use candle_core::quantized::GgmlDType as G;
+        Some(match dtype {
+            G::F32 => Self::F32,
+            G::Q4_0 => Self::Q4_0,
+            G::Q4_1 => Self::Q4_1,
+            G::Q8_0 => Self::Q8_0,
+            G::Q5_0 => Self::Q5_0,
+            G::Q4K => Self::Q4_K,
+            G::Q5K => Self::Q5_K,
+            G::Q6K => Self::Q6_K,
+            _ => return None,
+        })
+    }
+
+    /// The native format of a GGML tensor type, if the kernels run it.
+    pub fn of(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
+        Self::from_ggml(dtype)
+    }
+}
+
+/// Where each part of a panel starts, for one format and width.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PanelLayout {
+    pub blocks: usize,
+    pub block_halves_at: usize,
+    pub block_bytes_at: usize,
+    pub super_halves_at: usize,
+    pub bytes: usize,
+}
+
+impl PanelLayout {
+    pub fn new(format: WeightFormat, cols: usize) -> Self {
+        if format == WeightFormat::F32 {
+            let bytes = cols * PANEL * 4;
+            return Self { blocks: 0, block_halves_at: bytes, block_bytes_at: bytes, super_halves_at: bytes, bytes };
+        }
+        let blocks = cols / QK;
+        let block_halves_at = blocks * format.quant_bytes();
+        let block_bytes_at = block_halves_at + format.block_halves() * blocks * PANEL * 2;
+        let super_halves_at = block_bytes_at + format.block_bytes() * blocks * PANEL;
+        let bytes = super_halves_at + format.super_halves() * (cols / QK_K) * PANEL * 2;
+        Self { blocks, block_halves_at, block_bytes_at, super_halves_at, bytes }
+    }
+
+    /// Offset of lane 0 of per-block f16 array `array` at block `b`.
+    pub fn block_half(&self, array: usize, b: usize) -> usize {
+        self.block_halves_at + (array * self.blocks + b) * PANEL * 2
+    }
+
+    /// Offset of lane 0 of per-block byte array `array` at block `b`.
+    pub fn block_byte(&self, array: usize, b: usize) -> usize {
+        self.block_bytes_at + (array * self.blocks + b) * PANEL
+    }
+
+    /// Offset of lane 0 of per-superblock f16 array `array` for block `b`.
+    pub fn super_half(&self, array: usize, b: usize) -> usize {
+        let supers = self.blocks * QK / QK_K;
+        self.super_halves_at + (array * supers + b * QK / QK_K) * PANEL * 2
     }
 }
 
@@ -103,8 +228,8 @@ impl std::fmt::Debug for Matrix {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
-    #[error("a {format} matrix needs its column count to be a multiple of 32, got {cols}")]
-    Cols { format: &'static str, cols: usize },
+    #[error("a {format} matrix needs its column count to be a multiple of {multiple}, got {cols}")]
+    Cols { format: &'static str, multiple: usize, cols: usize },
     #[error("a {rows}x{cols} {format} matrix needs {expected} bytes, got {got}")]
     Bytes { format: &'static str, rows: usize, cols: usize, expected: usize, got: usize },
 }
@@ -113,55 +238,31 @@ impl Matrix {
     /// Packs a row-major matrix from GGML-encoded bytes.
     pub fn from_ggml(format: WeightFormat, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, PackError> {
         if format == WeightFormat::F32 {
+            if bytes.len() != rows * cols * 4 {
+                return Err(PackError::Bytes { format: "F32", rows, cols, expected: rows * cols * 4, got: bytes.len() });
+            }
             let floats: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            return Self::from_f32(rows, cols, &floats).map_err(|_| PackError::Bytes {
-                format: "F32",
-                rows,
-                cols,
-                expected: rows * cols * 4,
-                got: bytes.len(),
-            });
+            return Self::from_f32(rows, cols, &floats);
         }
-        if !cols.is_multiple_of(QK) {
-            return Err(PackError::Cols { format: format.name(), cols });
+        let block_len = format.ggml_block_len();
+        if !cols.is_multiple_of(block_len) {
+            return Err(PackError::Cols { format: format.name(), multiple: block_len, cols });
         }
-        let blocks = cols / QK;
         let block_bytes = format.ggml_block_bytes();
-        let expected = rows * blocks * block_bytes;
+        let row_bytes = cols / block_len * block_bytes;
+        let expected = rows * row_bytes;
         if bytes.len() != expected {
             return Err(PackError::Bytes { format: format.name(), rows, cols, expected, got: bytes.len() });
         }
         let mut matrix = Self::zeroed(format, rows, cols);
-        let quant_bytes = format.quant_bytes();
-        let scales_at = blocks * quant_bytes;
+        let layout = matrix.layout();
         for row in 0..rows {
             let (panel, lane) = (row / PANEL, row % PANEL);
             let dst = matrix.panel_mut(panel);
-            for b in 0..blocks {
-                let src = &bytes[(row * blocks + b) * block_bytes..][..block_bytes];
-                let quants = &mut dst[b * quant_bytes..][..quant_bytes];
+            for (g, src) in bytes[row * row_bytes..][..row_bytes].chunks_exact(block_bytes).enumerate() {
                 match format {
-                    WeightFormat::Q4_0 | WeightFormat::Q4_1 => {
-                        let qs = &src[if format == WeightFormat::Q4_0 { 2 } else { 4 }..];
-                        for g in 0..4 {
-                            let at = g * 64 + lane * 4;
-                            quants[at..at + 4].copy_from_slice(&[qs[2 * g], qs[2 * g + 8], qs[2 * g + 1], qs[2 * g + 9]]);
-                        }
-                    }
-                    WeightFormat::Q8_0 => {
-                        let q = &src[2..];
-                        for g in 0..8 {
-                            let at = g * 64 + lane * 4;
-                            quants[at..at + 4].copy_from_slice(&[q[2 * g], q[2 * g + 16], q[2 * g + 1], q[2 * g + 17]]);
-                        }
-                    }
-                    WeightFormat::F32 => unreachable!("handled above"),
-                }
-                let d_at = scales_at + (b * PANEL + lane) * 2;
-                dst[d_at..d_at + 2].copy_from_slice(&src[0..2]);
-                if format == WeightFormat::Q4_1 {
-                    let m_at = scales_at + (blocks * PANEL + b * PANEL + lane) * 2;
-                    dst[m_at..m_at + 2].copy_from_slice(&src[2..4]);
+                    WeightFormat::Q4_0 | WeightFormat::Q4_1 | WeightFormat::Q8_0 => pack_legacy(format, &layout, dst, lane, g, src),
+                    _ => pack_wide(format, &layout, dst, lane, g, src),
                 }
             }
         }
@@ -196,12 +297,13 @@ impl Matrix {
     }
 
     fn zeroed(format: WeightFormat, rows: usize, cols: usize) -> Self {
-        let panel_bytes = match format {
-            WeightFormat::F32 => cols * PANEL * 4,
-            _ => (cols / QK) * (format.quant_bytes() + format.scale_arrays() * PANEL * 2),
-        };
+        let panel_bytes = PanelLayout::new(format, cols).bytes;
         let panels = rows.div_ceil(PANEL);
         Self { format, rows, cols, panel_bytes, data: AlignedBuf::zeroed(panels * panel_bytes) }
+    }
+
+    pub(crate) fn layout(&self) -> PanelLayout {
+        PanelLayout::new(self.format, self.cols)
     }
 
     fn panel_mut(&mut self, panel: usize) -> &mut [u8] {
@@ -237,58 +339,208 @@ impl Matrix {
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         let (panel, lane) = (row / PANEL, row % PANEL);
         let data = self.panel(panel);
-        let blocks = self.cols / QK;
+        let layout = self.layout();
+        let half = |at: usize| f16::from_le_bytes([data[at + lane * 2], data[at + lane * 2 + 1]]).to_f32();
         let quant_bytes = self.format.quant_bytes();
-        let scales_at = blocks * quant_bytes;
-        let scale = |array: usize, b: usize| {
-            let at = scales_at + (array * blocks * PANEL + b * PANEL + lane) * 2;
-            f16::from_le_bytes([data[at], data[at + 1]]).to_f32()
-        };
-        match self.format {
-            WeightFormat::F32 => {
-                for (k, o) in out.iter_mut().enumerate().take(self.cols) {
-                    let at = (k * PANEL + lane) * 4;
-                    *o = f32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]);
-                }
-            }
-            WeightFormat::Q4_0 | WeightFormat::Q4_1 => {
-                for b in 0..blocks {
-                    let d = scale(0, b);
-                    let m = if self.format == WeightFormat::Q4_1 { scale(1, b) } else { -8.0 * d };
-                    let mut q = [0u8; QK];
-                    unpack_q4(&data[b * quant_bytes..][..quant_bytes], lane, &mut q);
-                    for (o, &q) in out[b * QK..(b + 1) * QK].iter_mut().zip(&q) {
-                        *o = d * f32::from(q) + m;
+        for b in 0..layout.blocks {
+            let out = &mut out[b * QK..(b + 1) * QK];
+            let quants = &data[b * quant_bytes..][..quant_bytes];
+            match self.format {
+                WeightFormat::F32 => unreachable!("F32 panels have no blocks"),
+                WeightFormat::Q8_0 => {
+                    let d = half(layout.block_half(0, b));
+                    let mut q = [0i8; QK];
+                    unpack_q8(quants, lane, &mut q);
+                    for (o, &q) in out.iter_mut().zip(&q) {
+                        *o = d * f32::from(q);
                     }
                 }
-            }
-            WeightFormat::Q8_0 => {
-                for b in 0..blocks {
-                    let d = scale(0, b);
-                    let mut q = [0i8; QK];
-                    unpack_q8(&data[b * quant_bytes..][..quant_bytes], lane, &mut q);
-                    for (o, &q) in out[b * QK..(b + 1) * QK].iter_mut().zip(&q) {
-                        *o = d * f32::from(q);
+                WeightFormat::Q4_0 | WeightFormat::Q4_1 | WeightFormat::Q5_0 => {
+                    let d = half(layout.block_half(0, b));
+                    let m = match self.format {
+                        WeightFormat::Q4_1 => half(layout.block_half(1, b)),
+                        WeightFormat::Q4_0 => -8.0 * d,
+                        _ => -16.0 * d,
+                    };
+                    for (o, q) in out.iter_mut().zip(unpack_wide(self.format, quants, lane)) {
+                        *o = d * q as f32 + m;
+                    }
+                }
+                WeightFormat::Q4_K | WeightFormat::Q5_K => {
+                    let (d, dmin) = (half(layout.super_half(0, b)), half(layout.super_half(1, b)));
+                    let scale = d * f32::from(data[layout.block_byte(0, b) + lane]);
+                    let min = dmin * f32::from(data[layout.block_byte(1, b) + lane]);
+                    for (o, q) in out.iter_mut().zip(unpack_wide(self.format, quants, lane)) {
+                        *o = scale * q as f32 - min;
+                    }
+                }
+                WeightFormat::Q6_K => {
+                    let d = half(layout.super_half(0, b));
+                    let scales = [0, 1].map(|h| d * f32::from(data[layout.block_byte(h, b) + lane] as i8));
+                    for (c, (o, q)) in out.iter_mut().zip(unpack_wide(self.format, quants, lane)).enumerate() {
+                        *o = scales[c / 16] * q as f32;
                     }
                 }
             }
         }
+        if self.format == WeightFormat::F32 {
+            for (k, o) in out.iter_mut().enumerate().take(self.cols) {
+                let at = (k * PANEL + lane) * 4;
+                *o = f32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]);
+            }
+        }
+    }
+}
+
+/// Packs one GGML block of Q4_0, Q4_1 or Q8_0 (`src`, block `b` of its
+/// row) into lane `lane` of a panel.
+fn pack_legacy(format: WeightFormat, layout: &PanelLayout, dst: &mut [u8], lane: usize, b: usize, src: &[u8]) {
+    let quant_bytes = format.quant_bytes();
+    let quants = &mut dst[b * quant_bytes..][..quant_bytes];
+    if format == WeightFormat::Q8_0 {
+        let q = &src[2..];
+        for g in 0..8 {
+            let at = g * 64 + lane * 4;
+            quants[at..at + 4].copy_from_slice(&[q[2 * g], q[2 * g + 16], q[2 * g + 1], q[2 * g + 17]]);
+        }
+    } else {
+        let qs = &src[if format == WeightFormat::Q4_0 { 2 } else { 4 }..];
+        put_nibble_bytes(quants, lane, qs);
+    }
+    let d_at = layout.block_half(0, b) + lane * 2;
+    dst[d_at..d_at + 2].copy_from_slice(&src[0..2]);
+    if format == WeightFormat::Q4_1 {
+        let m_at = layout.block_half(1, b) + lane * 2;
+        dst[m_at..m_at + 2].copy_from_slice(&src[2..4]);
+    }
+}
+
+/// Writes 16 GGML nibble bytes (`qs[i]` = column i low, column i + 16 high)
+/// into the interleaved Q4 layout.
+fn put_nibble_bytes(quants: &mut [u8], lane: usize, qs: &[u8]) {
+    for g in 0..4 {
+        let at = g * 64 + lane * 4;
+        quants[at..at + 4].copy_from_slice(&[qs[2 * g], qs[2 * g + 8], qs[2 * g + 1], qs[2 * g + 9]]);
+    }
+}
+
+/// The column of nibble `i` (0..4) of group `g` in the even (`h` = 0) or odd
+/// 16-bit half of a lane.
+const fn column(g: usize, i: usize, h: usize) -> usize {
+    [2 * g, 2 * g + 16, 2 * g + 8, 2 * g + 24][i] + h
+}
+
+/// Writes the 32 quants `q` (up to 6 bits each) of one block: nibbles, then
+/// `high` bits above them.
+fn put_quants(quants: &mut [u8], lane: usize, q: &[u8; QK], high: usize) {
+    let qs: [u8; 16] = std::array::from_fn(|i| (q[i] & 15) | ((q[i + 16] & 15) << 4));
+    put_nibble_bytes(quants, lane, &qs);
+    let planes = &mut quants[PANEL * QK / 2..];
+    for plane in 0..high {
+        let mut word = 0u32;
+        for h in 0..2 {
+            for i in 0..4 {
+                if high == 1 {
+                    for g in 0..4 {
+                        word |= u32::from((q[column(g, i, h)] >> 4) & 1) << (16 * h + 4 * i + g);
+                    }
+                } else {
+                    for gg in 0..2 {
+                        word |= u32::from((q[column(2 * plane + gg, i, h)] >> 4) & 3) << (16 * h + 4 * i + 2 * gg);
+                    }
+                }
+            }
+        }
+        planes[plane * 64 + lane * 4..][..4].copy_from_slice(&word.to_le_bytes());
+    }
+}
+
+/// Packs one GGML block of Q5_0 or one superblock of Q4_K, Q5_K or Q6_K.
+fn pack_wide(format: WeightFormat, layout: &PanelLayout, dst: &mut [u8], lane: usize, g: usize, src: &[u8]) {
+    let quant_bytes = format.quant_bytes();
+    let high = format.high_bits();
+    let put = |dst: &mut [u8], b: usize, q: &[u8; QK]| put_quants(&mut dst[b * quant_bytes..][..quant_bytes], lane, q, high);
+    match format {
+        WeightFormat::Q5_0 => {
+            let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
+            let q: [u8; QK] = std::array::from_fn(|c| {
+                let byte = src[6 + c % 16];
+                let low = if c < 16 { byte & 15 } else { byte >> 4 };
+                low | (((qh >> c) & 1) << 4) as u8
+            });
+            put(dst, g, &q);
+            let at = layout.block_half(0, g) + lane * 2;
+            dst[at..at + 2].copy_from_slice(&src[0..2]);
+        }
+        WeightFormat::Q4_K | WeightFormat::Q5_K => {
+            let (qh, qs) = if format == WeightFormat::Q5_K { (Some(&src[16..48]), &src[48..176]) } else { (None, &src[16..144]) };
+            for j in 0..QK_K / QK {
+                let b = g * QK_K / QK + j;
+                put(dst, b, &quant::k_quants(j, qs, qh));
+                let (sc, m) = quant::k_scale_min(j, &src[4..16]);
+                dst[layout.block_byte(0, b) + lane] = sc;
+                dst[layout.block_byte(1, b) + lane] = m;
+            }
+            let b = g * QK_K / QK;
+            for (array, at) in [(0, 0), (1, 2)] {
+                let to = layout.super_half(array, b) + lane * 2;
+                dst[to..to + 2].copy_from_slice(&src[at..at + 2]);
+            }
+        }
+        WeightFormat::Q6_K => {
+            let scales = quant::q6_k_scales(src);
+            for j in 0..QK_K / QK {
+                let b = g * QK_K / QK + j;
+                put(dst, b, &quant::q6_k_quants(j, src));
+                dst[layout.block_byte(0, b) + lane] = scales[2 * j] as u8;
+                dst[layout.block_byte(1, b) + lane] = scales[2 * j + 1] as u8;
+            }
+            let to = layout.super_half(0, g * QK_K / QK) + lane * 2;
+            dst[to..to + 2].copy_from_slice(&src[208..210]);
+        }
+        _ => unreachable!("pack_wide handles Q5_0 and the K-quants"),
     }
 }
 
 /// Row `lane`'s 32 nibbles of one packed Q4 block, in column order.
 pub(crate) fn unpack_q4(quants: &[u8], lane: usize, q: &mut [u8; QK]) {
     for g in 0..4 {
-        let [b0, b1, b2, b3] = [0, 1, 2, 3].map(|j| quants[g * 64 + lane * 4 + j]);
-        for (col, byte, high) in [(2 * g, b0, false), (2 * g + 1, b2, false), (2 * g + 16, b0, true), (2 * g + 17, b2, true)].into_iter().chain([
-            (2 * g + 8, b1, false),
-            (2 * g + 9, b3, false),
-            (2 * g + 24, b1, true),
-            (2 * g + 25, b3, true),
-        ]) {
-            q[col] = if high { byte >> 4 } else { byte & 15 };
+        let bytes = [0, 1, 2, 3].map(|j| quants[g * 64 + lane * 4 + j]);
+        let halves = [u16::from_le_bytes([bytes[0], bytes[1]]), u16::from_le_bytes([bytes[2], bytes[3]])];
+        for (h, half) in halves.into_iter().enumerate() {
+            for i in 0..4 {
+                q[column(g, i, h)] = ((half >> (4 * i)) & 15) as u8;
+            }
         }
     }
+}
+
+/// Row `lane`'s 32 quants of one packed block of a nibble format, in
+/// column order, as the integers the kernels multiply: Q4_0, Q4_1, Q5_0,
+/// Q4_K and Q5_K unsigned (offsets are applied through the activations or
+/// the minimum), Q6_K with its 32 subtracted.
+pub(crate) fn unpack_wide(format: WeightFormat, quants: &[u8], lane: usize) -> [i32; QK] {
+    let mut low = [0u8; QK];
+    unpack_q4(quants, lane, &mut low);
+    let mut q = low.map(i32::from);
+    let planes = &quants[PANEL * QK / 2..];
+    let word = |plane: usize| u32::from_le_bytes(planes[plane * 64 + lane * 4..][..4].try_into().expect("4 bytes"));
+    for g in 0..4 {
+        for i in 0..4 {
+            for h in 0..2 {
+                let col = column(g, i, h);
+                match format.high_bits() {
+                    1 => q[col] |= (((word(0) >> (16 * h + 4 * i + g)) & 1) << 4) as i32,
+                    2 => q[col] |= (((word(g / 2) >> (16 * h + 4 * i + 2 * (g % 2))) & 3) << 4) as i32,
+                    _ => {}
+                }
+            }
+        }
+    }
+    if format == WeightFormat::Q6_K {
+        q.iter_mut().for_each(|v| *v -= 32);
+    }
+    q
 }
 
 /// Row `lane`'s 32 quants of one packed Q8 block, in column order.
@@ -347,6 +599,7 @@ pub(crate) const TOKEN_TILE: usize = 8;
 #[derive(Clone, Copy)]
 pub(crate) struct Tile<'a> {
     pub format: WeightFormat,
+    pub layout: PanelLayout,
     pub panel: &'a [u8],
     pub cols: usize,
     pub x: &'a MatmulInput,
@@ -364,10 +617,9 @@ impl Tile<'_> {
         self.cols / QK
     }
 
-    /// Byte offset of the per-block scales (`array` 0: d, 1: m).
+    /// Byte offset of the per-block f16 scales (`array` 0: d, 1: m).
     pub fn scales_at(&self, array: usize) -> usize {
-        let blocks = self.blocks();
-        blocks * self.format.quant_bytes() + array * blocks * PANEL * 2
+        self.layout.block_half(array, 0)
     }
 
     /// Writes token `t`'s 16 results, skipping padding rows.
@@ -421,12 +673,14 @@ pub fn matmul(cpu: &Cpu, w: &Matrix, x: &MatmulInput, out: &mut [f32], ld: usize
     let pool = &cpu.pool;
     let base = OutPtr(out.as_mut_ptr());
     let panels = w.panels();
+    let layout = w.layout();
     let chunk = panels.div_ceil(pool.threads() * 4).max(1);
     let work = |range: std::ops::Range<usize>| {
         for panel in range {
             for t0 in (0..x.rows).step_by(TOKEN_TILE) {
                 let tile = Tile {
                     format: w.format,
+                    layout,
                     panel: w.panel(panel),
                     cols: w.cols,
                     x,
@@ -450,51 +704,122 @@ pub fn matmul(cpu: &Cpu, w: &Matrix, x: &MatmulInput, out: &mut [f32], ld: usize
 mod tests {
     use super::*;
     use crate::kernels::CpuPool;
+    use proptest::prelude::*;
     use rand::{Rng, SeedableRng};
+
+    const QUANTIZED: [WeightFormat; 7] =
+        [WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q8_0, WeightFormat::Q5_0, WeightFormat::Q4_K, WeightFormat::Q5_K, WeightFormat::Q6_K];
+
+    fn half(rng: &mut impl Rng, range: std::ops::Range<f32>) -> [u8; 2] {
+        f16::from_f32(rng.random_range(range)).to_le_bytes()
+    }
 
     /// Random GGML blocks of `format` for a `rows × cols` matrix.
     fn random_ggml(format: WeightFormat, rows: usize, cols: usize, rng: &mut impl Rng) -> Vec<u8> {
-        let blocks = rows * cols / QK;
+        let blocks = rows * cols / format.ggml_block_len();
         let mut bytes = Vec::new();
+        let random_bytes = |rng: &mut _, bytes: &mut Vec<u8>, n: usize| bytes.extend((0..n).map(|_| Rng::random::<u8>(rng)));
         for _ in 0..blocks {
-            let d = f16::from_f32(rng.random_range(0.001..0.05)).to_le_bytes();
-            bytes.extend_from_slice(&d);
             match format {
-                WeightFormat::Q4_1 => {
-                    bytes.extend_from_slice(&f16::from_f32(rng.random_range(-0.2..0.0)).to_le_bytes());
-                    bytes.extend((0..16).map(|_| rng.random::<u8>()));
+                WeightFormat::Q4_0 => {
+                    bytes.extend(half(rng, 0.001..0.05));
+                    random_bytes(rng, &mut bytes, 16);
                 }
-                WeightFormat::Q4_0 => bytes.extend((0..16).map(|_| rng.random::<u8>())),
-                WeightFormat::Q8_0 => bytes.extend((0..32).map(|_| rng.random_range(-127i8..=127) as u8)),
+                WeightFormat::Q4_1 => {
+                    bytes.extend(half(rng, 0.001..0.05));
+                    bytes.extend(half(rng, -0.2..0.0));
+                    random_bytes(rng, &mut bytes, 16);
+                }
+                WeightFormat::Q8_0 => {
+                    bytes.extend(half(rng, 0.001..0.05));
+                    bytes.extend((0..32).map(|_| rng.random_range(-127i8..=127) as u8));
+                }
+                WeightFormat::Q5_0 => {
+                    bytes.extend(half(rng, 0.001..0.05));
+                    random_bytes(rng, &mut bytes, 20);
+                }
+                WeightFormat::Q4_K | WeightFormat::Q5_K => {
+                    bytes.extend(half(rng, 0.0001..0.004));
+                    bytes.extend(half(rng, 0.0001..0.004));
+                    let n = if format == WeightFormat::Q4_K { 12 + 128 } else { 12 + 32 + 128 };
+                    random_bytes(rng, &mut bytes, n);
+                }
+                WeightFormat::Q6_K => {
+                    random_bytes(rng, &mut bytes, 128 + 64 + 16);
+                    bytes.extend(half(rng, 0.0001..0.002));
+                }
                 WeightFormat::F32 => unreachable!(),
             }
         }
         bytes
     }
 
-    fn dequantize_ggml(format: WeightFormat, bytes: &[u8], out: &mut Vec<f32>) {
-        let bb = format.ggml_block_bytes();
-        let mut block = [0.0f32; QK];
-        for src in bytes.chunks_exact(bb) {
+    fn dequantize_ggml(format: WeightFormat, bytes: &[u8]) -> Vec<f32> {
+        let mut out = Vec::new();
+        let mut block = vec![0.0f32; format.ggml_block_len()];
+        for src in bytes.chunks_exact(format.ggml_block_bytes()) {
             match format {
                 WeightFormat::Q4_0 => quant::dequantize_q4_0(src, &mut block),
                 WeightFormat::Q4_1 => quant::dequantize_q4_1(src, &mut block),
                 WeightFormat::Q8_0 => quant::dequantize_q8_0(src, &mut block),
+                WeightFormat::Q5_0 => quant::dequantize_q5_0(src, &mut block),
+                WeightFormat::Q4_K => quant::dequantize_k(src, false, &mut block),
+                WeightFormat::Q5_K => quant::dequantize_k(src, true, &mut block),
+                WeightFormat::Q6_K => quant::dequantize_q6_k(src, &mut block),
                 WeightFormat::F32 => unreachable!(),
             }
             out.extend_from_slice(&block);
+        }
+        out
+    }
+
+    fn ggml_type(format: WeightFormat) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType as G;
+        match format {
+            WeightFormat::Q4_0 => G::Q4_0,
+            WeightFormat::Q4_1 => G::Q4_1,
+            WeightFormat::Q8_0 => G::Q8_0,
+            WeightFormat::Q5_0 => G::Q5_0,
+            WeightFormat::Q4_K => G::Q4K,
+            WeightFormat::Q5_K => G::Q5K,
+            WeightFormat::Q6_K => G::Q6K,
+            WeightFormat::F32 => G::F32,
+        }
+    }
+
+    fn width(format: WeightFormat, blocks: usize) -> usize {
+        blocks * format.ggml_block_len()
+    }
+
+    /// Our reading of each GGML format agrees with candle's, an independent
+    /// implementation of the same formats.
+    #[test]
+    fn reference_dequantizers_agree_with_candle() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let device = candle_core::Device::Cpu;
+        for format in QUANTIZED {
+            let (rows, cols) = (5, width(format, 2));
+            let bytes = random_ggml(format, rows, cols, &mut rng);
+            let ours = dequantize_ggml(format, &bytes);
+            let theirs = candle_core::quantized::ggml_file::qtensor_from_ggml(ggml_type(format), &bytes, vec![rows, cols], &device)
+                .and_then(|q| q.dequantize(&device))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("candle dequantizes");
+            for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{format:?} element {i}: ours {a}, candle {b}");
+            }
         }
     }
 
     #[test]
     fn packed_rows_dequantize_like_ggml() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        for format in [WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q8_0] {
-            let (rows, cols) = (37, 96);
+        for format in QUANTIZED {
+            let (rows, cols) = (37, width(format, 3));
             let bytes = random_ggml(format, rows, cols, &mut rng);
             let m = Matrix::from_ggml(format, rows, cols, &bytes).expect("packs");
-            let mut reference = Vec::new();
-            dequantize_ggml(format, &bytes, &mut reference);
+            let reference = dequantize_ggml(format, &bytes);
             let mut row = vec![0.0; cols];
             for r in 0..rows {
                 m.dequantize_row(r, &mut row);
@@ -504,55 +829,169 @@ mod tests {
     }
 
     #[test]
+    fn packed_sizes_stay_near_the_file_encoding() {
+        for format in QUANTIZED {
+            let (rows, cols) = (64, width(format, 4));
+            let file = rows * cols / format.ggml_block_len() * format.ggml_block_bytes();
+            let packed = Matrix::from_ggml(format, rows, cols, &vec![0; file]).expect("packs").size_bytes();
+            assert!(packed as f64 <= file as f64 * 1.03, "{format:?}: {packed} bytes packed for {file} in the file");
+        }
+    }
+
+    #[test]
     fn rejects_wrong_sizes() {
         assert!(matches!(Matrix::from_ggml(WeightFormat::Q4_1, 2, 40, &[0; 40]), Err(PackError::Cols { .. })));
         assert!(matches!(Matrix::from_ggml(WeightFormat::Q8_0, 2, 32, &[0; 67]), Err(PackError::Bytes { .. })));
+        assert!(matches!(Matrix::from_ggml(WeightFormat::Q4_K, 2, 288, &[0; 400]), Err(PackError::Cols { multiple: 256, .. })));
+        assert!(matches!(Matrix::from_ggml(WeightFormat::Q6_K, 2, 256, &[0; 419]), Err(PackError::Bytes { .. })));
+        assert!(matches!(Matrix::from_ggml(WeightFormat::Q5_0, 1, 64, &[0; 45]), Err(PackError::Bytes { .. })));
         assert!(Matrix::from_f32(2, 3, &[0.0; 5]).is_err());
     }
 
-    /// The product against a float64 product of the dequantized weights with
-    /// the exact activations: the error is the activation quantization's.
+    fn product(cpu: &Cpu, m: &Matrix, x: &[f32], tokens: usize, ld: usize, at: usize) -> Vec<f32> {
+        let mut input = MatmulInput::default();
+        input.prepare(cpu.isa, x, tokens, m.cols(), [m.format()]);
+        let mut out = vec![f32::NAN; tokens * ld];
+        matmul(cpu, m, &input, &mut out, ld, at);
+        out
+    }
+
+    /// Checks one product against a float64 product of the dequantized
+    /// weights with the exact activations: the error is the activation
+    /// quantization's, plus f32 rounding.
+    fn check_against_f64(format: WeightFormat, rows: usize, cols: usize, tokens: usize, rng: &mut impl Rng) {
+        let cpu = Cpu { pool: CpuPool::new(2).expect("threads"), isa: Isa::Scalar };
+        let (m, reference) = if format == WeightFormat::F32 {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+            (Matrix::from_f32(rows, cols, &w).expect("packs"), w)
+        } else {
+            let bytes = random_ggml(format, rows, cols, rng);
+            (Matrix::from_ggml(format, rows, cols, &bytes).expect("packs"), dequantize_ggml(format, &bytes))
+        };
+        let x: Vec<f32> = (0..tokens * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let ld = rows + 3;
+        let out = product(&cpu, &m, &x, tokens, ld, 2);
+        for t in 0..tokens {
+            for r in 0..rows {
+                let terms = (0..cols).map(|k| f64::from(reference[r * cols + k]) * f64::from(x[t * cols + k]));
+                let exact: f64 = terms.clone().sum();
+                let scale: f64 = terms.map(f64::abs).sum();
+                // 16-bit activations: each one is off by at most half a
+                // step, amax(block) / 65534; f32 sums add ~1e-6 relative.
+                let step_error: f64 = (0..cols)
+                    .map(|k| {
+                        let block = &x[t * cols + k / QK * QK..][..QK];
+                        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                        f64::from(reference[r * cols + k]).abs() * f64::from(amax) / 65534.0
+                    })
+                    .sum();
+                let got = f64::from(out[t * ld + 2 + r]);
+                let tol = if format.is_quantized() { step_error * 1.001 + scale * 1e-5 } else { scale * 1e-5 + 1e-6 };
+                assert!((got - exact).abs() <= tol, "{format:?} {rows}x{cols} t{t} r{r}: {got} vs {exact}");
+            }
+            assert!(out[t * ld].is_nan() && out[t * ld + 1].is_nan(), "wrote outside its columns");
+        }
+    }
+
     #[test]
     fn products_match_a_float64_reference() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        let cpu = Cpu { pool: CpuPool::new(2).expect("threads"), isa: Isa::Scalar };
-        for format in [WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q8_0, WeightFormat::F32] {
-            for (rows, cols, tokens) in [(1, 32, 1), (17, 64, 3), (50, 160, 5), (64, 576, 2)] {
-                let (m, reference) = if format == WeightFormat::F32 {
-                    let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
-                    (Matrix::from_f32(rows, cols, &w).expect("packs"), w)
-                } else {
-                    let bytes = random_ggml(format, rows, cols, &mut rng);
-                    let mut w = Vec::new();
-                    dequantize_ggml(format, &bytes, &mut w);
-                    (Matrix::from_ggml(format, rows, cols, &bytes).expect("packs"), w)
+        for format in WeightFormat::ALL {
+            for (rows, blocks, tokens) in [(1, 1, 1), (17, 2, 3), (50, 5, 5), (64, 18, 2)] {
+                let cols = if format == WeightFormat::F32 { blocks * QK } else { width(format, blocks) };
+                check_against_f64(format, rows, cols, tokens, &mut rng);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Random shapes, every format: the scalar reference against float64.
+        #[test]
+        fn any_shape_matches_float64(format in 0usize..8, rows in 1usize..40, blocks in 1usize..4, tokens in 1usize..11, seed: u64) {
+            let format = WeightFormat::ALL[format];
+            let cols = if format == WeightFormat::F32 { blocks * QK } else { width(format, blocks) };
+            check_against_f64(format, rows, cols, tokens, &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+        }
+
+        /// Random shapes, every format: every kernel variant gives the
+        /// scalar reference's bits.
+        #[test]
+        fn any_shape_is_bit_identical_across_variants(format in 0usize..8, rows in 1usize..40, blocks in 1usize..4, tokens in 1usize..20, seed: u64) {
+            let format = WeightFormat::ALL[format];
+            let cols = if format == WeightFormat::F32 { blocks * QK } else { width(format, blocks) };
+            assert_variants_agree(format, rows, cols, tokens, &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+        }
+    }
+
+    fn random_matrix(format: WeightFormat, rows: usize, cols: usize, rng: &mut impl Rng) -> Matrix {
+        if format == WeightFormat::F32 {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+            Matrix::from_f32(rows, cols, &w).expect("packs")
+        } else {
+            Matrix::from_ggml(format, rows, cols, &random_ggml(format, rows, cols, rng)).expect("packs")
+        }
+    }
+
+    /// The wide-format kernel on emulated 16-lane vectors (AVX-512's lane
+    /// layout), whatever this CPU is.
+    fn emulated_product(m: &Matrix, x: &[f32], tokens: usize) -> Vec<f32> {
+        let mut input = MatmulInput::default();
+        input.prepare(Isa::Scalar, x, tokens, m.cols(), [m.format()]);
+        let mut out = vec![0.0f32; tokens * m.rows()];
+        let layout = m.layout();
+        for panel in 0..m.panels() {
+            for t0 in (0..tokens).step_by(TOKEN_TILE) {
+                let tile = Tile {
+                    format: m.format(),
+                    layout,
+                    panel: m.panel(panel),
+                    cols: m.cols(),
+                    x: &input,
+                    t0,
+                    nt: (tokens - t0).min(TOKEN_TILE),
+                    out: out[t0 * m.rows() + panel * PANEL..].as_mut_ptr(),
+                    ld: m.rows(),
+                    lanes: (m.rows() - panel * PANEL).min(PANEL),
                 };
-                let x: Vec<f32> = (0..tokens * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
-                let mut input = MatmulInput::default();
-                input.prepare(Isa::Scalar, &x, tokens, cols, [format]);
-                let ld = rows + 3;
-                let mut out = vec![f32::NAN; tokens * ld];
-                matmul(&cpu, &m, &input, &mut out, ld, 2);
-                for t in 0..tokens {
-                    for r in 0..rows {
-                        let exact: f64 = (0..cols).map(|k| f64::from(reference[r * cols + k]) * f64::from(x[t * cols + k])).sum();
-                        let scale: f64 = (0..cols).map(|k| (f64::from(reference[r * cols + k]) * f64::from(x[t * cols + k])).abs()).sum();
-                        // 16-bit activations: each one is off by at most half a
-                        // step, amax(block) / 65534; f32 sums add ~1e-6 relative.
-                        let step_error: f64 = (0..cols)
-                            .map(|k| {
-                                let block = &x[t * cols + k / QK * QK..][..QK];
-                                let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                                f64::from(reference[r * cols + k]).abs() * f64::from(amax) / 65534.0
-                            })
-                            .sum();
-                        let got = f64::from(out[t * ld + 2 + r]);
-                        let tol = if format.is_quantized() { step_error * 1.001 + scale * 1e-5 } else { scale * 1e-5 + 1e-6 };
-                        assert!((got - exact).abs() <= tol, "{format:?} {rows}x{cols} t{t} r{r}: {got} vs {exact}");
+                // SAFETY: the tile lies inside `out`; the emulation needs no CPU feature.
+                unsafe {
+                    match m.format() {
+                        WeightFormat::Q5_0 => super::super::wide::tile::<super::super::wide::Emulated16, { super::super::wide::Q5_0 }, 4>(&tile),
+                        WeightFormat::Q4_K => super::super::wide::tile::<super::super::wide::Emulated16, { super::super::wide::Q4_K }, 4>(&tile),
+                        WeightFormat::Q5_K => super::super::wide::tile::<super::super::wide::Emulated16, { super::super::wide::Q5_K }, 4>(&tile),
+                        WeightFormat::Q6_K => super::super::wide::tile::<super::super::wide::Emulated16, { super::super::wide::Q6_K }, 4>(&tile),
+                        other => unreachable!("{other:?} is not a wide format"),
                     }
-                    assert!(out[t * ld].is_nan() && out[t * ld + 1].is_nan(), "wrote outside its columns");
                 }
             }
+        }
+        out
+    }
+
+    fn assert_variants_agree(format: WeightFormat, rows: usize, cols: usize, tokens: usize, rng: &mut impl Rng) {
+        let m = random_matrix(format, rows, cols, rng);
+        let x: Vec<f32> = (0..tokens * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
+        let run = |isa, threads| {
+            let cpu = Cpu { pool: CpuPool::new(threads).expect("threads"), isa };
+            product(&cpu, &m, &x, tokens, rows, 0)
+        };
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let reference = bits(&run(Isa::Scalar, 1));
+        for isa in Isa::available() {
+            for threads in [1, 2, 3] {
+                assert!(
+                    bits(&run(isa, threads)) == reference,
+                    "{isa:?} with {threads} threads differs from scalar for {format:?} {rows}x{cols}, {tokens} tokens"
+                );
+            }
+        }
+        if super::super::wide::code(format).is_some() {
+            assert!(
+                bits(&emulated_product(&m, &x, tokens)) == reference,
+                "the 16-lane wide kernel differs from scalar for {format:?} {rows}x{cols}, {tokens} tokens"
+            );
         }
     }
 
@@ -561,31 +1000,11 @@ mod tests {
     #[test]
     fn kernel_variants_are_bit_identical() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let variants = Isa::available();
-        println!("kernel variants on this CPU: {variants:?}");
-        for format in [WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q8_0, WeightFormat::F32] {
-            for (rows, cols, tokens) in [(16, 32, 1), (45, 96, 7), (33, 64, 9), (64, 576, 20), (3, 160, 8), (160, 32, 17)] {
-                let m = if format == WeightFormat::F32 {
-                    let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
-                    Matrix::from_f32(rows, cols, &w).expect("packs")
-                } else {
-                    Matrix::from_ggml(format, rows, cols, &random_ggml(format, rows, cols, &mut rng)).expect("packs")
-                };
-                let x: Vec<f32> = (0..tokens * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
-                let run = |isa| {
-                    let cpu = Cpu { pool: CpuPool::new(2).expect("threads"), isa };
-                    let mut input = MatmulInput::default();
-                    input.prepare(isa, &x, tokens, cols, [format]);
-                    let mut out = vec![0.0f32; tokens * rows];
-                    matmul(&cpu, &m, &input, &mut out, rows, 0);
-                    out
-                };
-                let reference = run(Isa::Scalar);
-                for &isa in &variants {
-                    let got = run(isa);
-                    let same = got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{isa:?} differs from scalar for {format:?} {rows}x{cols}, {tokens} tokens");
-                }
+        println!("kernel variants on this CPU: {:?}", Isa::available());
+        for format in WeightFormat::ALL {
+            for (rows, blocks, tokens) in [(16, 1, 1), (45, 3, 7), (33, 2, 9), (64, 18, 20), (3, 5, 8), (160, 1, 17)] {
+                let cols = if format == WeightFormat::F32 { blocks * QK } else { width(format, blocks) };
+                assert_variants_agree(format, rows, cols, tokens, &mut rng);
             }
         }
     }

@@ -38,6 +38,7 @@ pub mod ops;
 pub mod pool;
 pub mod quant;
 mod scalar;
+mod wide;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

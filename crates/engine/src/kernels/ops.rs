@@ -82,6 +82,22 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 }
 }
 
+multiversion! {
+/// [`rms_norm`] in place: each row of `x` (rows of `weight.len()`)
+/// becomes `row / rms(row) · weight` (per-head query and key norms,
+/// post-norms).
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let dim = weight.len();
+    for row in x.chunks_exact_mut(dim) {
+        let sum_sq = dot(row, row);
+        let scale = 1.0 / (sum_sq / dim as f32 + eps).sqrt();
+        for (v, &w) in row.iter_mut().zip(weight) {
+            *v = (*v * scale) * w;
+        }
+    }
+}
+}
+
 /// `x += y`.
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
@@ -97,6 +113,35 @@ pub fn swiglu(gate_up: &[f32], ffn: usize, out: &mut [f32]) {
         let (gate, up) = row.split_at(ffn);
         for ((o, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
             *o = (g / (1.0 + exp(-g))) * u;
+        }
+    }
+}
+}
+
+/// `tanh(x)` from our own [`exp`]: `1 − 2 / (e^{2x} + 1)`, saturating to
+/// ±1, the same bits on every CPU.
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * x) + 1.0)
+}
+
+/// GELU, tanh approximation: `½x(1 + tanh(y))` with `y = √(2/π)(x +
+/// 0.044715x³)`, computed as `x / (1 + e^{−2y})` (the same function,
+/// without the cancellation of `1 + tanh` for negative `x`).
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const TWO_SQRT_2_OVER_PI: f32 = 1.595_769;
+    x / (1.0 + exp(-TWO_SQRT_2_OVER_PI * (x + 0.044_715 * (x * x * x))))
+}
+
+multiversion! {
+/// GeGLU: `out[i] = gelu_tanh(gate[i]) · up[i]` for rows laid out as
+/// `[gate (ffn) | up (ffn)]`.
+pub fn geglu(gate_up: &[f32], ffn: usize, out: &mut [f32]) {
+    for (row, dst) in gate_up.chunks_exact(2 * ffn).zip(out.chunks_exact_mut(ffn)) {
+        let (gate, up) = row.split_at(ffn);
+        for ((o, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
+            *o = gelu_tanh(g) * u;
         }
     }
 }
@@ -126,13 +171,19 @@ impl RopeTable {
 
     /// A table whose row `i` is position `positions[i]`.
     pub fn at(base: f32, dim: usize, positions: &[usize]) -> Self {
+        Self::scaled(base, 1.0, dim, positions)
+    }
+
+    /// [`RopeTable::at`] with positions multiplied by `scale` (linear
+    /// rotary scaling).
+    pub fn scaled(base: f32, scale: f32, dim: usize, positions: &[usize]) -> Self {
         let half = dim / 2;
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &pos in positions {
             for i in 0..half {
                 let theta = f64::from(base).powf(-2.0 * i as f64 / dim as f64);
-                let angle = pos as f64 * theta;
+                let angle = pos as f64 * f64::from(scale) * theta;
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
             }
@@ -331,6 +382,21 @@ mod tests {
         assert_eq!(exp(-100.0), 0.0);
         assert!(exp(100.0).is_finite());
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn gelu_matches_float64() {
+        let mut worst = 0.0f64;
+        let mut x = -12.0f32;
+        while x < 12.0 {
+            let xd = f64::from(x);
+            let want = 0.5 * xd * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd * xd * xd)).tanh());
+            worst = worst.max((f64::from(gelu_tanh(x)) - want).abs() / want.abs().max(1e-3));
+            x += 0.0071;
+        }
+        assert!(worst < 1e-5, "worst error {worst}");
+        assert_eq!(tanh(50.0), 1.0);
+        assert_eq!(tanh(-50.0), -1.0);
     }
 
     #[test]

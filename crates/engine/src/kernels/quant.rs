@@ -139,6 +139,99 @@ pub fn dequantize_q8_0(block: &[u8], out: &mut [f32]) {
     }
 }
 
+/// GGML's Q5_0 block: 32 weights `d · (q − 16)`, q in 0..32: the low four
+/// bits as in Q4_0, bit 4 of column `i` in bit `i` of the little-endian
+/// `qh` word.
+pub const Q5_0_BYTES: usize = 22;
+/// Weights per K-quant superblock.
+pub const QK_K: usize = 256;
+/// GGML's Q4_K superblock: `d`, `dmin` (f16), 12 bytes holding eight 6-bit
+/// scales and mins, 128 bytes of nibbles; weight = `d·sc_j·q − dmin·m_j`
+/// for sub-block `j` of 32.
+pub const Q4_K_BYTES: usize = 144;
+/// GGML's Q5_K superblock: Q4_K plus a bit plane `qh` (32 bytes) that adds 16.
+pub const Q5_K_BYTES: usize = 176;
+/// GGML's Q6_K superblock: low nibbles `ql` (128 bytes), high pairs `qh`
+/// (64), sixteen i8 scales (one per 16 weights), `d` (f16); weight =
+/// `d·sc·(q − 32)`.
+pub const Q6_K_BYTES: usize = 210;
+
+/// Dequantizes one GGML Q5_0 block.
+pub fn dequantize_q5_0(block: &[u8], out: &mut [f32]) {
+    let d = f16_at(block, 0);
+    let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+    for i in 0..16 {
+        let byte = block[6 + i];
+        let lo = i32::from(byte & 15) | (((qh >> i) & 1) << 4) as i32;
+        let hi = i32::from(byte >> 4) | (((qh >> (i + 16)) & 1) << 4) as i32;
+        out[i] = d * (lo - 16) as f32;
+        out[i + 16] = d * (hi - 16) as f32;
+    }
+}
+
+/// Scale and min of sub-block `j` (0..8) from a Q4_K/Q5_K block's 12 packed
+/// scale bytes (GGML's `get_scale_min_k4`).
+pub fn k_scale_min(j: usize, scales: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (scales[j] & 63, scales[j + 4] & 63)
+    } else {
+        ((scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))
+    }
+}
+
+/// The 32 quants of sub-block `j` of a Q4_K (`high = None`) or Q5_K
+/// superblock, 0..16 or 0..32.
+pub fn k_quants(j: usize, qs: &[u8], qh: Option<&[u8]>) -> [u8; QK] {
+    std::array::from_fn(|c| {
+        let byte = qs[j / 2 * 32 + c];
+        let low = if j.is_multiple_of(2) { byte & 15 } else { byte >> 4 };
+        low | qh.map_or(0, |qh| ((qh[c] >> j) & 1) << 4)
+    })
+}
+
+/// Dequantizes one GGML Q4_K (`with_high` false) or Q5_K superblock.
+pub fn dequantize_k(block: &[u8], with_high: bool, out: &mut [f32]) {
+    let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+    let scales = &block[4..16];
+    let (qh, qs) = if with_high { (Some(&block[16..48]), &block[48..176]) } else { (None, &block[16..144]) };
+    for j in 0..QK_K / QK {
+        let (sc, m) = k_scale_min(j, scales);
+        let q = k_quants(j, qs, qh);
+        for (o, &q) in out[j * QK..(j + 1) * QK].iter_mut().zip(&q) {
+            *o = d * f32::from(sc) * f32::from(q) - dmin * f32::from(m);
+        }
+    }
+}
+
+/// The 32 quants (0..64, before subtracting 32) of sub-block `j` of a Q6_K
+/// superblock.
+pub fn q6_k_quants(j: usize, block: &[u8]) -> [u8; QK] {
+    let (ql, qh) = (&block[0..128], &block[128..192]);
+    let (half, k) = (j / 4, j % 4);
+    std::array::from_fn(|c| {
+        let byte = ql[half * 64 + (k % 2) * 32 + c];
+        let low = if k < 2 { byte & 15 } else { byte >> 4 };
+        low | (((qh[half * 32 + c] >> (2 * k)) & 3) << 4)
+    })
+}
+
+/// The sixteen scales of a Q6_K superblock, one per 16 weights.
+pub fn q6_k_scales(block: &[u8]) -> [i8; 16] {
+    std::array::from_fn(|i| block[192 + i] as i8)
+}
+
+/// Dequantizes one GGML Q6_K superblock.
+pub fn dequantize_q6_k(block: &[u8], out: &mut [f32]) {
+    let d = f16_at(block, 208);
+    let scales = q6_k_scales(block);
+    for j in 0..QK_K / QK {
+        let q = q6_k_quants(j, block);
+        for (c, o) in out[j * QK..(j + 1) * QK].iter_mut().enumerate() {
+            *o = d * f32::from(scales[2 * j + c / 16]) * (i32::from(q[c]) - 32) as f32;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

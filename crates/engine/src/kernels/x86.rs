@@ -12,6 +12,12 @@ use std::arch::x86_64::*;
 
 use super::matrix::{PANEL, TOKEN_TILE, Tile, WeightFormat};
 use super::quant::{QK, QMAX, ROUND, ROUND_BITS};
+use super::wide;
+
+/// Tokens per pass of the wide-format kernel (see `wide.rs`): as many as
+/// keep its sums in registers.
+const WIDE_TOKENS_256: usize = 4;
+const WIDE_TOKENS_512: usize = 4;
 
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
@@ -61,6 +67,10 @@ pub(crate) unsafe fn tile_avx512(tile: &Tile) {
             WeightFormat::Q4_0 => by_tokens!(tile.nt, quant_512::<Q4_0>(tile)),
             WeightFormat::Q4_1 => by_tokens!(tile.nt, quant_512::<Q4_1>(tile)),
             WeightFormat::Q8_0 => by_tokens!(tile.nt, quant_512::<Q8_0>(tile)),
+            WeightFormat::Q5_0 => wide::tile::<wide::Avx512, { wide::Q5_0 }, WIDE_TOKENS_512>(tile),
+            WeightFormat::Q4_K => wide::tile::<wide::Avx512, { wide::Q4_K }, WIDE_TOKENS_512>(tile),
+            WeightFormat::Q5_K => wide::tile::<wide::Avx512, { wide::Q5_K }, WIDE_TOKENS_512>(tile),
+            WeightFormat::Q6_K => wide::tile::<wide::Avx512, { wide::Q6_K }, WIDE_TOKENS_512>(tile),
         }
     }
 }
@@ -180,6 +190,23 @@ unsafe fn f32_512<const NT: usize>(tile: &Tile) {
 /// The CPU must support AVX2 and F16C; `tile` must be valid.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn tile_avx2(tile: &Tile) {
+    // Decode streams weights from memory: one pass over all 16 rows keeps
+    // the stream going. Prefill reuses each panel from cache for many
+    // tokens: 8 rows at a time leave registers for more tokens.
+    unsafe {
+        macro_rules! wide {
+            ($code:expr) => {
+                wide::tile::<wide::Avx2x2, { $code }, WIDE_TOKENS_256>(tile)
+            };
+        }
+        match tile.format {
+            WeightFormat::Q5_0 => return wide!(wide::Q5_0),
+            WeightFormat::Q4_K => return wide!(wide::Q4_K),
+            WeightFormat::Q5_K => return wide!(wide::Q5_K),
+            WeightFormat::Q6_K => return wide!(wide::Q6_K),
+            _ => {}
+        }
+    }
     // Eight ymm accumulators per half panel at most: split larger tiles.
     let mut t0 = 0;
     while t0 < tile.nt {
@@ -194,6 +221,7 @@ pub(crate) unsafe fn tile_avx2(tile: &Tile) {
                 (WeightFormat::Q4_0, n) => quant_256_tokens::<Q4_0>(&sub, n),
                 (WeightFormat::Q4_1, n) => quant_256_tokens::<Q4_1>(&sub, n),
                 (WeightFormat::Q8_0, n) => quant_256_tokens::<Q8_0>(&sub, n),
+                _ => unreachable!("the wide formats returned above"),
             }
         }
         t0 += nt;

@@ -1,4 +1,4 @@
-//! Shared helpers for the tests that run the real SmolLM2 model.
+//! Shared helpers for the tests that run real models pulled by `hotpot pull`.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -8,18 +8,23 @@ use hotpot_engine::{ClientParts, Device, ModelFile, Span};
 
 pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// The model `hotpot pull smollm2-135m` placed in the store: `$HOTPOT_TEST_MODEL`,
-/// else `$HOTPOT_HOME/models/…`, else `~/.cache/hotpot/models/…`.
-/// A missing model fails the test: these tests are the engine's proof.
+/// A model `hotpot pull ALIAS` placed in the store as `file`:
+/// `$HOTPOT_HOME/models/…`, else `~/.cache/hotpot/models/…`. A missing
+/// model fails the test: these tests are the engine's proof.
+pub fn pulled(alias: &str, file: &str) -> PathBuf {
+    let home =
+        std::env::var("HOTPOT_HOME").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache/hotpot"));
+    let path = home.join("models").join(file);
+    assert!(path.exists(), "{} is missing: run `hotpot pull {alias}` first", path.display());
+    path
+}
+
+/// SmolLM2-135M (`$HOTPOT_TEST_MODEL` overrides).
 pub fn model_path() -> PathBuf {
     if let Ok(path) = std::env::var("HOTPOT_TEST_MODEL") {
         return PathBuf::from(path);
     }
-    let home =
-        std::env::var("HOTPOT_HOME").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache/hotpot"));
-    let path = home.join("models").join(MODEL_FILE);
-    assert!(path.exists(), "{} is missing: run `hotpot pull smollm2-135m` first", path.display());
-    path
+    pulled("smollm2-135m", MODEL_FILE)
 }
 
 pub fn open_model() -> ModelFile {

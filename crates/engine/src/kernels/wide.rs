@@ -1,0 +1,754 @@
+//! Kernels for the formats whose quants have bits above the nibble or
+//! scales per 32 columns inside a superblock: Q5_0, Q4_K, Q5_K, Q6_K.
+//!
+//! One generic kernel, written once over a small set of vector operations
+//! ([`Lanes`]): AVX2 runs it on 8 rows at a time (two passes per panel),
+//! AVX-512 on 16. Its float steps are those of the scalar reference
+//! (`scalar::block_step`), so every variant gives the same bits. The same
+//! kernel also runs on [`Emulated16`], plain arrays with AVX-512's lane
+//! semantics, so the 16-lane indexing is tested on every CPU.
+
+use super::matrix::Tile;
+#[cfg(test)]
+use super::matrix::WeightFormat;
+use super::quant::QK;
+
+/// Format codes for the const parameter of [`panel`].
+pub(crate) const Q5_0: u8 = 0;
+pub(crate) const Q4_K: u8 = 1;
+pub(crate) const Q5_K: u8 = 2;
+pub(crate) const Q6_K: u8 = 3;
+
+#[cfg(test)]
+pub(crate) fn code(format: WeightFormat) -> Option<u8> {
+    Some(match format {
+        WeightFormat::Q5_0 => Q5_0,
+        WeightFormat::Q4_K => Q4_K,
+        WeightFormat::Q5_K => Q5_K,
+        WeightFormat::Q6_K => Q6_K,
+        _ => return None,
+    })
+}
+
+/// How far ahead decode prefetches weights (as in `x86.rs`).
+const PREFETCH_BYTES: usize = 8192;
+
+/// The vector operations the kernel needs, over `LANES` rows: integer
+/// vectors hold two 16-bit quants (or one 32-bit sum) per row, float
+/// vectors one f32 per row.
+///
+/// # Safety
+/// Implementations may use instructions the CPU must support, and read
+/// through raw pointers that must be valid for the sizes named.
+pub(crate) trait Lanes {
+    const LANES: usize;
+    type I: Copy;
+    type F: Copy;
+    /// `LANES × 4` bytes.
+    unsafe fn load(p: *const u8) -> Self::I;
+    unsafe fn zero() -> Self::I;
+    unsafe fn splat16(v: i16) -> Self::I;
+    unsafe fn splat32(v: i32) -> Self::I;
+    unsafe fn and(a: Self::I, b: Self::I) -> Self::I;
+    unsafe fn or(a: Self::I, b: Self::I) -> Self::I;
+    /// Logical shifts of each 16-bit lane.
+    unsafe fn shr1(a: Self::I) -> Self::I;
+    unsafe fn shr2(a: Self::I) -> Self::I;
+    unsafe fn shr4(a: Self::I) -> Self::I;
+    unsafe fn shr8(a: Self::I) -> Self::I;
+    unsafe fn shr12(a: Self::I) -> Self::I;
+    unsafe fn shl4(a: Self::I) -> Self::I;
+    unsafe fn sub16(a: Self::I, b: Self::I) -> Self::I;
+    unsafe fn add32(a: Self::I, b: Self::I) -> Self::I;
+    unsafe fn sub32(a: Self::I, b: Self::I) -> Self::I;
+    /// `acc + Σ pairs of 16-bit products` of `w` with the two 16-bit
+    /// activations in `pair` (`vpmaddwd` + add, or `vpdpwssd`).
+    unsafe fn dot(acc: Self::I, w: Self::I, pair: i32) -> Self::I;
+    unsafe fn cvt(a: Self::I) -> Self::F;
+    /// `LANES` f16 values.
+    unsafe fn halves(p: *const u8) -> Self::F;
+    /// `LANES` unsigned / signed bytes.
+    unsafe fn ubytes(p: *const u8) -> Self::F;
+    unsafe fn sbytes(p: *const u8) -> Self::F;
+    unsafe fn splat(v: f32) -> Self::F;
+    unsafe fn zerof() -> Self::F;
+    unsafe fn mul(a: Self::F, b: Self::F) -> Self::F;
+    /// `a·b + c`, fused.
+    unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    /// `c − a·b`, fused.
+    unsafe fn fnma(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    unsafe fn prefetch(p: *const u8);
+    /// Writes the lanes `lane0..` that exist to token `t`'s output row.
+    unsafe fn store(tile: &Tile, t: usize, lane0: usize, v: Self::F);
+}
+
+/// Activation pairs of block `b` for the tile's tokens: index `k` holds
+/// columns `2k, 2k + 1`.
+#[inline(always)]
+fn pairs<const NT: usize>(tile: &Tile, b: usize) -> [*const i32; NT] {
+    let x = &tile.x.quantized;
+    let blocks = tile.blocks();
+    // SAFETY (of later reads): block b of token t0 + t exists in `qs`.
+    std::array::from_fn(|t| x.qs[((tile.t0 + t) * blocks + b) * QK..].as_ptr().cast())
+}
+
+/// Rows `lane0 .. lane0 + LANES` of one panel for `NT` tokens of the tile.
+///
+/// # Safety
+/// `L`'s instructions must be supported; `tile` must be valid, of format `F`.
+#[inline(always)]
+pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize>(tile: &Tile, lane0: usize) {
+    unsafe {
+        let layout = &tile.layout;
+        let x = &tile.x.quantized;
+        let blocks = tile.blocks();
+        let format = tile.format;
+        let quant_bytes = format.quant_bytes();
+        let base = tile.panel.as_ptr();
+        let nibble = L::splat16(0x000F);
+        let high_mask = L::splat16(if F == Q6_K { 0x30 } else { 0x10 });
+        let offset = L::splat16(32);
+        // Four chains per token keep decode's multiply-adds independent;
+        // with several tokens one is enough (two for Q6_K, whose first and
+        // last 16 columns have their own scales).
+        let chain = |i: usize| {
+            if NT == 1 {
+                i
+            } else if F == Q6_K {
+                i % 2
+            } else {
+                0
+            }
+        };
+        let mut acc = [L::zerof(); NT];
+        for b in 0..blocks {
+            let q = base.add(b * quant_bytes + lane0 * 4);
+            if NT <= 2 {
+                let ahead = base.wrapping_add(b * quant_bytes + PREFETCH_BYTES);
+                for line in 0..quant_bytes / 64 {
+                    L::prefetch(ahead.wrapping_add(line * 64));
+                }
+            }
+            let xp = pairs::<NT>(tile, b);
+            let mut isum = [[L::zero(); 4]; NT];
+            let mut high = if F == Q6_K || F == Q5_0 || F == Q5_K { L::load(q.add(256)) } else { L::zero() };
+            for g in 0..4 {
+                if F == Q6_K && g == 2 {
+                    high = L::load(q.add(256 + 64));
+                }
+                let v = L::load(q.add(g * 64));
+                let mut w = [L::and(v, nibble), L::and(L::shr4(v), nibble), L::and(L::shr8(v), nibble), L::shr12(v)];
+                if F != Q4_K {
+                    let h = [L::shl4(high), high, L::shr4(high), L::shr8(high)];
+                    for i in 0..4 {
+                        w[i] = L::or(w[i], L::and(h[i], high_mask));
+                        if F == Q6_K {
+                            w[i] = L::sub16(w[i], offset);
+                        }
+                    }
+                    high = if F == Q6_K { L::shr2(high) } else { L::shr1(high) };
+                }
+                let at = [g, g + 8, g + 4, g + 12];
+                for t in 0..NT {
+                    for i in 0..4 {
+                        isum[t][chain(i)] = L::dot(isum[t][chain(i)], w[i], *xp[t].add(at[i]));
+                    }
+                }
+            }
+            // (first 16 columns, last 16) for Q6_K; the total in `.0` otherwise.
+            let sums: [(L::I, L::I); NT] = std::array::from_fn(|t| {
+                let s = isum[t];
+                match (NT, F) {
+                    (1, Q6_K) => (L::add32(s[0], s[2]), L::add32(s[1], s[3])),
+                    (1, _) => (L::add32(L::add32(s[0], s[2]), L::add32(s[1], s[3])), s[1]),
+                    (_, Q6_K) => (s[0], s[1]),
+                    _ => (s[0], s[1]),
+                }
+            });
+            let xb = |t: usize| (tile.t0 + t) * blocks + b;
+            match F {
+                Q5_0 => {
+                    let d = L::halves(base.add(layout.block_half(0, b) + lane0 * 2));
+                    for t in 0..NT {
+                        let sum = L::sub32(sums[t].0, L::splat32(16 * x.isum[xb(t)]));
+                        acc[t] = L::fma(L::mul(d, L::splat(x.d[xb(t)])), L::cvt(sum), acc[t]);
+                    }
+                }
+                Q4_K | Q5_K => {
+                    let d = L::halves(base.add(layout.super_half(0, b) + lane0 * 2));
+                    let dmin = L::halves(base.add(layout.super_half(1, b) + lane0 * 2));
+                    let scale = L::mul(d, L::ubytes(base.add(layout.block_byte(0, b) + lane0)));
+                    let min = L::mul(dmin, L::ubytes(base.add(layout.block_byte(1, b) + lane0)));
+                    for t in 0..NT {
+                        let step = L::fma(L::mul(scale, L::splat(x.d[xb(t)])), L::cvt(sums[t].0), acc[t]);
+                        acc[t] = L::fnma(min, L::splat(x.s[xb(t)]), step);
+                    }
+                }
+                _ => {
+                    let d = L::halves(base.add(layout.super_half(0, b) + lane0 * 2));
+                    let first = L::mul(d, L::sbytes(base.add(layout.block_byte(0, b) + lane0)));
+                    let last = L::mul(d, L::sbytes(base.add(layout.block_byte(1, b) + lane0)));
+                    for t in 0..NT {
+                        let xd = L::splat(x.d[xb(t)]);
+                        let step = L::fma(L::mul(first, xd), L::cvt(sums[t].0), acc[t]);
+                        acc[t] = L::fma(L::mul(last, xd), L::cvt(sums[t].1), step);
+                    }
+                }
+            }
+        }
+        for (t, v) in acc.into_iter().enumerate() {
+            L::store(tile, t, lane0, v);
+        }
+    }
+}
+
+/// Runs a whole tile (up to 8 tokens, 16 rows) in passes of `LANES` rows
+/// and at most `MAX_NT` tokens.
+///
+/// # Safety
+/// As [`panel`].
+#[inline(always)]
+pub(crate) unsafe fn tile<L: Lanes, const F: u8, const MAX_NT: usize>(tile: &Tile) {
+    let mut t0 = 0;
+    while t0 < tile.nt {
+        let nt = (tile.nt - t0).min(MAX_NT);
+        // SAFETY: the sub-tile's tokens lie inside the tile's.
+        let sub = Tile { t0: tile.t0 + t0, nt, out: unsafe { tile.out.add(t0 * tile.ld) }, ..*tile };
+        for lane0 in (0..super::matrix::PANEL).step_by(L::LANES) {
+            unsafe {
+                match nt {
+                    1 => panel::<L, F, 1>(&sub, lane0),
+                    2 => panel::<L, F, 2>(&sub, lane0),
+                    3 => panel::<L, F, 3>(&sub, lane0),
+                    _ => panel::<L, F, 4>(&sub, lane0),
+                }
+            }
+        }
+        t0 += nt;
+    }
+}
+
+/// Plain arrays with AVX-512's lane semantics (16 rows): runs [`panel`] on
+/// any CPU, so the 16-lane path is tested where AVX-512 is missing.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Emulated16;
+
+#[cfg(test)]
+fn halves16(v: u32, f: impl Fn(u16) -> u16) -> u32 {
+    u32::from(f(v as u16)) | (u32::from(f((v >> 16) as u16)) << 16)
+}
+
+#[cfg(test)]
+fn map_i(a: [u32; 16], f: impl Fn(u32) -> u32) -> [u32; 16] {
+    a.map(f)
+}
+
+#[cfg(test)]
+fn zip_i(a: [u32; 16], b: [u32; 16], f: impl Fn(u32, u32) -> u32) -> [u32; 16] {
+    std::array::from_fn(|i| f(a[i], b[i]))
+}
+
+#[cfg(test)]
+fn zip_f(a: [f32; 16], b: [f32; 16], f: impl Fn(f32, f32) -> f32) -> [f32; 16] {
+    std::array::from_fn(|i| f(a[i], b[i]))
+}
+
+#[cfg(test)]
+impl Lanes for Emulated16 {
+    const LANES: usize = 16;
+    type I = [u32; 16];
+    type F = [f32; 16];
+
+    unsafe fn load(p: *const u8) -> Self::I {
+        std::array::from_fn(|i| u32::from_le_bytes(unsafe { std::ptr::read_unaligned(p.add(4 * i).cast::<[u8; 4]>()) }))
+    }
+    unsafe fn zero() -> Self::I {
+        [0; 16]
+    }
+    unsafe fn splat16(v: i16) -> Self::I {
+        [u32::from(v as u16) * 0x0001_0001; 16]
+    }
+    unsafe fn splat32(v: i32) -> Self::I {
+        [v as u32; 16]
+    }
+    unsafe fn and(a: Self::I, b: Self::I) -> Self::I {
+        zip_i(a, b, |x, y| x & y)
+    }
+    unsafe fn or(a: Self::I, b: Self::I) -> Self::I {
+        zip_i(a, b, |x, y| x | y)
+    }
+    unsafe fn shr1(a: Self::I) -> Self::I {
+        map_i(a, |v| halves16(v, |h| h >> 1))
+    }
+    unsafe fn shr2(a: Self::I) -> Self::I {
+        map_i(a, |v| halves16(v, |h| h >> 2))
+    }
+    unsafe fn shr4(a: Self::I) -> Self::I {
+        map_i(a, |v| halves16(v, |h| h >> 4))
+    }
+    unsafe fn shr8(a: Self::I) -> Self::I {
+        map_i(a, |v| halves16(v, |h| h >> 8))
+    }
+    unsafe fn shr12(a: Self::I) -> Self::I {
+        map_i(a, |v| halves16(v, |h| h >> 12))
+    }
+    unsafe fn shl4(a: Self::I) -> Self::I {
+        map_i(a, |v| halves16(v, |h| h << 4))
+    }
+    unsafe fn sub16(a: Self::I, b: Self::I) -> Self::I {
+        zip_i(a, b, |x, y| {
+            let lo = (x as u16).wrapping_sub(y as u16);
+            let hi = ((x >> 16) as u16).wrapping_sub((y >> 16) as u16);
+            u32::from(lo) | (u32::from(hi) << 16)
+        })
+    }
+    unsafe fn add32(a: Self::I, b: Self::I) -> Self::I {
+        zip_i(a, b, u32::wrapping_add)
+    }
+    unsafe fn sub32(a: Self::I, b: Self::I) -> Self::I {
+        zip_i(a, b, u32::wrapping_sub)
+    }
+    unsafe fn dot(acc: Self::I, w: Self::I, pair: i32) -> Self::I {
+        let (x0, x1) = (i32::from(pair as i16), i32::from((pair >> 16) as i16));
+        zip_i(acc, w, |a, w| {
+            let (w0, w1) = (i32::from(w as u16 as i16), i32::from((w >> 16) as u16 as i16));
+            a.wrapping_add((w0 * x0 + w1 * x1) as u32)
+        })
+    }
+    unsafe fn cvt(a: Self::I) -> Self::F {
+        a.map(|v| v as i32 as f32)
+    }
+    unsafe fn halves(p: *const u8) -> Self::F {
+        std::array::from_fn(|i| half::f16::from_le_bytes(unsafe { [*p.add(2 * i), *p.add(2 * i + 1)] }).to_f32())
+    }
+    unsafe fn ubytes(p: *const u8) -> Self::F {
+        std::array::from_fn(|i| f32::from(unsafe { *p.add(i) }))
+    }
+    unsafe fn sbytes(p: *const u8) -> Self::F {
+        std::array::from_fn(|i| f32::from(unsafe { *p.add(i) } as i8))
+    }
+    unsafe fn splat(v: f32) -> Self::F {
+        [v; 16]
+    }
+    unsafe fn zerof() -> Self::F {
+        [0.0; 16]
+    }
+    unsafe fn mul(a: Self::F, b: Self::F) -> Self::F {
+        zip_f(a, b, |x, y| x * y)
+    }
+    unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+        std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
+    }
+    unsafe fn fnma(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+        std::array::from_fn(|i| (-a[i]).mul_add(b[i], c[i]))
+    }
+    unsafe fn prefetch(_: *const u8) {}
+    unsafe fn store(tile: &Tile, t: usize, lane0: usize, v: Self::F) {
+        let dst = unsafe { tile.out.add(t * tile.ld + lane0) };
+        for (r, v) in v.iter().enumerate().take(tile.lanes.saturating_sub(lane0)) {
+            unsafe { *dst.add(r) = *v };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Avx2x2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Lanes;
+    use crate::kernels::matrix::Tile;
+
+    /// AVX2 + FMA + F16C, 8 rows per vector.
+    pub(crate) struct Avx2;
+
+    /// AVX-512 F/BW/VNNI + FMA + F16C, 16 rows per vector.
+    pub(crate) struct Avx512;
+
+    impl Lanes for Avx2 {
+        const LANES: usize = 8;
+        type I = __m256i;
+        type F = __m256;
+
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> __m256i {
+            unsafe { _mm256_loadu_si256(p.cast()) }
+        }
+        #[inline(always)]
+        unsafe fn zero() -> __m256i {
+            unsafe { _mm256_setzero_si256() }
+        }
+        #[inline(always)]
+        unsafe fn splat16(v: i16) -> __m256i {
+            unsafe { _mm256_set1_epi16(v) }
+        }
+        #[inline(always)]
+        unsafe fn splat32(v: i32) -> __m256i {
+            unsafe { _mm256_set1_epi32(v) }
+        }
+        #[inline(always)]
+        unsafe fn and(a: __m256i, b: __m256i) -> __m256i {
+            unsafe { _mm256_and_si256(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn or(a: __m256i, b: __m256i) -> __m256i {
+            unsafe { _mm256_or_si256(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn shr1(a: __m256i) -> __m256i {
+            unsafe { _mm256_srli_epi16::<1>(a) }
+        }
+        #[inline(always)]
+        unsafe fn shr2(a: __m256i) -> __m256i {
+            unsafe { _mm256_srli_epi16::<2>(a) }
+        }
+        #[inline(always)]
+        unsafe fn shr4(a: __m256i) -> __m256i {
+            unsafe { _mm256_srli_epi16::<4>(a) }
+        }
+        #[inline(always)]
+        unsafe fn shr8(a: __m256i) -> __m256i {
+            unsafe { _mm256_srli_epi16::<8>(a) }
+        }
+        #[inline(always)]
+        unsafe fn shr12(a: __m256i) -> __m256i {
+            unsafe { _mm256_srli_epi16::<12>(a) }
+        }
+        #[inline(always)]
+        unsafe fn shl4(a: __m256i) -> __m256i {
+            unsafe { _mm256_slli_epi16::<4>(a) }
+        }
+        #[inline(always)]
+        unsafe fn sub16(a: __m256i, b: __m256i) -> __m256i {
+            unsafe { _mm256_sub_epi16(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn add32(a: __m256i, b: __m256i) -> __m256i {
+            unsafe { _mm256_add_epi32(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn sub32(a: __m256i, b: __m256i) -> __m256i {
+            unsafe { _mm256_sub_epi32(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn dot(acc: __m256i, w: __m256i, pair: i32) -> __m256i {
+            unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_set1_epi32(pair))) }
+        }
+        #[inline(always)]
+        unsafe fn cvt(a: __m256i) -> __m256 {
+            unsafe { _mm256_cvtepi32_ps(a) }
+        }
+        #[inline(always)]
+        unsafe fn halves(p: *const u8) -> __m256 {
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+        }
+        #[inline(always)]
+        unsafe fn ubytes(p: *const u8) -> __m256 {
+            unsafe { _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()))) }
+        }
+        #[inline(always)]
+        unsafe fn sbytes(p: *const u8) -> __m256 {
+            unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> __m256 {
+            unsafe { _mm256_set1_ps(v) }
+        }
+        #[inline(always)]
+        unsafe fn zerof() -> __m256 {
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn fnma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            unsafe { _mm256_fnmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+        }
+        #[inline(always)]
+        unsafe fn store(tile: &Tile, t: usize, lane0: usize, v: __m256) {
+            unsafe {
+                let dst = tile.out.add(t * tile.ld + lane0);
+                let n = tile.lanes.saturating_sub(lane0).min(8);
+                if n == 8 {
+                    _mm256_storeu_ps(dst, v);
+                } else {
+                    let mut tmp = [0.0f32; 8];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+                    for (r, v) in tmp.iter().enumerate().take(n) {
+                        *dst.add(r) = *v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// AVX2 on all 16 rows of a panel at once: every vector is a pair of
+    /// ymm registers (rows 0–7, rows 8–15). One pass streams each cache
+    /// line once, so decode keeps memory busy.
+    pub(crate) struct Avx2x2;
+
+    /// Applies an AVX2 operation to both halves.
+    macro_rules! pair {
+        ($f:ident($($a:ident),*)) => {
+            unsafe { [<Avx2 as Lanes>::$f($($a[0]),*), <Avx2 as Lanes>::$f($($a[1]),*)] }
+        };
+    }
+
+    impl Lanes for Avx2x2 {
+        const LANES: usize = 16;
+        type I = [__m256i; 2];
+        type F = [__m256; 2];
+
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> Self::I {
+            unsafe { [Avx2::load(p), Avx2::load(p.add(32))] }
+        }
+        #[inline(always)]
+        unsafe fn zero() -> Self::I {
+            unsafe { [Avx2::zero(); 2] }
+        }
+        #[inline(always)]
+        unsafe fn splat16(v: i16) -> Self::I {
+            unsafe { [Avx2::splat16(v); 2] }
+        }
+        #[inline(always)]
+        unsafe fn splat32(v: i32) -> Self::I {
+            unsafe { [Avx2::splat32(v); 2] }
+        }
+        #[inline(always)]
+        unsafe fn and(a: Self::I, b: Self::I) -> Self::I {
+            pair!(and(a, b))
+        }
+        #[inline(always)]
+        unsafe fn or(a: Self::I, b: Self::I) -> Self::I {
+            pair!(or(a, b))
+        }
+        #[inline(always)]
+        unsafe fn shr1(a: Self::I) -> Self::I {
+            pair!(shr1(a))
+        }
+        #[inline(always)]
+        unsafe fn shr2(a: Self::I) -> Self::I {
+            pair!(shr2(a))
+        }
+        #[inline(always)]
+        unsafe fn shr4(a: Self::I) -> Self::I {
+            pair!(shr4(a))
+        }
+        #[inline(always)]
+        unsafe fn shr8(a: Self::I) -> Self::I {
+            pair!(shr8(a))
+        }
+        #[inline(always)]
+        unsafe fn shr12(a: Self::I) -> Self::I {
+            pair!(shr12(a))
+        }
+        #[inline(always)]
+        unsafe fn shl4(a: Self::I) -> Self::I {
+            pair!(shl4(a))
+        }
+        #[inline(always)]
+        unsafe fn sub16(a: Self::I, b: Self::I) -> Self::I {
+            pair!(sub16(a, b))
+        }
+        #[inline(always)]
+        unsafe fn add32(a: Self::I, b: Self::I) -> Self::I {
+            pair!(add32(a, b))
+        }
+        #[inline(always)]
+        unsafe fn sub32(a: Self::I, b: Self::I) -> Self::I {
+            pair!(sub32(a, b))
+        }
+        #[inline(always)]
+        unsafe fn dot(acc: Self::I, w: Self::I, pair: i32) -> Self::I {
+            unsafe {
+                let x = _mm256_set1_epi32(pair);
+                [_mm256_add_epi32(acc[0], _mm256_madd_epi16(w[0], x)), _mm256_add_epi32(acc[1], _mm256_madd_epi16(w[1], x))]
+            }
+        }
+        #[inline(always)]
+        unsafe fn cvt(a: Self::I) -> Self::F {
+            pair!(cvt(a))
+        }
+        #[inline(always)]
+        unsafe fn halves(p: *const u8) -> Self::F {
+            unsafe { [Avx2::halves(p), Avx2::halves(p.add(16))] }
+        }
+        #[inline(always)]
+        unsafe fn ubytes(p: *const u8) -> Self::F {
+            unsafe { [Avx2::ubytes(p), Avx2::ubytes(p.add(8))] }
+        }
+        #[inline(always)]
+        unsafe fn sbytes(p: *const u8) -> Self::F {
+            unsafe { [Avx2::sbytes(p), Avx2::sbytes(p.add(8))] }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self::F {
+            unsafe { [Avx2::splat(v); 2] }
+        }
+        #[inline(always)]
+        unsafe fn zerof() -> Self::F {
+            unsafe { [Avx2::zerof(); 2] }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self::F, b: Self::F) -> Self::F {
+            pair!(mul(a, b))
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+            pair!(fma(a, b, c))
+        }
+        #[inline(always)]
+        unsafe fn fnma(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+            pair!(fnma(a, b, c))
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            unsafe { Avx2::prefetch(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(tile: &Tile, t: usize, lane0: usize, v: Self::F) {
+            unsafe {
+                Avx2::store(tile, t, lane0, v[0]);
+                if tile.lanes > lane0 + 8 {
+                    Avx2::store(tile, t, lane0 + 8, v[1]);
+                }
+            }
+        }
+    }
+
+    impl Lanes for Avx512 {
+        const LANES: usize = 16;
+        type I = __m512i;
+        type F = __m512;
+
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> __m512i {
+            unsafe { _mm512_loadu_si512(p.cast()) }
+        }
+        #[inline(always)]
+        unsafe fn zero() -> __m512i {
+            unsafe { _mm512_setzero_si512() }
+        }
+        #[inline(always)]
+        unsafe fn splat16(v: i16) -> __m512i {
+            unsafe { _mm512_set1_epi16(v) }
+        }
+        #[inline(always)]
+        unsafe fn splat32(v: i32) -> __m512i {
+            unsafe { _mm512_set1_epi32(v) }
+        }
+        #[inline(always)]
+        unsafe fn and(a: __m512i, b: __m512i) -> __m512i {
+            unsafe { _mm512_and_si512(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn or(a: __m512i, b: __m512i) -> __m512i {
+            unsafe { _mm512_or_si512(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn shr1(a: __m512i) -> __m512i {
+            unsafe { _mm512_srli_epi16::<1>(a) }
+        }
+        #[inline(always)]
+        unsafe fn shr2(a: __m512i) -> __m512i {
+            unsafe { _mm512_srli_epi16::<2>(a) }
+        }
+        #[inline(always)]
+        unsafe fn shr4(a: __m512i) -> __m512i {
+            unsafe { _mm512_srli_epi16::<4>(a) }
+        }
+        #[inline(always)]
+        unsafe fn shr8(a: __m512i) -> __m512i {
+            unsafe { _mm512_srli_epi16::<8>(a) }
+        }
+        #[inline(always)]
+        unsafe fn shr12(a: __m512i) -> __m512i {
+            unsafe { _mm512_srli_epi16::<12>(a) }
+        }
+        #[inline(always)]
+        unsafe fn shl4(a: __m512i) -> __m512i {
+            unsafe { _mm512_slli_epi16::<4>(a) }
+        }
+        #[inline(always)]
+        unsafe fn sub16(a: __m512i, b: __m512i) -> __m512i {
+            unsafe { _mm512_sub_epi16(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn add32(a: __m512i, b: __m512i) -> __m512i {
+            unsafe { _mm512_add_epi32(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn sub32(a: __m512i, b: __m512i) -> __m512i {
+            unsafe { _mm512_sub_epi32(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn dot(acc: __m512i, w: __m512i, pair: i32) -> __m512i {
+            unsafe { _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(pair)) }
+        }
+        #[inline(always)]
+        unsafe fn cvt(a: __m512i) -> __m512 {
+            unsafe { _mm512_cvtepi32_ps(a) }
+        }
+        #[inline(always)]
+        unsafe fn halves(p: *const u8) -> __m512 {
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+        }
+        #[inline(always)]
+        unsafe fn ubytes(p: *const u8) -> __m512 {
+            unsafe { _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()))) }
+        }
+        #[inline(always)]
+        unsafe fn sbytes(p: *const u8) -> __m512 {
+            unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast()))) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> __m512 {
+            unsafe { _mm512_set1_ps(v) }
+        }
+        #[inline(always)]
+        unsafe fn zerof() -> __m512 {
+            unsafe { _mm512_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn fnma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            unsafe { _mm512_fnmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+        }
+        #[inline(always)]
+        unsafe fn store(tile: &Tile, t: usize, lane0: usize, v: __m512) {
+            unsafe {
+                let dst = tile.out.add(t * tile.ld + lane0);
+                if tile.lanes == 16 {
+                    _mm512_storeu_ps(dst, v);
+                } else {
+                    _mm512_mask_storeu_ps(dst, ((1u32 << tile.lanes) - 1) as u16, v);
+                }
+            }
+        }
+    }
+}
