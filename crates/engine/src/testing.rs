@@ -23,14 +23,35 @@ pub struct TinyModel {
     pub format: GgmlDType,
     /// Without an `output.weight`, the head is tied to the embedding.
     pub tied: bool,
+    /// Head size, when not `dim / heads` (written as `attention.key_length`).
+    pub head_dim: Option<usize>,
+    /// Sliding window of the local layers (Gemma 3).
+    pub sliding_window: Option<u32>,
     pub seed: u64,
 }
 
 impl Default for TinyModel {
     fn default() -> Self {
-        Self { architecture: "llama".into(), blocks: 4, dim: 64, heads: 4, kv_heads: 2, ffn: 96, context: 256, format: GgmlDType::Q4_1, tied: true, seed: 1 }
+        Self {
+            architecture: "llama".into(),
+            blocks: 4,
+            dim: 64,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 96,
+            context: 256,
+            format: GgmlDType::Q4_1,
+            tied: true,
+            head_dim: None,
+            sliding_window: None,
+            seed: 1,
+        }
     }
 }
+
+/// Rotary base of the local (sliding-window) layers of tiny Gemma 3 models;
+/// global layers use 10 000.
+pub const LOCAL_ROPE_BASE: f32 = 5_000.0;
 
 /// Merges of the tiny tokenizer, on top of the 256 byte tokens.
 const MERGES: [(&str, &str); 4] = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")];
@@ -51,12 +72,16 @@ impl TinyModel {
         Self::tokens().len()
     }
 
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.dim / self.heads)
+    }
+
     /// Writes the model to `path`.
     pub fn write(&self, path: &Path) -> candle_core::Result<()> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
         let tokens = Self::tokens();
         let vocab = tokens.len();
-        let head_dim = self.dim / self.heads;
+        let head_dim = self.head_dim();
         let arch = self.architecture.as_str();
         let mut meta: Vec<(String, Value)> = vec![
             ("general.architecture".into(), Value::String(arch.into())),
@@ -78,6 +103,14 @@ impl TinyModel {
             ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
             ("tokenizer.chat_template".into(), Value::String(CHATML.into())),
         ];
+        if let Some(hd) = self.head_dim {
+            meta.push((format!("{arch}.attention.key_length"), Value::U32(hd as u32)));
+            meta.push((format!("{arch}.attention.value_length"), Value::U32(hd as u32)));
+        }
+        if let Some(window) = self.sliding_window {
+            meta.push((format!("{arch}.attention.sliding_window"), Value::U32(window)));
+            meta.push((format!("{arch}.rope.freq_base_swa"), Value::F32(LOCAL_ROPE_BASE)));
+        }
         meta.sort_by(|a, b| a.0.cmp(&b.0));
 
         let mut random = |rows: usize, cols: usize, scale: f32| -> candle_core::Result<Tensor> {
@@ -110,6 +143,16 @@ impl TinyModel {
             if arch == "qwen2" {
                 for (t, n) in [("attn_q.bias", q), ("attn_k.bias", kv), ("attn_v.bias", kv)] {
                     add(name(t), random(1, n, 0.1)?, GgmlDType::F32)?;
+                }
+            }
+            if arch == "qwen3" || arch == "gemma3" {
+                for t in ["attn_q_norm.weight", "attn_k_norm.weight"] {
+                    add(name(t), (random(1, head_dim, 0.2)? + 1.0)?, GgmlDType::F32)?;
+                }
+            }
+            if arch == "gemma3" {
+                for t in ["post_attention_norm.weight", "post_ffw_norm.weight"] {
+                    add(name(t), (random(1, self.dim, 0.2)? + 1.0)?, GgmlDType::F32)?;
                 }
             }
         }

@@ -58,10 +58,18 @@ impl Reference {
         x.iter().zip(w).map(|(v, w)| v * s * w).collect()
     }
 
-    fn rope(x: &mut [f64], pos: usize, head_dim: usize, halves: bool) {
+    /// RMS norm of each `w.len()`-wide head of `x`.
+    fn head_norm(x: &mut [f64], w: &[f64]) {
+        for head in x.chunks_mut(w.len()) {
+            let normed = Self::rms_norm(head, w);
+            head.copy_from_slice(&normed);
+        }
+    }
+
+    fn rope(x: &mut [f64], pos: usize, head_dim: usize, halves: bool, base: f64) {
         for head in x.chunks_mut(head_dim) {
             for i in 0..head_dim / 2 {
-                let theta = pos as f64 * 10_000f64.powf(-2.0 * i as f64 / head_dim as f64);
+                let theta = pos as f64 * base.powf(-2.0 * i as f64 / head_dim as f64);
                 let (a, b) = if halves { (i, i + head_dim / 2) } else { (2 * i, 2 * i + 1) };
                 let (x0, x1) = (head[a], head[b]);
                 head[a] = x0 * theta.cos() - x1 * theta.sin();
@@ -70,14 +78,21 @@ impl Reference {
         }
     }
 
-    /// Final hidden states (before the output norm) of every position.
+    /// Final hidden states (before the output norm) of every position, for
+    /// the llama, qwen2, qwen3 and gemma3 recipes written out plainly.
     fn forward(&self, m: &TinyModel, tokens: &[u32]) -> Vec<Vec<f64>> {
-        let hd = m.dim / m.heads;
+        let arch = m.architecture.as_str();
+        let hd = m.head_dim();
         let embed = self.get("token_embd.weight");
-        let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| embed[t as usize * m.dim..][..m.dim].to_vec()).collect();
-        let halves = m.architecture == "qwen2";
+        let scale = if arch == "gemma3" { f64::from((m.dim as f32).sqrt()) } else { 1.0 };
+        let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| embed[t as usize * m.dim..][..m.dim].iter().map(|v| v * scale).collect()).collect();
+        let halves = arch != "llama";
         for b in 0..m.blocks {
             let name = |t: &str| format!("blk.{b}.{t}");
+            // Gemma 3: five local layers (their own rotary base, a window) to one global.
+            let local = arch == "gemma3" && m.sliding_window.is_some() && b % 6 < 5;
+            let window = if local { m.sliding_window.map(|w| w as usize) } else { None };
+            let base = if local { f64::from(hotpot_engine::testing::LOCAL_ROPE_BASE) } else { 10_000.0 };
             let mut keys = Vec::new();
             let mut values = Vec::new();
             for pos in 0..xs.len() {
@@ -85,41 +100,63 @@ impl Reference {
                 let mut q = self.matvec(&name("attn_q.weight"), &h);
                 let mut k = self.matvec(&name("attn_k.weight"), &h);
                 let mut v = self.matvec(&name("attn_v.weight"), &h);
-                if halves {
+                if arch == "qwen2" {
                     for (vec, t) in [(&mut q, "attn_q.bias"), (&mut k, "attn_k.bias"), (&mut v, "attn_v.bias")] {
                         for (a, b) in vec.iter_mut().zip(self.get(&name(t))) {
                             *a += b;
                         }
                     }
                 }
-                Self::rope(&mut q, pos, hd, halves);
-                Self::rope(&mut k, pos, hd, halves);
+                if arch == "qwen3" || arch == "gemma3" {
+                    Self::head_norm(&mut q, self.get(&name("attn_q_norm.weight")));
+                    Self::head_norm(&mut k, self.get(&name("attn_k_norm.weight")));
+                }
+                Self::rope(&mut q, pos, hd, halves, base);
+                Self::rope(&mut k, pos, hd, halves, base);
                 keys.push(k);
                 values.push(v);
                 let mut attn = vec![0.0; m.heads * hd];
+                let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
                 for head in 0..m.heads {
                     let kvh = head / (m.heads / m.kv_heads);
                     let qh = &q[head * hd..][..hd];
                     let scores: Vec<f64> =
-                        (0..=pos).map(|j| qh.iter().zip(&keys[j][kvh * hd..][..hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()).collect();
+                        (first..=pos).map(|j| qh.iter().zip(&keys[j][kvh * hd..][..hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()).collect();
                     let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                     let sum: f64 = e.iter().sum();
                     for (j, w) in e.iter().enumerate() {
                         for d in 0..hd {
-                            attn[head * hd + d] += w / sum * values[j][kvh * hd + d];
+                            attn[head * hd + d] += w / sum * values[first + j][kvh * hd + d];
                         }
                     }
                 }
-                let o = self.matvec(&name("attn_output.weight"), &attn);
+                let mut o = self.matvec(&name("attn_output.weight"), &attn);
+                if arch == "gemma3" {
+                    o = Self::rms_norm(&o, self.get(&name("post_attention_norm.weight")));
+                }
                 for (a, b) in xs[pos].iter_mut().zip(o) {
                     *a += b;
                 }
                 let h = Self::rms_norm(&xs[pos], self.get(&name("ffn_norm.weight")));
                 let g = self.matvec(&name("ffn_gate.weight"), &h);
                 let u = self.matvec(&name("ffn_up.weight"), &h);
-                let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-                let d = self.matvec(&name("ffn_down.weight"), &act);
+                let act: Vec<f64> = g
+                    .iter()
+                    .zip(&u)
+                    .map(|(&g, u)| {
+                        let gate = if arch == "gemma3" {
+                            0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh())
+                        } else {
+                            g / (1.0 + (-g).exp())
+                        };
+                        gate * u
+                    })
+                    .collect();
+                let mut d = self.matvec(&name("ffn_down.weight"), &act);
+                if arch == "gemma3" {
+                    d = Self::rms_norm(&d, self.get(&name("post_ffw_norm.weight")));
+                }
                 for (a, b) in xs[pos].iter_mut().zip(d) {
                     *a += b;
                 }
@@ -144,6 +181,19 @@ fn engine_matches_a_float64_forward_pass() {
         TinyModel { format: GgmlDType::F32, seed: 4, ..Default::default() },
         TinyModel { format: GgmlDType::Q6K, dim: 256, ffn: 256, seed: 5, ..Default::default() },
         TinyModel { architecture: "qwen2".into(), seed: 6, ..Default::default() },
+        TinyModel { architecture: "qwen3".into(), head_dim: Some(32), format: GgmlDType::Q5_0, seed: 7, ..Default::default() },
+        TinyModel {
+            architecture: "gemma3".into(),
+            blocks: 6,
+            head_dim: Some(32),
+            kv_heads: 1,
+            sliding_window: Some(6),
+            format: GgmlDType::Q8_0,
+            seed: 8,
+            ..Default::default()
+        },
+        TinyModel { format: GgmlDType::Q4K, dim: 256, ffn: 512, seed: 9, ..Default::default() },
+        TinyModel { format: GgmlDType::Q5K, dim: 256, ffn: 256, seed: 10, ..Default::default() },
     ]
     .iter()
     .enumerate()
@@ -367,4 +417,57 @@ fn batched_sessions_equal_separate_ones() {
     }
     assert_eq!(stray.len(), 0);
     assert_eq!(batched[2].len(), 301);
+}
+
+/// Offsets of a tensor's dims and type in a GGUF header (after its name).
+fn tensor_info_at(bytes: &[u8], name: &str) -> (usize, usize) {
+    let needle: Vec<u8> = (name.len() as u64).to_le_bytes().into_iter().chain(name.bytes()).collect();
+    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("tensor info") + needle.len();
+    let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+    (at + 4, at + 4 + 8 * n_dims)
+}
+
+#[test]
+fn bad_k_quant_tensors_and_vocabularies_are_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "k.gguf", &TinyModel { format: GgmlDType::Q4K, dim: 256, ffn: 256, ..Default::default() });
+    let bytes = std::fs::read(&path).expect("reads");
+    let (dims, kind) = tensor_info_at(&bytes, "blk.0.attn_q.weight");
+    let bad = dir.path().join("bad.gguf");
+    let open_and_load = |bytes: &[u8]| -> Result<(), ModelError> {
+        std::fs::write(&bad, bytes).expect("writes");
+        let file = ModelFile::open(&bad)?;
+        Span::load(&file, file.config().full_span(), &Device::cpu(1).expect("threads")).map(|_| ())
+    };
+    // A Q4_K tensor whose element count is not a whole number of superblocks.
+    let mut odd = bytes.clone();
+    odd[dims..dims + 8].copy_from_slice(&255u64.to_le_bytes());
+    let err = open_and_load(&odd).expect_err("255 columns of Q4_K");
+    assert!(err.to_string().contains("blk.0.attn_q.weight") && err.to_string().contains("256"), "{err}");
+    // The same bytes under another shape: refused by shape, not misread.
+    let mut reshaped = bytes.clone();
+    reshaped[dims..dims + 8].copy_from_slice(&128u64.to_le_bytes());
+    reshaped[dims + 8..dims + 16].copy_from_slice(&512u64.to_le_bytes());
+    let err = open_and_load(&reshaped).expect_err("a 512x128 attn_q");
+    assert!(matches!(&err, ModelError::TensorShape { name, .. } if name == "blk.0.attn_q.weight"), "{err}");
+    // A tensor type no GGML version defines.
+    let mut unknown = bytes.clone();
+    unknown[kind..kind + 4].copy_from_slice(&99u32.to_le_bytes());
+    let err = open_and_load(&unknown).expect_err("type 99");
+    assert!(err.to_string().contains("bad.gguf"), "{err}");
+
+    // A SentencePiece vocabulary without scores.
+    let mut file = std::fs::File::open(&path).expect("opens");
+    let content = Content::read(&mut file).expect("reads");
+    let mut metadata = content.metadata.clone();
+    metadata.insert("tokenizer.ggml.model".into(), candle_core::quantized::gguf_file::Value::String("llama".into()));
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> =
+        content.tensor_infos.keys().map(|n| (n.clone(), content.tensor(&mut file, n, &candle_core::Device::Cpu).expect("tensor"))).collect();
+    let spm = dir.path().join("spm.gguf");
+    let meta: Vec<(&str, &candle_core::quantized::gguf_file::Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    candle_core::quantized::gguf_file::write(&mut std::fs::File::create(&spm).expect("creates"), &meta, &refs).expect("writes");
+    let file = ModelFile::open(&spm).expect("the tensors are fine");
+    let err = hotpot_engine::Tokenizer::from_gguf(&file).expect_err("no scores");
+    assert!(err.to_string().contains("scores"), "{err}");
 }
