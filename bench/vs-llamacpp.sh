@@ -1,50 +1,86 @@
 #!/usr/bin/env bash
-# Hotpot's engine against llama.cpp on this machine: same model file, same
-# thread counts, prefill (pp512) and decode (tg128) tokens/s, and peak RSS.
+# Hotpot's engine against llama.cpp on this machine: the same model files,
+# the same thread counts, prefill (pp512) and decode (tg128) tokens/s, peak
+# RSS, and the machine's memory bandwidth measured in the same run, with
+# decode expressed as a share of the bandwidth limit (weight bytes read per
+# token / bandwidth).
 #
-#   bash bench/vs-llamacpp.sh [THREADS=1,2] [REPETITIONS=5]
+#   bash bench/vs-llamacpp.sh [MODELS=all] [THREADS=1,2] [REPETITIONS=5]
 #
-# llama.cpp is built from PyPI's llama-cpp-python sdist (bench/llamacpp.sh);
-# the model comes from `hotpot pull smollm2-135m`.
+# MODELS: catalogue names, comma-separated, or `all` (smollm2-135m,
+# gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b). llama.cpp is built
+# from PyPI's llama-cpp-python sdist (bench/llamacpp.sh); the models come
+# from `hotpot pull`. The two engines run in turn (llama.cpp, hotpot, per
+# model and thread count) so that a drifting machine affects both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-THREADS="${1:-1,2}"
-REPS="${2:-5}"
+MODELS="${1:-all}"
+THREADS="${2:-1,2}"
+REPS="${3:-5}"
+[ "$MODELS" = all ] && MODELS="smollm2-135m,gemma3-270m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b"
 
 cargo build --release -p hotpot-cli >&2
 HOTPOT=./target/release/hotpot
-MODEL="$($HOTPOT pull smollm2-135m 2>/dev/null | cut -f3)"
 LLAMA_BIN="$(bash bench/llamacpp.sh)"
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 
-echo "running llama-bench (threads $THREADS, $REPS repetitions)" >&2
-/usr/bin/time -f '%M' -o "$OUT/llama.rss" \
-    "$LLAMA_BIN/llama-bench" -m "$MODEL" -t "$THREADS" -p 512 -n 128 -r "$REPS" -o json > "$OUT/llama.json"
-echo "running hotpot bench (threads $THREADS, $REPS repetitions)" >&2
-/usr/bin/time -f '%M' -o "$OUT/hotpot.rss" \
-    "$HOTPOT" bench "$MODEL" -t "$THREADS" -p 512 -n 128 -r "$REPS" --json > "$OUT/hotpot.json"
+echo "measuring memory bandwidth" >&2
+"$HOTPOT" bench --bandwidth -t "$THREADS" --json > "$OUT/bandwidth.json"
 
-python3 - "$OUT" <<'EOF'
-import json, sys, datetime, platform, os
-out = sys.argv[1]
-llama = json.load(open(f"{out}/llama.json"))
-hotpot = json.load(open(f"{out}/hotpot.json"))
-rss = {name: int(open(f"{out}/{name}.rss").read().split()[-1]) / 1024 for name in ("llama", "hotpot")}
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-print(f"Hotpot vs llama.cpp, {datetime.date.today()}, CPU: {cpu} ({os.cpu_count()} vCPUs)")
-print(f"llama.cpp {llama[0].get('build_commit', '?')} (llama-cpp-python sdist), hotpot kernels: {hotpot[0]['kernels']}")
+IFS=, read -r -a models <<< "$MODELS"
+IFS=, read -r -a threads <<< "$THREADS"
+for model in "${models[@]}"; do
+    path="$($HOTPOT pull "$model" 2>/dev/null | cut -f3)"
+    for t in "${threads[@]}"; do
+        echo "$model, $t thread(s): llama-bench" >&2
+        /usr/bin/time -f '%M' -o "$OUT/$model.$t.llama.rss" \
+            "$LLAMA_BIN/llama-bench" -m "$path" -t "$t" -p 512 -n 128 -r "$REPS" -o json > "$OUT/$model.$t.llama.json"
+        echo "$model, $t thread(s): hotpot bench" >&2
+        /usr/bin/time -f '%M' -o "$OUT/$model.$t.hotpot.rss" \
+            "$HOTPOT" bench "$path" -t "$t" -p 512 -n 128 -r "$REPS" --json > "$OUT/$model.$t.hotpot.json"
+    done
+done
+
+python3 - "$OUT" "$MODELS" "$THREADS" <<'EOF'
+import json, sys, datetime, os
+out, models, threads = sys.argv[1], sys.argv[2].split(","), [int(t) for t in sys.argv[3].split(",")]
+bandwidth = {r["threads"]: r["read_bytes_per_second"] for r in json.load(open(f"{out}/bandwidth.json"))}
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2" if "avx2" in flags else "scalar"
+rss = lambda name: int(open(f"{out}/{name}.rss").read().split()[-1]) / 1024
+print(f"Hotpot vs llama.cpp, {datetime.date.today()}, CPU: {cpu} ({os.cpu_count()} vCPUs, {isa})")
+print("memory read bandwidth: " + ", ".join(f"{bandwidth[t] / 1e9:.1f} GB/s with {t} thread(s)" for t in threads))
 print()
-print("| test | threads | llama.cpp t/s | hotpot t/s | hotpot / llama.cpp |")
-print("| --- | ---: | ---: | ---: | ---: |")
-for h in hotpot:
-    test = h["test"]
-    n_prompt, n_gen = (int(test[2:]), 0) if test.startswith("pp") else (0, int(test[2:]))
-    l = next(r for r in llama if r["n_threads"] == h["threads"] and r["n_prompt"] == n_prompt and r["n_gen"] == n_gen)
-    print(f"| {test} | {h['threads']} | {l['avg_ts']:.2f} ± {l['stddev_ts']:.2f} | "
-          f"{h['tokens_per_second']:.2f} ± {h['stddev']:.2f} | {h['tokens_per_second'] / l['avg_ts']:.2f}x |")
+print("| model | test | threads | llama.cpp t/s | hotpot t/s | hotpot / llama.cpp | decode share of bandwidth limit (llama.cpp / hotpot) |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+memory = []
+for model in models:
+    peak = {"llama": 0.0, "hotpot": 0.0}
+    for t in threads:
+        llama = json.load(open(f"{out}/{model}.{t}.llama.json"))
+        hotpot = json.load(open(f"{out}/{model}.{t}.hotpot.json"))
+        for tool in peak:
+            peak[tool] = max(peak[tool], rss(f"{model}.{t}.{tool}"))
+        for h in hotpot:
+            test = h["test"]
+            n_prompt, n_gen = (int(test[2:]), 0) if test.startswith("pp") else (0, int(test[2:]))
+            l = next(r for r in llama if r["n_threads"] == t and r["n_prompt"] == n_prompt and r["n_gen"] == n_gen)
+            share = ""
+            if n_gen:
+                limit = bandwidth[t] / h["weight_bytes_per_token"]
+                share = f"{100 * l['avg_ts'] / limit:.0f} % / {100 * h['tokens_per_second'] / limit:.0f} %"
+            print(f"| {model} | {test} | {t} | {l['avg_ts']:.2f} ± {l['stddev_ts']:.2f} | "
+                  f"{h['tokens_per_second']:.2f} ± {h['stddev']:.2f} | {h['tokens_per_second'] / l['avg_ts']:.2f}x | {share} |")
+    memory.append((model, peak["llama"], peak["hotpot"]))
 print()
-print(f"peak RSS: llama.cpp {rss['llama']:.1f} MiB, hotpot {rss['hotpot']:.1f} MiB "
-      f"(hotpot / llama.cpp = {rss['hotpot'] / rss['llama']:.2f})")
+print("| model | llama.cpp peak RSS | hotpot peak RSS | hotpot / llama.cpp |")
+print("| --- | ---: | ---: | ---: |")
+for model, l, h in memory:
+    print(f"| {model} | {l:.0f} MiB | {h:.0f} MiB | {h / l:.2f} |")
+print()
+print(f"llama.cpp {json.load(open(f'{out}/{models[0]}.{threads[0]}.llama.json'))[0].get('build_commit', '?')} (llama-cpp-python sdist); "
+      f"hotpot kernels: {json.load(open(f'{out}/{models[0]}.{threads[0]}.hotpot.json'))[0]['kernels']}")
 EOF

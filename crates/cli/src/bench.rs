@@ -13,8 +13,8 @@ use crate::store::human_bytes;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Model name, id or .gguf path.
-    pub model: String,
+    /// Model name, id or .gguf path (not needed with --bandwidth).
+    pub model: Option<String>,
     /// Thread counts to measure, comma-separated.
     #[arg(short, long, value_delimiter = ',', default_value = "1,2")]
     pub threads: Vec<usize>,
@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// Random sessions of the audit-cost test.
     #[arg(long, default_value_t = 24)]
     pub sessions: usize,
+    /// Measure this machine's memory bandwidth instead (a streaming read of
+    /// 1 GiB with each thread count), the bound on decode speed.
+    #[arg(long)]
+    pub bandwidth: bool,
 }
 
 struct Measurement {
@@ -57,7 +61,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if args.verification {
         return verification(args);
     }
-    let file = open_model(&args.model)?;
+    if args.bandwidth {
+        return bandwidth(args);
+    }
+    let file = open_model(model_name(args)?)?;
     let config = file.config().clone();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1234);
     let mut results = Vec::new();
@@ -106,6 +113,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     let peak = peak_rss_bytes();
     let model = format!("{} {:.0}M {}", config.architecture.name(), file.parameters() as f64 / 1e6, file.quantization());
+    let bytes_per_token = decode_bytes_per_token(&file);
     if args.json {
         let records: Vec<serde_json::Value> = results
             .iter()
@@ -114,6 +122,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                     "model": model, "test": m.test, "threads": m.threads,
                     "kernels": hotpot_engine::kernels::variant(),
                     "tokens_per_second": m.mean, "stddev": m.sd, "peak_rss_bytes": peak,
+                    "weight_bytes_per_token": bytes_per_token,
                 })
             })
             .collect();
@@ -139,6 +148,50 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     if args.profile {
         print_profiles(&results);
+    }
+    Ok(())
+}
+
+/// Bytes of weights one decode step reads: every tensor but the embedding
+/// table (one row of it), unless the head is tied to it.
+fn decode_bytes_per_token(file: &hotpot_engine::ModelFile) -> u64 {
+    let tied = !file.has_tensor("output.weight");
+    let embedding = file.tensor("token_embd.weight").map_or(0, |t| t.bytes);
+    file.tensor_bytes() - if tied { 0 } else { embedding }
+}
+
+/// A streaming read of 1 GiB split over `threads` threads: the most bytes
+/// per second this machine's memory delivers (best of five passes).
+fn read_bandwidth(threads: usize) -> f64 {
+    const LEN: usize = 1 << 27; // u64s: 1 GiB
+    let data: Vec<u64> = (0..LEN as u64).collect();
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let sum: u64 = std::thread::scope(|scope| {
+            let handles: Vec<_> =
+                data.chunks(LEN.div_ceil(threads)).map(|part| scope.spawn(move || part.iter().fold(0u64, |a, &v| a.wrapping_add(v)))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(sum);
+        best = best.max((LEN * 8) as f64 / started.elapsed().as_secs_f64());
+    }
+    best
+}
+
+fn model_name(args: &BenchArgs) -> Result<&str> {
+    args.model.as_deref().ok_or_else(|| anyhow::anyhow!("name the model to measure (hotpot bench MODEL)"))
+}
+
+fn bandwidth(args: &BenchArgs) -> Result<()> {
+    let records: Vec<serde_json::Value> =
+        args.threads.iter().map(|&threads| serde_json::json!({"threads": threads, "read_bytes_per_second": read_bandwidth(threads)})).collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+    } else {
+        for r in &records {
+            println!("memory read bandwidth, {} thread(s): {:.2} GB/s", r["threads"], r["read_bytes_per_second"].as_f64().unwrap_or(0.0) / 1e9);
+        }
     }
     Ok(())
 }
@@ -177,7 +230,7 @@ fn verification(args: &BenchArgs) -> Result<()> {
     use hotpot_verify::{CHUNK, SketchBuilder};
     use hotpot_wire::{DType, Tensor, commitment_wire_bytes};
 
-    let file = open_model(&args.model)?;
+    let file = open_model(model_name(args)?)?;
     let config = file.config().clone();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4321);
     let key = NodeKey::generate();

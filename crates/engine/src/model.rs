@@ -198,11 +198,15 @@ impl ModelFile {
         if entry.dims != [rows, cols] {
             return Err(ModelError::TensorShape { name: name.into(), expected: vec![rows, cols], got: entry.dims.clone() });
         }
-        let bytes = self.read_bytes(name)?;
         let pack_error = |e: crate::kernels::matrix::PackError| ModelError::BadTensor { name: name.into(), reason: e.to_string() };
         match WeightFormat::of(entry.dtype) {
-            Some(format) => Matrix::from_ggml(format, rows, cols, &bytes).map_err(pack_error),
+            Some(format) if format.is_quantized() => {
+                let file = File::open(&self.path).map_err(|source| ModelError::Io { path: self.path.clone(), source })?;
+                Matrix::from_ggml_file(format, rows, cols, &file, entry.offset).map_err(pack_error)
+            }
+            Some(format) => Matrix::from_ggml(format, rows, cols, &self.read_bytes(name)?).map_err(pack_error),
             None => {
+                let bytes = self.read_bytes(name)?;
                 tracing::debug!(tensor = name, dtype = ?entry.dtype, "no native kernel: dequantizing to f32");
                 let values = self.dequantize(name, entry, &bytes)?;
                 Matrix::from_f32(rows, cols, &values).map_err(pack_error)

@@ -232,6 +232,8 @@ pub enum PackError {
     Cols { format: &'static str, multiple: usize, cols: usize },
     #[error("a {rows}x{cols} {format} matrix needs {expected} bytes, got {got}")]
     Bytes { format: &'static str, rows: usize, cols: usize, expected: usize, got: usize },
+    #[error("cannot read the weights: {0}")]
+    Io(String),
 }
 
 impl Matrix {
@@ -244,28 +246,80 @@ impl Matrix {
             let floats: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
             return Self::from_f32(rows, cols, &floats);
         }
-        let block_len = format.ggml_block_len();
-        if !cols.is_multiple_of(block_len) {
-            return Err(PackError::Cols { format: format.name(), multiple: block_len, cols });
-        }
-        let block_bytes = format.ggml_block_bytes();
-        let row_bytes = cols / block_len * block_bytes;
+        let row_bytes = Self::row_bytes(format, cols)?;
         let expected = rows * row_bytes;
         if bytes.len() != expected {
             return Err(PackError::Bytes { format: format.name(), rows, cols, expected, got: bytes.len() });
         }
+        Self::pack(format, rows, cols, |first_row, buf| {
+            buf.copy_from_slice(&bytes[first_row * row_bytes..][..buf.len()]);
+            Ok(())
+        })
+        .map_err(|e: std::io::Error| PackError::Io(e.to_string()))
+    }
+
+    /// Packs a quantized matrix whose GGML bytes start at `offset` in
+    /// `file`, reading 16 rows at a time (on every core for large ones), so
+    /// that loading never holds the file's copy of the tensor in memory.
+    pub fn from_ggml_file(format: WeightFormat, rows: usize, cols: usize, file: &std::fs::File, offset: u64) -> Result<Self, PackError> {
+        use std::os::unix::fs::FileExt;
+        let row_bytes = Self::row_bytes(format, cols)?;
+        Self::pack(format, rows, cols, |first_row, buf| file.read_exact_at(buf, offset + (first_row * row_bytes) as u64))
+            .map_err(|e| PackError::Io(e.to_string()))
+    }
+
+    /// Bytes of one GGML row of `cols` weights.
+    fn row_bytes(format: WeightFormat, cols: usize) -> Result<usize, PackError> {
+        let block_len = format.ggml_block_len();
+        if format == WeightFormat::F32 || !cols.is_multiple_of(block_len) {
+            return Err(PackError::Cols { format: format.name(), multiple: block_len, cols });
+        }
+        Ok(cols / block_len * format.ggml_block_bytes())
+    }
+
+    /// Packs panel after panel, each from the GGML bytes of its rows that
+    /// `read(first_row, buffer)` fills in.
+    fn pack(format: WeightFormat, rows: usize, cols: usize, read: impl Fn(usize, &mut [u8]) -> std::io::Result<()> + Sync) -> Result<Self, std::io::Error> {
+        let row_bytes = Self::row_bytes(format, cols).map_err(std::io::Error::other)?;
+        let block_bytes = format.ggml_block_bytes();
         let mut matrix = Self::zeroed(format, rows, cols);
         let layout = matrix.layout();
-        for row in 0..rows {
-            let (panel, lane) = (row / PANEL, row % PANEL);
-            let dst = matrix.panel_mut(panel);
-            for (g, src) in bytes[row * row_bytes..][..row_bytes].chunks_exact(block_bytes).enumerate() {
-                match format {
-                    WeightFormat::Q4_0 | WeightFormat::Q4_1 | WeightFormat::Q8_0 => pack_legacy(format, &layout, dst, lane, g, src),
-                    _ => pack_wide(format, &layout, dst, lane, g, src),
+        let panel_bytes = matrix.panel_bytes;
+        let pack_panel = |panel: usize, dst: &mut [u8], buf: &mut Vec<u8>| -> std::io::Result<()> {
+            let lanes = PANEL.min(rows - panel * PANEL);
+            buf.resize(lanes * row_bytes, 0);
+            read(panel * PANEL, buf)?;
+            for (lane, row) in buf.chunks_exact(row_bytes).enumerate() {
+                for (g, src) in row.chunks_exact(block_bytes).enumerate() {
+                    match format {
+                        WeightFormat::Q4_0 | WeightFormat::Q4_1 | WeightFormat::Q8_0 => pack_legacy(format, &layout, dst, lane, g, src),
+                        _ => pack_wide(format, &layout, dst, lane, g, src),
+                    }
                 }
             }
-        }
+            Ok(())
+        };
+        // Large matrices are packed on every core (a model loads in seconds).
+        let data = matrix.data.as_mut_slice();
+        let threads = if data.len() < 1 << 22 { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()) };
+        let per_thread = rows.div_ceil(PANEL).div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = data
+                .chunks_mut(per_thread * panel_bytes)
+                .enumerate()
+                .map(|(i, chunk)| {
+                    let pack_panel = &pack_panel;
+                    scope.spawn(move || {
+                        let mut buf = Vec::new();
+                        for (j, dst) in chunk.chunks_mut(panel_bytes).enumerate() {
+                            pack_panel(i * per_thread + j, dst, &mut buf)?;
+                        }
+                        Ok::<(), std::io::Error>(())
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("a packing thread panicked"))))
+        })?;
         Ok(matrix)
     }
 
@@ -595,6 +649,10 @@ impl MatmulInput {
 /// Tokens per tile: each weight group unpacked is used for this many tokens.
 pub(crate) const TOKEN_TILE: usize = 8;
 
+/// Tokens whose activations (16-bit, `cols` wide) a thread keeps in its
+/// L2 cache while it sweeps its panels: 64 × 1536 columns × 2 bytes = 192 KiB.
+const TOKEN_BLOCK: usize = 64;
+
 /// One unit of kernel work: one panel times up to `TOKEN_TILE` tokens.
 #[derive(Clone, Copy)]
 pub(crate) struct Tile<'a> {
@@ -675,25 +733,31 @@ pub fn matmul(cpu: &Cpu, w: &Matrix, x: &MatmulInput, out: &mut [f32], ld: usize
     let panels = w.panels();
     let layout = w.layout();
     let chunk = panels.div_ceil(pool.threads() * 4).max(1);
+    // Prefill: a block of tokens whose activations stay in L2 meets every
+    // panel of the chunk before the next block, so activations are read
+    // from memory once per chunk and each panel's weights (in L1) serve
+    // the block's tiles.
     let work = |range: std::ops::Range<usize>| {
-        for panel in range {
-            for t0 in (0..x.rows).step_by(TOKEN_TILE) {
-                let tile = Tile {
-                    format: w.format,
-                    layout,
-                    panel: w.panel(panel),
-                    cols: w.cols,
-                    x,
-                    t0,
-                    nt: (x.rows - t0).min(TOKEN_TILE),
-                    // SAFETY: inside `out`, checked above.
-                    out: unsafe { base.get().add(t0 * ld + at + panel * PANEL) },
-                    ld,
-                    lanes: (w.rows - panel * PANEL).min(PANEL),
-                };
-                // SAFETY: each (panel, tile) is computed by one thread and
-                // writes only its own 16 columns of its own rows.
-                unsafe { kernel(&tile) };
+        for tb in (0..x.rows).step_by(TOKEN_BLOCK) {
+            for panel in range.clone() {
+                for t0 in (tb..(tb + TOKEN_BLOCK).min(x.rows)).step_by(TOKEN_TILE) {
+                    let tile = Tile {
+                        format: w.format,
+                        layout,
+                        panel: w.panel(panel),
+                        cols: w.cols,
+                        x,
+                        t0,
+                        nt: (x.rows - t0).min(TOKEN_TILE),
+                        // SAFETY: inside `out`, checked above.
+                        out: unsafe { base.get().add(t0 * ld + at + panel * PANEL) },
+                        ld,
+                        lanes: (w.rows - panel * PANEL).min(PANEL),
+                    };
+                    // SAFETY: each (panel, tile) is computed by one thread and
+                    // writes only its own 16 columns of its own rows.
+                    unsafe { kernel(&tile) };
+                }
             }
         }
     };

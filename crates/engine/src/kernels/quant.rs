@@ -25,6 +25,9 @@ pub struct QuantizedRows {
     pub blocks: usize,
     pub d: Vec<f32>,
     pub isum: Vec<i32>,
+    /// Sum of the quants of each block's first 16 columns (Q6_K's offset
+    /// of 32 applies per 16-column half).
+    pub first: Vec<i32>,
     pub s: Vec<f32>,
     pub qs: Vec<i16>,
 }
@@ -45,6 +48,8 @@ impl QuantizedRows {
         self.s.resize(n, 0.0);
         self.qs.resize(n * QK, 0);
         quantize_blocks(isa, x, &mut self.d, &mut self.isum, &mut self.s, &mut self.qs);
+        self.first.clear();
+        self.first.extend(self.qs.chunks_exact(QK).map(|q| q[..QK / 2].iter().map(|&v| i32::from(v)).sum::<i32>()));
     }
 }
 
@@ -182,11 +187,15 @@ pub fn k_scale_min(j: usize, scales: &[u8]) -> (u8, u8) {
 /// The 32 quants of sub-block `j` of a Q4_K (`high = None`) or Q5_K
 /// superblock, 0..16 or 0..32.
 pub fn k_quants(j: usize, qs: &[u8], qh: Option<&[u8]>) -> [u8; QK] {
-    std::array::from_fn(|c| {
-        let byte = qs[j / 2 * 32 + c];
-        let low = if j.is_multiple_of(2) { byte & 15 } else { byte >> 4 };
-        low | qh.map_or(0, |qh| ((qh[c] >> j) & 1) << 4)
-    })
+    let bytes: &[u8; QK] = qs[j / 2 * 32..][..QK].try_into().expect("32 bytes");
+    let shift = if j.is_multiple_of(2) { 0 } else { 4 };
+    let mut q = bytes.map(|b| (b >> shift) & 15);
+    if let Some(qh) = qh {
+        for (q, &h) in q.iter_mut().zip(&qh[..QK]) {
+            *q |= ((h >> j) & 1) << 4;
+        }
+    }
+    q
 }
 
 /// Dequantizes one GGML Q4_K (`with_high` false) or Q5_K superblock.
@@ -206,13 +215,15 @@ pub fn dequantize_k(block: &[u8], with_high: bool, out: &mut [f32]) {
 /// The 32 quants (0..64, before subtracting 32) of sub-block `j` of a Q6_K
 /// superblock.
 pub fn q6_k_quants(j: usize, block: &[u8]) -> [u8; QK] {
-    let (ql, qh) = (&block[0..128], &block[128..192]);
     let (half, k) = (j / 4, j % 4);
-    std::array::from_fn(|c| {
-        let byte = ql[half * 64 + (k % 2) * 32 + c];
-        let low = if k < 2 { byte & 15 } else { byte >> 4 };
-        low | (((qh[half * 32 + c] >> (2 * k)) & 3) << 4)
-    })
+    let low: &[u8; QK] = block[half * 64 + (k % 2) * 32..][..QK].try_into().expect("32 bytes");
+    let high = &block[128 + half * 32..][..QK];
+    let shift = if k < 2 { 0 } else { 4 };
+    let mut q = low.map(|b| (b >> shift) & 15);
+    for (q, &h) in q.iter_mut().zip(high) {
+        *q |= ((h >> (2 * k)) & 3) << 4;
+    }
+    q
 }
 
 /// The sixteen scales of a Q6_K superblock, one per 16 weights.

@@ -11,7 +11,7 @@
 use super::matrix::Tile;
 #[cfg(test)]
 use super::matrix::WeightFormat;
-use super::quant::QK;
+use super::quant::{QK, QK_K};
 
 /// Format codes for the const parameter of [`panel`].
 pub(crate) const Q5_0: u8 = 0;
@@ -58,7 +58,6 @@ pub(crate) trait Lanes {
     unsafe fn shr8(a: Self::I) -> Self::I;
     unsafe fn shr12(a: Self::I) -> Self::I;
     unsafe fn shl4(a: Self::I) -> Self::I;
-    unsafe fn sub16(a: Self::I, b: Self::I) -> Self::I;
     unsafe fn add32(a: Self::I, b: Self::I) -> Self::I;
     unsafe fn sub32(a: Self::I, b: Self::I) -> Self::I;
     /// `acc + Σ pairs of 16-bit products` of `w` with the two 16-bit
@@ -82,14 +81,40 @@ pub(crate) trait Lanes {
     unsafe fn store(tile: &Tile, t: usize, lane0: usize, v: Self::F);
 }
 
-/// Activation pairs of block `b` for the tile's tokens: index `k` holds
-/// columns `2k, 2k + 1`.
+/// What the kernel reads of one token's activation block: the pairs of
+/// 16-bit quants (index `k` holds columns `2k, 2k + 1`), the scale `d`,
+/// `d · Σq`, `Σq` and the sum over the first 16 columns.
+#[derive(Clone, Copy)]
+struct XBlock {
+    pairs: *const i32,
+    d: f32,
+    s: f32,
+    sum: i32,
+    first: i32,
+}
+
+/// Block `b` of each of the tile's `NT` tokens.
+///
+/// # Safety
+/// The tile's tokens and block `b` must exist in its quantized input
+/// (`matmul` checks the input's shape before any tile runs).
 #[inline(always)]
-fn pairs<const NT: usize>(tile: &Tile, b: usize) -> [*const i32; NT] {
+unsafe fn x_blocks<const NT: usize>(tile: &Tile, b: usize) -> [XBlock; NT] {
     let x = &tile.x.quantized;
     let blocks = tile.blocks();
-    // SAFETY (of later reads): block b of token t0 + t exists in `qs`.
-    std::array::from_fn(|t| x.qs[((tile.t0 + t) * blocks + b) * QK..].as_ptr().cast())
+    std::array::from_fn(|t| {
+        let i = (tile.t0 + t) * blocks + b;
+        debug_assert!(i < x.d.len() && (i + 1) * QK <= x.qs.len());
+        unsafe {
+            XBlock {
+                pairs: x.qs.as_ptr().add(i * QK).cast(),
+                d: *x.d.get_unchecked(i),
+                s: *x.s.get_unchecked(i),
+                sum: *x.isum.get_unchecked(i),
+                first: *x.first.get_unchecked(i),
+            }
+        }
+    })
 }
 
 /// Rows `lane0 .. lane0 + LANES` of one panel for `NT` tokens of the tile.
@@ -100,98 +125,87 @@ fn pairs<const NT: usize>(tile: &Tile, b: usize) -> [*const i32; NT] {
 pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize>(tile: &Tile, lane0: usize) {
     unsafe {
         let layout = &tile.layout;
-        let x = &tile.x.quantized;
         let blocks = tile.blocks();
         let format = tile.format;
         let quant_bytes = format.quant_bytes();
         let base = tile.panel.as_ptr();
         let nibble = L::splat16(0x000F);
         let high_mask = L::splat16(if F == Q6_K { 0x30 } else { 0x10 });
-        let offset = L::splat16(32);
-        // Four chains per token keep decode's multiply-adds independent;
-        // with several tokens one is enough (two for Q6_K, whose first and
-        // last 16 columns have their own scales).
-        let chain = |i: usize| {
-            if NT == 1 {
-                i
-            } else if F == Q6_K {
-                i % 2
-            } else {
-                0
-            }
-        };
+        // Two chains per token (the first and the last 16 columns) keep
+        // decode's additions independent and give Q6_K its two halves; with
+        // several tokens, the others need one.
+        let chain = |i: usize| if NT == 1 || F == Q6_K { i % 2 } else { 0 };
+        // K-quants share d and dmin over 8 blocks: read them once per superblock.
+        let per_super = if F == Q5_0 { 1 } else { QK_K / QK };
         let mut acc = [L::zerof(); NT];
-        for b in 0..blocks {
-            let q = base.add(b * quant_bytes + lane0 * 4);
-            if NT <= 2 {
-                let ahead = base.wrapping_add(b * quant_bytes + PREFETCH_BYTES);
-                for line in 0..quant_bytes / 64 {
-                    L::prefetch(ahead.wrapping_add(line * 64));
+        for sb in 0..blocks / per_super {
+            let first_block = sb * per_super;
+            let (d, dmin) = match F {
+                Q5_0 => (L::zerof(), L::zerof()),
+                Q6_K => (L::halves(base.add(layout.super_half(0, first_block) + lane0 * 2)), L::zerof()),
+                _ => (L::halves(base.add(layout.super_half(0, first_block) + lane0 * 2)), L::halves(base.add(layout.super_half(1, first_block) + lane0 * 2))),
+            };
+            for b in first_block..first_block + per_super {
+                let q = base.add(b * quant_bytes + lane0 * 4);
+                if NT <= 2 {
+                    let ahead = base.wrapping_add(b * quant_bytes + PREFETCH_BYTES);
+                    for line in 0..quant_bytes / 64 {
+                        L::prefetch(ahead.wrapping_add(line * 64));
+                    }
                 }
-            }
-            let xp = pairs::<NT>(tile, b);
-            let mut isum = [[L::zero(); 4]; NT];
-            let mut high = if F == Q6_K || F == Q5_0 || F == Q5_K { L::load(q.add(256)) } else { L::zero() };
-            for g in 0..4 {
-                if F == Q6_K && g == 2 {
-                    high = L::load(q.add(256 + 64));
-                }
-                let v = L::load(q.add(g * 64));
-                let mut w = [L::and(v, nibble), L::and(L::shr4(v), nibble), L::and(L::shr8(v), nibble), L::shr12(v)];
-                if F != Q4_K {
-                    let h = [L::shl4(high), high, L::shr4(high), L::shr8(high)];
-                    for i in 0..4 {
-                        w[i] = L::or(w[i], L::and(h[i], high_mask));
-                        if F == Q6_K {
-                            w[i] = L::sub16(w[i], offset);
+                let xs = x_blocks::<NT>(tile, b);
+                let mut isum = [[L::zero(); 2]; NT];
+                let mut high = if F == Q4_K { L::zero() } else { L::load(q.add(256)) };
+                for g in 0..4 {
+                    if F == Q6_K && g == 2 {
+                        high = L::load(q.add(256 + 64));
+                    }
+                    let v = L::load(q.add(g * 64));
+                    let mut w = [L::and(v, nibble), L::and(L::shr4(v), nibble), L::and(L::shr8(v), nibble), L::shr12(v)];
+                    if F != Q4_K {
+                        let h = [L::shl4(high), high, L::shr4(high), L::shr8(high)];
+                        for i in 0..4 {
+                            w[i] = L::or(w[i], L::and(h[i], high_mask));
+                        }
+                        high = if F == Q6_K { L::shr2(high) } else { L::shr1(high) };
+                    }
+                    let at = [g, g + 8, g + 4, g + 12];
+                    for t in 0..NT {
+                        for i in 0..4 {
+                            isum[t][chain(i)] = L::dot(isum[t][chain(i)], w[i], *xs[t].pairs.add(at[i]));
                         }
                     }
-                    high = if F == Q6_K { L::shr2(high) } else { L::shr1(high) };
                 }
-                let at = [g, g + 8, g + 4, g + 12];
-                for t in 0..NT {
-                    for i in 0..4 {
-                        isum[t][chain(i)] = L::dot(isum[t][chain(i)], w[i], *xp[t].add(at[i]));
+                // (first 16 columns, last 16) for Q6_K; the total otherwise.
+                let total = |t: usize| if NT == 1 { L::add32(isum[t][0], isum[t][1]) } else { isum[t][0] };
+                match F {
+                    Q5_0 => {
+                        let d = L::halves(base.add(layout.block_half(0, b) + lane0 * 2));
+                        for t in 0..NT {
+                            let sum = L::sub32(total(t), L::splat32(16 * xs[t].sum));
+                            acc[t] = L::fma(L::mul(d, L::splat(xs[t].d)), L::cvt(sum), acc[t]);
+                        }
                     }
-                }
-            }
-            // (first 16 columns, last 16) for Q6_K; the total in `.0` otherwise.
-            let sums: [(L::I, L::I); NT] = std::array::from_fn(|t| {
-                let s = isum[t];
-                match (NT, F) {
-                    (1, Q6_K) => (L::add32(s[0], s[2]), L::add32(s[1], s[3])),
-                    (1, _) => (L::add32(L::add32(s[0], s[2]), L::add32(s[1], s[3])), s[1]),
-                    (_, Q6_K) => (s[0], s[1]),
-                    _ => (s[0], s[1]),
-                }
-            });
-            let xb = |t: usize| (tile.t0 + t) * blocks + b;
-            match F {
-                Q5_0 => {
-                    let d = L::halves(base.add(layout.block_half(0, b) + lane0 * 2));
-                    for t in 0..NT {
-                        let sum = L::sub32(sums[t].0, L::splat32(16 * x.isum[xb(t)]));
-                        acc[t] = L::fma(L::mul(d, L::splat(x.d[xb(t)])), L::cvt(sum), acc[t]);
+                    Q4_K | Q5_K => {
+                        let scale = L::mul(d, L::ubytes(base.add(layout.block_byte(0, b) + lane0)));
+                        let min = L::mul(dmin, L::ubytes(base.add(layout.block_byte(1, b) + lane0)));
+                        for t in 0..NT {
+                            let step = L::fma(L::mul(scale, L::splat(xs[t].d)), L::cvt(total(t)), acc[t]);
+                            acc[t] = L::fnma(min, L::splat(xs[t].s), step);
+                        }
                     }
-                }
-                Q4_K | Q5_K => {
-                    let d = L::halves(base.add(layout.super_half(0, b) + lane0 * 2));
-                    let dmin = L::halves(base.add(layout.super_half(1, b) + lane0 * 2));
-                    let scale = L::mul(d, L::ubytes(base.add(layout.block_byte(0, b) + lane0)));
-                    let min = L::mul(dmin, L::ubytes(base.add(layout.block_byte(1, b) + lane0)));
-                    for t in 0..NT {
-                        let step = L::fma(L::mul(scale, L::splat(x.d[xb(t)])), L::cvt(sums[t].0), acc[t]);
-                        acc[t] = L::fnma(min, L::splat(x.s[xb(t)]), step);
-                    }
-                }
-                _ => {
-                    let d = L::halves(base.add(layout.super_half(0, b) + lane0 * 2));
-                    let first = L::mul(d, L::sbytes(base.add(layout.block_byte(0, b) + lane0)));
-                    let last = L::mul(d, L::sbytes(base.add(layout.block_byte(1, b) + lane0)));
-                    for t in 0..NT {
-                        let xd = L::splat(x.d[xb(t)]);
-                        let step = L::fma(L::mul(first, xd), L::cvt(sums[t].0), acc[t]);
-                        acc[t] = L::fma(L::mul(last, xd), L::cvt(sums[t].1), step);
+                    _ => {
+                        let first = L::mul(d, L::sbytes(base.add(layout.block_byte(0, b) + lane0)));
+                        let last = L::mul(d, L::sbytes(base.add(layout.block_byte(1, b) + lane0)));
+                        for t in 0..NT {
+                            let xd = L::splat(xs[t].d);
+                            // The quants' offset of 32, through the activations' sums.
+                            let (x_first, x_all) = (xs[t].first, xs[t].sum);
+                            let sum_first = L::sub32(isum[t][0], L::splat32(32 * x_first));
+                            let sum_last = L::sub32(isum[t][1], L::splat32(32 * (x_all - x_first)));
+                            let step = L::fma(L::mul(first, xd), L::cvt(sum_first), acc[t]);
+                            acc[t] = L::fma(L::mul(last, xd), L::cvt(sum_last), step);
+                        }
                     }
                 }
             }
@@ -203,7 +217,7 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize>(tile: &Tile, 
 }
 
 /// Runs a whole tile (up to 8 tokens, 16 rows) in passes of `LANES` rows
-/// and at most `MAX_NT` tokens.
+/// and at most `MAX_NT` (≤ 4) tokens.
 ///
 /// # Safety
 /// As [`panel`].
@@ -295,13 +309,6 @@ impl Lanes for Emulated16 {
     }
     unsafe fn shl4(a: Self::I) -> Self::I {
         map_i(a, |v| halves16(v, |h| h << 4))
-    }
-    unsafe fn sub16(a: Self::I, b: Self::I) -> Self::I {
-        zip_i(a, b, |x, y| {
-            let lo = (x as u16).wrapping_sub(y as u16);
-            let hi = ((x >> 16) as u16).wrapping_sub((y >> 16) as u16);
-            u32::from(lo) | (u32::from(hi) << 16)
-        })
     }
     unsafe fn add32(a: Self::I, b: Self::I) -> Self::I {
         zip_i(a, b, u32::wrapping_add)
@@ -420,10 +427,6 @@ mod x86 {
         #[inline(always)]
         unsafe fn shl4(a: __m256i) -> __m256i {
             unsafe { _mm256_slli_epi16::<4>(a) }
-        }
-        #[inline(always)]
-        unsafe fn sub16(a: __m256i, b: __m256i) -> __m256i {
-            unsafe { _mm256_sub_epi16(a, b) }
         }
         #[inline(always)]
         unsafe fn add32(a: __m256i, b: __m256i) -> __m256i {
@@ -561,10 +564,6 @@ mod x86 {
             pair!(shl4(a))
         }
         #[inline(always)]
-        unsafe fn sub16(a: Self::I, b: Self::I) -> Self::I {
-            pair!(sub16(a, b))
-        }
-        #[inline(always)]
         unsafe fn add32(a: Self::I, b: Self::I) -> Self::I {
             pair!(add32(a, b))
         }
@@ -682,10 +681,6 @@ mod x86 {
         #[inline(always)]
         unsafe fn shl4(a: __m512i) -> __m512i {
             unsafe { _mm512_slli_epi16::<4>(a) }
-        }
-        #[inline(always)]
-        unsafe fn sub16(a: __m512i, b: __m512i) -> __m512i {
-            unsafe { _mm512_sub_epi16(a, b) }
         }
         #[inline(always)]
         unsafe fn add32(a: __m512i, b: __m512i) -> __m512i {

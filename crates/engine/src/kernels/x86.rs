@@ -190,9 +190,9 @@ unsafe fn f32_512<const NT: usize>(tile: &Tile) {
 /// The CPU must support AVX2 and F16C; `tile` must be valid.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn tile_avx2(tile: &Tile) {
-    // Decode streams weights from memory: one pass over all 16 rows keeps
-    // the stream going. Prefill reuses each panel from cache for many
-    // tokens: 8 rows at a time leave registers for more tokens.
+    // All 16 rows of a panel in one pass: decode streams each cache line of
+    // weights once, and prefill measured faster this way than in two
+    // passes of 8 rows with twice the tokens per pass.
     unsafe {
         macro_rules! wide {
             ($code:expr) => {
