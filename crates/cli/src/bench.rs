@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use hotpot_engine::{ClientParts, Device, LocalChain, Pipeline, Span, profile};
+use hotpot_engine::{ClientParts, Device, LocalChain, Span, profile};
 use rand::{Rng, SeedableRng};
 
 use crate::run::open_model;

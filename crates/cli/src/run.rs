@@ -1,17 +1,16 @@
 //! `hotpot run` and `hotpot tokenize`: the model in this process.
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use hotpot_core::LayerSpan;
-use hotpot_engine::{
-    ChatMessage, ChatTemplate, ClientParts, Device, FinishReason, Generation, GenerationParams, LocalChain, ModelFile, SamplingParams, Span, Tokenizer,
-    generate,
-};
+use hotpot_engine::{ChatMessage, ChatTemplate, ClientParts, Device, FinishReason, GenerationParams, ModelFile, SamplingParams, Span, Tokenizer};
+use hotpot_gateway::{ChoiceJob, EventSink, Finish, LocalPipeline, Outcome, SessionContext, SessionEvent};
 
-use crate::store::Store;
+use crate::store::{ModelEntry, Store};
 
 /// Sampling and length options shared by every command that generates.
 #[derive(Args, Debug, Clone)]
@@ -128,8 +127,11 @@ pub struct TokenizeArgs {
 }
 
 pub fn open_model(name: &str) -> Result<ModelFile> {
-    let entry = Store::from_env()?.resolve(name)?;
-    Ok(ModelFile::open(&entry.path)?)
+    Ok(ModelFile::open(&resolve(name)?.path)?)
+}
+
+pub fn resolve(name: &str) -> Result<ModelEntry> {
+    Store::from_env()?.resolve(name)
 }
 
 /// Checks that `chain` covers blocks `0..n_blocks` in order, without gaps.
@@ -174,12 +176,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     if !args.peers.join.is_empty() || args.peers.mdns {
         return crate::swarm::run_remote(args);
     }
-    let params = args.sampling.params()?;
-    let file = open_model(&args.model)?;
+    let entry = resolve(&args.model)?;
+    let file = ModelFile::open(&entry.path)?;
     let config = file.config().clone();
     let device = Device::cpu(args.threads)?;
     let load_started = Instant::now();
-    let client = ClientParts::load(&file, &device)?;
+    let client = Arc::new(ClientParts::load(&file, &device)?);
     let chain = match &args.spans {
         Some(text) => LayerSpan::parse_chain(text).with_context(|| format!("--spans {text}"))?,
         None => vec![config.full_span()],
@@ -188,42 +190,94 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let spans = chain.iter().map(|s| Span::load(&file, *s, &device)).collect::<Result<Vec<_>, _>>()?;
     let load_time = load_started.elapsed();
 
-    let tokens = prompt_tokens(&client, args)?;
-    let context = args.ctx_size.unwrap_or(config.context_length).min(config.context_length);
+    let (job, context) = session_job(&client, args, &entry)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().context("starting the async runtime")?;
+    let mut printer = Printer::new();
+    let outcome = runtime.block_on(async {
+        let mut pipeline = LocalPipeline::new(&spans, context.1);
+        hotpot_gateway::drive(&client, &mut pipeline, &job, &context.0, &mut printer).await
+    });
+    let chain_text = chain.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    if !args.quiet {
+        eprintln!("\n[load {:.2} s]", load_time.as_secs_f64());
+    }
+    printer.report(args, &format!("local, {} threads, spans {chain_text}", device.threads()), &job, outcome)
+}
+
+/// The session `hotpot run` asks for: its prompt, its parameters (with a
+/// seed drawn here when none is given, so it can be printed), and who runs
+/// it, with the context length.
+pub fn session_job(client: &ClientParts, args: &RunArgs, entry: &ModelEntry) -> Result<(ChoiceJob, (SessionContext, usize))> {
+    let mut params = args.sampling.params()?;
+    params.sampling.seed.get_or_insert_with(rand::random);
+    let tokens = prompt_tokens(client, args)?;
+    let model_context = client.config().context_length;
+    let context = args.ctx_size.unwrap_or(model_context).min(model_context);
     if tokens.len() >= context {
         bail!("the prompt has {} tokens, more than the context of {context} tokens holds (see --ctx-size)", tokens.len());
     }
-    let prompt_len = tokens.len();
-    let mut generation = Generation::new(tokens, params, context)?;
-    let mut pipeline = LocalChain::new(&spans, context);
+    params.max_tokens = params.max_tokens.min(context - tokens.len());
+    let job = ChoiceJob { index: 0, prompt: tokens, params, prompt_logprobs: None, bills_prompt: true };
+    let session = SessionContext { id: "run".into(), caller: None, model: entry.name.clone(), model_id: entry.id };
+    Ok((job, (session, context)))
+}
 
-    let started = Instant::now();
-    let mut first_token = None;
-    let mut stdout = std::io::stdout().lock();
-    let mut write_error = None;
-    let finish = generate(&client, &mut pipeline, &mut generation, |step| {
-        first_token.get_or_insert_with(|| started.elapsed());
-        if write_error.is_none()
-            && let Err(e) = stdout.write_all(step.text.as_bytes()).and_then(|()| stdout.flush())
+/// Prints a session's text as it comes, and its timings at the end.
+pub struct Printer {
+    started: Instant,
+    first_token: Option<Duration>,
+    write_error: Option<std::io::Error>,
+}
+
+impl Printer {
+    pub fn new() -> Self {
+        Self { started: Instant::now(), first_token: None, write_error: None }
+    }
+
+    /// Ends the output line and prints the timings (or the failure).
+    pub fn report(self, args: &RunArgs, label: &str, job: &ChoiceJob, outcome: Outcome) -> Result<()> {
+        let total = self.started.elapsed();
+        if let Some(e) = self.write_error
+            && e.kind() != std::io::ErrorKind::BrokenPipe
         {
-            write_error = Some(e);
+            return Err(e).context("writing the output");
         }
-    })?;
-    let total = started.elapsed();
-    if let Some(e) = write_error
-        && e.kind() != std::io::ErrorKind::BrokenPipe
-    {
-        return Err(e).context("writing the output");
+        let _ = writeln!(std::io::stdout());
+        if let Some(e) = outcome.error {
+            return Err(e.into());
+        }
+        let finish = match outcome.record.finish {
+            Finish::Stop => FinishReason::Stop,
+            _ => FinishReason::Length,
+        };
+        if !args.quiet {
+            print_timings(label, job.prompt.len(), self.first_token.unwrap_or(total), total, outcome.record.completion_tokens, finish);
+            if let Some(seed) = job.params.sampling.seed {
+                eprintln!("[seed {seed}]");
+            }
+        }
+        Ok(())
     }
-    let _ = writeln!(stdout);
-    if !args.quiet {
-        let chain_text = chain.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
-        eprintln!("\n[load {:.2} s]", load_time.as_secs_f64());
-        let label = format!("local, {} threads, spans {chain_text}", device.threads());
-        print_timings(&label, prompt_len, first_token.unwrap_or(total), total, generation.completion().len(), finish);
-        eprintln!("[seed {}]", generation.sampler().seed());
+}
+
+impl Default for Printer {
+    fn default() -> Self {
+        Self::new()
     }
-    Ok(())
+}
+
+impl EventSink for Printer {
+    async fn send(&mut self, event: SessionEvent) -> bool {
+        if let SessionEvent::Token { text, .. } = event {
+            self.first_token.get_or_insert_with(|| self.started.elapsed());
+            let mut stdout = std::io::stdout().lock();
+            if let Err(e) = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+                self.write_error = Some(e);
+                return false;
+            }
+        }
+        true
+    }
 }
 
 /// One line of timings on stderr, the same for local and swarm runs:

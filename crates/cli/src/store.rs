@@ -148,6 +148,11 @@ impl Store {
         self.registry_path().display().to_string()
     }
 
+    /// The gateway's identity key by default.
+    pub fn gateway_key_path(&self) -> PathBuf {
+        self.home.join("gateway.key")
+    }
+
     /// Where gateways write evidence of cheating.
     pub fn evidence_dir(&self) -> PathBuf {
         self.home.join("evidence")

@@ -9,8 +9,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use hotpot_core::placement::{Served, gaps, node_counts};
 use hotpot_core::{LayerSpan, NodeKey};
-use hotpot_engine::{ClientParts, Device, Generation, ModelFile};
-use hotpot_gateway::{ChainConfig, RemoteChain, SharedDirectory, describe_route, generate_remote};
+use hotpot_engine::{ClientParts, Device, ModelFile};
+use hotpot_gateway::{ChainConfig, ChainContext, RemoteChain, SharedDirectory, describe_route};
 use hotpot_net::{Multiaddr, Network, NetworkConfig};
 use hotpot_node::{BlockChoice, NodeConfig};
 
@@ -156,18 +156,51 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
-fn load_key(path: Option<&std::path::Path>) -> Result<NodeKey> {
-    let Some(path) = path else {
-        return Ok(NodeKey::generate());
-    };
-    match std::fs::read(path) {
-        Ok(bytes) => NodeKey::from_secret_bytes(&bytes).with_context(|| format!("{} is not a node key", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = NodeKey::generate();
-            std::fs::write(path, key.secret_bytes()).with_context(|| format!("writing {}", path.display()))?;
-            Ok(key)
+/// A long-lived identity: an ed25519 key in a file, created on first use,
+/// locked while this process runs (two processes with one identity would
+/// confuse the swarm).
+pub struct Identity {
+    pub key: NodeKey,
+    /// Held open for its lock.
+    _file: Option<std::fs::File>,
+}
+
+impl Identity {
+    /// A fresh identity for this run only.
+    pub fn ephemeral() -> Self {
+        Self { key: NodeKey::generate(), _file: None }
+    }
+
+    /// The key in `path`, created (readable by its owner only) if missing.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        use std::io::{Read, Seek};
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if file.try_lock().is_err() {
+            bail!("{} is in use by another running hotpot process; give this one its own key file (--key FILE)", path.display());
+        }
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).with_context(|| format!("reading {}", path.display()))?;
+        let key = if bytes.is_empty() {
+            let key = NodeKey::generate();
+            file.rewind()?;
+            file.write_all(&key.secret_bytes())?;
+            file.sync_all()?;
+            key
+        } else {
+            NodeKey::from_secret_bytes(&bytes).with_context(|| format!("{} is not a key file (32 secret bytes)", path.display()))?
+        };
+        Ok(Self { key, _file: Some(file) })
     }
 }
 
@@ -197,10 +230,19 @@ pub fn node(args: &NodeArgs) -> Result<()> {
         Some(cheat) => Some(redteam_only("--redteam").and_then(|()| cheat.parse().map_err(anyhow::Error::msg))?),
         None => None,
     };
-    let key = load_key(args.key.as_deref())?;
+    let identity = match &args.key {
+        Some(path) => Identity::load(path)?,
+        None => Identity::ephemeral(),
+    };
     runtime()?.block_on(async {
-        let network =
-            Network::start(NetworkConfig { key, listen: args.listen.clone(), join: args.peers.join.clone(), dht_server: true, mdns: args.peers.mdns }).await?;
+        let network = Network::start(NetworkConfig {
+            key: identity.key.clone(),
+            listen: args.listen.clone(),
+            join: args.peers.join.clone(),
+            dht_server: true,
+            mdns: args.peers.mdns,
+        })
+        .await?;
         println!("peer id: {}", network.peer_id());
         for addr in network.listen_addrs().await? {
             println!("listening on {addr}");
@@ -223,24 +265,25 @@ pub fn node(args: &NodeArgs) -> Result<()> {
         println!("serving blocks {} of {} ({}) at {:.1} tokens/s", running.span(), entry.name, running.model(), running.throughput());
         let _ = std::io::stdout().flush();
         shutdown_signal().await;
-        eprintln!("shutting down");
+        eprintln!("shutting down: ending open sessions (their gateways fail over), then the engine");
+        running.shutdown(Duration::from_secs(5)).await;
         network.shutdown().await;
         Ok(())
     })
 }
 
 /// Joins the swarm as a client (not a DHT server), listening on `listen`.
-async fn join_as_client(peers: &PeerArgs, listen: Vec<Multiaddr>) -> Result<Network> {
+async fn join_as_client(peers: &PeerArgs, listen: Vec<Multiaddr>, key: NodeKey) -> Result<Network> {
     if peers.join.is_empty() && !peers.mdns {
         bail!("give --join MULTIADDR (a node's address) or --mdns to find the swarm");
     }
-    let network = Network::start(NetworkConfig { key: NodeKey::generate(), listen, join: peers.join.clone(), dht_server: false, mdns: peers.mdns }).await?;
+    let network = Network::start(NetworkConfig { key, listen, join: peers.join.clone(), dht_server: false, mdns: peers.mdns }).await?;
     Ok(network)
 }
 
 pub fn status(args: &StatusArgs) -> Result<()> {
     runtime()?.block_on(async {
-        let network = join_as_client(&args.peers, vec![]).await?;
+        let network = join_as_client(&args.peers, vec![], NodeKey::generate()).await?;
         // Ask every peer the DHT knows, for a few rounds.
         let deadline = Instant::now() + Duration::from_secs(args.wait.max(1));
         let mut seen = BTreeMap::new();
@@ -324,49 +367,30 @@ fn print_status(seen: &BTreeMap<hotpot_net::PeerId, hotpot_wire::NodeInfo>) {
 
 /// `hotpot run --join`: the model's client parts here, its blocks on the swarm.
 pub fn run_remote(args: &RunArgs) -> Result<()> {
-    let params = args.sampling.params()?;
     let entry = Store::from_env()?.resolve(&args.model)?;
     let file = ModelFile::open(&entry.path)?;
-    let model = file.model_id()?;
     let config = file.config().clone();
     let device = Device::cpu(args.threads)?;
     let client = Arc::new(ClientParts::load(&file, &device)?);
-    let tokens = crate::run::prompt_tokens(&client, args)?;
-    let context = args.ctx_size.unwrap_or(config.context_length).min(config.context_length);
-    if tokens.len() >= context {
-        bail!("the prompt has {} tokens, more than the context of {context} tokens holds (see --ctx-size)", tokens.len());
-    }
-    let prompt_len = tokens.len();
-    let max_len = (prompt_len + params.max_tokens.min(context)).min(context);
-    let mut generation = Generation::new(tokens, params, context)?;
+    let (job, (session, _)) = crate::run::session_job(&client, args, &entry)?;
     runtime()?.block_on(async {
-        let network = join_as_client(&args.peers, vec![]).await?;
-        let directory = SharedDirectory::follow(&network, model).await;
-        directory.refresh(&network, &model, config.n_blocks, Duration::from_secs(3)).await;
+        let network = join_as_client(&args.peers, vec![], NodeKey::generate()).await?;
+        let directory = SharedDirectory::follow(&network, entry.id).await;
+        directory.refresh(&network, &entry.id, config.n_blocks, Duration::from_secs(3)).await;
+        let max_len = job.prompt.len() + job.params.max_tokens;
         let chain_config = ChainConfig { max_len: max_len + 1, emulated_delay: Duration::from_millis(args.emulate_delay_ms), ..ChainConfig::default() };
-        let mut chain = RemoteChain::open(network.clone(), directory, model, config.n_blocks, config.dim, chain_config, None)
-            .await
-            .with_context(|| format!("the swarm cannot serve {}", entry.name))?;
+        let context =
+            ChainContext { network: network.clone(), directory, model: entry.id, n_blocks: config.n_blocks, dim: config.dim, observer: None, selector: None };
+        let mut chain = RemoteChain::open(context, chain_config).await.with_context(|| format!("the swarm cannot serve {}", entry.name))?;
         if args.show_route {
             eprintln!("route: {}", describe_route(&chain.route()));
         }
-        let started = Instant::now();
-        let mut first_token = None;
-        let mut stdout = std::io::stdout().lock();
-        let finish = generate_remote(&client, &mut chain, &mut generation, |step| {
-            first_token.get_or_insert_with(|| started.elapsed());
-            let _ = stdout.write_all(step.text.as_bytes()).and_then(|()| stdout.flush());
-        })
-        .await?;
-        let total = started.elapsed();
-        let _ = writeln!(stdout);
-        if !args.quiet {
-            let label = format!("swarm, {} hops, {} failovers", chain.route().len(), chain.failovers());
-            crate::run::print_timings(&label, prompt_len, first_token.unwrap_or(total), total, generation.completion().len(), finish);
-        }
+        let mut printer = crate::run::Printer::new();
+        let outcome = hotpot_gateway::drive(&client, &mut chain, &job, &session, &mut printer).await;
+        let label = format!("swarm, {} hops, {} failovers", chain.route().len(), chain.failovers());
         chain.close().await;
         network.shutdown().await;
-        Ok(())
+        printer.report(args, &label, &job, outcome)
     })
 }
 
@@ -395,7 +419,40 @@ pub struct GatewayArgs {
     #[arg(long, default_value = "/ip4/0.0.0.0/udp/0/quic-v1")]
     pub p2p_listen: Vec<Multiaddr>,
     #[command(flatten)]
+    pub identity: GatewayIdentityArgs,
+    #[command(flatten)]
     pub audit: AuditArgs,
+}
+
+/// The gateway's lasting identity and records.
+#[derive(Args, Debug, Clone)]
+pub struct GatewayIdentityArgs {
+    /// The gateway's ed25519 key (its peer id; it signs accusations),
+    /// created on first start [default: $HOTPOT_HOME/gateway.key].
+    #[arg(long)]
+    pub key: Option<std::path::PathBuf>,
+    /// Append a JSON line per finished session (caller, route, tokens,
+    /// finish reason, timings, commitment roots) to this file.
+    #[arg(long)]
+    pub session_log: Option<std::path::PathBuf>,
+}
+
+impl GatewayIdentityArgs {
+    fn identity(&self) -> Result<Identity> {
+        let path = match &self.key {
+            Some(path) => path.clone(),
+            None => Store::from_env()?.gateway_key_path(),
+        };
+        Identity::load(&path)
+    }
+
+    fn record_sinks(&self) -> Result<Vec<Arc<dyn hotpot_gateway::RecordSink>>> {
+        let mut sinks: Vec<Arc<dyn hotpot_gateway::RecordSink>> = Vec::new();
+        if let Some(path) = &self.session_log {
+            sinks.push(Arc::new(hotpot_gateway::SessionLog::open(path).with_context(|| format!("opening the session log {}", path.display()))?));
+        }
+        Ok(sinks)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -418,6 +475,8 @@ pub struct UpArgs {
     /// Compute threads, shared by the local nodes and the gateway (0: one per core).
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub identity: GatewayIdentityArgs,
     #[command(flatten)]
     pub audit: AuditArgs,
 }
@@ -442,13 +501,15 @@ async fn serve_http(
     keys: Option<&std::path::Path>,
     max_body_mb: usize,
     audit: Option<hotpot_gateway::AuditConfig>,
+    record_sinks: Vec<Arc<dyn hotpot_gateway::RecordSink>>,
     listener: tokio::net::TcpListener,
 ) -> Result<()> {
     let mut config = hotpot_gateway::GatewayConfig::new(model.name.clone());
     config.max_body_bytes = max_body_mb << 20;
     config.audit = audit;
+    config.record_sinks = record_sinks;
     if let Some(path) = keys {
-        config.keys = Some(hotpot_gateway::KeyStore::load(path).map_err(anyhow::Error::msg)?);
+        config.keys = Some(Arc::new(hotpot_gateway::KeyStore::load(path)?));
     }
     let gateway = hotpot_gateway::Gateway::new(model.client, model.id, network, config).await;
     let missing = gateway.missing_blocks();
@@ -466,13 +527,16 @@ pub fn gateway(args: &GatewayArgs) -> Result<()> {
     let device = Device::cpu(args.threads)?;
     let (model, path) = load_gateway_model(&args.model, &device)?;
     let audit = args.audit.config(&path, Some(device))?;
+    let identity = args.identity.identity()?;
+    let sinks = args.identity.record_sinks()?;
     runtime()?.block_on(async {
-        let network = join_as_client(&args.peers, args.p2p_listen.clone()).await?;
+        let network = join_as_client(&args.peers, args.p2p_listen.clone(), identity.key.clone()).await?;
+        println!("gateway peer id: {}", network.peer_id());
         let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
         println!("OpenAI API for {} ({}) at http://{addr}/v1", model.name, model.id);
         let _ = std::io::stdout().flush();
-        serve_http(model, network.clone(), args.api_keys.as_deref(), args.max_body_mb, audit, listener).await?;
+        serve_http(model, network.clone(), args.api_keys.as_deref(), args.max_body_mb, audit, sinks, listener).await?;
         eprintln!("shutting down");
         network.shutdown().await;
         Ok(())
@@ -489,6 +553,8 @@ pub fn up(args: &UpArgs) -> Result<()> {
     let n_blocks = file.config().n_blocks;
     let spans =
         LayerSpan::split_even(n_blocks, args.nodes).with_context(|| format!("--nodes {} must be between 1 and the model's {n_blocks} blocks", args.nodes))?;
+    let identity = args.identity.identity()?;
+    let sinks = args.identity.record_sinks()?;
     runtime()?.block_on(async {
         let mut networks = Vec::new();
         let mut bootstrap: Option<Multiaddr> = None;
@@ -513,10 +579,10 @@ pub fn up(args: &UpArgs) -> Result<()> {
             let node = hotpot_node::start(config, network.clone()).await?;
             println!("  node {}  blocks {:<7} {:>7.1} tok/s  {addr}", i + 1, span.to_string(), node.throughput());
             bootstrap.get_or_insert(addr);
-            networks.push(network);
+            networks.push((node, network));
         }
         let gateway_net = Network::start(NetworkConfig {
-            key: NodeKey::generate(),
+            key: identity.key.clone(),
             listen: vec![],
             join: bootstrap.iter().cloned().collect(),
             dht_server: false,
@@ -525,7 +591,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
         .await?;
         let listener = tokio::net::TcpListener::bind((args.host, args.port)).await.with_context(|| format!("binding {}:{}", args.host, args.port))?;
         let addr = listener.local_addr()?;
-        println!("OpenAI API at http://{addr}/v1");
+        println!("OpenAI API at http://{addr}/v1 (gateway peer id {})", gateway_net.peer_id());
         println!("try:");
         println!(
             "  curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"stream\": true}}'",
@@ -534,10 +600,11 @@ pub fn up(args: &UpArgs) -> Result<()> {
         println!("Ctrl-C stops everything.");
         let _ = std::io::stdout().flush();
         let audit = args.audit.config(&path, Some(device.clone()))?;
-        serve_http(model, gateway_net.clone(), args.api_keys.as_deref(), 4, audit, listener).await?;
+        serve_http(model, gateway_net.clone(), args.api_keys.as_deref(), 4, audit, sinks, listener).await?;
         eprintln!("shutting down");
         gateway_net.shutdown().await;
-        for network in networks.iter().rev() {
+        for (node, network) in networks.iter().rev() {
+            node.shutdown(Duration::from_secs(2)).await;
             network.shutdown().await;
         }
         Ok(())

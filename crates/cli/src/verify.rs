@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use hotpot_core::LayerSpan;
 use hotpot_engine::kernels::Isa;
-use hotpot_engine::{ClientParts, Device, LocalChain, ModelFile, Pipeline, Span};
+use hotpot_engine::{ClientParts, Device, LocalChain, ModelFile, Span};
 use hotpot_gateway::LocalExecutor;
 use hotpot_verify::{Evidence, Sketch, SketchThresholds, Tolerance, compare};
 
@@ -47,6 +47,13 @@ pub fn verify(args: &VerifyArgs) -> Result<()> {
         evidence.steps.len()
     );
     println!("signatures and hashes: valid (the node signed exactly these inputs and outputs)");
+    match evidence.check_accuser().context("the accuser's signature does not hold up")? {
+        Some(gateway) => match hotpot_net::peer_id_of(&gateway) {
+            Some(peer) => println!("accused by gateway {peer} (its signature of this evidence is valid)"),
+            None => println!("accused by gateway key {gateway} (its signature of this evidence is valid)"),
+        },
+        None => println!("no accuser signed this evidence"),
+    }
     let store = Store::from_env()?;
     let name = args.model.clone().unwrap_or_else(|| evidence.model.to_full_string());
     let entry = store.resolve(&name)?;

@@ -84,7 +84,7 @@ fn openai_client_against_a_three_node_swarm() {
         &keys,
         r#"{"keys": [
             {"key": "sk-test-good", "name": "tester"},
-            {"key": "sk-test-budget", "name": "small", "token_budget": 30},
+            {"key": "sk-test-budget", "name": "small", "token_budget": 50},
             {"key": "sk-test-slow", "name": "slow", "requests_per_minute": 1}
         ]}"#,
     )
@@ -94,6 +94,59 @@ fn openai_client_against_a_three_node_swarm() {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "openai client checks failed:\n{stdout}\n{stderr}");
     assert!(stdout.trim_end().ends_with("all openai client checks passed"), "{stdout}");
+}
+
+/// Billing that cannot be cheated or lost: a client that leaves mid-stream
+/// is charged for what was generated for it; concurrent requests never
+/// overspend a budget (see billing.py).
+#[test]
+fn budgets_hold_under_concurrency_and_disconnects() {
+    let _serial = serial();
+    let a = NodeProc::start("0..15", None, &[]);
+    let _b = NodeProc::start("15..30", Some(&a.addr), &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys.json");
+    std::fs::write(&keys, r#"{"keys": [{"key": "sk-open", "name": "open"}, {"key": "sk-thousand", "name": "thousand", "token_budget": 1000}]}"#)
+        .expect("writes keys");
+    let key_file = dir.path().join("gateway.key");
+    let gateway = serve(&[
+        "gateway",
+        "--join",
+        &a.addr,
+        "--listen",
+        "127.0.0.1:0",
+        "--api-keys",
+        keys.to_str().expect("utf-8"),
+        "--key",
+        key_file.to_str().expect("utf-8"),
+        "-t",
+        "1",
+    ]);
+    let out = python("billing.py", &[&gateway.base_url, "sk-open", "sk-thousand"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    println!("{stdout}");
+    assert!(out.status.success(), "billing checks failed:\n{stdout}\n{stderr}");
+    assert!(stdout.trim_end().ends_with("all billing checks passed"), "{stdout}");
+}
+
+/// The gateway's identity is its key file: the same peer id after a
+/// restart, and a second gateway cannot take the same identity.
+#[test]
+fn the_gateway_keeps_its_identity_across_restarts() {
+    let _serial = serial();
+    let a = NodeProc::start("0..30", None, &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_file = dir.path().join("gateway.key");
+    let key = key_file.to_str().expect("utf-8");
+    let peer_of =
+        |served: &Served| served.stdout.iter().find_map(|l| l.strip_prefix("gateway peer id: ").map(str::to_string)).expect("the gateway prints its peer id");
+    let first = serve(&["gateway", "--join", &a.addr, "--listen", "127.0.0.1:0", "--key", key, "-t", "1"]);
+    let id = peer_of(&first);
+    let second = hotpot(&["gateway", "--join", &a.addr, "--listen", "127.0.0.1:0", "--key", key, "-t", "1"], Duration::from_secs(60));
+    assert!(!second.status.success() && text(&second.stderr).contains("in use"), "{}", text(&second.stderr));
+    drop(first);
+    let restarted = serve(&["gateway", "--join", &a.addr, "--listen", "127.0.0.1:0", "--key", key, "-t", "1"]);
+    assert_eq!(peer_of(&restarted), id);
 }
 
 #[test]

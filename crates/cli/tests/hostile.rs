@@ -179,3 +179,84 @@ fn full_nodes_are_routed_around() {
         net.shutdown().await;
     });
 }
+
+/// Decode speed of one session on the node: steps per second over `steps`
+/// one-position steps after an 8-position prefill.
+async fn decode_rate(net: &Network, peer: PeerId, model: ModelId, steps: u32) -> f64 {
+    let id = SessionId::random();
+    let mut session = stream(net, peer).await;
+    let opened = ask(&mut session, ClientMessage::Open(Open { session: id, model, span: LayerSpan::new(0, 30).expect("span"), max_len: 1024 })).await;
+    assert!(matches!(opened, Some(NodeMessage::Opened { .. })), "{opened:?}");
+    assert!(matches!(ask(&mut session, step(id, 0, 8, DIM)).await, Some(NodeMessage::Output { .. })));
+    let started = std::time::Instant::now();
+    for pos in 8..8 + steps {
+        let answer = ask(&mut session, step(id, pos, 1, DIM)).await;
+        assert!(matches!(answer, Some(NodeMessage::Output { .. })), "step {pos}: {answer:?}");
+    }
+    let rate = f64::from(steps) / started.elapsed().as_secs_f64();
+    let _ = session.send(&ClientMessage::Close { session: id }.encode(), T).await;
+    rate
+}
+
+/// A peer flooding a node with audit requests gets `Busy` answers at once,
+/// and a session on the node keeps its decode speed: audits run only when
+/// no session is stepping, in small chunks.
+#[test]
+fn an_audit_flood_does_not_slow_sessions() {
+    let _serial = serial();
+    let node = NodeProc::start("0..30", None, &[]);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let net = client(&node.addr).await;
+        let flooder = client(&node.addr).await;
+        let peer: PeerId = node.peer_id.parse().expect("peer id");
+        let model = net.query_info(peer, T).await.expect("info").model;
+        decode_rate(&net, peer, model, 16).await; // warm up
+        let quiet = decode_rate(&net, peer, model, 200).await;
+
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flood = {
+            let stop = std::sync::Arc::clone(&stop);
+            tokio::spawn(async move {
+                let inputs: Vec<f32> = (0..64 * DIM).map(|i| ((i % 17) as f32 - 8.0) * 0.03).collect();
+                let audit =
+                    ClientMessage::Audit { model, span: LayerSpan::new(0, 30).expect("span"), inputs: Tensor::from_f32(DType::F32, 64, DIM, &inputs) }.encode();
+                let (mut busy, mut other, mut sent) = (0u32, 0u32, 0u32);
+                let mut waves = tokio::task::JoinSet::new();
+                while sent < 200 || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for _ in 0..8 {
+                        let (flooder, audit) = (flooder.clone(), audit.clone());
+                        waves.spawn(async move {
+                            let stream = flooder.open_stream(peer, hotpot_wire::PROTOCOL_AUDIT, T).await.ok()?;
+                            let mut framed = Framed::new(peer, stream);
+                            framed.send(&audit, T).await.ok()?;
+                            let reply = framed.recv(Duration::from_secs(2)).await.ok()??;
+                            NodeMessage::decode(&reply).ok()
+                        });
+                        sent += 1;
+                    }
+                    while let Some(answer) = waves.join_next().await {
+                        match answer.ok().flatten() {
+                            Some(NodeMessage::Error { code: ErrorCode::Busy, .. }) => busy += 1,
+                            _ => other += 1,
+                        }
+                    }
+                    if sent >= 2000 {
+                        break;
+                    }
+                }
+                (sent, busy, other)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let flooded = decode_rate(&net, peer, model, 200).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (sent, busy, other) = flood.await.expect("the flood runs");
+        println!("decode {quiet:.1} steps/s quiet, {flooded:.1} during a flood of {sent} audit requests ({busy} Busy, {other} otherwise)");
+        assert!(sent >= 200, "the flood sent {sent} requests");
+        assert!(busy >= sent * 3 / 4, "most of the flood is refused at once: {busy} Busy of {sent}");
+        assert!(flooded >= 0.8 * quiet, "decode fell from {quiet:.1} to {flooded:.1} steps/s under the flood");
+    });
+    let node_alive = node.rss_kib() > 0;
+    assert!(node_alive, "the node survived");
+}

@@ -125,7 +125,8 @@ big = raises(openai.APIStatusError, lambda: api.chat.completions.create(
     model=MODEL, messages=[{"role": "user", "content": "x" * (5 << 20)}]))
 assert big.status_code == 413, big.status_code
 
-# A key with a tiny budget: one request spends it, the next is refused.
+# A key with a tiny budget (50 tokens): one request (prompt + max_tokens) fits
+# in it, the next cannot reserve what it may use and is refused.
 small = client(budget_key)
 small.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
 raises(openai.RateLimitError, lambda: small.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4), "insufficient_quota")

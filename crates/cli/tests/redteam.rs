@@ -19,6 +19,8 @@ use hotpot_engine::testing::tamper::{Change, GgmlDType, rewrite};
 struct Gateway {
     child: std::process::Child,
     url: String,
+    /// The peer id it printed (its identity, from its key file).
+    peer_id: String,
 }
 
 impl Drop for Gateway {
@@ -38,14 +40,29 @@ fn gateway_with(join: &str, evidence: &std::path::Path, extra: &[&str]) -> Gatew
         socket.local_addr().expect("addr").port()
     };
     let listen = format!("127.0.0.1:{port}");
-    let child = Command::new(HOTPOT)
+    // Each gateway's identity lives beside its evidence, so a restart on
+    // the same evidence is the same gateway.
+    let key = evidence.with_extension("key");
+    let mut child = Command::new(HOTPOT)
         .args(["gateway", "--join", join, "--listen", &listen, "--evidence-dir", evidence.to_str().expect("utf-8"), "-t", "1"])
+        .args(["--key", key.to_str().expect("utf-8")])
         .args(extra)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("gateway starts");
-    let gateway = Gateway { child, url: format!("http://{listen}") };
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(id) = line.strip_prefix("gateway peer id: ") {
+                let _ = tx.send(id.to_string());
+            }
+        }
+    });
+    let mut gateway = Gateway { child, url: format!("http://{listen}"), peer_id: String::new() };
+    gateway.peer_id = rx.recv_timeout(Duration::from_secs(60)).expect("the gateway prints its peer id");
     let deadline = Instant::now() + Duration::from_secs(60);
     while curl(&["-sf", &format!("{}/health", gateway.url)]).is_empty() {
         assert!(Instant::now() < deadline, "the gateway did not come up");
@@ -203,11 +220,27 @@ fn a_restarted_gateway_keeps_its_convictions() {
     let answer = complete(&first, PROMPT, 8);
     assert!(answer.contains("\"choices\""), "{answer}");
     assert!(wait_for(&first, "hotpot_cheats_total", "", 1), "the gateway did not convict");
+    let first_id = first.peer_id.clone();
     drop(first);
+    // The evidence is signed by the gateway, and `hotpot verify` says so.
+    let file = std::fs::read_dir(&evidence)
+        .expect("evidence dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .expect("an evidence file");
+    let verified = hotpot(&["verify", file.to_str().expect("utf-8"), "-t", "1"], Duration::from_secs(120));
+    let said = text(&verified.stdout);
+    assert!(
+        verified.status.success() && said.contains(&format!("accused by gateway {first_id}")) && said.contains("CHEAT"),
+        "{said}{}",
+        text(&verified.stderr)
+    );
     // Restarted on the same evidence: it serves nothing and audits nothing,
     // yet another gateway hears of the conviction from it, and it does not
     // route through the cheater.
     let restarted = gateway_with(&cheater.addr, &evidence, &["--accusations-every", "1"]);
+    assert_eq!(restarted.peer_id, first_id, "a restarted gateway keeps its identity");
     let other = gateway(&cheater.addr, &dir.path().join("other"));
     assert!(
         wait_for(&other, "hotpot_accusations_total", "result=\"confirmed\"", 1),

@@ -37,10 +37,19 @@ fn three_nodes_give_the_tokens_of_one_process() {
     }
 }
 
-/// Starts a client generating `tokens` tokens, kills the node serving
+/// How a test stops a node.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stop {
+    Kill,
+    /// SIGTERM: the node tells its sessions it is going, so the client
+    /// fails over at once.
+    Term,
+}
+
+/// Starts a client generating `tokens` tokens, stops the node serving
 /// `victim_span` once at least 8 tokens have arrived, and checks the
 /// generation still ends with exactly the uninterrupted tokens.
-fn failover_case(nodes: &mut [NodeProc], bootstrap: &str, victim_span: &str) {
+fn failover_case(nodes: &mut [NodeProc], bootstrap: &str, victim_span: &str, stop: Stop) {
     let prompt = "Once upon a time";
     let tokens = 160;
     let expected = local_greedy(prompt, tokens);
@@ -56,7 +65,7 @@ fn failover_case(nodes: &mut [NodeProc], bootstrap: &str, victim_span: &str) {
     let stderr = client.stderr.take().expect("stderr");
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = err_tx.send(line);
+            let _ = err_tx.send((Instant::now(), line));
         }
     });
     let mut stdout = client.stdout.take().expect("stdout");
@@ -73,7 +82,7 @@ fn failover_case(nodes: &mut [NodeProc], bootstrap: &str, victim_span: &str) {
     // Which node does the route use for the victim span?
     let mut log = Vec::new();
     let route = loop {
-        let line = err_rx.recv_timeout(Duration::from_secs(60)).expect("the client prints its route");
+        let (_, line) = err_rx.recv_timeout(Duration::from_secs(60)).expect("the client prints its route");
         log.push(line.clone());
         if line.starts_with("route: ") {
             break line;
@@ -90,8 +99,28 @@ fn failover_case(nodes: &mut [NodeProc], bootstrap: &str, victim_span: &str) {
         let chunk = out_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("tokens arrive");
         got.extend(chunk);
     }
-    victim.kill();
+    let stopped_at = Instant::now();
+    match stop {
+        Stop::Kill => victim.kill(),
+        Stop::Term => victim.terminate(),
+    }
     let killed_after = got.len();
+    if stop == Stop::Term {
+        // The client reroutes within 2 s of the signal, and the node exits cleanly.
+        let deadline = stopped_at + Duration::from_secs(5);
+        let failed_over = loop {
+            let (at, line) = err_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("the client reports a failover");
+            log.push(line.clone());
+            if line.contains("failover") {
+                break at;
+            }
+        };
+        let took = failed_over.duration_since(stopped_at);
+        println!("SIGTERM to failover: {took:?}");
+        assert!(took < Duration::from_secs(2), "the failover took {took:?}");
+        let status = victim.wait_exit(Duration::from_secs(10)).expect("the node exits after SIGTERM");
+        assert!(status.success(), "the node's exit: {status}");
+    }
 
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -104,7 +133,7 @@ fn failover_case(nodes: &mut [NodeProc], bootstrap: &str, victim_span: &str) {
         }
     }
     let status = client.wait().expect("client exits");
-    log.extend(err_rx.try_iter());
+    log.extend(err_rx.try_iter().map(|(_, line)| line));
     let log = log.join("\n");
     assert!(status.success(), "client failed: {log}");
     assert!(killed_after < expected.len(), "the node was killed before the end of the generation");
@@ -121,7 +150,7 @@ fn failover_when_the_node_in_use_dies() {
     let addr = first.addr.clone();
     let mut nodes = vec![first, NodeProc::start("0..15", Some(&addr), &[]), NodeProc::start("15..30", Some(&addr), &[])];
     let bootstrap = nodes[2].addr.clone();
-    failover_case(&mut nodes, &bootstrap, "0..15");
+    failover_case(&mut nodes, &bootstrap, "0..15", Stop::Kill);
     drop(nodes);
 
     // Two nodes for the middle span.
@@ -129,7 +158,17 @@ fn failover_when_the_node_in_use_dies() {
     let addr = head.addr.clone();
     let mut nodes =
         vec![head, NodeProc::start("10..20", Some(&addr), &[]), NodeProc::start("10..20", Some(&addr), &[]), NodeProc::start("20..30", Some(&addr), &[])];
-    failover_case(&mut nodes, &addr, "10..20");
+    failover_case(&mut nodes, &addr, "10..20", Stop::Kill);
+}
+
+#[test]
+fn failover_when_the_node_in_use_is_stopped() {
+    let _serial = serial();
+    let head = NodeProc::start("0..10", None, &[]);
+    let addr = head.addr.clone();
+    let mut nodes =
+        vec![head, NodeProc::start("10..20", Some(&addr), &[]), NodeProc::start("10..20", Some(&addr), &[]), NodeProc::start("20..30", Some(&addr), &[])];
+    failover_case(&mut nodes, &addr, "10..20", Stop::Term);
 }
 
 #[test]
@@ -153,4 +192,61 @@ fn gaps_fail_fast_and_auto_nodes_fill_them() {
     let status = hotpot(&["swarm", "status", "--join", &a.addr, "--wait", "2"], Duration::from_secs(60));
     let shown = text(&status.stdout);
     assert!(shown.contains("every block is served") && shown.contains("10..20") && shown.contains(&b.peer_id), "{shown}");
+}
+
+/// A remote chain rolls back: every node forgets the positions after the
+/// cut (`Truncate`), and computing them again gives the same bits — what
+/// speculative decoding and failover replay rely on.
+#[test]
+fn remote_chains_roll_back_on_every_node() {
+    use hotpot_core::NodeKey;
+    use hotpot_engine::{ClientParts, Device, ModelFile};
+    use hotpot_gateway::{ChainConfig, ChainContext, RemoteChain, SharedDirectory};
+    use hotpot_net::{Network, NetworkConfig};
+
+    let _serial = serial();
+    let a = NodeProc::start("0..12", None, &[]);
+    let _b = NodeProc::start("12..30", Some(&a.addr), &[]);
+    let file = ModelFile::open(common::model_path()).expect("model");
+    let model = file.model_id().expect("id");
+    let config = file.config().clone();
+    let client = ClientParts::load(&file, &Device::cpu(1).expect("threads")).expect("client");
+    let tokens = client.tokenizer().encode("The capital of France is Paris, and the capital of Italy is").expect("encodes");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let network = Network::start(NetworkConfig {
+            key: NodeKey::generate(),
+            listen: vec![],
+            join: vec![a.addr.parse().expect("addr")],
+            dht_server: false,
+            mdns: false,
+        })
+        .await
+        .expect("joins");
+        let directory = SharedDirectory::follow(&network, model).await;
+        directory.refresh(&network, &model, config.n_blocks, Duration::from_secs(3)).await;
+        let context = ChainContext { network: network.clone(), directory, model, n_blocks: config.n_blocks, dim: config.dim, observer: None, selector: None };
+        let mut chain = RemoteChain::open(context, ChainConfig { max_len: 64, ..ChainConfig::default() }).await.expect("route");
+        assert_eq!(chain.route().len(), 2);
+        let rows = |range: std::ops::Range<usize>| client.embed(&tokens[range]).expect("embeds");
+        let prefill = chain.forward(rows(0..6), 0).await.expect("prefill").into_vec();
+        let mut decoded = Vec::new();
+        for pos in 6..tokens.len() {
+            decoded.push(chain.forward(rows(pos..pos + 1), pos).await.expect("decode").into_vec());
+        }
+        // Back to 8 positions: the nodes accept position 8 again, and give the same bits.
+        chain.truncate(8).await.expect("rolls back");
+        assert_eq!(chain.len(), 8);
+        for pos in 8..tokens.len() {
+            let again = chain.forward(rows(pos..pos + 1), pos).await.expect("recompute").into_vec();
+            assert!(again.iter().zip(&decoded[pos - 6]).all(|(x, y)| x.to_bits() == y.to_bits()), "position {pos} differs after the rollback");
+        }
+        // A step that skips positions is refused: the caches really are at the end.
+        assert!(chain.forward(rows(0..1), tokens.len() + 1).await.is_err());
+        assert!(!prefill.is_empty());
+        let records = chain.stage_records();
+        assert!(records.iter().all(|r| r.positions == tokens.len()), "{:?}", records.iter().map(|r| r.positions).collect::<Vec<_>>());
+        chain.close().await;
+        network.shutdown().await;
+    });
 }

@@ -1,7 +1,8 @@
-//! The generation loop, written as a state machine so that the same code
-//! drives a chain of spans in this process and (in the gateway) a chain of
-//! remote nodes: the caller runs the forward pass, `Generation` decides what
-//! to feed next, samples, detokenizes and applies the stop rules.
+//! Generation as a state machine: the caller runs the forward pass,
+//! [`Generation`] decides what to feed next, samples, detokenizes and
+//! applies the stop rules. The one loop that drives it — over spans in
+//! this process or a chain of nodes — is the gateway's session driver
+//! (`hotpot_gateway::session::drive`).
 
 use crate::client::ClientParts;
 use crate::detok::TextStream;
@@ -155,14 +156,6 @@ impl Generation {
     }
 }
 
-/// Something that maps embeddings to final hidden states for a session:
-/// spans in this process, or (in the gateway) a chain of nodes.
-pub trait Pipeline {
-    type Error: From<ForwardError>;
-
-    fn forward(&mut self, hidden: HiddenStates, start_pos: usize) -> Result<HiddenStates, Self::Error>;
-}
-
 /// A chain of spans in this process, each with its own cache.
 pub struct LocalChain<'a> {
     stages: Vec<(&'a Span, KvCache)>,
@@ -180,36 +173,12 @@ impl<'a> LocalChain<'a> {
             cache.truncate(pos);
         }
     }
-}
 
-impl Pipeline for LocalChain<'_> {
-    type Error = ForwardError;
-
-    fn forward(&mut self, mut hidden: HiddenStates, start_pos: usize) -> Result<HiddenStates, ForwardError> {
+    /// Runs `hidden` (positions `start_pos..`) through every span.
+    pub fn forward(&mut self, mut hidden: HiddenStates, start_pos: usize) -> Result<HiddenStates, ForwardError> {
         for (span, cache) in &mut self.stages {
             hidden = span.forward(cache, &hidden, start_pos)?;
         }
         Ok(hidden)
-    }
-}
-
-/// Runs a whole generation through `pipeline`, calling `on_step` per token.
-pub fn generate<P: Pipeline>(
-    client: &ClientParts,
-    pipeline: &mut P,
-    generation: &mut Generation,
-    mut on_step: impl FnMut(&Step),
-) -> Result<FinishReason, P::Error> {
-    loop {
-        if let Some(reason) = generation.finished() {
-            return Ok(reason);
-        }
-        let (tokens, start) = generation.pending();
-        let hidden = client.embed(tokens)?;
-        let out = pipeline.forward(hidden, start)?;
-        generation.mark_fed();
-        let logits = client.logits(&out.last_row())?;
-        let step = generation.accept(&logits, client);
-        on_step(&step);
     }
 }

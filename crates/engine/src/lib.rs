@@ -32,7 +32,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use client::ClientParts;
 pub use detok::{Released, TextStream};
 pub use error::{ForwardError, ModelError};
-pub use generate::{FinishReason, Generation, GenerationParams, LocalChain, Pipeline, Step, TokenLogprob, generate};
+pub use generate::{FinishReason, Generation, GenerationParams, LocalChain, Step, TokenLogprob};
 pub use model::{ModelConfig, ModelFile, TensorEntry};
 pub use sampling::{Sampler, SamplingParams, argmax, log_softmax, top_logprobs};
 pub use span::{BatchItem, Device, HiddenStates, KvCache, Span};

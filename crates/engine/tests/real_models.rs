@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use hotpot_core::LayerSpan;
 use hotpot_engine::kernels::Isa;
-use hotpot_engine::{ChatMessage, ClientParts, Device, HiddenStates, LocalChain, ModelFile, Pipeline, Span, log_softmax};
+use hotpot_engine::{ChatMessage, ClientParts, Device, HiddenStates, LocalChain, ModelFile, Span, log_softmax};
 
 struct Model {
     alias: &'static str,

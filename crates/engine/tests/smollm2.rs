@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use hotpot_engine::kernels::Isa;
-use hotpot_engine::{ChatMessage, Device, HiddenStates, LocalChain, Pipeline, log_softmax};
+use hotpot_engine::{ChatMessage, Device, HiddenStates, LocalChain, log_softmax};
 
 #[test]
 fn tokenizer_and_chat_template_match_llamacpp() {

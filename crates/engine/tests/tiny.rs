@@ -10,7 +10,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Content;
 use hotpot_core::LayerSpan;
 use hotpot_engine::testing::TinyModel;
-use hotpot_engine::{BatchItem, ClientParts, Device, ForwardError, HiddenStates, LocalChain, ModelError, ModelFile, Pipeline, Span};
+use hotpot_engine::{BatchItem, ClientParts, Device, ForwardError, HiddenStates, LocalChain, ModelError, ModelFile, Span};
 
 fn write(dir: &Path, name: &str, model: &TinyModel) -> PathBuf {
     let path = dir.join(name);

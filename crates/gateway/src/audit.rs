@@ -18,13 +18,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId};
-use hotpot_engine::{Device, HiddenStates, ModelFile, Span};
+use hotpot_engine::{Device, ForwardError, HiddenStates, ModelError, ModelFile, Span};
 use hotpot_net::{Framed, Multiaddr, NetEvent, Network, PeerId, Stream, cheats_topic, peer_id_of};
-use hotpot_verify::{AuditPolicy, AuditRecord, Evidence, Executor, Sketch, Tolerance, Verdict, compare};
+use hotpot_verify::{AuditPolicy, AuditRecord, Evidence, EvidenceError, Executor, ExecutorError, Sketch, Tolerance, Verdict, compare};
 use hotpot_wire::{Accusation, ClientMessage, DType, EvidenceMessage, NodeMessage, PROTOCOL_AUDIT, PROTOCOL_EVIDENCE, Tensor};
 use rand::Rng;
 
-use crate::chain::StageTranscript;
+use crate::chain::{AuditSelector, StageTranscript};
 use crate::directory::SharedDirectory;
 use crate::metrics::{AuditLabels, Metrics, ResultLabels};
 use crate::service::ServedModel;
@@ -53,25 +53,54 @@ pub struct AuditConfig {
     pub accusations_every: Duration,
 }
 
+/// Why one audit step (recomputing, fetching evidence) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Net(#[from] hotpot_net::NetError),
+    #[error(transparent)]
+    Wire(#[from] hotpot_wire::WireError),
+    #[error(transparent)]
+    Evidence(#[from] EvidenceError),
+    #[error("unreadable evidence: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the audit task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("the executor refused: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Protocol(&'static str),
+    #[error("cannot start compute threads: {0}")]
+    Threads(String),
+}
+
 /// The whole model loaded locally: recomputes any span.
 pub struct LocalExecutor {
     span: Span,
 }
 
 impl LocalExecutor {
-    pub fn load(path: &std::path::Path, device: &Device) -> Result<Self, String> {
-        let file = ModelFile::open(path).map_err(|e| e.to_string())?;
-        let span = Span::load(&file, file.config().full_span(), device).map_err(|e| e.to_string())?;
+    pub fn load(path: &std::path::Path, device: &Device) -> Result<Self, ModelError> {
+        let file = ModelFile::open(path)?;
+        let span = Span::load(&file, file.config().full_span(), device)?;
         Ok(Self { span })
+    }
+
+    fn run(&self, span: LayerSpan, inputs: &[f32], rows: usize) -> Result<Vec<f32>, ForwardError> {
+        let dim = self.span.config().dim;
+        let hidden = HiddenStates::new(rows, dim, inputs.to_vec())?;
+        let mut cache = self.span.cache_for(span, rows)?;
+        self.span.forward(&mut cache, &hidden, 0).map(HiddenStates::into_vec)
     }
 }
 
 impl Executor for LocalExecutor {
-    fn recompute(&self, span: LayerSpan, inputs: &[f32], rows: usize) -> Result<Vec<f32>, String> {
-        let dim = self.span.config().dim;
-        let hidden = HiddenStates::new(rows, dim, inputs.to_vec()).map_err(|e| e.to_string())?;
-        let mut cache = self.span.cache_for(span, rows).map_err(|e| e.to_string())?;
-        self.span.forward(&mut cache, &hidden, 0).map(HiddenStates::into_vec).map_err(|e| e.to_string())
+    fn recompute(&self, span: LayerSpan, inputs: &[f32], rows: usize) -> Result<Vec<f32>, ExecutorError> {
+        Ok(self.run(span, inputs, rows)?)
     }
 }
 
@@ -266,23 +295,30 @@ impl Auditor {
         framed.close().await;
     }
 
-    /// Decides which of a finished session's stages to audit, and starts
-    /// those audits in the background.
-    pub fn after_session(self: &Arc<Self>, transcript: Vec<StageTranscript>) {
-        for stage in transcript.into_iter().filter(|s| !s.inputs.is_empty()) {
+    /// Draws, when a session's stage is connected to `peer`, whether that
+    /// stage will be audited (the node cannot tell): only audited stages
+    /// keep their tensors until the session ends.
+    pub fn selector(self: &Arc<Self>) -> AuditSelector {
+        let auditor = Arc::downgrade(self);
+        Arc::new(move |peer: &PeerId| {
+            let Some(auditor) = auditor.upgrade() else { return false };
             let draw = rand::rng().random::<f64>();
-            let audit = self.directory.with(|d| {
-                let reputation = d.reputation(stage.peer);
-                let audit = self.config.policy.should_audit(reputation, draw);
+            auditor.directory.with(|d| {
+                let reputation = d.reputation(*peer);
+                let audit = auditor.config.policy.should_audit(reputation, draw);
                 reputation.sessions += 1;
                 audit
+            })
+        })
+    }
+
+    /// Starts the audits of a finished session's drawn stages, in the background.
+    pub fn after_session(self: &Arc<Self>, transcripts: Vec<StageTranscript>) {
+        for stage in transcripts.into_iter().filter(|s| !s.inputs.is_empty()) {
+            let auditor = Arc::clone(self);
+            tokio::spawn(async move {
+                auditor.audit(stage).await;
             });
-            if audit {
-                let auditor = Arc::clone(self);
-                tokio::spawn(async move {
-                    auditor.audit(stage).await;
-                });
-            }
         }
     }
 
@@ -305,42 +341,42 @@ impl Auditor {
         nodes
     }
 
-    async fn local(&self) -> Result<Arc<LocalExecutor>, String> {
+    async fn local(&self) -> Result<Arc<LocalExecutor>, AuditError> {
         if let Some(local) = self.local.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             return Ok(Arc::clone(local));
         }
-        let path = self.config.local_model.clone().ok_or("no local model")?;
+        let path = self.config.local_model.clone().ok_or(AuditError::Protocol("no local model"))?;
         let device = match &self.config.device {
             Some(device) => device.clone(),
-            None => Device::cpu(0).map_err(|e| e.to_string())?,
+            None => Device::cpu(0)?,
         };
-        let loaded = tokio::task::spawn_blocking(move || LocalExecutor::load(&path, &device)).await.map_err(|e| e.to_string())??;
+        let loaded = tokio::task::spawn_blocking(move || LocalExecutor::load(&path, &device)).await??;
         let loaded = Arc::new(loaded);
         *self.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&loaded));
         Ok(loaded)
     }
 
-    async fn recompute(&self, executor: ExecutorChoice, stage: &StageTranscript) -> Result<Vec<f32>, String> {
+    async fn recompute(&self, executor: ExecutorChoice, stage: &StageTranscript) -> Result<Vec<f32>, AuditError> {
         let rows = stage.inputs.len() / stage.dim;
         match executor {
             ExecutorChoice::Local => {
                 let local = self.local().await?;
                 let (span, inputs) = (stage.span, stage.inputs.clone());
-                tokio::task::spawn_blocking(move || local.recompute(span, &inputs, rows)).await.map_err(|e| e.to_string())?
+                Ok(tokio::task::spawn_blocking(move || local.run(span, &inputs, rows)).await??)
             }
             ExecutorChoice::Node(peer) => {
                 let timeout = Duration::from_secs(30) + Duration::from_millis(20) * rows as u32;
-                let stream = self.network.open_stream(peer, PROTOCOL_AUDIT, timeout).await.map_err(|e| e.to_string())?;
+                let stream = self.network.open_stream(peer, PROTOCOL_AUDIT, timeout).await?;
                 let mut framed = Framed::new(peer, stream);
                 let inputs = Tensor::from_f32(DType::F32, rows, stage.dim, &stage.inputs);
                 let request = ClientMessage::Audit { model: self.model.id, span: stage.span, inputs };
-                framed.send(&request.encode(), timeout).await.map_err(|e| e.to_string())?;
-                let reply = framed.recv(timeout).await.map_err(|e| e.to_string())?.ok_or("the auditor closed the stream")?;
+                framed.send(&request.encode(), timeout).await?;
+                let reply = framed.recv(timeout).await?.ok_or(AuditError::Protocol("the auditor closed the stream"))?;
                 framed.close().await;
-                match NodeMessage::decode(&reply).map_err(|e| e.to_string())? {
+                match NodeMessage::decode(&reply)? {
                     NodeMessage::Audited { outputs } if outputs.rows() == rows && outputs.cols() == stage.dim => Ok(outputs.to_f32()),
-                    NodeMessage::Error { message, .. } => Err(message),
-                    other => Err(format!("unexpected answer to an audit: {other:?}")),
+                    NodeMessage::Error { message, .. } => Err(AuditError::Refused(message)),
+                    _ => Err(AuditError::Protocol("unexpected answer to an audit")),
                 }
             }
         }
@@ -426,6 +462,7 @@ impl Auditor {
             .collect();
         let mut evidence = Evidence::new(self.model.id, &self.model.name, stage.span, stage.dim, stage.node, &steps);
         evidence.audits = records;
+        evidence.sign(self.network.key());
         let bytes = serde_json::to_vec_pretty(&evidence).unwrap_or_default();
         let path = self.config.evidence_dir.as_ref().map(|dir| dir.join(format!("{}-{}.json", stage.node, evidence.created_ms)));
         if let Some(path) = &path {
@@ -475,6 +512,7 @@ impl Auditor {
 
     /// Checks another gateway's accusation with an audit of our own.
     async fn on_accusation(&self, accuser: PeerId, accusation: Accusation) {
+        tracing::debug!(%accuser, node = %accusation.node, "heard an accusation");
         let Some(peer) = peer_id_of(&accusation.node) else { return };
         // Only nodes this gateway might route through are worth an audit.
         let known = self.directory.with(|d| d.all().iter().any(|r| r.peer == peer) && !d.reputation(peer).cheat);
@@ -525,11 +563,11 @@ impl Auditor {
         let bytes = match self.fetch_evidence(accuser, accusation.evidence).await {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return Finding::Invalid("the accuser does not have the evidence it announced".into()),
-            Err(e) => return Finding::Unchecked(e),
+            Err(e) => return Finding::Unchecked(e.to_string()),
         };
-        let stage = match self.transcript_of(peer, accusation, &bytes) {
+        let stage = match self.transcript_of(accuser, peer, accusation, &bytes) {
             Ok(stage) => stage,
-            Err(e) => return Finding::Invalid(e),
+            Err(e) => return Finding::Invalid(e.to_string()),
         };
         match self.audit(stage).await {
             Verdict::Cheat => Finding::Confirmed,
@@ -538,35 +576,40 @@ impl Auditor {
         }
     }
 
-    async fn fetch_evidence(&self, accuser: PeerId, hash: [u8; 32]) -> Result<Option<Vec<u8>>, String> {
+    async fn fetch_evidence(&self, accuser: PeerId, hash: [u8; 32]) -> Result<Option<Vec<u8>>, AuditError> {
         let timeout = Duration::from_secs(60);
-        let stream = self.network.open_stream(accuser, PROTOCOL_EVIDENCE, timeout).await.map_err(|e| e.to_string())?;
+        let stream = self.network.open_stream(accuser, PROTOCOL_EVIDENCE, timeout).await?;
         let mut framed = Framed::new(accuser, stream);
-        framed.send(&EvidenceMessage::Request { evidence: hash }.encode(), timeout).await.map_err(|e| e.to_string())?;
-        let reply = framed.recv(timeout).await.map_err(|e| e.to_string())?.ok_or("the accuser closed the stream")?;
+        framed.send(&EvidenceMessage::Request { evidence: hash }.encode(), timeout).await?;
+        let reply = framed.recv(timeout).await?.ok_or(AuditError::Protocol("the accuser closed the stream"))?;
         framed.close().await;
-        match EvidenceMessage::decode(&reply) {
-            Ok(EvidenceMessage::Evidence { bytes }) => Ok(bytes),
-            Ok(other) => Err(format!("unexpected answer: {other:?}")),
-            Err(e) => Err(e.to_string()),
+        match EvidenceMessage::decode(&reply)? {
+            EvidenceMessage::Evidence { bytes } => Ok(bytes),
+            _ => Err(AuditError::Protocol("unexpected answer to an evidence request")),
         }
     }
 
     /// The accused node's recorded work, if `bytes` are the announced
-    /// evidence and every step of it carries the node's signature.
-    fn transcript_of(&self, peer: PeerId, accusation: &Accusation, bytes: &[u8]) -> Result<StageTranscript, String> {
+    /// evidence, signed by the accuser when signed at all, and every step
+    /// of it carries the node's signature.
+    fn transcript_of(&self, accuser: PeerId, peer: PeerId, accusation: &Accusation, bytes: &[u8]) -> Result<StageTranscript, AuditError> {
         if hotpot_core::hash(bytes) != accusation.evidence {
-            return Err("the evidence does not hash to what was announced".into());
+            return Err(AuditError::Protocol("the evidence does not hash to what was announced"));
         }
-        let evidence: Evidence = serde_json::from_slice(bytes).map_err(|e| format!("unreadable evidence: {e}"))?;
+        let evidence: Evidence = serde_json::from_slice(bytes)?;
         if evidence.node != accusation.node || evidence.model != self.model.id || evidence.span != accusation.span {
-            return Err("the evidence is about another node, model or span".into());
+            return Err(AuditError::Protocol("the evidence is about another node, model or span"));
         }
         if evidence.dim != self.model.dim || evidence.span.end() > self.model.n_blocks {
-            return Err("the evidence does not fit the model".into());
+            return Err(AuditError::Protocol("the evidence does not fit the model"));
         }
-        let (inputs, outputs) = evidence.check_signatures().map_err(|e| e.to_string())?;
-        let commitments = evidence.steps.iter().map(|s| Commitment::try_from(&s.commitment)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+        if let Some(signer) = evidence.check_accuser()?
+            && peer_id_of(&signer) != Some(accuser)
+        {
+            return Err(AuditError::Protocol("the evidence is signed by another gateway than its accuser"));
+        }
+        let (inputs, outputs) = evidence.check_signatures()?;
+        let commitments = evidence.steps.iter().map(|s| Commitment::try_from(&s.commitment)).collect::<Result<Vec<_>, _>>()?;
         Ok(StageTranscript { peer, node: evidence.node, span: evidence.span, dim: evidence.dim, inputs, outputs, commitments })
     }
 }

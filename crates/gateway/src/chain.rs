@@ -16,6 +16,10 @@ use hotpot_engine::{ForwardError, HiddenStates};
 use hotpot_net::{Framed, Network, PeerId, node_id_of};
 use hotpot_wire::{ClientMessage, DType, ErrorCode, NodeMessage, Open, PROTOCOL_INFER, Step, Tensor};
 
+/// Hidden states travel as f32: exactly the bytes nodes sign and audits
+/// recompute from.
+const WIRE_DTYPE: DType = DType::F32;
+
 use crate::directory::SharedDirectory;
 use crate::route::{Candidate, Hop, MissingBlocks, plan};
 
@@ -28,7 +32,6 @@ pub struct ChainConfig {
     /// Deadline of one step, plus `per_row_timeout` for each position in it.
     pub step_timeout: Duration,
     pub per_row_timeout: Duration,
-    pub dtype: DType,
     /// Node failures tolerated within one call to `forward`.
     pub max_failovers: usize,
     pub discovery_timeout: Duration,
@@ -45,7 +48,6 @@ impl Default for ChainConfig {
             open_timeout: Duration::from_secs(10),
             step_timeout: Duration::from_secs(10),
             per_row_timeout: Duration::from_millis(50),
-            dtype: DType::F32,
             max_failovers: 8,
             discovery_timeout: Duration::from_secs(3),
             emulated_delay: Duration::ZERO,
@@ -88,17 +90,49 @@ struct Conn {
 struct Stage {
     span: LayerSpan,
     conn: Conn,
-    /// Every hidden state fed to this stage so far, row-major.
+    /// Every hidden state fed to this stage so far, row-major (replayed
+    /// into a replacement when the node fails).
     history: Vec<f32>,
-    /// What the node returned for them, and its signed commitments.
+    /// Whether this stage's work will be audited (decided, unseen by the
+    /// node, when the stage is connected): only then are its outputs kept.
+    audited: bool,
+    /// What the node returned (audited stages only), and its signed commitments.
     outputs: Vec<f32>,
     commitments: Vec<Commitment>,
+    /// A step was rolled back part-way: the kept inputs no longer match
+    /// the commitments one for one, so the stage cannot be audited.
+    torn: bool,
 }
 
 impl Stage {
-    fn new(conn: Conn) -> Self {
-        Self { span: conn.hop.span, conn, history: Vec::new(), outputs: Vec::new(), commitments: Vec::new() }
+    fn new(conn: Conn, audited: bool) -> Self {
+        Self { span: conn.hop.span, conn, history: Vec::new(), audited, outputs: Vec::new(), commitments: Vec::new(), torn: false }
     }
+
+    fn record(&mut self, input: &[f32], output: &[f32], commitment: Commitment) {
+        self.history.extend_from_slice(input);
+        if self.audited {
+            self.outputs.extend_from_slice(output);
+        }
+        self.commitments.push(commitment);
+    }
+}
+
+/// Decides, when a stage is connected to a node, whether that stage's work
+/// in this session will be audited.
+pub type AuditSelector = Arc<dyn Fn(&PeerId) -> bool + Send + Sync>;
+
+/// What one node did in a session, as the session record keeps it:
+/// commitments only, never tensors.
+#[derive(Debug, Clone)]
+pub struct StageRecord {
+    /// The node (`None` for blocks run in this process).
+    pub peer: Option<PeerId>,
+    pub node: Option<NodeId>,
+    pub span: LayerSpan,
+    /// Positions the node computed (after rollbacks).
+    pub positions: usize,
+    pub commitments: Vec<Commitment>,
 }
 
 /// Everything one node did in a session: what audits and evidence need.
@@ -135,6 +169,19 @@ struct Connector {
     n_blocks: u32,
     config: ChainConfig,
     observer: Option<Observer>,
+    selector: Option<AuditSelector>,
+}
+
+/// Where a chain finds its nodes and how it reports and audits.
+#[derive(Clone)]
+pub struct ChainContext {
+    pub network: Network,
+    pub directory: SharedDirectory,
+    pub model: ModelId,
+    pub n_blocks: u32,
+    pub dim: usize,
+    pub observer: Option<Observer>,
+    pub selector: Option<AuditSelector>,
 }
 
 /// A pipeline of remote sessions covering all of a model's blocks.
@@ -154,19 +201,12 @@ impl std::fmt::Debug for RemoteChain {
 
 impl RemoteChain {
     /// Plans a route over the swarm and opens a session on every hop.
-    pub async fn open(
-        network: Network,
-        directory: SharedDirectory,
-        model: ModelId,
-        n_blocks: u32,
-        dim: usize,
-        config: ChainConfig,
-        observer: Option<Observer>,
-    ) -> Result<Self, ChainError> {
-        let connector = Connector { network, directory, model, n_blocks, config, observer };
+    pub async fn open(context: ChainContext, config: ChainConfig) -> Result<Self, ChainError> {
+        let ChainContext { network, directory, model, n_blocks, dim, observer, selector } = context;
+        let connector = Connector { network, directory, model, n_blocks, config, observer, selector };
         let full = LayerSpan::full(n_blocks).map_err(|e| ChainError::Internal(e.to_string()))?;
         let mut failures = 0;
-        let stages = connector.connect(full, &mut failures).await?.into_iter().map(Stage::new).collect();
+        let stages = connector.connect(full, &mut failures).await?.into_iter().map(|c| connector.stage(c)).collect();
         Ok(Self { connector, dim, stages, len: 0, failovers: 0 })
     }
 
@@ -201,10 +241,7 @@ impl RemoteChain {
         while k < self.stages.len() {
             match self.step(k, start_pos, rows, &x).await {
                 Ok((out, commitment)) => {
-                    let stage = &mut self.stages[k];
-                    stage.history.extend_from_slice(&x);
-                    stage.outputs.extend_from_slice(&out);
-                    stage.commitments.push(commitment);
+                    self.stages[k].record(&x, &out, commitment);
                     x = out;
                     k += 1;
                 }
@@ -230,10 +267,12 @@ impl RemoteChain {
         Ok(HiddenStates::new(rows, self.dim, x)?)
     }
 
-    /// What each node did in this session so far.
-    pub fn transcript(&self) -> Vec<StageTranscript> {
+    /// What the stages chosen for audit did in this session, tensors
+    /// included: what their audits recompute.
+    pub fn transcripts(&self) -> Vec<StageTranscript> {
         self.stages
             .iter()
+            .filter(|s| s.audited && !s.torn && !s.history.is_empty())
             .map(|s| StageTranscript {
                 peer: s.conn.hop.peer,
                 node: s.conn.node,
@@ -244,6 +283,70 @@ impl RemoteChain {
                 commitments: s.commitments.clone(),
             })
             .collect()
+    }
+
+    /// What each node of the route did, commitments only.
+    pub fn stage_records(&self) -> Vec<StageRecord> {
+        self.stages
+            .iter()
+            .map(|s| StageRecord {
+                peer: Some(s.conn.hop.peer),
+                node: Some(s.conn.node),
+                span: s.span,
+                positions: s.history.len() / self.dim,
+                commitments: s.commitments.clone(),
+            })
+            .collect()
+    }
+
+    /// Rolls every stage back to `len` positions: each node forgets the
+    /// rest of its cache (`Truncate`), and the kept history with it. A node
+    /// that fails to is replaced and replayed up to `len`.
+    pub async fn truncate(&mut self, len: usize) -> Result<(), ChainError> {
+        if len >= self.len {
+            return Ok(());
+        }
+        let dim = self.dim;
+        let mut k = 0;
+        while k < self.stages.len() {
+            let stage = &mut self.stages[k];
+            stage.history.truncate(len * dim);
+            if stage.audited {
+                stage.outputs.truncate(len * dim);
+            }
+            // Whole steps past `len` are forgotten; a step cut part-way
+            // leaves inputs and commitments that no longer line up.
+            stage.commitments.retain(|c| (c.start_pos as usize) < len);
+            stage.torn |= stage.commitments.last().is_some_and(|c| (c.start_pos + c.rows) as usize > len);
+            let timeout = self.connector.config.step_timeout;
+            let conn = &mut stage.conn;
+            let message = ClientMessage::Truncate { session: conn.session, pos: len as u32 };
+            let answer = async {
+                conn.framed.send(&message.encode(), timeout).await?;
+                let reply = conn.framed.recv(timeout).await?.ok_or_else(|| NodeFault::Protocol("closed the stream".into()))?;
+                match NodeMessage::decode(&reply).map_err(|e| NodeFault::Protocol(e.to_string()))? {
+                    NodeMessage::Truncated { len: l, .. } if l as usize == len => Ok(()),
+                    NodeMessage::Error { code, message } => Err(NodeFault::Refused { code, message }),
+                    other => Err(NodeFault::Protocol(format!("unexpected answer to Truncate: {other:?}"))),
+                }
+            };
+            if let Err(fault) = answer.await {
+                let peer = stage.conn.hop.peer;
+                let ban = self.connector.directory.with(|d| d.ban(peer));
+                self.failovers += 1;
+                self.emit(ChainEvent::Failover);
+                tracing::warn!(%peer, blocks = %self.stages[k].span, banned_for = ?ban, "failover: node failed to roll back ({fault}); rerouting its blocks");
+                let mut failures = 1;
+                let before = self.stages.len();
+                self.replace(k, &mut failures).await?;
+                // The replacement hops were replayed to `len` already.
+                k += self.stages.len() + 1 - before;
+                continue;
+            }
+            k += 1;
+        }
+        self.len = len;
+        Ok(())
     }
 
     /// Closes every session (best effort).
@@ -266,12 +369,12 @@ impl RemoteChain {
 
     async fn step(&mut self, k: usize, pos: usize, rows: usize, x: &[f32]) -> Result<(Vec<f32>, Commitment), NodeFault> {
         let timeout = self.step_timeout(rows);
-        let (model, dim, dtype, delay) = (self.connector.model, self.dim, self.connector.config.dtype, self.connector.config.emulated_delay);
+        let (model, dim, delay) = (self.connector.model, self.dim, self.connector.config.emulated_delay);
         emulate(delay).await;
-        let out = run_step(&mut self.stages[k].conn, model, dim, dtype, pos, rows, x, timeout).await;
+        let out = run_step(&mut self.stages[k].conn, model, dim, pos, rows, x, timeout).await;
         emulate(delay).await;
         if let Ok((values, _)) = &out {
-            let bytes = rows * dim * dtype.size();
+            let bytes = rows * dim * WIRE_DTYPE.size();
             self.emit(ChainEvent::Step { peer: &self.stages[k].conn.hop.peer, sent: bytes, received: values.len() * 4 });
         }
         out
@@ -288,14 +391,12 @@ impl RemoteChain {
             let mut fresh = Vec::with_capacity(conns.len());
             let mut conns = conns.into_iter();
             while let Some(conn) = conns.next() {
-                let mut stage = Stage::new(conn);
-                stage.history.clone_from(&input);
+                let mut stage = self.connector.stage(conn);
                 if rows > 0 {
                     let timeout = self.step_timeout(rows);
-                    match run_step(&mut stage.conn, self.connector.model, self.dim, self.connector.config.dtype, 0, rows, &input, timeout).await {
+                    match run_step(&mut stage.conn, self.connector.model, self.dim, 0, rows, &input, timeout).await {
                         Ok((out, commitment)) => {
-                            stage.outputs.clone_from(&out);
-                            stage.commitments.push(commitment);
+                            stage.record(&input, &out, commitment);
                             input = out;
                         }
                         Err(fault) => {
@@ -336,6 +437,12 @@ impl RemoteChain {
 }
 
 impl Connector {
+    /// A stage on a freshly connected node, secretly drawn for audit or not.
+    fn stage(&self, conn: Conn) -> Stage {
+        let audited = self.selector.as_ref().is_some_and(|select| select(&conn.hop.peer));
+        Stage::new(conn, audited)
+    }
+
     fn emit(&self, event: ChainEvent<'_>) {
         if let Some(observer) = &self.observer {
             observer(event);
@@ -474,18 +581,16 @@ impl Drop for RemoteChain {
 }
 
 /// Sends one step and checks everything about the answer.
-#[allow(clippy::too_many_arguments)]
 async fn run_step(
     conn: &mut Conn,
     model: ModelId,
     dim: usize,
-    dtype: DType,
     pos: usize,
     rows: usize,
     x: &[f32],
     timeout: Duration,
 ) -> Result<(Vec<f32>, Commitment), NodeFault> {
-    let tensor = Tensor::from_f32(dtype, rows, dim, x);
+    let tensor = Tensor::from_f32(WIRE_DTYPE, rows, dim, x);
     let message = ClientMessage::Step(Step { session: conn.session, pos: pos as u32, hidden: tensor });
     conn.framed.send(&message.encode(), timeout).await?;
     let reply = conn.framed.recv(timeout).await?.ok_or_else(|| NodeFault::Protocol("closed the stream".into()))?;

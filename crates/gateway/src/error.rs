@@ -61,6 +61,34 @@ impl ApiError {
     }
 }
 
+impl From<hotpot_engine::ForwardError> for ApiError {
+    fn from(e: hotpot_engine::ForwardError) -> Self {
+        use hotpot_engine::ForwardError;
+        match e {
+            ForwardError::ContextFull { needed, max } => Self::BadRequest {
+                message: format!("this model's context is {max} tokens, and the request needs {needed}"),
+                param: Some("messages".into()),
+                code: Some("context_length_exceeded"),
+            },
+            ForwardError::Empty => Self::bad_param("prompt", "the prompt is empty"),
+            ForwardError::Token { token, vocab } => Self::bad_param("prompt", format!("token id {token} is outside the vocabulary of {vocab}")),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::chain::ChainError> for ApiError {
+    fn from(e: crate::chain::ChainError) -> Self {
+        use crate::chain::ChainError;
+        match e {
+            ChainError::Missing(missing) => Self::Unavailable(format!("the swarm cannot serve this model right now: {missing}")),
+            ChainError::GaveUp { failures, last } => Self::Unavailable(format!("the swarm failed {failures} times on this request; the last failure: {last}")),
+            ChainError::Forward(e) => e.into(),
+            ChainError::Internal(e) => Self::Internal(e),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status(), Json(self.body())).into_response()

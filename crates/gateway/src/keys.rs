@@ -5,19 +5,23 @@
 //! `{"keys": [{"key": "sk-…", "name": "alice", "token_budget": 100000, "requests_per_minute": 60}]}`
 //! (`token_budget` and `requests_per_minute` are optional: no limit).
 //!
+//! A request reserves what it may use (its prompts plus `max_tokens` for
+//! every choice) before anything is generated, so concurrent requests can
+//! never overspend a budget; each session settles what it really used when
+//! it ends, however it ends, and the rest of the reservation is released.
 //! What each key has spent outlives the gateway: [`KeyStore::load`] keeps it
 //! in an SQLite file beside the keys file (`keys.json` →
-//! `keys.spending.sqlite`), one row per key named by the BLAKE3 hash of the
-//! key (the keys themselves stay only in the keys file).
+//! `keys.spending.sqlite`, schema version [`SCHEMA_VERSION`]), one row per
+//! key named by the BLAKE3 hash of the key (the keys themselves stay only
+//! in the keys file).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
-
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 
@@ -40,13 +44,41 @@ struct KeysFile {
 #[derive(Debug)]
 struct Account {
     spec: KeySpec,
+    name: String,
     spent: u64,
+    /// Held by requests in flight.
+    reserved: u64,
     /// Token bucket for the request rate: tokens left and when last filled.
     bucket: f64,
     filled: Instant,
 }
 
-/// The configured keys and what each has spent.
+/// Why a keys file or its spending store cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid keys file: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("the keys file lists no keys")]
+    Empty,
+    #[error("the key named {0:?} appears twice")]
+    Duplicate(String),
+    #[error("cannot use the spending store {path}: {source}")]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("the spending store {path} has schema version {found}; this gateway knows versions up to {SCHEMA_VERSION}")]
+    Version { path: PathBuf, found: i64 },
+}
+
+/// The configured keys and what each has spent and holds.
 #[derive(Debug)]
 pub struct KeyStore {
     accounts: Mutex<HashMap<String, Account>>,
@@ -61,41 +93,54 @@ pub struct Caller {
     pub name: String,
 }
 
+/// A key's state, as `GET /v1/hotpot/key` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyStatus {
+    pub name: String,
+    pub token_budget: Option<u64>,
+    pub spent: u64,
+    pub reserved: u64,
+    /// Budget minus spent and reserved (`None`: no budget).
+    pub remaining: Option<u64>,
+}
+
+/// The version of the spending store's schema. 1: the `spending` table
+/// alone (no version recorded); 2: adds the `meta` table that records it.
+pub const SCHEMA_VERSION: i64 = 2;
+
 impl KeyStore {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let file: KeysFile = serde_json::from_str(text).map_err(|e| format!("invalid keys file: {e}"))?;
+    pub fn parse(text: &str) -> Result<Self, KeysError> {
+        let file: KeysFile = serde_json::from_str(text)?;
         if file.keys.is_empty() {
-            return Err("the keys file lists no keys".into());
+            return Err(KeysError::Empty);
         }
-        let accounts = file
-            .keys
-            .into_iter()
-            .map(|spec| {
-                let bucket = f64::from(spec.requests_per_minute.unwrap_or(0));
-                (spec.key.clone(), Account { spec, spent: 0, bucket, filled: Instant::now() })
-            })
-            .collect();
+        let mut accounts = HashMap::new();
+        for spec in file.keys {
+            let bucket = f64::from(spec.requests_per_minute.unwrap_or(0));
+            let name = spec.name.clone().unwrap_or_else(|| format!("key-{}", &spec.key[..spec.key.len().min(6)]));
+            if accounts.contains_key(&spec.key) {
+                return Err(KeysError::Duplicate(name));
+            }
+            accounts.insert(spec.key.clone(), Account { spec, name, spent: 0, reserved: 0, bucket, filled: Instant::now() });
+        }
         Ok(Self { accounts: Mutex::new(accounts), ledger: None })
     }
 
     /// The keys of `path`, with what they spent before (see the module docs).
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, KeysError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read { path: path.to_path_buf(), source })?;
         Self::parse(&text)?.with_ledger(&ledger_path(path))
     }
 
-    /// Keeps spending in the SQLite file `path` (created if missing) and
-    /// starts each key from what that file says it spent.
-    pub fn with_ledger(mut self, path: &Path) -> Result<Self, String> {
-        let fail = |e: rusqlite::Error| format!("cannot use the spending ledger {}: {e}", path.display());
+    /// Keeps spending in the SQLite file `path` (created if missing,
+    /// migrated if older) and starts each key from what that file says it
+    /// spent.
+    pub fn with_ledger(mut self, path: &Path) -> Result<Self, KeysError> {
+        let fail = |source: rusqlite::Error| KeysError::Store { path: path.to_path_buf(), source };
         let conn = Connection::open(path).map_err(fail)?;
         conn.busy_timeout(Duration::from_secs(2)).map_err(fail)?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             CREATE TABLE IF NOT EXISTS spending (key_hash TEXT PRIMARY KEY, name TEXT NOT NULL, spent INTEGER NOT NULL);",
-        )
-        .map_err(fail)?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;").map_err(fail)?;
+        migrate(&conn, path)?;
         {
             let accounts = self.accounts.get_mut().unwrap_or_else(|e| e.into_inner());
             let mut query = conn.prepare("SELECT spent FROM spending WHERE key_hash = ?1").map_err(fail)?;
@@ -108,14 +153,18 @@ impl KeyStore {
         Ok(self)
     }
 
-    /// Checks the `Authorization` header, the key's budget and its rate;
-    /// counts the request.
+    fn accounts(&self) -> std::sync::MutexGuard<'_, HashMap<String, Account>> {
+        self.accounts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks the `Authorization` header and the key's rate; counts the
+    /// request. (The budget is checked when the request reserves tokens.)
     pub fn admit(&self, authorization: Option<&str>) -> Result<Caller, ApiError> {
         let token = authorization
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
             .ok_or_else(|| ApiError::Unauthorized("missing API key: send `Authorization: Bearer KEY`".into()))?;
-        let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut accounts = self.accounts();
         let account = accounts.get_mut(token).ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
         if let Some(budget) = account.spec.token_budget
             && account.spent >= budget
@@ -132,13 +181,39 @@ impl KeyStore {
             }
             account.bucket -= 1.0;
         }
-        let name = account.spec.name.clone().unwrap_or_else(|| format!("key-{}", &token[..token.len().min(6)]));
-        Ok(Caller { key: token.to_string(), name })
+        Ok(Caller { key: token.to_string(), name: account.name.clone() })
     }
 
-    /// Adds `tokens` to what `caller` spent (and to the ledger, if any).
-    pub fn charge(&self, caller: &Caller, tokens: u64) {
-        if let Some(account) = self.accounts.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&caller.key) {
+    /// Tokens `caller` may still reserve (`None`: no budget).
+    pub fn available(&self, caller: &Caller) -> Option<u64> {
+        let accounts = self.accounts();
+        let account = accounts.get(&caller.key)?;
+        account.spec.token_budget.map(|b| b.saturating_sub(account.spent + account.reserved))
+    }
+
+    /// Holds `tokens` of `caller`'s budget for one request, or refuses with
+    /// 429 `insufficient_quota` when they are not left.
+    pub fn reserve(self: &Arc<Self>, caller: &Caller, tokens: u64) -> Result<Reservation, ApiError> {
+        let mut accounts = self.accounts();
+        let account = accounts.get_mut(&caller.key).ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
+        if let Some(budget) = account.spec.token_budget {
+            let left = budget.saturating_sub(account.spent + account.reserved);
+            if tokens > left {
+                return Err(ApiError::RateLimited {
+                    message: format!(
+                        "this request may use up to {tokens} tokens and this key has {left} left of its budget of {budget} (lower max_tokens or n)"
+                    ),
+                    code: "insufficient_quota",
+                });
+            }
+        }
+        account.reserved += tokens;
+        Ok(Reservation { store: Arc::clone(self), caller: caller.clone(), held: Mutex::new(tokens) })
+    }
+
+    /// Adds `tokens` to what `caller` spent (and to the store, if any).
+    fn charge(&self, caller: &Caller, tokens: u64) {
+        if let Some(account) = self.accounts().get_mut(&caller.key) {
             account.spent += tokens;
         }
         if let Some(ledger) = &self.ledger {
@@ -149,21 +224,104 @@ impl KeyStore {
                 params![key_hash(&caller.key), caller.name, tokens],
             );
             if let Err(e) = written {
-                tracing::warn!(key = %caller.name, error = %e, "cannot record spending in the ledger");
+                tracing::warn!(key = %caller.name, error = %e, "cannot record spending in the store");
             }
         }
     }
 
+    /// The state of `caller`'s key.
+    pub fn status(&self, caller: &Caller) -> Option<KeyStatus> {
+        let accounts = self.accounts();
+        let a = accounts.get(&caller.key)?;
+        Some(KeyStatus {
+            name: a.name.clone(),
+            token_budget: a.spec.token_budget,
+            spent: a.spent,
+            reserved: a.reserved,
+            remaining: a.spec.token_budget.map(|b| b.saturating_sub(a.spent + a.reserved)),
+        })
+    }
+
     /// `(name, spent)` for every key.
     pub fn spending(&self) -> Vec<(String, u64)> {
-        let accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<_> = accounts.iter().map(|(k, a)| (a.spec.name.clone().unwrap_or_else(|| format!("key-{}", &k[..k.len().min(6)])), a.spent)).collect();
+        let mut out: Vec<_> = self.accounts().values().map(|a| (a.name.clone(), a.spent)).collect();
         out.sort();
         out
     }
 }
 
-/// The ledger of a keys file: `keys.json` → `keys.spending.sqlite`.
+/// Tokens a request holds against a key's budget. Sessions settle what they
+/// used with [`Reservation::settle`]; whatever is still held when the last
+/// session lets go of it is released.
+#[derive(Debug)]
+pub struct Reservation {
+    store: Arc<KeyStore>,
+    caller: Caller,
+    held: Mutex<u64>,
+}
+
+impl Reservation {
+    /// Charges `tokens` and lets go of as much of the hold.
+    pub fn settle(&self, tokens: u64) {
+        let released = {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            let released = tokens.min(*held);
+            *held -= released;
+            released
+        };
+        if let Some(account) = self.store.accounts().get_mut(&self.caller.key) {
+            account.reserved -= released.min(account.reserved);
+        }
+        self.store.charge(&self.caller, tokens);
+    }
+
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let held = *self.held.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(account) = self.store.accounts().get_mut(&self.caller.key) {
+            account.reserved -= held.min(account.reserved);
+        }
+    }
+}
+
+/// Brings the store at `path` to [`SCHEMA_VERSION`].
+fn migrate(conn: &Connection, path: &Path) -> Result<(), KeysError> {
+    let fail = |source: rusqlite::Error| KeysError::Store { path: path.to_path_buf(), source };
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);").map_err(fail)?;
+    let version: Option<i64> = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |row| row.get(0)).optional().map_err(fail)?;
+    let version = match version {
+        Some(v) => v,
+        // Version 1 recorded no version; a store without the spending table is new.
+        None => {
+            let legacy: bool = conn
+                .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'spending'", [], |row| row.get::<_, i64>(0))
+                .map_err(fail)?
+                > 0;
+            if legacy { 1 } else { 0 }
+        }
+    };
+    if version > SCHEMA_VERSION {
+        return Err(KeysError::Version { path: path.to_path_buf(), found: version });
+    }
+    conn.execute_batch(
+        "BEGIN;
+         CREATE TABLE IF NOT EXISTS spending (key_hash TEXT PRIMARY KEY, name TEXT NOT NULL, spent INTEGER NOT NULL);
+         INSERT INTO meta (key, value) VALUES ('schema_version', 2) ON CONFLICT (key) DO UPDATE SET value = 2;
+         COMMIT;",
+    )
+    .map_err(fail)?;
+    if version == 1 {
+        tracing::info!(store = %path.display(), "migrated the spending store from schema version 1 to 2");
+    }
+    Ok(())
+}
+
+/// The spending store of a keys file: `keys.json` → `keys.spending.sqlite`.
 pub fn ledger_path(keys: &Path) -> PathBuf {
     keys.with_extension("spending.sqlite")
 }
@@ -183,13 +341,13 @@ mod tests {
 
     #[test]
     fn keys_budgets_and_rates() {
-        let store = KeyStore::parse(FILE).expect("parses");
+        let store = Arc::new(KeyStore::parse(FILE).expect("parses"));
         assert!(matches!(store.admit(None), Err(ApiError::Unauthorized(_))));
         assert!(matches!(store.admit(Some("Bearer sk-zzz")), Err(ApiError::Unauthorized(_))));
         assert!(matches!(store.admit(Some("sk-a")), Err(ApiError::Unauthorized(_))));
         let alice = store.admit(Some("Bearer sk-a")).expect("admitted");
         assert_eq!(alice.name, "alice");
-        store.charge(&alice, 10);
+        store.reserve(&alice, 10).expect("reserves").settle(10);
         assert!(matches!(store.admit(Some("Bearer sk-a")), Err(ApiError::RateLimited { code: "insufficient_quota", .. })));
         store.admit(Some("Bearer sk-b")).expect("first");
         store.admit(Some("Bearer sk-b")).expect("second");
@@ -202,16 +360,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let keys = dir.path().join("keys.json");
         std::fs::write(&keys, FILE).expect("writes");
-        let store = KeyStore::load(&keys).expect("loads");
+        let store = Arc::new(KeyStore::load(&keys).expect("loads"));
         let alice = store.admit(Some("Bearer sk-a")).expect("admitted");
-        store.charge(&alice, 6);
+        store.reserve(&alice, 8).expect("reserves").settle(6);
         drop(store);
 
         // A restarted gateway remembers the 6 tokens: 4 more exhaust the budget.
-        let store = KeyStore::load(&keys).expect("loads again");
+        let store = Arc::new(KeyStore::load(&keys).expect("loads again"));
         assert_eq!(store.spending(), vec![("alice".to_string(), 6), ("key-sk-b".to_string(), 0)]);
         let alice = store.admit(Some("Bearer sk-a")).expect("still within budget");
-        store.charge(&alice, 4);
+        store.reserve(&alice, 4).expect("reserves").settle(4);
         assert!(matches!(store.admit(Some("Bearer sk-a")), Err(ApiError::RateLimited { code: "insufficient_quota", .. })));
         drop(store);
         let store = KeyStore::load(&keys).expect("loads a third time");
@@ -224,8 +382,52 @@ mod tests {
         std::fs::write(ledger_path(&keys), b"not a database, just some bytes that are long enough").expect("writes");
         let _ = std::fs::remove_file(dir.path().join("keys.spending.sqlite-wal"));
         let _ = std::fs::remove_file(dir.path().join("keys.spending.sqlite-shm"));
-        let err = KeyStore::load(&keys).expect_err("refused");
-        assert!(err.contains("spending ledger"), "{err}");
+        let err = KeyStore::load(&keys).expect_err("refused").to_string();
+        assert!(err.contains("spending store"), "{err}");
+    }
+
+    /// Reservations are atomic: what is held counts against the budget until
+    /// it is settled or released, and a request that does not fit is refused.
+    #[test]
+    fn reservations_hold_and_release() {
+        let store = Arc::new(KeyStore::parse(FILE).expect("parses"));
+        let alice = store.admit(Some("Bearer sk-a")).expect("admitted");
+        let first = store.reserve(&alice, 7).expect("fits");
+        assert!(matches!(store.reserve(&alice, 4), Err(ApiError::RateLimited { code: "insufficient_quota", .. })));
+        let status = store.status(&alice).expect("status");
+        assert_eq!((status.spent, status.reserved, status.remaining), (0, 7, Some(3)));
+        first.settle(2);
+        assert_eq!(store.status(&alice).map(|s| (s.spent, s.reserved)), Some((2, 5)));
+        drop(first);
+        assert_eq!(store.status(&alice).map(|s| (s.spent, s.reserved, s.remaining)), Some((2, 0, Some(8))));
+        let second = store.reserve(&alice, 8).expect("fits again");
+        second.settle(3);
+        second.settle(3);
+        drop(second);
+        assert_eq!(store.status(&alice).map(|s| (s.spent, s.reserved)), Some((8, 0)));
+    }
+
+    /// A version-1 store (no version recorded) is migrated and keeps its
+    /// numbers; a store from a newer gateway is refused.
+    #[test]
+    fn old_stores_migrate_and_newer_ones_are_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let keys = dir.path().join("keys.json");
+        std::fs::write(&keys, FILE).expect("writes");
+        {
+            let conn = Connection::open(ledger_path(&keys)).expect("opens");
+            conn.execute_batch("CREATE TABLE spending (key_hash TEXT PRIMARY KEY, name TEXT NOT NULL, spent INTEGER NOT NULL);").expect("v1");
+            conn.execute("INSERT INTO spending VALUES (?1, 'alice', 9)", params![key_hash("sk-a")]).expect("row");
+        }
+        let store = KeyStore::load(&keys).expect("migrates");
+        assert_eq!(store.spending()[0], ("alice".to_string(), 9));
+        drop(store);
+        let conn = Connection::open(ledger_path(&keys)).expect("opens");
+        let version: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).expect("recorded");
+        assert_eq!(version, SCHEMA_VERSION);
+        conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'", []).expect("bumps");
+        drop(conn);
+        assert!(matches!(KeyStore::load(&keys), Err(KeysError::Version { found: 99, .. })));
     }
 
     #[test]

@@ -1,24 +1,25 @@
-//! The gateway's core: turns validated requests into generations over the
-//! swarm and reports their tokens as events.
+//! The gateway's core: turns a planned request into sessions over the
+//! swarm — reserve the key's budget, open every choice's route, drive each
+//! session — and hands every session's record to its sinks.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hotpot_core::ModelId;
 use hotpot_core::placement::{Served, gaps};
-use hotpot_engine::{ClientParts, FinishReason, ForwardError, Generation, GenerationParams, HiddenStates, TokenLogprob, log_softmax, top_logprobs};
+use hotpot_engine::ClientParts;
 use hotpot_net::Network;
 use tokio::sync::mpsc;
 
 use crate::audit::{AuditConfig, Auditor};
-use crate::chain::{ChainConfig, ChainError, ChainEvent, Observer, RemoteChain};
+use crate::chain::{ChainConfig, ChainContext, ChainEvent, Observer, RemoteChain};
 use crate::directory::SharedDirectory;
 use crate::error::ApiError;
-use crate::keys::KeyStore;
-use crate::metrics::Metrics;
+use crate::keys::{Caller, KeyStore, Reservation};
+use crate::metrics::{KeyLabels, Metrics};
+use crate::session::{ChoiceJob, EventSink, Finish, RecordSink, SessionContext, SessionEvent, SessionRecord, drive};
 
 /// How the gateway runs.
-#[derive(Debug)]
 pub struct GatewayConfig {
     /// The name clients use for the model (its alias).
     pub model_name: String,
@@ -27,14 +28,25 @@ pub struct GatewayConfig {
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     pub chain: ChainConfig,
-    pub keys: Option<KeyStore>,
+    pub keys: Option<Arc<KeyStore>>,
     /// Most choices per request (`n`).
     pub max_choices: u32,
+    /// Where every session's record goes besides billing, audits and
+    /// metrics (the `--session-log` JSONL file).
+    pub record_sinks: Vec<Arc<dyn RecordSink>>,
 }
 
 impl GatewayConfig {
     pub fn new(model_name: impl Into<String>) -> Self {
-        Self { model_name: model_name.into(), audit: None, max_body_bytes: 4 << 20, chain: ChainConfig::default(), keys: None, max_choices: 8 }
+        Self {
+            model_name: model_name.into(),
+            audit: None,
+            max_body_bytes: 4 << 20,
+            chain: ChainConfig::default(),
+            keys: None,
+            max_choices: 8,
+            record_sinks: Vec::new(),
+        }
     }
 }
 
@@ -59,44 +71,17 @@ pub struct Gateway {
     auditor: Option<Arc<Auditor>>,
 }
 
-/// One choice to generate.
-#[derive(Debug, Clone)]
-pub(crate) struct ChoiceJob {
-    pub index: u32,
-    pub prompt: Vec<u32>,
-    pub params: GenerationParams,
-    /// Alternatives to report with each prompt token's log-probability
-    /// (completions with `echo` and `logprobs`).
-    pub prompt_logprobs: Option<usize>,
+/// A request, planned: who pays, the sessions to run, and the most tokens
+/// they may use together.
+pub(crate) struct RequestPlan {
+    pub id: String,
+    pub caller: Option<Caller>,
+    pub jobs: Vec<ChoiceJob>,
+    pub reserve: u64,
 }
 
-/// What a running choice reports.
-#[derive(Debug, Clone)]
-pub(crate) enum ChoiceEvent {
-    /// Log-probabilities of prompt tokens 1.. (the first has none).
-    Prompt {
-        index: u32,
-        logprobs: Vec<TokenLogprob>,
-    },
-    Token {
-        index: u32,
-        token: u32,
-        text: String,
-        logprob: Option<TokenLogprob>,
-    },
-    Done {
-        index: u32,
-        finish: FinishReason,
-        completion_tokens: usize,
-    },
-}
-
-/// A choice whose route is open, ready to run.
-pub(crate) struct PreparedChoice {
-    job: ChoiceJob,
-    chain: RemoteChain,
-    generation: Generation,
-}
+/// What a request's sessions report, in the order they report it.
+pub(crate) type RequestEvents = mpsc::Receiver<Result<SessionEvent, ApiError>>;
 
 impl Gateway {
     /// A gateway for `client`'s model over `network`; follows the model's
@@ -153,138 +138,109 @@ impl Gateway {
         })
     }
 
-    /// Opens a route for `job` (so that a swarm that cannot serve the
-    /// model fails the request before any streaming starts).
-    pub(crate) async fn prepare(&self, job: ChoiceJob) -> Result<PreparedChoice, ApiError> {
-        let max_len = (job.prompt.len() + job.params.max_tokens).min(self.model.context);
+    /// Opens a route over the swarm for one session of `max_len` positions.
+    async fn open_chain(&self, max_len: usize) -> Result<RemoteChain, ApiError> {
+        let context = ChainContext {
+            network: self.network.clone(),
+            directory: self.directory.clone(),
+            model: self.model.id,
+            n_blocks: self.model.n_blocks,
+            dim: self.model.dim,
+            observer: Some(self.observer()),
+            selector: self.auditor.as_ref().map(Auditor::selector),
+        };
         let config = ChainConfig { max_len: max_len + 1, ..self.config.chain.clone() };
-        let generation = Generation::new(job.prompt.clone(), job.params.clone(), self.model.context).map_err(forward_error)?;
-        let chain =
-            RemoteChain::open(self.network.clone(), self.directory.clone(), self.model.id, self.model.n_blocks, self.model.dim, config, Some(self.observer()))
-                .await
-                .map_err(|e| self.chain_error(e))?;
-        Ok(PreparedChoice { job, chain, generation })
+        Ok(RemoteChain::open(context, config).await?)
     }
 
-    fn chain_error(&self, e: ChainError) -> ApiError {
-        match e {
-            ChainError::Missing(missing) => ApiError::Unavailable(format!("the swarm cannot serve {} right now: {missing}", self.model.name)),
-            ChainError::GaveUp { failures, last } => {
-                ApiError::Unavailable(format!("the swarm failed {failures} times on this request; the last failure: {last}"))
-            }
-            ChainError::Forward(e) => forward_error(e),
-            ChainError::Internal(e) => ApiError::Internal(e),
+    /// Starts a planned request: reserves what it may spend, opens every
+    /// choice's route (so that a swarm that cannot serve the model fails the
+    /// request before anything streams), then runs each session in its own
+    /// task. The sessions finish — and are billed and recorded — whether or
+    /// not anyone still reads the events.
+    pub(crate) async fn start(self: &Arc<Self>, plan: RequestPlan) -> Result<RequestEvents, ApiError> {
+        let started = Instant::now();
+        let reservation = match (&plan.caller, &self.config.keys) {
+            (Some(caller), Some(keys)) => Some(Arc::new(keys.reserve(caller, plan.reserve)?)),
+            _ => None,
+        };
+        let opened =
+            futures::future::join_all(plan.jobs.iter().map(|job| self.open_chain((job.prompt.len() + job.params.max_tokens).min(self.model.context)))).await;
+        let chains = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
+        // Small buffers: a listener that leaves is noticed within a token or two.
+        let (tx, rx) = mpsc::channel(4);
+        for (job, chain) in plan.jobs.into_iter().zip(chains) {
+            let context = SessionContext {
+                id: format!("{}/{}", plan.id, job.index),
+                caller: plan.caller.as_ref().map(|c| c.name.clone()),
+                model: self.model.name.clone(),
+                model_id: self.model.id,
+            };
+            let (gateway, tx, reservation) = (Arc::clone(self), tx.clone(), reservation.clone());
+            tokio::spawn(async move { gateway.run_session(job, chain, context, tx, reservation, started).await });
         }
+        Ok(rx)
     }
 
-    /// Runs a prepared choice to its end, sending events to `events`. Stops
-    /// early (and frees its sessions) when nobody listens any more.
-    pub(crate) async fn run(&self, prepared: PreparedChoice, events: mpsc::Sender<ChoiceEvent>, started: Instant) -> Result<(), ApiError> {
-        let PreparedChoice { job, mut chain, mut generation } = prepared;
-        let result = self.drive(&job, &mut chain, &mut generation, &events, started).await;
-        let transcript = self.auditor.as_ref().map(|_| chain.transcript());
+    /// Drives one session to its end and hands its record to the sinks.
+    async fn run_session(
+        self: Arc<Self>,
+        job: ChoiceJob,
+        mut chain: RemoteChain,
+        context: SessionContext,
+        tx: mpsc::Sender<Result<SessionEvent, ApiError>>,
+        reservation: Option<Arc<Reservation>>,
+        request_started: Instant,
+    ) {
+        let mut sink = Metered { tx: tx.clone(), metrics: Arc::clone(&self.metrics), started: request_started, last: None };
+        let outcome = drive(&self.client, &mut chain, &job, &context, &mut sink).await;
+        let transcripts = self.auditor.as_ref().map(|_| chain.transcripts());
         chain.close().await;
-        if let (Some(auditor), Some(transcript)) = (&self.auditor, transcript) {
-            auditor.after_session(transcript);
+        if let Some(e) = outcome.error {
+            let _ = tx.send(Err(e.into())).await;
         }
-        result
+        self.on_record(&outcome.record, reservation.as_deref());
+        if let (Some(auditor), Some(transcripts)) = (&self.auditor, transcripts) {
+            auditor.after_session(transcripts);
+        }
     }
 
-    async fn drive(
-        &self,
-        job: &ChoiceJob,
-        chain: &mut RemoteChain,
-        generation: &mut Generation,
-        events: &mpsc::Sender<ChoiceEvent>,
-        started: Instant,
-    ) -> Result<(), ApiError> {
-        let index = job.index;
-        let mut last_token: Option<Instant> = None;
-        // Prompt log-probabilities need the prefill even when nothing is generated.
-        let mut prompt_pending = job.prompt_logprobs.is_some();
-        loop {
-            if let Some(finish) = generation.finished()
-                && !prompt_pending
-            {
-                let _ = events.send(ChoiceEvent::Done { index, finish, completion_tokens: generation.completion().len() }).await;
-                return Ok(());
-            }
-            let (tokens, start) = generation.pending();
-            let tokens = tokens.to_vec();
-            let prefill = start == 0;
-            let parts = Arc::clone(&self.client);
-            let hidden = compute(move || parts.embed(&tokens)).await?;
-            let out = chain.forward(hidden, start).await.map_err(|e| self.chain_error(e))?;
-            generation.mark_fed();
-            if prefill && let Some(top) = job.prompt_logprobs {
-                prompt_pending = false;
-                let logprobs = self.prompt_logprobs(&job.prompt, &out, top).await?;
-                if events.send(ChoiceEvent::Prompt { index, logprobs }).await.is_err() {
-                    return Ok(());
-                }
-                if generation.finished().is_some() {
-                    continue;
-                }
-            }
-            let parts = Arc::clone(&self.client);
-            let last = out.last_row();
-            let logits = compute(move || parts.logits(&last)).await?;
-            let step = generation.accept(&logits, &self.client);
+    /// A finished session's record: billing, metrics, the other sinks.
+    fn on_record(&self, record: &SessionRecord, reservation: Option<&Reservation>) {
+        let billed = record.billed_tokens();
+        if let Some(reservation) = reservation {
+            reservation.settle(billed);
+            self.metrics.key_tokens.get_or_create(&KeyLabels { key: reservation.caller().name.clone() }).inc_by(billed);
+        }
+        self.metrics.tokens_in.inc_by(record.billed_prompt_tokens as u64);
+        self.metrics.tokens_out.inc_by(record.completion_tokens as u64);
+        if let Finish::Error(message) = &record.finish {
+            tracing::warn!(session = %record.id, error = %message, "a session failed");
+        }
+        for sink in &self.config.record_sinks {
+            sink.record(record);
+        }
+    }
+}
+
+/// A session's events on their way to the request, timed for metrics.
+struct Metered {
+    tx: mpsc::Sender<Result<SessionEvent, ApiError>>,
+    metrics: Arc<Metrics>,
+    started: Instant,
+    last: Option<Instant>,
+}
+
+impl EventSink for Metered {
+    async fn send(&mut self, event: SessionEvent) -> bool {
+        if matches!(event, SessionEvent::Token { .. }) {
             let now = Instant::now();
-            match last_token {
-                None => self.metrics.time_to_first_token.observe(now.duration_since(started).as_secs_f64()),
+            match self.last {
+                None => self.metrics.time_to_first_token.observe(now.duration_since(self.started).as_secs_f64()),
                 Some(previous) => self.metrics.token_latency.observe(now.duration_since(previous).as_secs_f64()),
             }
-            last_token = Some(now);
-            let event = ChoiceEvent::Token { index, token: step.token, text: step.text, logprob: step.logprob };
-            if events.send(event).await.is_err() {
-                tracing::debug!("the client went away; closing its sessions");
-                return Ok(());
-            }
+            self.last = Some(now);
         }
+        self.tx.send(Ok(event)).await.is_ok()
     }
-
-    /// Log-probabilities of `prompt[1..]` given the hidden states of every
-    /// prompt position, computed a few rows at a time.
-    async fn prompt_logprobs(&self, prompt: &[u32], hidden: &HiddenStates, top: usize) -> Result<Vec<TokenLogprob>, ApiError> {
-        let dim = hidden.dim();
-        let rows = prompt.len().saturating_sub(1);
-        let mut out = Vec::with_capacity(rows);
-        for chunk_start in (0..rows).step_by(16) {
-            let chunk_end = (chunk_start + 16).min(rows);
-            let data = hidden.as_slice()[chunk_start * dim..chunk_end * dim].to_vec();
-            let states = HiddenStates::new(chunk_end - chunk_start, dim, data).map_err(forward_error)?;
-            let parts = Arc::clone(&self.client);
-            let logits = compute(move || parts.logits(&states)).await?;
-            let vocab = logits.len() / (chunk_end - chunk_start);
-            for (i, row) in logits.chunks_exact(vocab).enumerate() {
-                let lp = log_softmax(row);
-                let next = prompt[chunk_start + i + 1] as usize;
-                out.push(TokenLogprob { logprob: lp.get(next).copied().unwrap_or(f32::NEG_INFINITY), top: top_logprobs(&lp, top) });
-            }
-        }
-        Ok(out)
-    }
-}
-
-fn forward_error(e: ForwardError) -> ApiError {
-    match e {
-        ForwardError::ContextFull { needed, max } => ApiError::BadRequest {
-            message: format!("this model's context is {max} tokens, and the request needs {needed}"),
-            param: Some("messages".into()),
-            code: Some("context_length_exceeded"),
-        },
-        ForwardError::Empty => ApiError::bad_param("prompt", "the prompt is empty"),
-        ForwardError::Token { token, vocab } => ApiError::bad_param("prompt", format!("token id {token} is outside the vocabulary of {vocab}")),
-        other => ApiError::Internal(other.to_string()),
-    }
-}
-
-/// Client-side compute (embedding, head) off the async workers' hot path.
-async fn compute<R: Send + 'static>(f: impl FnOnce() -> Result<R, ForwardError> + Send + 'static) -> Result<R, ApiError> {
-    let run = move || f().map_err(forward_error);
-    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-        return tokio::task::block_in_place(run);
-    }
-    tokio::task::spawn_blocking(run).await.map_err(|e| ApiError::Internal(e.to_string()))?
 }

@@ -27,7 +27,7 @@ async fn kit(keys: Option<&str>) -> Kit {
         Network::start(NetworkConfig { key: NodeKey::generate(), listen: vec![], join: vec![], dht_server: false, mdns: false }).await.expect("network");
     let mut config = GatewayConfig::new("tiny");
     config.max_body_bytes = 4096;
-    config.keys = keys.map(|k| KeyStore::parse(k).expect("keys"));
+    config.keys = keys.map(|k| Arc::new(KeyStore::parse(k).expect("keys")));
     let gateway = Gateway::new(client, file.model_id().expect("id"), network, config).await;
     Kit { app: router(gateway), _dir: dir }
 }

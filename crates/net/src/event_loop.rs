@@ -85,7 +85,20 @@ pub(crate) struct EventLoop {
     pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<(), NetError>>>,
     provider_queries: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
     provided: Vec<String>,
+    /// The `--join` addresses, and the peers found behind them: kept
+    /// connected (redialed after a reset or a restart).
+    join: Vec<Multiaddr>,
+    join_peers: HashMap<PeerId, Multiaddr>,
+    redials: Vec<(tokio::time::Instant, PeerId, Multiaddr)>,
 }
+
+/// `addr` without a trailing `/p2p/…`.
+fn without_peer(addr: &Multiaddr) -> Multiaddr {
+    addr.iter().filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_))).collect()
+}
+
+/// How soon a dropped join peer is dialed again.
+const REDIAL: Duration = Duration::from_millis(300);
 
 impl EventLoop {
     pub(crate) fn new(
@@ -104,12 +117,16 @@ impl EventLoop {
             pending_dials: HashMap::new(),
             provider_queries: HashMap::new(),
             provided: Vec::new(),
+            join: config.join.clone(),
+            join_peers: HashMap::new(),
+            redials: Vec::new(),
         })
     }
 
     pub(crate) async fn run(mut self) {
         let mut reprovide = tokio::time::interval(REPROVIDE);
         reprovide.tick().await;
+        let mut redial = tokio::time::interval(REDIAL);
         loop {
             tokio::select! {
                 event = futures::StreamExt::select_next_some(&mut self.swarm) => self.on_swarm_event(event),
@@ -118,6 +135,7 @@ impl EventLoop {
                     Some(command) => self.on_command(command),
                 },
                 _ = reprovide.tick() => self.announce(),
+                _ = redial.tick(), if !self.redials.is_empty() => self.redial_due(),
             }
         }
         tracing::debug!("network event loop stopped");
@@ -126,6 +144,17 @@ impl EventLoop {
     fn local_addrs(&self) -> Vec<Multiaddr> {
         let me = *self.swarm.local_peer_id();
         self.listen_addrs.iter().map(|a| a.clone().with_p2p(me).unwrap_or_else(|a| a)).collect()
+    }
+
+    fn redial_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = self.redials.drain(..).partition(|(at, ..)| *at <= now);
+        self.redials = later;
+        for (_, peer, addr) in due {
+            tracing::debug!(%addr, "dialing a join peer again");
+            let opts = DialOpts::peer_id(peer).addresses(vec![addr]).condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing).build();
+            let _ = self.swarm.dial(opts);
+        }
     }
 
     fn announce(&mut self) {
@@ -224,9 +253,22 @@ impl EventLoop {
                 }
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, address.clone());
+                    let bare = without_peer(address);
+                    if let Some(join) = self.join.iter().find(|j| without_peer(j) == bare) {
+                        self.join_peers.insert(peer_id, join.clone());
+                    }
                 }
                 if num_established.get() == 1 {
                     self.emit(NetEvent::Connected(peer_id));
+                } else {
+                    // A second connection from one peer is, in practice, a
+                    // process restarted with the same key while its old
+                    // connection has not timed out yet. Gossipsub greets
+                    // only a peer's first connection, so the new process
+                    // would never learn our subscriptions: start over with
+                    // no connection (the dialer redials its join peers).
+                    tracing::debug!(peer = %peer_id, "a peer connected again while an old connection was open; resetting");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
                 }
             }
             SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
@@ -240,6 +282,11 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.emit(NetEvent::Disconnected(peer_id));
+                if let Some(addr) = self.join_peers.get(&peer_id)
+                    && !self.redials.iter().any(|(_, p, _)| *p == peer_id)
+                {
+                    self.redials.push((tokio::time::Instant::now() + REDIAL, peer_id, addr.clone()));
+                }
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             _ => {}

@@ -19,6 +19,8 @@ use hotpot_core::{LayerSpan, ModelId};
 use hotpot_engine::{Device, HiddenStates, ModelError, ModelFile, Span};
 use hotpot_net::{NetError, NetEvent, Network, block_key, cheats_topic, model_topic};
 use hotpot_wire::{NodeInfo, PROTOCOL_AUDIT, PROTOCOL_INFER, PROTOCOL_INFO};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::serve::StreamLimits;
 use crate::worker::{Jobs, RuntimeCheat, WorkerConfig};
@@ -143,6 +145,14 @@ pub enum NodeError {
 #[derive(Clone)]
 pub struct RunningNode {
     state: Arc<State>,
+    lifecycle: Arc<tokio::sync::Mutex<Option<Lifecycle>>>,
+}
+
+/// What stopping the node ends, in reverse order of start.
+struct Lifecycle {
+    stop: CancellationToken,
+    tasks: JoinSet<()>,
+    engine: std::thread::JoinHandle<()>,
 }
 
 struct State {
@@ -197,6 +207,26 @@ impl RunningNode {
 
     pub async fn info(&self) -> NodeInfo {
         self.state.info().await
+    }
+
+    /// Stops serving: every open session gets a `ShuttingDown` error (so
+    /// its gateway fails over at once), the network tasks end, then the
+    /// engine thread. Waits at most `deadline` for them; safe to call twice.
+    pub async fn shutdown(&self, deadline: Duration) {
+        let Some(Lifecycle { stop, mut tasks, engine }) = self.lifecycle.lock().await.take() else { return };
+        tracing::info!("stopping: telling open sessions, ending tasks");
+        stop.cancel();
+        let ended = tokio::time::timeout(deadline, async { while tasks.join_next().await.is_some() {} }).await;
+        if ended.is_err() {
+            tasks.abort_all();
+        }
+        self.state.jobs.tell(worker::Job::Stop);
+        let joined = tokio::time::timeout(deadline, tokio::task::spawn_blocking(move || engine.join())).await;
+        if joined.is_err() {
+            tracing::warn!("the engine thread did not stop in time");
+        } else {
+            tracing::info!("stopped");
+        }
     }
 }
 
@@ -255,7 +285,8 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
     tracing::info!(%span, mib = span_weights.size_bytes() >> 20, threads = span_weights.device().threads(), kernels = %span_weights.device().isa().name(), tokens_per_s = throughput, "blocks loaded");
 
     let span_weights_dim = span_weights.config().dim;
-    let jobs = worker::spawn(
+    let context = span_weights.config().context_length;
+    let (jobs, engine) = worker::spawn(
         span_weights,
         WorkerConfig {
             model,
@@ -281,37 +312,71 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
         jobs: jobs.clone(),
     });
 
+    // Every task below stops with `stop`; `RunningNode::shutdown` cancels it.
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
     let limits = StreamLimits { idle: config.idle_timeout, write: Duration::from_secs(30) };
     let mut sessions = network.accept(PROTOCOL_INFER)?;
-    let session_jobs = jobs.clone();
-    tokio::spawn(async move {
-        while let Some((peer, stream)) = sessions.next().await {
-            tokio::spawn(serve::serve_session(peer, stream, session_jobs.clone(), limits));
+    let (session_jobs, session_stop) = (jobs.clone(), stop.clone());
+    tasks.spawn(async move {
+        let mut open = JoinSet::new();
+        loop {
+            tokio::select! {
+                next = sessions.next() => match next {
+                    Some((peer, stream)) => {
+                        open.spawn(serve::serve_session(peer, stream, session_jobs.clone(), limits, session_stop.clone()));
+                    }
+                    None => break,
+                },
+                Some(_) = open.join_next(), if !open.is_empty() => {}
+                () = session_stop.cancelled() => break,
+            }
         }
+        // Open sessions tell their gateways (ShuttingDown) and end.
+        while open.join_next().await.is_some() {}
     });
     let mut infos = network.accept(PROTOCOL_INFO)?;
-    let info_state = Arc::clone(&state);
-    tokio::spawn(async move {
-        while let Some((peer, stream)) = infos.next().await {
-            let info = info_state.info().await;
-            tokio::spawn(serve::serve_info(peer, stream, info));
+    let (info_state, info_stop) = (Arc::clone(&state), stop.clone());
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                next = infos.next() => match next {
+                    Some((peer, stream)) => {
+                        let info = info_state.info().await;
+                        tokio::spawn(serve::serve_info(peer, stream, info));
+                    }
+                    None => break,
+                },
+                () = info_stop.cancelled() => break,
+            }
         }
     });
     let mut audits = network.accept(PROTOCOL_AUDIT)?;
-    let audit_jobs = jobs.clone();
+    let (audit_jobs, audit_stop) = (jobs.clone(), stop.clone());
+    let gate = Arc::new(serve::AuditGate::new(serve::AuditLimits { per_minute: 30.0, queued: 4, max_rows: context.min(MAX_AUDIT_ROWS) }));
     let dim = state.dim;
-    tokio::spawn(async move {
-        while let Some((peer, stream)) = audits.next().await {
-            tokio::spawn(serve::serve_audit(peer, stream, audit_jobs.clone(), model, dim, limits));
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                next = audits.next() => match next {
+                    Some((peer, stream)) => {
+                        tokio::spawn(serve::serve_audit(peer, stream, audit_jobs.clone(), Arc::clone(&gate), model, dim, limits, audit_stop.clone()));
+                    }
+                    None => break,
+                },
+                () = audit_stop.cancelled() => break,
+            }
         }
     });
-    let expire_jobs = jobs.clone();
+    let (expire_jobs, expire_stop) = (jobs.clone(), stop.clone());
     let tick = (config.idle_timeout / 4).max(Duration::from_millis(100));
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut interval = tokio::time::interval(tick);
         loop {
-            interval.tick().await;
-            expire_jobs.tell(worker::Job::Expire).await;
+            tokio::select! {
+                _ = interval.tick() => expire_jobs.tell(worker::Job::Expire),
+                () = expire_stop.cancelled() => break,
+            }
         }
     });
 
@@ -320,10 +385,20 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
     network.subscribe(topic.clone()).await?;
     // Accusations between gateways travel through the nodes' gossip mesh.
     network.subscribe(cheats_topic(&model)).await?;
-    tokio::spawn(heartbeats(Arc::clone(&state), topic, config.heartbeat));
+    let heartbeat_stop = stop.clone();
+    let heartbeat_state = Arc::clone(&state);
+    tasks.spawn(async move {
+        tokio::select! {
+            () = heartbeats(heartbeat_state, topic, config.heartbeat) => {}
+            () = heartbeat_stop.cancelled() => {}
+        }
+    });
     tracing::info!(peer = %network.peer_id(), %span, "serving");
-    Ok(RunningNode { state })
+    Ok(RunningNode { state, lifecycle: Arc::new(tokio::sync::Mutex::new(Some(Lifecycle { stop, tasks, engine }))) })
 }
+
+/// Largest audit a node accepts, in positions.
+const MAX_AUDIT_ROWS: usize = 8192;
 
 /// Publishes the node's info every `every`, and at once when a peer
 /// subscribes to the model's topic (so newcomers need not wait).

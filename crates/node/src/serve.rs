@@ -1,13 +1,19 @@
-//! The node's side of `/hotpot/infer/1` and `/hotpot/info/1`.
+//! The node's side of `/hotpot/infer/1`, `/hotpot/audit/1` and
+//! `/hotpot/info/1`.
 //!
 //! Each session is one stream. Anything malformed on a stream gets an
-//! error answer and closes that stream only; other sessions carry on.
+//! error answer and closes that stream only; other sessions carry on. When
+//! the node stops, every open session gets a `ShuttingDown` error at once,
+//! so its gateway fails over without waiting for a timeout.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use hotpot_core::SessionId;
 use hotpot_net::{Framed, PeerId, Stream};
 use hotpot_wire::{ClientMessage, ErrorCode, InfoRequest, NodeInfo, NodeMessage};
+use tokio_util::sync::CancellationToken;
 
 use crate::worker::{Job, Jobs};
 
@@ -20,11 +26,19 @@ pub(crate) struct StreamLimits {
     pub write: Duration,
 }
 
-pub(crate) async fn serve_session(peer: PeerId, stream: Stream, jobs: Jobs, limits: StreamLimits) {
+pub(crate) async fn serve_session(peer: PeerId, stream: Stream, jobs: Jobs, limits: StreamLimits, stop: CancellationToken) {
     let mut framed = Framed::new(peer, stream);
     let mut session: Option<SessionId> = None;
+    let shutting_down = || NodeMessage::error(ErrorCode::ShuttingDown, "the node is shutting down").encode();
     loop {
-        let frame = match framed.recv(limits.idle).await {
+        let received = tokio::select! {
+            received = framed.recv(limits.idle) => received,
+            () = stop.cancelled() => {
+                let _ = framed.send(&shutting_down(), Duration::from_millis(500)).await;
+                break;
+            }
+        };
+        let frame = match received {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(e) => {
@@ -41,14 +55,17 @@ pub(crate) async fn serve_session(peer: PeerId, stream: Stream, jobs: Jobs, limi
                 break;
             }
         };
-        let (answer, fatal) = handle(peer, message, &mut session, &jobs).await;
+        let (answer, fatal) = tokio::select! {
+            handled = handle(peer, message, &mut session, &jobs) => handled,
+            () = stop.cancelled() => (Some(NodeMessage::error(ErrorCode::ShuttingDown, "the node is shutting down")), true),
+        };
         let Some(answer) = answer else { break };
         if framed.send(&answer.encode(), limits.write).await.is_err() || fatal {
             break;
         }
     }
     if let Some(session) = session {
-        jobs.tell(Job::Close { owner: peer, session }).await;
+        jobs.tell(Job::Close { owner: peer, session });
     }
     framed.close().await;
 }
@@ -83,7 +100,7 @@ async fn handle(peer: PeerId, message: ClientMessage, session: &mut Option<Sessi
         }
         ClientMessage::Close { session: id } => {
             if mine(id, session) {
-                jobs.tell(Job::Close { owner: peer, session: id }).await;
+                jobs.tell(Job::Close { owner: peer, session: id });
                 *session = None;
             }
             (None, true)
@@ -92,16 +109,104 @@ async fn handle(peer: PeerId, message: ClientMessage, session: &mut Option<Sessi
     }
 }
 
+/// Who may ask this node for audits, how often and how large: each peer
+/// one at a time and [`AuditLimits::per_minute`] a minute, all peers
+/// [`AuditLimits::queued`] at a time, each at most `max_rows` positions.
+/// What does not fit is answered at once (`Busy` or `BadRequest`), never
+/// queued behind sessions.
+#[derive(Debug)]
+pub(crate) struct AuditGate {
+    limits: AuditLimits,
+    state: Mutex<AuditState>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AuditLimits {
+    pub per_minute: f64,
+    pub queued: usize,
+    pub max_rows: usize,
+}
+
+#[derive(Debug, Default)]
+struct AuditState {
+    /// Per peer: audits in flight, and a token bucket for the rate.
+    peers: HashMap<PeerId, (u32, f64, Instant)>,
+    in_flight: usize,
+}
+
+impl AuditGate {
+    pub fn new(limits: AuditLimits) -> Self {
+        Self { limits, state: Mutex::default() }
+    }
+
+    fn admit(&self, peer: PeerId, rows: usize) -> Result<(), NodeMessage> {
+        if rows > self.limits.max_rows {
+            return Err(NodeMessage::error(ErrorCode::BadRequest, format!("an audit may cover at most {} positions, got {rows}", self.limits.max_rows)));
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.in_flight >= self.limits.queued {
+            return Err(NodeMessage::error(ErrorCode::Busy, "this node is busy with other audits"));
+        }
+        let rate = self.limits.per_minute;
+        let now = Instant::now();
+        let (running, bucket, filled) = state.peers.entry(peer).or_insert((0, rate, now));
+        *bucket = (*bucket + now.duration_since(*filled).as_secs_f64() * rate / 60.0).min(rate);
+        *filled = now;
+        if *running > 0 || *bucket < 1.0 {
+            return Err(NodeMessage::error(ErrorCode::Busy, "too many audits from this peer; try again later"));
+        }
+        *bucket -= 1.0;
+        *running += 1;
+        state.in_flight += 1;
+        Ok(())
+    }
+
+    fn done(&self, peer: PeerId) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if let Some((running, ..)) = state.peers.get_mut(&peer) {
+            *running = running.saturating_sub(1);
+        }
+        // Forget peers with nothing running and a full bucket.
+        let rate = self.limits.per_minute;
+        state.peers.retain(|_, (running, bucket, filled)| *running > 0 || *bucket + filled.elapsed().as_secs_f64() * rate / 60.0 < rate);
+    }
+}
+
 /// One audit per stream: recompute a span over the given inputs.
-pub(crate) async fn serve_audit(peer: PeerId, stream: Stream, jobs: Jobs, model: hotpot_core::ModelId, dim: usize, limits: StreamLimits) {
+#[allow(clippy::too_many_arguments, reason = "a task's captured context")]
+pub(crate) async fn serve_audit(
+    peer: PeerId,
+    stream: Stream,
+    jobs: Jobs,
+    gate: std::sync::Arc<AuditGate>,
+    model: hotpot_core::ModelId,
+    dim: usize,
+    limits: StreamLimits,
+    stop: CancellationToken,
+) {
     let mut framed = Framed::new(peer, stream);
-    if let Ok(Some(frame)) = framed.recv(limits.idle).await {
+    let received = tokio::select! {
+        received = framed.recv(limits.idle) => received,
+        () = stop.cancelled() => return,
+    };
+    if let Ok(Some(frame)) = received {
         let answer = match ClientMessage::decode(&frame) {
             Ok(ClientMessage::Audit { model: m, .. }) if m != model => NodeMessage::error(ErrorCode::WrongModel, "this node serves another model"),
             Ok(ClientMessage::Audit { inputs, .. }) if inputs.cols() != dim => NodeMessage::error(ErrorCode::BadTensor, format!("inputs must be {dim} wide")),
-            Ok(ClientMessage::Audit { span, inputs, .. }) => match hotpot_engine::HiddenStates::new(inputs.rows(), dim, inputs.to_f32()) {
-                Ok(inputs) => jobs.ask(|reply| Job::Audit { span, inputs, reply }).await,
-                Err(e) => NodeMessage::error(ErrorCode::BadTensor, e.to_string()),
+            Ok(ClientMessage::Audit { span, inputs, .. }) => match gate.admit(peer, inputs.rows()) {
+                Err(refusal) => refusal,
+                Ok(()) => {
+                    let answer = match hotpot_engine::HiddenStates::new(inputs.rows(), dim, inputs.to_f32()) {
+                        Ok(inputs) => tokio::select! {
+                            answer = jobs.ask(|reply| Job::Audit { span, inputs, reply }) => answer,
+                            () = stop.cancelled() => NodeMessage::error(ErrorCode::ShuttingDown, "the node is shutting down"),
+                        },
+                        Err(e) => NodeMessage::error(ErrorCode::BadTensor, e.to_string()),
+                    };
+                    gate.done(peer);
+                    answer
+                }
             },
             Ok(_) => NodeMessage::error(ErrorCode::BadRequest, "expected an Audit request"),
             Err(e) => NodeMessage::error(ErrorCode::BadRequest, e.to_string()),

@@ -1,6 +1,12 @@
 //! The engine thread: owns the loaded span and every session's KV cache,
 //! and runs one request at a time. Network tasks send it jobs that carry
 //! their own reply channel, so compute never blocks the async runtime.
+//!
+//! Work has priorities: interactive sessions' steps come first (several
+//! sessions' steps share one pass over the weights); audits — recomputing
+//! another node's work — run in chunks of [`AUDIT_CHUNK`] positions, only
+//! while no session has stepped for [`AUDIT_IDLE`], so a flood of them
+//! cannot slow a session down. A full queue answers `Busy` at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -12,7 +18,9 @@ use hotpot_engine::{BatchItem, ForwardError, HiddenStates, KvCache, Span};
 use hotpot_net::PeerId;
 use hotpot_verify::{Sketch, SketchBuilder};
 use hotpot_wire::{DType, ErrorCode, NodeMessage, Open, Step, Tensor};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
 
 /// What the engine thread is asked to do.
 pub(crate) enum Job {
@@ -44,6 +52,8 @@ pub(crate) enum Job {
     },
     /// Drop sessions idle for longer than the configured timeout.
     Expire,
+    /// Stop: every session gets `ShuttingDown`, the thread exits.
+    Stop,
 }
 
 struct Session {
@@ -91,28 +101,39 @@ pub enum RuntimeCheat {
     AlterInput(f32),
 }
 
+/// Jobs the queue holds at most; more are answered `Busy` at once.
+const QUEUE: usize = 1024;
+/// Positions an audit computes between two looks at the session queue.
+pub(crate) const AUDIT_CHUNK: usize = 32;
+/// Audits wait until no session has stepped for this long.
+pub(crate) const AUDIT_IDLE: Duration = Duration::from_millis(25);
+
 /// The sending side, held by network tasks.
 #[derive(Clone)]
 pub(crate) struct Jobs {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::SyncSender<Job>,
     load: Arc<Load>,
 }
 
 impl Jobs {
-    /// Submits a job and waits for the answer.
+    /// Submits a job and waits for the answer; a full queue is `Busy` at once.
     pub async fn ask(&self, make: impl FnOnce(oneshot::Sender<NodeMessage>) -> Job) -> NodeMessage {
         let (tx, rx) = oneshot::channel();
         self.load.queue.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(make(tx)).await.is_err() {
+        if let Err(e) = self.tx.try_send(make(tx)) {
             self.load.queue.fetch_sub(1, Ordering::Relaxed);
-            return NodeMessage::error(ErrorCode::Internal, "the engine has stopped");
+            return match e {
+                mpsc::TrySendError::Full(_) => NodeMessage::error(ErrorCode::Busy, "the node's queue is full; try again shortly"),
+                mpsc::TrySendError::Disconnected(_) => NodeMessage::error(ErrorCode::ShuttingDown, "the engine has stopped"),
+            };
         }
-        rx.await.unwrap_or_else(|_| NodeMessage::error(ErrorCode::Internal, "the engine dropped the request"))
+        rx.await.unwrap_or_else(|_| NodeMessage::error(ErrorCode::ShuttingDown, "the engine stopped before answering"))
     }
 
-    pub async fn tell(&self, job: Job) {
+    /// Submits a job that has no answer.
+    pub fn tell(&self, job: Job) {
         self.load.queue.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(job).await.is_err() {
+        if self.tx.try_send(job).is_err() {
             self.load.queue.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -122,13 +143,23 @@ impl Jobs {
     }
 }
 
-/// Starts the engine thread; it stops when every `Jobs` handle is dropped.
-pub(crate) fn spawn(span: Span, config: WorkerConfig) -> std::io::Result<Jobs> {
-    let (tx, rx) = mpsc::channel(1024);
+/// Starts the engine thread; it stops on [`Job::Stop`] or when every `Jobs`
+/// handle is dropped.
+pub(crate) fn spawn(span: Span, config: WorkerConfig) -> std::io::Result<(Jobs, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::sync_channel(QUEUE);
     let load = Arc::new(Load::default());
-    let worker = Worker { span, config, sessions: HashMap::new(), load: Arc::clone(&load) };
-    std::thread::Builder::new().name("hotpot-engine".into()).spawn(move || worker.run(rx))?;
-    Ok(Jobs { tx, load })
+    let worker = Worker { span, config, sessions: HashMap::new(), load: Arc::clone(&load), last_step: Instant::now() };
+    let handle = std::thread::Builder::new().name("hotpot-engine".into()).spawn(move || worker.run(rx))?;
+    Ok((Jobs { tx, load }, handle))
+}
+
+/// An audit being computed, chunk after chunk, on its own cache.
+struct RunningAudit {
+    inputs: HiddenStates,
+    cache: KvCache,
+    done: usize,
+    outputs: Vec<f32>,
+    reply: oneshot::Sender<NodeMessage>,
 }
 
 struct Worker {
@@ -136,62 +167,137 @@ struct Worker {
     config: WorkerConfig,
     sessions: HashMap<SessionId, Session>,
     load: Arc<Load>,
+    /// When a session last stepped: audits wait for a quiet moment.
+    last_step: Instant,
 }
 
 impl Worker {
-    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        let mut deferred: VecDeque<Job> = VecDeque::new();
-        loop {
-            let job = match deferred.pop_front() {
-                Some(job) => job,
-                None => match rx.blocking_recv() {
-                    Some(job) => {
-                        self.load.queue.fetch_sub(1, Ordering::Relaxed);
-                        job
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let mut interactive: VecDeque<Job> = VecDeque::new();
+        let mut audits: VecDeque<Job> = VecDeque::new();
+        let mut running: Option<RunningAudit> = None;
+        'serve: loop {
+            // Take everything waiting, by priority.
+            loop {
+                let next = if interactive.is_empty() && audits.is_empty() && running.is_none() {
+                    match rx.recv() {
+                        Ok(job) => Some(job),
+                        Err(_) => break 'serve,
                     }
-                    None => break,
-                },
-            };
-            match job {
-                Job::Open { owner, open, reply } => {
-                    let _ = reply.send(self.open(owner, open));
+                } else {
+                    match rx.try_recv() {
+                        Ok(job) => Some(job),
+                        Err(mpsc::TryRecvError::Empty) => None,
+                        Err(mpsc::TryRecvError::Disconnected) if interactive.is_empty() => break 'serve,
+                        Err(mpsc::TryRecvError::Disconnected) => None,
+                    }
+                };
+                let Some(job) = next else { break };
+                self.load.queue.fetch_sub(1, Ordering::Relaxed);
+                match job {
+                    Job::Stop => {
+                        self.stop(interactive, audits, running);
+                        return;
+                    }
+                    Job::Audit { .. } => audits.push_back(job),
+                    other => interactive.push_back(other),
                 }
-                Job::Step { owner, step, reply } => {
-                    // Every step already waiting joins this one: one pass
-                    // over the weights serves all of their sessions.
-                    let mut batch = vec![(owner, step, reply)];
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(job) => {
-                                self.load.queue.fetch_sub(1, Ordering::Relaxed);
-                                match job {
-                                    Job::Step { owner, step, reply } if !batch.iter().any(|(_, s, _)| s.session == step.session) => {
-                                        batch.push((owner, step, reply));
-                                    }
-                                    other => deferred.push_back(other),
-                                }
+            }
+            if let Some(job) = interactive.pop_front() {
+                self.interactive(job, &mut interactive);
+                self.load.sessions.store(self.sessions.len(), Ordering::Relaxed);
+                continue;
+            }
+            // Only background work is left: audits, in a quiet moment.
+            let quiet = self.last_step.elapsed();
+            if quiet < AUDIT_IDLE {
+                match rx.recv_timeout(AUDIT_IDLE - quiet) {
+                    Ok(job) => {
+                        self.load.queue.fetch_sub(1, Ordering::Relaxed);
+                        match job {
+                            Job::Stop => {
+                                self.stop(interactive, audits, running);
+                                return;
                             }
-                            Err(_) => break,
+                            Job::Audit { .. } => audits.push_back(job),
+                            other => interactive.push_back(other),
                         }
                     }
-                    self.steps(batch);
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break 'serve,
                 }
-                Job::Truncate { owner, session, pos, reply } => {
-                    let _ = reply.send(self.truncate(owner, session, pos));
-                }
-                Job::Close { owner, session } => {
-                    if self.sessions.get(&session).is_some_and(|s| s.owner == owner) {
-                        self.remove(session);
-                    }
-                }
-                Job::Audit { span, inputs, reply } => {
-                    let _ = reply.send(self.audit(span, &inputs));
-                }
-                Job::Expire => self.expire(),
+                continue;
             }
-            self.load.sessions.store(self.sessions.len(), Ordering::Relaxed);
+            if running.is_none()
+                && let Some(Job::Audit { span, inputs, reply }) = audits.pop_front()
+            {
+                running = self.start_audit(span, inputs, reply);
+            }
+            if let Some(mut audit) = running.take()
+                && self.audit_chunk(&mut audit)
+            {
+                running = Some(audit);
+            }
         }
         tracing::debug!("engine thread stopped");
+    }
+
+    /// One interactive job; steps waiting behind it join its batch.
+    fn interactive(&mut self, job: Job, queue: &mut VecDeque<Job>) {
+        match job {
+            Job::Open { owner, open, reply } => {
+                let _ = reply.send(self.open(owner, open));
+            }
+            Job::Step { owner, step, reply } => {
+                // Every step already waiting joins this one: one pass over
+                // the weights serves all of their sessions.
+                let mut batch = vec![(owner, step, reply)];
+                let mut rest = VecDeque::with_capacity(queue.len());
+                while let Some(job) = queue.pop_front() {
+                    match job {
+                        Job::Step { owner, step, reply } if batch.len() < MAX_BATCH && !batch.iter().any(|(_, s, _)| s.session == step.session) => {
+                            batch.push((owner, step, reply));
+                        }
+                        other => rest.push_back(other),
+                    }
+                }
+                *queue = rest;
+                self.steps(batch);
+                self.last_step = Instant::now();
+            }
+            Job::Truncate { owner, session, pos, reply } => {
+                let _ = reply.send(self.truncate(owner, session, pos));
+            }
+            Job::Close { owner, session } => {
+                if self.sessions.get(&session).is_some_and(|s| s.owner == owner) {
+                    self.remove(session);
+                }
+            }
+            Job::Expire => self.expire(),
+            Job::Audit { .. } | Job::Stop => unreachable!("sorted out by the caller"),
+        }
+    }
+
+    /// Answers everything still waiting with `ShuttingDown` and drops every session.
+    fn stop(&mut self, interactive: VecDeque<Job>, audits: VecDeque<Job>, running: Option<RunningAudit>) {
+        let gone = || NodeMessage::error(ErrorCode::ShuttingDown, "the node is shutting down");
+        for job in interactive.into_iter().chain(audits) {
+            match job {
+                Job::Open { reply, .. } | Job::Step { reply, .. } | Job::Truncate { reply, .. } | Job::Audit { reply, .. } => {
+                    let _ = reply.send(gone());
+                }
+                _ => {}
+            }
+        }
+        if let Some(audit) = running {
+            let _ = audit.reply.send(gone());
+        }
+        let sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for session in sessions {
+            self.remove(session);
+        }
+        self.load.sessions.store(0, Ordering::Relaxed);
+        tracing::info!("engine thread stopped");
     }
 
     fn reserved(&self) -> usize {
@@ -334,18 +440,43 @@ impl Worker {
         NodeMessage::Output { session: step.session, hidden: out, commitment: Box::new(commitment) }
     }
 
-    /// Recomputes `span` over `inputs` in one prefill on a fresh cache.
-    fn audit(&self, span: LayerSpan, inputs: &HiddenStates) -> NodeMessage {
-        let mut cache = match self.span.cache_for(span, inputs.rows()) {
-            Ok(cache) => cache,
+    /// Begins recomputing `span` over `inputs` on a fresh cache (an audit),
+    /// or answers at once when it cannot be done.
+    fn start_audit(&self, span: LayerSpan, inputs: HiddenStates, reply: oneshot::Sender<NodeMessage>) -> Option<RunningAudit> {
+        match self.span.cache_for(span, inputs.rows()) {
+            Ok(cache) => Some(RunningAudit { outputs: Vec::with_capacity(inputs.as_slice().len()), inputs, cache, done: 0, reply }),
             Err(_) => {
-                return NodeMessage::error(ErrorCode::SpanNotServed, format!("this node serves blocks {}, not {span}", self.span.span()));
+                let _ = reply.send(NodeMessage::error(ErrorCode::SpanNotServed, format!("this node serves blocks {}, not {span}", self.span.span())));
+                None
             }
-        };
-        match self.span.forward(&mut cache, inputs, 0) {
-            Ok(out) => NodeMessage::Audited { outputs: Tensor::from_f32(DType::F32, out.rows(), out.dim(), out.as_slice()) },
-            Err(e) => NodeMessage::error(ErrorCode::BadRequest, e.to_string()),
         }
+    }
+
+    /// Computes the audit's next positions (the kernels give the same bits
+    /// in chunks as in one prefill). False when it is finished and answered.
+    fn audit_chunk(&self, audit: &mut RunningAudit) -> bool {
+        if audit.reply.is_closed() {
+            return false; // the auditor gave up
+        }
+        let (rows, dim) = (audit.inputs.rows(), audit.inputs.dim());
+        let end = (audit.done + AUDIT_CHUNK).min(rows);
+        let chunk = HiddenStates::new(end - audit.done, dim, audit.inputs.as_slice()[audit.done * dim..end * dim].to_vec());
+        let result = chunk.and_then(|chunk| self.span.forward(&mut audit.cache, &chunk, audit.done));
+        match result {
+            Ok(out) => audit.outputs.extend_from_slice(out.as_slice()),
+            Err(e) => {
+                let reply = std::mem::replace(&mut audit.reply, oneshot::channel().0);
+                let _ = reply.send(NodeMessage::error(ErrorCode::BadRequest, e.to_string()));
+                return false;
+            }
+        }
+        audit.done = end;
+        if end < rows {
+            return true;
+        }
+        let reply = std::mem::replace(&mut audit.reply, oneshot::channel().0);
+        let _ = reply.send(NodeMessage::Audited { outputs: Tensor::from_f32(DType::F32, rows, dim, &audit.outputs) });
+        false
     }
 
     fn truncate(&mut self, owner: PeerId, session: SessionId, pos: u32) -> NodeMessage {

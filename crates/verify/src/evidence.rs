@@ -10,11 +10,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{Comparison, Tolerance, compare};
 
+/// Why an executor could not recompute a span.
+pub type ExecutorError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Something that can recompute a span over given inputs (the node crate
 /// and the gateway implement it with the engine).
 pub trait Executor {
     /// Outputs of blocks `span` for `rows` input rows, positions `0..rows`.
-    fn recompute(&self, span: LayerSpan, inputs: &[f32], rows: usize) -> Result<Vec<f32>, String>;
+    fn recompute(&self, span: LayerSpan, inputs: &[f32], rows: usize) -> Result<Vec<f32>, ExecutorError>;
 }
 
 /// A commitment in JSON-friendly form.
@@ -100,6 +103,18 @@ pub struct Evidence {
     pub steps: Vec<EvidenceStep>,
     pub audits: Vec<AuditRecord>,
     pub created_ms: u64,
+    /// The gateway that wrote the evidence and accuses the node, with its
+    /// signature over everything else in the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuser: Option<Accuser>,
+}
+
+/// Who accuses: a gateway's key and its signature of the evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accuser {
+    pub gateway: NodeId,
+    /// Hex ed25519 signature of [`Evidence::accused_bytes`].
+    pub signature: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,6 +125,10 @@ pub enum EvidenceError {
     Version(u32),
     #[error("step {step}: {reason}")]
     Step { step: usize, reason: String },
+    #[error("the accuser's signature does not verify for gateway {0}")]
+    Accuser(NodeId),
+    #[error("recomputing the span failed: {0}")]
+    Executor(String),
 }
 
 /// What re-checking evidence concluded.
@@ -155,7 +174,34 @@ impl Evidence {
                 .collect(),
             audits: Vec::new(),
             created_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            accuser: None,
         }
+    }
+
+    /// What an accuser signs: a domain tag and the hash of the evidence
+    /// without its accuser.
+    pub fn accused_bytes(&self) -> Vec<u8> {
+        let unsigned = Self { accuser: None, ..self.clone() };
+        let json = serde_json::to_vec(&unsigned).unwrap_or_default();
+        let mut bytes = b"hotpot-evidence/1\0".to_vec();
+        bytes.extend_from_slice(blake3::hash(&json).as_bytes());
+        bytes
+    }
+
+    /// Signs the evidence as the gateway holding `key`.
+    pub fn sign(&mut self, key: &hotpot_core::NodeKey) {
+        let signature = key.sign(&self.accused_bytes());
+        self.accuser = Some(Accuser { gateway: key.id(), signature: HEXLOWER.encode(&signature.0) });
+    }
+
+    /// The gateway that signed the evidence (`None`: unsigned), or an
+    /// error when the signature does not verify.
+    pub fn check_accuser(&self) -> Result<Option<NodeId>, EvidenceError> {
+        let Some(accuser) = &self.accuser else { return Ok(None) };
+        let bytes = HEXLOWER.decode(accuser.signature.as_bytes()).map_err(|_| EvidenceError::Malformed("accuser signature"))?;
+        let signature = Signature(bytes.try_into().map_err(|_| EvidenceError::Malformed("accuser signature"))?);
+        accuser.gateway.verify(&self.accused_bytes(), &signature).map_err(|_| EvidenceError::Accuser(accuser.gateway))?;
+        Ok(Some(accuser.gateway))
     }
 
     /// Checks that every step is signed by the node, covers the next
@@ -201,7 +247,7 @@ impl Evidence {
     pub fn verify(&self, executor: &dyn Executor, tolerance: &Tolerance) -> Result<EvidenceVerdict, EvidenceError> {
         let (inputs, outputs) = self.check_signatures()?;
         let rows = inputs.len() / self.dim.max(1);
-        let recomputed = executor.recompute(self.span, &inputs, rows).map_err(|reason| EvidenceError::Step { step: 0, reason })?;
+        let recomputed = executor.recompute(self.span, &inputs, rows).map_err(|e| EvidenceError::Executor(e.to_string()))?;
         let comparison = compare(&outputs, &recomputed, self.dim, tolerance);
         Ok(EvidenceVerdict { signatures_valid: true, cheat: !comparison.pass, comparison })
     }
@@ -212,10 +258,29 @@ mod tests {
     use super::*;
     use hotpot_core::NodeKey;
 
+    #[test]
+    fn an_accuser_signs_the_evidence_and_any_change_breaks_it() {
+        let key = NodeKey::generate();
+        let (model, span, steps) = session_steps(&key, Some(1));
+        let mut evidence = Evidence::new(model, "m", span, 2, key.id(), &steps);
+        assert_eq!(evidence.check_accuser(), Ok(None));
+        let gateway = NodeKey::generate();
+        evidence.sign(&gateway);
+        let text = serde_json::to_string(&evidence).expect("serializes");
+        let read: Evidence = serde_json::from_str(&text).expect("parses");
+        assert_eq!(read.check_accuser(), Ok(Some(gateway.id())));
+        let mut changed = read.clone();
+        changed.created_ms += 1;
+        assert_eq!(changed.check_accuser(), Err(EvidenceError::Accuser(gateway.id())));
+        let mut impostor = read;
+        impostor.accuser.as_mut().expect("signed").gateway = NodeKey::generate().id();
+        assert!(impostor.check_accuser().is_err());
+    }
+
     /// Doubles its inputs: a stand-in span.
     struct Doubler;
     impl Executor for Doubler {
-        fn recompute(&self, _: LayerSpan, inputs: &[f32], _: usize) -> Result<Vec<f32>, String> {
+        fn recompute(&self, _: LayerSpan, inputs: &[f32], _: usize) -> Result<Vec<f32>, ExecutorError> {
             Ok(inputs.iter().map(|v| v * 2.0).collect())
         }
     }

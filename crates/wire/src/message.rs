@@ -59,10 +59,12 @@ pub enum ErrorCode {
     BadTensor,
     ContextFull,
     Internal,
+    /// The node is stopping: its sessions end now, go elsewhere.
+    ShuttingDown,
 }
 
 impl ErrorCode {
-    const ALL: [ErrorCode; 10] = [
+    const ALL: [ErrorCode; 11] = [
         Self::BadRequest,
         Self::WrongModel,
         Self::SpanNotServed,
@@ -73,6 +75,7 @@ impl ErrorCode {
         Self::BadTensor,
         Self::ContextFull,
         Self::Internal,
+        Self::ShuttingDown,
     ];
 
     fn tag(self) -> u8 {

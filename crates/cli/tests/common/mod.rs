@@ -89,6 +89,23 @@ impl NodeProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Sends SIGTERM (a graceful stop); the process is reaped later.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit status.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
 }
 
 impl Drop for NodeProc {
@@ -130,4 +147,12 @@ pub fn local_greedy(prompt: &str, tokens: usize) -> String {
     let out = hotpot(&["run", "smollm2-135m", prompt, "--temperature", "0", "-n", &n, "-q"], Duration::from_secs(120));
     assert!(out.status.success(), "local run failed: {}", text(&out.stderr));
     text(&out.stdout)
+}
+
+/// The SmolLM2 file `hotpot pull smollm2-135m` placed in the store.
+#[allow(dead_code)]
+pub fn model_path() -> std::path::PathBuf {
+    let out = hotpot(&["pull", "smollm2-135m"], Duration::from_secs(300));
+    assert!(out.status.success(), "pull failed: {}", text(&out.stderr));
+    std::path::PathBuf::from(text(&out.stdout).trim().split('\t').nth(2).expect("pull prints NAME\tID\tPATH"))
 }
