@@ -182,3 +182,73 @@ fn many_users_and_users_who_leave() {
     assert!(out.status.success(), "concurrency checks failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("all concurrency checks passed"), "{stdout}");
 }
+
+/// Bytes of blocks `a..b` in the GGUF at `path`.
+fn span_bytes(path: &std::path::Path, a: u32, b: u32) -> u64 {
+    let file = hotpot_engine::ModelFile::open(path).expect("opens");
+    let mut total = 0;
+    for i in a..b {
+        for suffix in [
+            "attn_norm.weight",
+            "attn_q.weight",
+            "attn_k.weight",
+            "attn_v.weight",
+            "attn_q.bias",
+            "attn_k.bias",
+            "attn_v.bias",
+            "attn_output.weight",
+            "ffn_norm.weight",
+            "ffn_gate.weight",
+            "ffn_up.weight",
+            "ffn_down.weight",
+        ] {
+            total += file.tensor(&format!("blk.{i}.{suffix}")).map_or(0, |t| t.bytes);
+        }
+    }
+    total
+}
+
+/// Qwen2.5-Coder 1.5B (Q4_K_M) split over three node processes answers the
+/// official client (chat, streaming, echoed log-probabilities), and each
+/// node holds little more than its span's bytes of the file.
+#[test]
+fn qwen_through_three_node_processes() {
+    let _serial = serial();
+    let model = "qwen2.5-coder-1.5b";
+    let pulled = hotpot(&["pull", model], Duration::from_secs(900));
+    assert!(pulled.status.success(), "{}", text(&pulled.stderr));
+    let path = std::path::PathBuf::from(text(&pulled.stdout).trim().split('\t').nth(2).expect("path"));
+    let spans = [(0u32, 10u32), (10, 19), (19, 28)];
+    let a = NodeProc::start_model(model, "0..10", None, &[], &[]);
+    let b = NodeProc::start_model(model, "10..19", Some(&a.addr), &[], &[]);
+    let c = NodeProc::start_model(model, "19..28", Some(&a.addr), &[], &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("gateway.key");
+    let gateway =
+        serve(&["gateway", "--model", model, "--join", &a.addr, "--listen", "127.0.0.1:0", "--key", key.to_str().expect("utf-8"), "-t", "1", "--no-audits"]);
+    let out = python("qwen_client.py", &[&gateway.base_url]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    println!("{stdout}");
+    assert!(out.status.success(), "qwen client checks failed:\n{stdout}\n{stderr}");
+    assert!(stdout.trim_end().ends_with("all qwen client checks passed"), "{stdout}");
+    // KV cache: caches grow 256 positions at a time; allow two chunks.
+    let kv_per_block = 2 * 256 * 2 * 256 * 4; // chunks × positions × (K and V) × kv width × f32
+    for (node, (start, end)) in [&a, &b, &c].into_iter().zip(spans) {
+        let span = span_bytes(&path, start, end);
+        let kv = u64::from(end - start) * kv_per_block;
+        let rss = node.rss_kib() * 1024;
+        let limit = span + kv + (150 << 20);
+        println!("node {start}..{end}: RSS {} MiB, its span in the file {} MiB, KV cache ≤ {} MiB, limit {} MiB", rss >> 20, span >> 20, kv >> 20, limit >> 20);
+        assert!(rss <= limit, "node {start}..{end} holds {} MiB, more than {} MiB", rss >> 20, limit >> 20);
+    }
+}
+
+/// `hotpot up` with the 1.5B model: three local nodes and the OpenAI API.
+#[test]
+fn qwen_from_hotpot_up() {
+    let _serial = serial();
+    let up = serve(&["up", "--model", "qwen2.5-coder-1.5b", "--nodes", "3", "--port", "0", "--no-audits"]);
+    let out = python("qwen_client.py", &[&up.base_url]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "qwen client checks failed:\n{stdout}\n{stderr}");
+}

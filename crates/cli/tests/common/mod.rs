@@ -33,9 +33,14 @@ impl NodeProc {
 
     /// [`NodeProc::start`] with extra environment variables.
     pub fn start_with_env(blocks: &str, join: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> NodeProc {
+        Self::start_model("smollm2-135m", blocks, join, extra, env)
+    }
+
+    /// A node of another catalogue model.
+    pub fn start_model(model: &str, blocks: &str, join: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> NodeProc {
         let mut cmd = Command::new(HOTPOT);
         cmd.envs(env.iter().copied());
-        cmd.args(["node", "--model", "smollm2-135m", "--blocks", blocks, "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]);
+        cmd.args(["node", "--model", model, "--blocks", blocks, "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]);
         if !extra.contains(&"-t") {
             cmd.args(["-t", "1"]);
         }
@@ -58,7 +63,7 @@ impl NodeProc {
             let _ = BufReader::new(stderr).read_to_end(&mut sink);
         });
         let mut node = NodeProc { child, peer_id: String::new(), addr: String::new(), span: String::new(), lines };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(180);
         while node.span.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = node.lines.recv_timeout(left).unwrap_or_else(|_| panic!("node {blocks} did not start in time"));
