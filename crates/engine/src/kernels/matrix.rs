@@ -1021,12 +1021,16 @@ mod tests {
                 };
                 // SAFETY: the tile lies inside `out`; the emulation needs no CPU feature.
                 unsafe {
+                    use super::super::wide::{self, Emulated16};
                     match m.format() {
-                        WeightFormat::Q5_0 => super::super::wide::tile::<super::super::wide::Emulated16, { super::super::wide::Q5_0 }, 4>(&tile),
-                        WeightFormat::Q4_K => super::super::wide::tile::<super::super::wide::Emulated16, { super::super::wide::Q4_K }, 4>(&tile),
-                        WeightFormat::Q5_K => super::super::wide::tile::<super::super::wide::Emulated16, { super::super::wide::Q5_K }, 4>(&tile),
-                        WeightFormat::Q6_K => super::super::wide::tile::<super::super::wide::Emulated16, { super::super::wide::Q6_K }, 4>(&tile),
-                        other => unreachable!("{other:?} is not a wide format"),
+                        WeightFormat::Q4_0 => wide::tile::<Emulated16, { wide::Q4_0 }, 4>(&tile),
+                        WeightFormat::Q4_1 => wide::tile::<Emulated16, { wide::Q4_1 }, 4>(&tile),
+                        WeightFormat::Q8_0 => wide::tile::<Emulated16, { wide::Q8_0 }, 4>(&tile),
+                        WeightFormat::Q5_0 => wide::tile::<Emulated16, { wide::Q5_0 }, 4>(&tile),
+                        WeightFormat::Q4_K => wide::tile::<Emulated16, { wide::Q4_K }, 4>(&tile),
+                        WeightFormat::Q5_K => wide::tile::<Emulated16, { wide::Q5_K }, 4>(&tile),
+                        WeightFormat::Q6_K => wide::tile::<Emulated16, { wide::Q6_K }, 4>(&tile),
+                        WeightFormat::F32 => unreachable!("f32 has no quantized kernel"),
                     }
                 }
             }

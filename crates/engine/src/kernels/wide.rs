@@ -1,9 +1,8 @@
-//! Kernels for the formats whose quants have bits above the nibble or
-//! scales per 32 columns inside a superblock: Q5_0, Q4_K, Q5_K, Q6_K.
-//!
-//! One generic kernel, written once over a small set of vector operations
-//! ([`Lanes`]): AVX2 runs it on 8 rows at a time (two passes per panel),
-//! AVX-512 on 16. Its float steps are those of the scalar reference
+//! The quantized-weight kernel, written once over a small set of vector
+//! operations ([`Lanes`]) for every format: Q4_0, Q4_1, Q8_0, Q5_0, Q4_K,
+//! Q5_K, Q6_K. AVX2 runs it on all 16 rows of a panel at once (pairs of
+//! registers, so decode streams each cache line once), AVX-512 on the
+//! formats that have no hand-written kernel in `x86.rs`. Its float steps are those of the scalar reference
 //! (`scalar::block_step`), so every variant gives the same bits. The same
 //! kernel also runs on [`Emulated16`], plain arrays with AVX-512's lane
 //! semantics, so the 16-lane indexing is tested on every CPU.
@@ -18,6 +17,9 @@ pub(crate) const Q5_0: u8 = 0;
 pub(crate) const Q4_K: u8 = 1;
 pub(crate) const Q5_K: u8 = 2;
 pub(crate) const Q6_K: u8 = 3;
+pub(crate) const Q4_0: u8 = 4;
+pub(crate) const Q4_1: u8 = 5;
+pub(crate) const Q8_0: u8 = 6;
 
 #[cfg(test)]
 pub(crate) fn code(format: WeightFormat) -> Option<u8> {
@@ -26,8 +28,16 @@ pub(crate) fn code(format: WeightFormat) -> Option<u8> {
         WeightFormat::Q4_K => Q4_K,
         WeightFormat::Q5_K => Q5_K,
         WeightFormat::Q6_K => Q6_K,
-        _ => return None,
+        WeightFormat::Q4_0 => Q4_0,
+        WeightFormat::Q4_1 => Q4_1,
+        WeightFormat::Q8_0 => Q8_0,
+        WeightFormat::F32 => return None,
     })
+}
+
+/// Whether format `F` has 256-column superblocks (scales per 8 blocks).
+const fn is_k(f: u8) -> bool {
+    matches!(f, Q4_K | Q5_K | Q6_K)
 }
 
 /// How far ahead decode prefetches weights (as in `x86.rs`).
@@ -58,6 +68,9 @@ pub(crate) trait Lanes {
     unsafe fn shr8(a: Self::I) -> Self::I;
     unsafe fn shr12(a: Self::I) -> Self::I;
     unsafe fn shl4(a: Self::I) -> Self::I;
+    unsafe fn shl8(a: Self::I) -> Self::I;
+    /// Arithmetic shift of each 16-bit lane right by 8 (sign-extends the high byte).
+    unsafe fn sar8(a: Self::I) -> Self::I;
     unsafe fn add32(a: Self::I, b: Self::I) -> Self::I;
     unsafe fn sub32(a: Self::I, b: Self::I) -> Self::I;
     /// `acc + Σ pairs of 16-bit products` of `w` with the two 16-bit
@@ -136,14 +149,16 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize>(tile: &Tile, 
         // several tokens, the others need one.
         let chain = |i: usize| if NT == 1 || F == Q6_K { i % 2 } else { 0 };
         // K-quants share d and dmin over 8 blocks: read them once per superblock.
-        let per_super = if F == Q5_0 { 1 } else { QK_K / QK };
+        let per_super = if is_k(F) { QK_K / QK } else { 1 };
         let mut acc = [L::zerof(); NT];
         for sb in 0..blocks / per_super {
             let first_block = sb * per_super;
             let (d, dmin) = match F {
-                Q5_0 => (L::zerof(), L::zerof()),
                 Q6_K => (L::halves(base.add(layout.super_half(0, first_block) + lane0 * 2)), L::zerof()),
-                _ => (L::halves(base.add(layout.super_half(0, first_block) + lane0 * 2)), L::halves(base.add(layout.super_half(1, first_block) + lane0 * 2))),
+                Q4_K | Q5_K => {
+                    (L::halves(base.add(layout.super_half(0, first_block) + lane0 * 2)), L::halves(base.add(layout.super_half(1, first_block) + lane0 * 2)))
+                }
+                _ => (L::zerof(), L::zerof()),
             };
             for b in first_block..first_block + per_super {
                 let q = base.add(b * quant_bytes + lane0 * 4);
@@ -155,14 +170,28 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize>(tile: &Tile, 
                 }
                 let xs = x_blocks::<NT>(tile, b);
                 let mut isum = [[L::zero(); 2]; NT];
-                let mut high = if F == Q4_K { L::zero() } else { L::load(q.add(256)) };
-                for g in 0..4 {
+                if F == Q8_0 {
+                    // Eight groups; each 16-bit lane holds two columns' bytes:
+                    // the low bytes are columns (2g, 2g+1), the high (2g+16, 2g+17).
+                    for g in 0..8 {
+                        let v = L::load(q.add(g * 64));
+                        let w = [L::sar8(L::shl8(v)), L::sar8(v)];
+                        for t in 0..NT {
+                            for (i, &w) in w.iter().enumerate() {
+                                isum[t][chain(i)] = L::dot(isum[t][chain(i)], w, *xs[t].pairs.add(g + 8 * i));
+                            }
+                        }
+                    }
+                }
+                let nibble_groups = if F == Q8_0 { 0 } else { 4 };
+                let mut high = if matches!(F, Q5_0 | Q5_K | Q6_K) { L::load(q.add(256)) } else { L::zero() };
+                for g in 0..nibble_groups {
                     if F == Q6_K && g == 2 {
                         high = L::load(q.add(256 + 64));
                     }
                     let v = L::load(q.add(g * 64));
                     let mut w = [L::and(v, nibble), L::and(L::shr4(v), nibble), L::and(L::shr8(v), nibble), L::shr12(v)];
-                    if F != Q4_K {
+                    if matches!(F, Q5_0 | Q5_K | Q6_K) {
                         let h = [L::shl4(high), high, L::shr4(high), L::shr8(high)];
                         for i in 0..4 {
                             w[i] = L::or(w[i], L::and(h[i], high_mask));
@@ -179,11 +208,26 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize>(tile: &Tile, 
                 // (first 16 columns, last 16) for Q6_K; the total otherwise.
                 let total = |t: usize| if NT == 1 { L::add32(isum[t][0], isum[t][1]) } else { isum[t][0] };
                 match F {
-                    Q5_0 => {
+                    Q5_0 | Q4_0 => {
+                        let d = L::halves(base.add(layout.block_half(0, b) + lane0 * 2));
+                        let offset = if F == Q5_0 { 16 } else { 8 };
+                        for t in 0..NT {
+                            let sum = L::sub32(total(t), L::splat32(offset * xs[t].sum));
+                            acc[t] = L::fma(L::mul(d, L::splat(xs[t].d)), L::cvt(sum), acc[t]);
+                        }
+                    }
+                    Q4_1 => {
+                        let d = L::halves(base.add(layout.block_half(0, b) + lane0 * 2));
+                        let m = L::halves(base.add(layout.block_half(1, b) + lane0 * 2));
+                        for t in 0..NT {
+                            let step = L::fma(L::mul(d, L::splat(xs[t].d)), L::cvt(total(t)), acc[t]);
+                            acc[t] = L::fma(m, L::splat(xs[t].s), step);
+                        }
+                    }
+                    Q8_0 => {
                         let d = L::halves(base.add(layout.block_half(0, b) + lane0 * 2));
                         for t in 0..NT {
-                            let sum = L::sub32(total(t), L::splat32(16 * xs[t].sum));
-                            acc[t] = L::fma(L::mul(d, L::splat(xs[t].d)), L::cvt(sum), acc[t]);
+                            acc[t] = L::fma(L::mul(d, L::splat(xs[t].d)), L::cvt(total(t)), acc[t]);
                         }
                     }
                     Q4_K | Q5_K => {
@@ -310,6 +354,12 @@ impl Lanes for Emulated16 {
     unsafe fn shl4(a: Self::I) -> Self::I {
         map_i(a, |v| halves16(v, |h| h << 4))
     }
+    unsafe fn shl8(a: Self::I) -> Self::I {
+        map_i(a, |v| halves16(v, |h| h << 8))
+    }
+    unsafe fn sar8(a: Self::I) -> Self::I {
+        map_i(a, |v| halves16(v, |h| ((h as i16) >> 8) as u16))
+    }
     unsafe fn add32(a: Self::I, b: Self::I) -> Self::I {
         zip_i(a, b, u32::wrapping_add)
     }
@@ -427,6 +477,14 @@ mod x86 {
         #[inline(always)]
         unsafe fn shl4(a: __m256i) -> __m256i {
             unsafe { _mm256_slli_epi16::<4>(a) }
+        }
+        #[inline(always)]
+        unsafe fn shl8(a: __m256i) -> __m256i {
+            unsafe { _mm256_slli_epi16::<8>(a) }
+        }
+        #[inline(always)]
+        unsafe fn sar8(a: __m256i) -> __m256i {
+            unsafe { _mm256_srai_epi16::<8>(a) }
         }
         #[inline(always)]
         unsafe fn add32(a: __m256i, b: __m256i) -> __m256i {
@@ -564,6 +622,14 @@ mod x86 {
             pair!(shl4(a))
         }
         #[inline(always)]
+        unsafe fn shl8(a: Self::I) -> Self::I {
+            pair!(shl8(a))
+        }
+        #[inline(always)]
+        unsafe fn sar8(a: Self::I) -> Self::I {
+            pair!(sar8(a))
+        }
+        #[inline(always)]
         unsafe fn add32(a: Self::I, b: Self::I) -> Self::I {
             pair!(add32(a, b))
         }
@@ -681,6 +747,14 @@ mod x86 {
         #[inline(always)]
         unsafe fn shl4(a: __m512i) -> __m512i {
             unsafe { _mm512_slli_epi16::<4>(a) }
+        }
+        #[inline(always)]
+        unsafe fn shl8(a: __m512i) -> __m512i {
+            unsafe { _mm512_slli_epi16::<8>(a) }
+        }
+        #[inline(always)]
+        unsafe fn sar8(a: __m512i) -> __m512i {
+            unsafe { _mm512_srai_epi16::<8>(a) }
         }
         #[inline(always)]
         unsafe fn add32(a: __m512i, b: __m512i) -> __m512i {

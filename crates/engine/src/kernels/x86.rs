@@ -186,6 +186,9 @@ unsafe fn f32_512<const NT: usize>(tile: &Tile) {
 
 // ---------------------------------------------------------------- AVX2
 
+/// Every quantized format runs the generic kernel of `wide.rs`; f32
+/// weights their own kernel below.
+///
 /// # Safety
 /// The CPU must support AVX2 and F16C; `tile` must be valid.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -200,44 +203,38 @@ pub(crate) unsafe fn tile_avx2(tile: &Tile) {
             };
         }
         match tile.format {
-            WeightFormat::Q5_0 => return wide!(wide::Q5_0),
-            WeightFormat::Q4_K => return wide!(wide::Q4_K),
-            WeightFormat::Q5_K => return wide!(wide::Q5_K),
-            WeightFormat::Q6_K => return wide!(wide::Q6_K),
-            _ => {}
+            WeightFormat::Q4_0 => wide!(wide::Q4_0),
+            WeightFormat::Q4_1 => wide!(wide::Q4_1),
+            WeightFormat::Q8_0 => wide!(wide::Q8_0),
+            WeightFormat::Q5_0 => wide!(wide::Q5_0),
+            WeightFormat::Q4_K => wide!(wide::Q4_K),
+            WeightFormat::Q5_K => wide!(wide::Q5_K),
+            WeightFormat::Q6_K => wide!(wide::Q6_K),
+            WeightFormat::F32 => f32_avx2(tile),
         }
     }
+}
+
+/// f32 weights, 8 rows × up to 4 tokens at a time.
+///
+/// # Safety
+/// As [`tile_avx2`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_avx2(tile: &Tile) {
     // Eight ymm accumulators per half panel at most: split larger tiles.
     let mut t0 = 0;
     while t0 < tile.nt {
         let nt = (tile.nt - t0).min(4);
         let sub = Tile { t0: tile.t0 + t0, nt, out: unsafe { tile.out.add(t0 * tile.ld) }, ..*tile };
         unsafe {
-            match (tile.format, nt) {
-                (WeightFormat::F32, 1) => f32_256::<1>(&sub),
-                (WeightFormat::F32, 2) => f32_256::<2>(&sub),
-                (WeightFormat::F32, 3) => f32_256::<3>(&sub),
-                (WeightFormat::F32, _) => f32_256::<4>(&sub),
-                (WeightFormat::Q4_0, n) => quant_256_tokens::<Q4_0>(&sub, n),
-                (WeightFormat::Q4_1, n) => quant_256_tokens::<Q4_1>(&sub, n),
-                (WeightFormat::Q8_0, n) => quant_256_tokens::<Q8_0>(&sub, n),
-                _ => unreachable!("the wide formats returned above"),
+            match nt {
+                1 => f32_256::<1>(&sub),
+                2 => f32_256::<2>(&sub),
+                3 => f32_256::<3>(&sub),
+                _ => f32_256::<4>(&sub),
             }
         }
         t0 += nt;
-    }
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quant_256_tokens<const F: u8>(tile: &Tile, nt: usize) {
-    unsafe {
-        match nt {
-            1 => quant_256::<1, F>(tile),
-            2 => quant_256::<2, F>(tile),
-            3 => quant_256::<3, F>(tile),
-            _ => quant_256::<4, F>(tile),
-        }
     }
 }
 
@@ -249,81 +246,6 @@ unsafe fn store_256(tile: &Tile, t: usize, halves: [__m256; 2]) {
         _mm256_storeu_ps(acc.as_mut_ptr(), halves[0]);
         _mm256_storeu_ps(acc.as_mut_ptr().add(8), halves[1]);
         tile.store(t, &acc);
-    }
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quant_256<const NT: usize, const F: u8>(tile: &Tile) {
-    unsafe {
-        let x = &tile.x.quantized;
-        let blocks = tile.blocks();
-        let quant_bytes = if F == Q8_0 { 512 } else { 256 };
-        let panel = tile.panel.as_ptr();
-        let (d_at, m_at) = (tile.scales_at(0), tile.scales_at(1));
-        let nibble = _mm256_set1_epi16(0x000F);
-        let mut out = [[_mm256_setzero_ps(); 2]; NT];
-        for h in 0..2 {
-            let mut acc = [_mm256_setzero_ps(); NT];
-            for b in 0..blocks {
-                let q = panel.add(b * quant_bytes + h * 32);
-                if NT <= 2 {
-                    let ahead = q.add(PREFETCH_BYTES);
-                    for line in 0..quant_bytes / 64 {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(line * 64).cast());
-                    }
-                }
-                let xp: [*const i32; NT] = std::array::from_fn(|t| x.qs.as_ptr().add(((tile.t0 + t) * blocks + b) * QK).cast());
-                let mut isum = [_mm256_setzero_si256(); NT];
-                macro_rules! dot {
-                    ($acc:expr, $w:expr, $pair:expr) => {
-                        $acc = _mm256_add_epi32($acc, _mm256_madd_epi16($w, _mm256_set1_epi32($pair)))
-                    };
-                }
-                if F == Q8_0 {
-                    for g in 0..8 {
-                        let v = _mm256_loadu_si256(q.add(g * 64).cast());
-                        let lo = _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(v));
-                        let hi = _mm256_srai_epi16::<8>(v);
-                        for t in 0..NT {
-                            dot!(isum[t], lo, *xp[t].add(g));
-                            dot!(isum[t], hi, *xp[t].add(g + 8));
-                        }
-                    }
-                } else {
-                    for g in 0..4 {
-                        let v = _mm256_loadu_si256(q.add(g * 64).cast());
-                        let w0 = _mm256_and_si256(v, nibble);
-                        let w1 = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
-                        let w2 = _mm256_and_si256(_mm256_srli_epi16::<8>(v), nibble);
-                        let w3 = _mm256_srli_epi16::<12>(v);
-                        for t in 0..NT {
-                            dot!(isum[t], w0, *xp[t].add(g));
-                            dot!(isum[t], w1, *xp[t].add(g + 8));
-                            dot!(isum[t], w2, *xp[t].add(g + 4));
-                            dot!(isum[t], w3, *xp[t].add(g + 12));
-                        }
-                    }
-                }
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(panel.add(d_at + b * 32 + h * 16).cast()));
-                let mw = if F == Q4_1 { _mm256_cvtph_ps(_mm_loadu_si128(panel.add(m_at + b * 32 + h * 16).cast())) } else { dw };
-                for t in 0..NT {
-                    let xb = (tile.t0 + t) * blocks + b;
-                    let sum = if F == Q4_0 { _mm256_sub_epi32(isum[t], _mm256_set1_epi32(8 * x.isum[xb])) } else { isum[t] };
-                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[xb]));
-                    acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[t]);
-                    if F == Q4_1 {
-                        acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x.s[xb]), acc[t]);
-                    }
-                }
-            }
-            for t in 0..NT {
-                out[t][h] = acc[t];
-            }
-        }
-        for (t, halves) in out.into_iter().enumerate() {
-            store_256(tile, t, halves);
-        }
     }
 }
 
