@@ -2,9 +2,11 @@
 //!
 //! Both follow the scalar reference step for step (see `scalar.rs`): exact
 //! 16-bit × 4/8-bit integer dot products per block and row lane, then
-//! `acc = fma(d_w · d_x, isum, acc)`. One
-//! weight group is unpacked once and used for up to `TOKEN_TILE` tokens,
-//! which is what makes prefill a matrix-matrix product.
+//! `acc = fma(d_w · d_x, isum, acc)`. One weight group is unpacked once and
+//! used for up to `TOKEN_TILE` tokens, which is what makes prefill a
+//! matrix-matrix product. AVX-512 has hand-written kernels for Q4_0, Q4_1,
+//! Q8_0 and f32 here; every other case runs the generic kernel of
+//! `wide.rs` (all quantized formats on AVX2).
 
 #![allow(clippy::needless_range_loop)] // lanes and tokens index parallel arrays
 
