@@ -161,11 +161,15 @@ fn chat_messages(system: Option<&str>, user: &str) -> Vec<ChatMessage> {
     system.map(|s| ChatMessage::new("system", s)).into_iter().chain([ChatMessage::new("user", user)]).collect()
 }
 
-/// The prompt's token ids: the raw text, or a user message in the model's
-/// chat template with `--chat` / `--system`.
+/// The prompt's token ids: the raw text (control tokens written in it
+/// count, as in llama.cpp), or a user message in the model's chat template
+/// with `--chat` / `--system` (the message is plain text).
 pub fn prompt_tokens(client: &ClientParts, args: &RunArgs) -> Result<Vec<u32>> {
-    let text = if args.chat || args.system.is_some() { client.render_chat(&chat_messages(args.system.as_deref(), &args.prompt))? } else { args.prompt.clone() };
-    let tokens = client.tokenizer().encode(&text)?;
+    let tokens = if args.chat || args.system.is_some() {
+        client.chat_prompt(&chat_messages(args.system.as_deref(), &args.prompt))?.tokens
+    } else {
+        client.tokenizer().encode(&args.prompt)?
+    };
     if tokens.is_empty() {
         bail!("the prompt is empty");
     }
@@ -296,13 +300,12 @@ pub fn print_timings(label: &str, prompt_len: usize, first_token: Duration, tota
 pub fn tokenize(args: &TokenizeArgs) -> Result<()> {
     let file = open_model(&args.model)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
-    let text = if args.chat {
+    let ids = if args.chat {
         let template = ChatTemplate::from_gguf(&file, &tokenizer)?.context("the model file has no chat template")?;
-        template.render(&chat_messages(None, &args.text), true)?
+        template.prompt(&tokenizer, &chat_messages(None, &args.text), true)?.tokens
     } else {
-        args.text.clone()
+        tokenizer.encode(&args.text)?
     };
-    let ids = tokenizer.encode(&text)?;
     if args.json {
         let pieces: Vec<serde_json::Value> = ids.iter().map(|&id| serde_json::json!({"id": id, "piece": tokenizer.piece(id)})).collect();
         println!("{}", serde_json::to_string(&pieces)?);

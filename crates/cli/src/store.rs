@@ -195,9 +195,7 @@ impl Store {
 
     fn save(&self, models: Vec<ModelEntry>) -> Result<()> {
         let registry = Registry { version: REGISTRY_VERSION, models };
-        let tmp = self.home.join("registry.json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&registry)?)?;
-        std::fs::rename(&tmp, self.registry_path())?;
+        hotpot_core::fsutil::write_atomic(&self.registry_path(), serde_json::to_string_pretty(&registry)?.as_bytes())?;
         Ok(())
     }
 

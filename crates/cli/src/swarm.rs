@@ -94,6 +94,10 @@ pub struct AuditArgs {
     /// gateways that join later hear of earlier convictions too.
     #[arg(long, default_value_t = 60)]
     pub accusations_every: u64,
+    /// Most accusations from other gateways checked per minute (each costs
+    /// an audit); the rest are dropped.
+    #[arg(long, default_value_t = 6)]
+    pub accusation_checks_per_minute: u32,
     /// Measurement only: convict, but keep routing through convicted nodes.
     #[arg(long, hide = true)]
     pub redteam_keep_cheats: bool,
@@ -127,6 +131,7 @@ impl AuditArgs {
             keep_cheats: self.redteam_keep_cheats,
             accuse_everyone: self.redteam_accuse_everyone,
             accusations_every: Duration::from_secs(self.accusations_every.max(1)),
+            accusation_checks_per_minute: self.accusation_checks_per_minute,
         }))
     }
 }
@@ -422,6 +427,53 @@ pub struct GatewayArgs {
     pub identity: GatewayIdentityArgs,
     #[command(flatten)]
     pub audit: AuditArgs,
+    #[command(flatten)]
+    pub serving: ServingArgs,
+}
+
+/// What the gateway allows its HTTP clients, and how it waits for capacity.
+#[derive(Args, Debug, Clone)]
+pub struct ServingArgs {
+    /// Seconds a client has to send a request's headers, and again its body.
+    #[arg(long, default_value_t = 15)]
+    pub read_timeout: u64,
+    /// Seconds a connection may stay open without a request.
+    #[arg(long, default_value_t = 60)]
+    pub idle_timeout: u64,
+    /// Most open HTTP connections (the oldest idle one makes room).
+    #[arg(long, default_value_t = 16_384)]
+    pub max_connections: usize,
+    /// Most open HTTP connections from one client address.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections_per_ip: usize,
+    /// Seconds open requests may run on after SIGTERM or Ctrl-C.
+    #[arg(long, default_value_t = 10)]
+    pub shutdown_grace: u64,
+    /// Seconds a request waits for a free node before 429.
+    #[arg(long, default_value_t = 15)]
+    pub queue_timeout: u64,
+    /// List each API key's name and spending in /metrics.
+    #[arg(long)]
+    pub metrics_per_key: bool,
+    /// Create the keys' spending store if it does not exist (first start
+    /// only: without this flag a missing store refuses to start, so that a
+    /// lost file never restarts every key at 0 spent).
+    #[arg(long)]
+    pub init_store: bool,
+}
+
+impl ServingArgs {
+    fn apply(&self, config: &mut hotpot_gateway::GatewayConfig) {
+        config.http = hotpot_gateway::HttpLimits {
+            read_timeout: Duration::from_secs(self.read_timeout.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
+            max_connections: self.max_connections.max(1),
+            max_per_address: self.max_connections_per_ip.max(1),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace),
+        };
+        config.chain.queue_timeout = Duration::from_secs(self.queue_timeout);
+        config.metrics_per_key = self.metrics_per_key;
+    }
 }
 
 /// The gateway's lasting identity and records.
@@ -479,6 +531,8 @@ pub struct UpArgs {
     pub identity: GatewayIdentityArgs,
     #[command(flatten)]
     pub audit: AuditArgs,
+    #[command(flatten)]
+    pub serving: ServingArgs,
 }
 
 struct GatewayModel {
@@ -502,14 +556,17 @@ async fn serve_http(
     max_body_mb: usize,
     audit: Option<hotpot_gateway::AuditConfig>,
     record_sinks: Vec<Arc<dyn hotpot_gateway::RecordSink>>,
+    serving: &ServingArgs,
     listener: tokio::net::TcpListener,
 ) -> Result<()> {
     let mut config = hotpot_gateway::GatewayConfig::new(model.name.clone());
+    serving.apply(&mut config);
     config.max_body_bytes = max_body_mb << 20;
     config.audit = audit;
     config.record_sinks = record_sinks;
     if let Some(path) = keys {
-        config.keys = Some(Arc::new(hotpot_gateway::KeyStore::load(path)?));
+        let ledger = if serving.init_store { hotpot_gateway::Ledger::Create } else { hotpot_gateway::Ledger::Existing };
+        config.keys = Some(Arc::new(hotpot_gateway::KeyStore::load(path, ledger)?));
     }
     let gateway = hotpot_gateway::Gateway::new(model.client, model.id, network, config).await;
     let missing = gateway.missing_blocks();
@@ -519,7 +576,8 @@ async fn serve_http(
             missing.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
         );
     }
-    axum::serve(listener, hotpot_gateway::router(gateway)).with_graceful_shutdown(shutdown_signal()).await?;
+    let limits = gateway.config().http.clone();
+    hotpot_gateway::serve(listener, hotpot_gateway::router(gateway), limits, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -536,7 +594,7 @@ pub fn gateway(args: &GatewayArgs) -> Result<()> {
         let addr = listener.local_addr()?;
         println!("OpenAI API for {} ({}) at http://{addr}/v1", model.name, model.id);
         let _ = std::io::stdout().flush();
-        serve_http(model, network.clone(), args.api_keys.as_deref(), args.max_body_mb, audit, sinks, listener).await?;
+        serve_http(model, network.clone(), args.api_keys.as_deref(), args.max_body_mb, audit, sinks, &args.serving, listener).await?;
         eprintln!("shutting down");
         network.shutdown().await;
         Ok(())
@@ -600,7 +658,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
         println!("Ctrl-C stops everything.");
         let _ = std::io::stdout().flush();
         let audit = args.audit.config(&path, Some(device.clone()))?;
-        serve_http(model, gateway_net.clone(), args.api_keys.as_deref(), 4, audit, sinks, listener).await?;
+        serve_http(model, gateway_net.clone(), args.api_keys.as_deref(), 4, audit, sinks, &args.serving, listener).await?;
         eprintln!("shutting down");
         gateway_net.shutdown().await;
         for (node, network) in networks.iter().rev() {

@@ -3,74 +3,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 
-/// A running `hotpot gateway` or `hotpot up`, killed when dropped.
-struct Served {
-    child: Child,
-    base_url: String,
-    stdout: Vec<String>,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `hotpot ARGS` and waits for the line announcing the API's URL.
-fn serve(args: &[&str]) -> Served {
-    let child = Command::new(HOTPOT).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("starts");
-    // Owned by `Served` at once, so that a failure below still kills it.
-    let mut served = Served { child, base_url: String::new(), stdout: Vec::new() };
-    let stdout = served.child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
-            panic!("no API URL from {args:?}: {:?}", served.stdout);
-        };
-        served.stdout.push(line.clone());
-        if line.contains("OpenAI API")
-            && let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://"))
-        {
-            // `hotpot up` prints a few more lines (the curl example).
-            std::thread::sleep(Duration::from_millis(200));
-            served.stdout.extend(rx.try_iter());
-            served.base_url = url.to_string();
-            return served;
-        }
-    }
-}
-
-fn python(script: &str, args: &[&str]) -> std::process::Output {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script);
-    let mut child = Command::new("python3").arg(path).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("python3 runs");
-    let started = Instant::now();
-    loop {
-        if child.try_wait().expect("waits").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if started.elapsed() > Duration::from_secs(400) {
-            let _ = child.kill();
-            panic!("{script} ran too long");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn openai_client_against_a_three_node_swarm() {
@@ -89,7 +26,7 @@ fn openai_client_against_a_three_node_swarm() {
         ]}"#,
     )
     .expect("writes keys");
-    let gateway = serve(&["gateway", "--join", &a.addr, "--listen", "127.0.0.1:0", "--api-keys", keys.to_str().expect("utf-8"), "-t", "1"]);
+    let gateway = serve(&["gateway", "--join", &a.addr, "--listen", "127.0.0.1:0", "--api-keys", keys.to_str().expect("utf-8"), "--init-store", "-t", "1"]);
     let out = python("openai_client.py", &[&gateway.base_url, "sk-test-good", "sk-test-budget", "sk-test-slow"]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "openai client checks failed:\n{stdout}\n{stderr}");
@@ -117,6 +54,7 @@ fn budgets_hold_under_concurrency_and_disconnects() {
         "127.0.0.1:0",
         "--api-keys",
         keys.to_str().expect("utf-8"),
+        "--init-store",
         "--key",
         key_file.to_str().expect("utf-8"),
         "-t",

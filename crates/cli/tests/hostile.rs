@@ -10,7 +10,7 @@ use common::*;
 use futures::AsyncWriteExt;
 use hotpot_core::{LayerSpan, ModelId, NodeKey, SessionId, StepRecord};
 use hotpot_net::{Framed, Network, NetworkConfig, PeerId, node_id_of};
-use hotpot_wire::{ClientMessage, DType, ErrorCode, NodeMessage, Open, PROTOCOL_INFER, Step, Tensor};
+use hotpot_wire::{ClientMessage, DType, ErrorCode, NodeMessage, Open, PROTOCOL_INFER, Priority, Step, Tensor};
 
 const T: Duration = Duration::from_secs(10);
 const DIM: usize = 576;
@@ -32,7 +32,7 @@ async fn ask(framed: &mut Framed, message: ClientMessage) -> Option<NodeMessage>
 }
 
 fn open(session: SessionId, model: ModelId, span: (u32, u32)) -> ClientMessage {
-    ClientMessage::Open(Open { session, model, span: LayerSpan::new(span.0, span.1).expect("span"), max_len: 64 })
+    ClientMessage::Open(Open { session, model, span: LayerSpan::new(span.0, span.1).expect("span"), max_len: 64, priority: Priority::Interactive })
 }
 
 fn step(session: SessionId, pos: u32, rows: usize, cols: usize) -> ClientMessage {
@@ -136,7 +136,7 @@ fn hostile_peers_do_not_hurt_honest_sessions() {
             held.push(extra);
         }
         let mut refused = stream(&net, peer).await;
-        assert_eq!(code(ask(&mut refused, open(SessionId::random(), model, (0, 20))).await), Some(ErrorCode::Busy));
+        assert!(matches!(ask(&mut refused, open(SessionId::random(), model, (0, 20))).await, Some(NodeMessage::Busy { .. })));
         assert_eq!(net.query_info(peer, T).await.expect("info").free_slots, 0);
 
         // Silent sessions expire and free their slots.
@@ -160,7 +160,7 @@ fn full_nodes_are_routed_around() {
         let mut held = stream(&net, peer).await;
         assert!(matches!(ask(&mut held, open(SessionId::random(), model, (0, 30))).await, Some(NodeMessage::Opened { .. })));
         let mut refused = stream(&net, peer).await;
-        assert_eq!(code(ask(&mut refused, open(SessionId::random(), model, (0, 30))).await), Some(ErrorCode::Busy));
+        assert!(matches!(ask(&mut refused, open(SessionId::random(), model, (0, 30))).await, Some(NodeMessage::Busy { .. })));
 
         let out = tokio::task::spawn_blocking({
             let addr = full.addr.clone();
@@ -185,7 +185,7 @@ fn full_nodes_are_routed_around() {
 async fn decode_rate(net: &Network, peer: PeerId, model: ModelId, steps: u32) -> f64 {
     let id = SessionId::random();
     let mut session = stream(net, peer).await;
-    let opened = ask(&mut session, ClientMessage::Open(Open { session: id, model, span: LayerSpan::new(0, 30).expect("span"), max_len: 1024 })).await;
+    let opened = ask(&mut session, ClientMessage::Open(Open { session: id, model, span: LayerSpan::new(0, 30).expect("span"), max_len: 1024, priority: Priority::Interactive })).await;
     assert!(matches!(opened, Some(NodeMessage::Opened { .. })), "{opened:?}");
     assert!(matches!(ask(&mut session, step(id, 0, 8, DIM)).await, Some(NodeMessage::Output { .. })));
     let started = std::time::Instant::now();
@@ -237,7 +237,7 @@ fn an_audit_flood_does_not_slow_sessions() {
                     }
                     while let Some(answer) = waves.join_next().await {
                         match answer.ok().flatten() {
-                            Some(NodeMessage::Error { code: ErrorCode::Busy, .. }) => busy += 1,
+                            Some(NodeMessage::Busy { .. }) => busy += 1,
                             _ => other += 1,
                         }
                     }

@@ -7,6 +7,7 @@
 //! without pulling each other in.
 
 mod commitment;
+pub mod fsutil;
 mod keys;
 mod model_id;
 pub mod placement;

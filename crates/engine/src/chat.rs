@@ -1,12 +1,31 @@
 //! The chat template stored in a GGUF file (`tokenizer.chat_template`),
 //! rendered with minijinja the way Hugging Face's `apply_chat_template` does
-//! (trimmed blocks, Python string methods, `raise_exception`).
+//! (trimmed blocks, Python string methods, `raise_exception`), with a
+//! limit on the work and the output of one rendering (a template is part
+//! of a downloaded file, and a conversation is a stranger's input).
+//!
+//! Message content is text: control tokens come only from the template.
+//! `<|im_end|>` written in a message is tokenized as the characters it is
+//! made of, as OpenAI does, so a user cannot forge a turn.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 use crate::model::ModelFile;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{ControlTokens, Tokenizer};
+
+/// Template instructions one rendering may run: far more than any real
+/// chat template needs for a long conversation, and a fraction of a second.
+const FUEL: u64 = 5_000_000;
+/// Bytes one rendering may produce beyond the messages' own.
+const OUTPUT_SLACK: usize = 1 << 20;
+
+/// A conversation rendered with the template, and its token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatPrompt {
+    pub text: String,
+    pub tokens: Vec<u32>,
+}
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +62,7 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_fuel(Some(FUEL));
         env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
         });
@@ -63,17 +83,70 @@ impl ChatTemplate {
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where
-    /// the assistant's reply begins.
+    /// the assistant's reply begins. A template that runs too long or
+    /// writes far more than the messages hold is an error.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ModelError> {
         let template = self.env.get_template(NAME).map_err(|e| ModelError::Template(e.to_string()))?;
-        template
-            .render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token,
-                eos_token => self.eos_token,
-            })
-            .map_err(|e| ModelError::Template(e.to_string()))
+        let content: usize = messages.iter().map(|m| m.content.len() + m.role.len()).sum();
+        let mut out = Capped { bytes: Vec::new(), cap: 2 * content + OUTPUT_SLACK };
+        let context = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        };
+        match template.render_captured_to(context, &mut out) {
+            Ok(_) => String::from_utf8(out.bytes).map_err(|_| ModelError::Template("the template wrote invalid UTF-8".into())),
+            Err(_) if out.bytes.len() > out.cap => Err(ModelError::Template(format!("the chat template wrote more than {} bytes; refusing it", out.cap))),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => {
+                Err(ModelError::Template(format!("the chat template ran more than {FUEL} instructions without finishing; refusing it")))
+            }
+            Err(e) => Err(ModelError::Template(e.to_string())),
+        }
+    }
+
+    /// Renders `messages` and tokenizes the result, control tokens only
+    /// where the template wrote them: the template is rendered a second
+    /// time with every control token inside a message masked, and control
+    /// tokens are recognised only where that rendering still has them.
+    pub fn prompt(&self, tokenizer: &Tokenizer, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<ChatPrompt, ModelError> {
+        let text = self.render(messages, add_generation_prompt)?;
+        let masked: Vec<Option<String>> = messages.iter().map(|m| tokenizer.mask_control_tokens(&m.content)).collect();
+        if masked.iter().all(Option::is_none) {
+            let tokens = tokenizer.encode(&text)?;
+            return Ok(ChatPrompt { text, tokens });
+        }
+        let shadow: Vec<ChatMessage> =
+            messages.iter().zip(masked).map(|(m, masked)| ChatMessage { role: m.role.clone(), content: masked.unwrap_or_else(|| m.content.clone()) }).collect();
+        let shadow = self.render(&shadow, add_generation_prompt)?;
+        if shadow.len() != text.len() {
+            return Err(ModelError::Template(
+                "a message contains a control token's text, and this model's chat template changes messages in a way that cannot keep it as plain text; remove it".into(),
+            ));
+        }
+        let at = tokenizer.control_token_offsets(&shadow);
+        let tokens = tokenizer.encode_with(&text, ControlTokens::At(&at))?;
+        Ok(ChatPrompt { text, tokens })
+    }
+}
+
+/// A writer that refuses to grow past `cap` bytes.
+struct Capped {
+    bytes: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.bytes.extend_from_slice(buf);
+        if self.bytes.len() > self.cap {
+            return Err(std::io::Error::other("the rendering is too long"));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

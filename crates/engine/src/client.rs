@@ -2,7 +2,7 @@
 //! embedding table, final norm and head. Nodes never see tokens; the client
 //! turns tokens into hidden states and hidden states back into logits.
 
-use crate::chat::{ChatMessage, ChatTemplate};
+use crate::chat::{ChatMessage, ChatPrompt, ChatTemplate};
 use crate::error::{ForwardError, ModelError};
 use crate::kernels::{MatmulInput, Matrix, matmul, ops};
 use crate::model::{ModelConfig, ModelFile};
@@ -57,11 +57,12 @@ impl ClientParts {
         &self.device
     }
 
-    /// Renders a conversation with the model's own chat template, ending
-    /// where the assistant's reply begins.
-    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, ModelError> {
+    /// A conversation rendered with the model's own chat template, ending
+    /// where the assistant's reply begins, and its tokens (control tokens
+    /// only from the template).
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<ChatPrompt, ModelError> {
         let template = self.template.as_ref().ok_or_else(|| ModelError::Template("the model file has no chat template".into()))?;
-        template.render(messages, true)
+        template.prompt(&self.tokenizer, messages, true)
     }
 
     /// The embedding rows of `tokens`: the input of block 0.

@@ -28,7 +28,7 @@ pub mod testing;
 mod tokenizer;
 
 pub use arch::{Activation, Architecture, LayerPlan, Recipe, SlidingWindow};
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatMessage, ChatPrompt, ChatTemplate};
 pub use client::ClientParts;
 pub use detok::{Released, TextStream};
 pub use error::{ForwardError, ModelError};
@@ -36,4 +36,4 @@ pub use generate::{FinishReason, Generation, GenerationParams, LocalChain, Step,
 pub use model::{ModelConfig, ModelFile, TensorEntry};
 pub use sampling::{Sampler, SamplingParams, argmax, log_softmax, top_logprobs};
 pub use span::{BatchItem, Device, HiddenStates, KvCache, Span};
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{ControlTokens, Tokenizer};

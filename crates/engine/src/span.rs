@@ -157,12 +157,28 @@ impl KvCache {
         self.capacity * self.head_dim
     }
 
-    fn reserve(&mut self, needed: usize) {
+    /// Positions the cache holds room for once it holds `needed`.
+    fn capacity_for(&self, needed: usize) -> usize {
+        if needed <= self.capacity {
+            return self.capacity;
+        }
+        let grown = (self.capacity * 2).max(needed).max(CACHE_CHUNK).div_ceil(CACHE_CHUNK) * CACHE_CHUNK;
+        grown.min(self.max_len).max(needed).next_multiple_of(KEY_PANEL)
+    }
+
+    /// Bytes the cache will hold once it has room for `needed` positions
+    /// (what [`KvCache::reserve`] would make it).
+    pub fn memory_bytes_for(&self, needed: usize) -> usize {
+        self.blocks.len() * 2 * self.n_kv_heads * self.capacity_for(needed) * self.head_dim * 4
+    }
+
+    /// Makes room for `needed` positions now (the cache also grows by
+    /// itself as positions are added).
+    pub fn reserve(&mut self, needed: usize) {
         if needed <= self.capacity {
             return;
         }
-        let grown = (self.capacity * 2).max(needed).max(CACHE_CHUNK).div_ceil(CACHE_CHUNK) * CACHE_CHUNK;
-        let capacity = grown.min(self.max_len).max(needed).next_multiple_of(KEY_PANEL);
+        let capacity = self.capacity_for(needed);
         let (old_stride, new_stride) = (self.head_stride(), capacity * self.head_dim);
         let used = self.len.next_multiple_of(KEY_PANEL) * self.head_dim;
         for block in &mut self.blocks {

@@ -3,8 +3,9 @@
 //! match its own:
 //!
 //! 1. control, user-defined and unknown tokens written in the text are cut
-//!    out first, longest first (runs of spaces and newlines are
-//!    user-defined tokens in Gemma's vocabulary);
+//!    out first, longest first ([`crate::tokenizer`] does this for every
+//!    vocabulary; runs of spaces and newlines are user-defined tokens in
+//!    Gemma's);
 //! 2. each remaining fragment gets a leading space when the vocabulary asks
 //!    for one (`add_space_prefix`, after the start or a special token), and
 //!    spaces become `▁`;
@@ -19,8 +20,6 @@
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
-
-use aho_corasick::{AhoCorasick, MatchKind};
 
 use crate::error::ModelError;
 
@@ -38,8 +37,6 @@ pub(crate) struct Spm {
     scores: Vec<f32>,
     bytes: [Option<u32>; 256],
     add_space_prefix: bool,
-    /// Matches special tokens written in text, longest first at each position.
-    specials: Option<(AhoCorasick, Vec<u32>)>,
 }
 
 /// A piece of text between merges: a run of bytes of the escaped text.
@@ -103,54 +100,22 @@ impl Spm {
                 bytes[b as usize] = Some(i as u32);
             }
         }
-        let mut special: Vec<u32> = (0..texts.len() as u32)
-            .filter(|&i| matches!(types[i as usize], TOKEN_CONTROL | TOKEN_USER_DEFINED | TOKEN_UNKNOWN) && !texts[i as usize].is_empty())
-            .collect();
-        special.sort_by_key(|&i| std::cmp::Reverse(texts[i as usize].len()));
-        let specials = if special.is_empty() {
-            None
-        } else {
-            let patterns: Vec<&str> = special.iter().map(|&i| texts[i as usize].as_str()).collect();
-            let automaton = AhoCorasick::builder()
-                .match_kind(MatchKind::LeftmostLongest)
-                .build(&patterns)
-                .map_err(|e| ModelError::Tokenizer(format!("special tokens: {e}")))?;
-            Some((automaton, special))
-        };
-        Ok(Self { ids, scores, bytes, add_space_prefix, specials })
+        Ok(Self { ids, scores, bytes, add_space_prefix })
     }
 
-    /// Token ids of `text`, special tokens in it included (no BOS).
-    pub fn encode(&self, text: &str) -> Vec<u32> {
-        let mut out = Vec::new();
-        let mut previous_special = true;
-        let raw = |fragment: &str, out: &mut Vec<u32>, previous_special: bool| {
-            let mut escaped = String::with_capacity(fragment.len() + 3);
-            if self.add_space_prefix && previous_special {
-                escaped.push_str(SPACE);
-            }
-            escaped.push_str(&fragment.replace(' ', SPACE));
-            self.encode_fragment(&escaped, out);
-        };
-        let mut at = 0;
-        if let Some((automaton, ids)) = &self.specials {
-            for m in automaton.find_iter(text) {
-                if m.start() > at {
-                    raw(&text[at..m.start()], &mut out, previous_special);
-                }
-                out.push(ids[m.pattern().as_usize()]);
-                previous_special = true;
-                at = m.end();
-            }
+    /// Token ids of a fragment of text between special tokens (no BOS);
+    /// `after_special`: it starts the text or follows a special token.
+    pub fn encode_fragment(&self, fragment: &str, after_special: bool, out: &mut Vec<u32>) {
+        let mut escaped = String::with_capacity(fragment.len() + 3);
+        if self.add_space_prefix && after_special {
+            escaped.push_str(SPACE);
         }
-        if at < text.len() {
-            raw(&text[at..], &mut out, previous_special);
-        }
-        out
+        escaped.push_str(&fragment.replace(' ', SPACE));
+        self.merge(&escaped, out);
     }
 
     /// Merges one escaped fragment and appends its tokens.
-    fn encode_fragment(&self, text: &str, out: &mut Vec<u32>) {
+    fn merge(&self, text: &str, out: &mut Vec<u32>) {
         let mut symbols: Vec<Symbol> = Vec::new();
         for (i, (start, c)) in text.char_indices().enumerate() {
             let len = c.len_utf8();
@@ -219,6 +184,14 @@ mod tests {
         Spm::new(&texts, scores, &types, prefix).expect("vocab")
     }
 
+    impl Spm {
+        fn encode(&self, text: &str) -> Vec<u32> {
+            let mut out = Vec::new();
+            self.encode_fragment(text, true, &mut out);
+            out
+        }
+    }
+
     fn bytes_vocab() -> Vec<(String, f32, i64)> {
         (0..=255u8).map(|b| (format!("<0x{b:02X}>"), 0.0, TOKEN_BYTE)).collect()
     }
@@ -240,17 +213,6 @@ mod tests {
         assert_eq!(spm.encode(" a"), vec![id("\u{2581}a")]);
         let prefixed = vocab(&refs, true);
         assert_eq!(prefixed.encode("a"), vec![id("\u{2581}a")]);
-    }
-
-    #[test]
-    fn special_tokens_are_cut_out_longest_first() {
-        let mut tokens = bytes_vocab();
-        for (t, s, k) in [("<bos>", 0.0, TOKEN_CONTROL), ("\n", 0.0, TOKEN_USER_DEFINED), ("\n\n", 0.0, TOKEN_USER_DEFINED), ("x", -1.0, 1)] {
-            tokens.push((t.into(), s, k));
-        }
-        let refs: Vec<(&str, f32, i64)> = tokens.iter().map(|(t, s, k)| (t.as_str(), *s, *k)).collect();
-        let spm = vocab(&refs, false);
-        assert_eq!(spm.encode("x\n\n\nx<bos>"), vec![259, 258, 257, 259, 256]);
     }
 
     #[test]

@@ -11,18 +11,19 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, SplitDelimiterBehavior};
+use aho_corasick::{AhoCorasick, MatchKind};
+use tokenizers::SplitDelimiterBehavior;
 
 use crate::error::ModelError;
 use crate::model::ModelFile;
 
-use crate::spm::{Spm, TOKEN_CONTROL, TOKEN_USER_DEFINED};
+use crate::spm::{Spm, TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED};
 
 const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// How text becomes token ids.
+/// How fragments of text between special tokens become token ids.
 enum Model {
     Bpe(Box<tokenizers::Tokenizer>),
     Spm(Box<Spm>),
@@ -36,9 +37,13 @@ pub struct Tokenizer {
     /// The token strings as stored in the file.
     texts: Vec<String>,
     control: Vec<bool>,
+    /// Control, user-defined and unknown tokens written in text.
+    specials: Option<Specials>,
     bos: Option<u32>,
     add_bos: bool,
     end_of_generation: HashSet<u32>,
+    /// The most bytes of text one token can stand for.
+    widest: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -123,7 +128,7 @@ impl Tokenizer {
             let bytes = texts.iter().zip(&types).map(|(t, &k)| crate::spm::token_bytes(t, k)).collect();
             (Model::Spm(Box::new(spm)), bytes)
         } else {
-            (Model::Bpe(Box::new(Self::bpe(file, &texts, &types)?)), Self::byte_level_bytes(&texts, &control))
+            (Model::Bpe(Box::new(Self::bpe(file, &texts)?)), Self::byte_level_bytes(&texts, &control))
         };
 
         let vocab_size = texts.len() as u32;
@@ -139,10 +144,13 @@ impl Tokenizer {
         }
         // SentencePiece vocabularies start with BOS unless they say otherwise (as in llama.cpp).
         let add_bos = file.meta_bool("tokenizer.ggml.add_bos_token").unwrap_or(kind == "llama");
-        Ok(Self { model, bytes, texts, control, bos: id("tokenizer.ggml.bos_token_id"), add_bos, end_of_generation })
+        let specials = Specials::new(&texts, &types)?;
+        let widest = bytes.iter().map(Vec::len).chain(texts.iter().map(String::len)).max().unwrap_or(1).max(1);
+        Ok(Self { model, bytes, texts, control, specials, bos: id("tokenizer.ggml.bos_token_id"), add_bos, end_of_generation, widest })
     }
 
-    fn bpe(file: &ModelFile, texts: &[String], types: &[i64]) -> Result<tokenizers::Tokenizer, ModelError> {
+    /// The byte-level BPE model; special tokens are cut out before it runs.
+    fn bpe(file: &ModelFile, texts: &[String]) -> Result<tokenizers::Tokenizer, ModelError> {
         let merges: Vec<(String, String)> = file
             .meta_strings("tokenizer.ggml.merges")?
             .into_iter()
@@ -154,13 +162,6 @@ impl Tokenizer {
         let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(pre_tokenizer(file.meta_str("tokenizer.ggml.pre").unwrap_or("default"))?));
-        let specials: Vec<AddedToken> = texts
-            .iter()
-            .zip(types)
-            .filter(|(_, t)| **t == TOKEN_CONTROL || **t == TOKEN_USER_DEFINED)
-            .map(|(text, t)| AddedToken::from(text.clone(), *t == TOKEN_CONTROL).normalized(false))
-            .collect();
-        inner.add_special_tokens(specials).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(inner)
     }
 
@@ -190,22 +191,82 @@ impl Tokenizer {
         self.texts.len()
     }
 
+    /// The fewest tokens `bytes` bytes of text can become: what a
+    /// context check can know before tokenizing.
+    pub fn min_tokens(&self, bytes: usize) -> usize {
+        bytes / self.widest
+    }
+
     /// Token ids for `text`. Control tokens written in the text (such as
     /// `<|im_start|>`) become their ids, as in llama.cpp with special-token
     /// parsing on; BOS is prepended when the model asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        self.encode_with(text, ControlTokens::Parsed)
+    }
+
+    /// Token ids for `text`, with control tokens recognised only where
+    /// `controls` says; elsewhere their text is ordinary text.
+    /// User-defined tokens are always recognised (as in llama.cpp).
+    pub fn encode_with(&self, text: &str, controls: ControlTokens<'_>) -> Result<Vec<u32>, ModelError> {
         let mut ids = Vec::new();
         if self.add_bos {
             ids.extend(self.bos);
         }
-        match &self.model {
-            Model::Bpe(inner) => {
-                let encoding = inner.encode_fast(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-                ids.extend_from_slice(encoding.get_ids());
+        let mut at = 0;
+        let mut after_special = true;
+        if let Some(specials) = &self.specials {
+            for m in specials.automaton.find_iter(text) {
+                let pattern = m.pattern().as_usize();
+                if specials.control[pattern] && !controls.allows(m.start()) {
+                    continue;
+                }
+                if m.start() > at {
+                    self.encode_fragment(&text[at..m.start()], after_special, &mut ids)?;
+                }
+                ids.push(specials.ids[pattern]);
+                after_special = true;
+                at = m.end();
             }
-            Model::Spm(spm) => ids.extend(spm.encode(text)),
+        }
+        if at < text.len() {
+            self.encode_fragment(&text[at..], after_special, &mut ids)?;
         }
         Ok(ids)
+    }
+
+    /// Where control tokens are written in `text` (byte offsets).
+    pub fn control_token_offsets(&self, text: &str) -> Vec<usize> {
+        let Some(specials) = &self.specials else { return Vec::new() };
+        specials.automaton.find_iter(text).filter(|m| specials.control[m.pattern().as_usize()]).map(|m| m.start()).collect()
+    }
+
+    /// `text` with the text of every control token in it replaced by as
+    /// many bytes of filler (`None`: it has none).
+    pub fn mask_control_tokens(&self, text: &str) -> Option<String> {
+        let specials = self.specials.as_ref()?;
+        let mut masked: Option<String> = None;
+        let mut at = 0;
+        for m in specials.automaton.find_iter(text).filter(|m| specials.control[m.pattern().as_usize()]) {
+            let out = masked.get_or_insert_with(|| String::with_capacity(text.len()));
+            out.push_str(&text[at..m.start()]);
+            out.extend(std::iter::repeat_n('x', m.end() - m.start()));
+            at = m.end();
+        }
+        masked.map(|mut out| {
+            out.push_str(&text[at..]);
+            out
+        })
+    }
+
+    fn encode_fragment(&self, fragment: &str, after_special: bool, ids: &mut Vec<u32>) -> Result<(), ModelError> {
+        match &self.model {
+            Model::Bpe(inner) => {
+                let encoding = inner.encode_fast(fragment, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+                ids.extend_from_slice(encoding.get_ids());
+            }
+            Model::Spm(spm) => spm.encode_fragment(fragment, after_special, ids),
+        }
+        Ok(())
     }
 
     /// Whether `encode` starts with the BOS token.
@@ -245,5 +306,54 @@ impl Tokenizer {
 
     pub fn bos(&self) -> Option<u32> {
         self.bos
+    }
+}
+
+/// Where control tokens written in text are recognised.
+#[derive(Debug, Clone, Copy)]
+pub enum ControlTokens<'a> {
+    /// Everywhere (raw prompts, as llama.cpp's `parse_special`).
+    Parsed,
+    /// Nowhere: their text is ordinary text.
+    AsText,
+    /// Only where one starts at one of these byte offsets (sorted).
+    At(&'a [usize]),
+}
+
+impl ControlTokens<'_> {
+    fn allows(&self, offset: usize) -> bool {
+        match self {
+            Self::Parsed => true,
+            Self::AsText => false,
+            Self::At(offsets) => offsets.binary_search(&offset).is_ok(),
+        }
+    }
+}
+
+/// Control, user-defined and unknown tokens, found in text longest first
+/// at each position (llama.cpp's `tokenizer_st_partition`).
+struct Specials {
+    automaton: AhoCorasick,
+    ids: Vec<u32>,
+    /// Per pattern: a control or unknown token (only recognised where the
+    /// caller allows), or user-defined (always).
+    control: Vec<bool>,
+}
+
+impl Specials {
+    fn new(texts: &[String], types: &[i64]) -> Result<Option<Self>, ModelError> {
+        let ids: Vec<u32> = (0..texts.len() as u32)
+            .filter(|&i| matches!(types[i as usize], TOKEN_CONTROL | TOKEN_USER_DEFINED | TOKEN_UNKNOWN) && !texts[i as usize].is_empty())
+            .collect();
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let patterns: Vec<&str> = ids.iter().map(|&i| texts[i as usize].as_str()).collect();
+        let automaton = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&patterns)
+            .map_err(|e| ModelError::Tokenizer(format!("special tokens: {e}")))?;
+        let control = ids.iter().map(|&i| types[i as usize] != TOKEN_USER_DEFINED).collect();
+        Ok(Some(Self { automaton, ids, control }))
     }
 }

@@ -49,7 +49,9 @@ fn tokenizer_matches_llamacpp(m: &Model) {
         if let Some(messages) = case["messages"].as_array() {
             let messages: Vec<ChatMessage> =
                 messages.iter().map(|m| ChatMessage::new(m["role"].as_str().expect("role"), m["content"].as_str().expect("content"))).collect();
-            assert_eq!(client.render_chat(&messages).expect("renders"), text, "{}: chat rendering of case {}", m.alias, case["id"]);
+            let prompt = client.chat_prompt(&messages).expect("renders");
+            assert_eq!(prompt.text, text, "{}: chat rendering of case {}", m.alias, case["id"]);
+            assert_eq!(prompt.tokens, ids(&case["prompt_ids"]), "{}: chat tokens of case {}", m.alias, case["id"]);
         }
     }
 }

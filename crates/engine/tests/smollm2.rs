@@ -22,7 +22,7 @@ fn tokenizer_and_chat_template_match_llamacpp() {
         if let Some(messages) = case["messages"].as_array() {
             let messages: Vec<ChatMessage> =
                 messages.iter().map(|m| ChatMessage::new(m["role"].as_str().expect("role"), m["content"].as_str().expect("content"))).collect();
-            assert_eq!(client.render_chat(&messages).expect("renders"), text, "chat rendering of case {}", case["id"]);
+            assert_eq!(client.chat_prompt(&messages).expect("renders").text, text, "chat rendering of case {}", case["id"]);
             rendered += 1;
         }
     }

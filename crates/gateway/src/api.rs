@@ -32,6 +32,9 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound { message: "no such route".into(), code: "not_found" } })
+        .method_not_allowed_fallback(|request: Request| async move {
+            ApiError::MethodNotAllowed(format!("{} is not allowed on {}", request.method(), request.uri().path()))
+        })
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(Arc::clone(&gateway), count_requests))
         .with_state(gateway)
@@ -44,21 +47,33 @@ async fn count_requests(State(gateway): State<Arc<Gateway>>, request: Request, n
     response
 }
 
-/// A JSON body whose every failure is an OpenAI-shaped error.
-pub struct Body<T>(pub T);
+/// A JSON body whose every failure is an OpenAI-shaped error, and its
+/// size in bytes. The whole body must arrive within the read timeout.
+pub struct Body<T>(pub T, pub usize);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+impl<T: DeserializeOwned> FromRequest<Arc<Gateway>> for Body<T> {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge("the request body is too large".into())
-            } else {
-                ApiError::bad(rejection.body_text())
-            }
-        })?;
-        serde_json::from_slice(&bytes).map(Body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+    async fn from_request(request: Request, gateway: &Arc<Gateway>) -> Result<Self, ApiError> {
+        let timeout = gateway.config.http.read_timeout;
+        let _receiving = request.extensions().get::<crate::http::Connection>().map(crate::http::Connection::receiving);
+        let bytes = tokio::time::timeout(timeout, Bytes::from_request(request, gateway))
+            .await
+            .map_err(|_| ApiError::Timeout(format!("the request body did not arrive within {} s", timeout.as_secs_f64())))?
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge("the request body is too large".into())
+                } else {
+                    ApiError::bad(rejection.body_text())
+                }
+            })?;
+        let size = bytes.len();
+        let parsed = serde_json::from_slice(&bytes).map(|value| Body(value, size)).map_err(|e| ApiError::bad(format!("invalid request body: {e}")));
+        drop(bytes);
+        if size > crate::prep::IN_PLACE_BYTES << 4 {
+            crate::prep::release_memory();
+        }
+        parsed
     }
 }
 
@@ -83,16 +98,18 @@ impl Gateway {
     }
 }
 
-async fn chat(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Body(request): Body<ChatRequest>) -> Result<Response, ApiError> {
+async fn chat(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Body(request, size): Body<ChatRequest>) -> Result<Response, ApiError> {
     let caller = gateway.authorize(&headers)?;
-    let (plan, shape) = plan::chat(&gateway, caller, request)?;
+    let prepared = Arc::clone(&gateway);
+    let (plan, shape) = gateway.prep.run(size, move || plan::chat(&prepared, caller, request)).await??;
     let events = gateway.start(plan).await?;
     render::chat(gateway, shape, events).await
 }
 
-async fn completions(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Body(request): Body<CompletionRequest>) -> Result<Response, ApiError> {
+async fn completions(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Body(request, size): Body<CompletionRequest>) -> Result<Response, ApiError> {
     let caller = gateway.authorize(&headers)?;
-    let (plan, shape) = plan::completions(&gateway, caller, request)?;
+    let prepared = Arc::clone(&gateway);
+    let (plan, shape) = gateway.prep.run(size, move || plan::completions(&prepared, caller, request)).await??;
     let events = gateway.start(plan).await?;
     render::completions(gateway, shape, events).await
 }

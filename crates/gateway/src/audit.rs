@@ -51,6 +51,10 @@ pub struct AuditConfig {
     /// How often the gateway gossips its accusations again, for gateways
     /// that were not listening when it first did.
     pub accusations_every: Duration,
+    /// Most accusations from other gateways checked per minute (each costs
+    /// an audit); the rest are dropped and counted, so a flood from
+    /// ever-new peer ids cannot take the gateway's compute.
+    pub accusation_checks_per_minute: u32,
 }
 
 /// Why one audit step (recomputing, fetching evidence) failed.
@@ -149,6 +153,26 @@ impl EvidenceStore {
 struct Accusations {
     checking: HashSet<PeerId>,
     false_accusers: HashSet<PeerId>,
+    /// Checks left in the current minute, and when it was last refilled.
+    allowance: f64,
+    refilled: Option<std::time::Instant>,
+}
+
+impl Accusations {
+    /// Takes one check from a bucket of `per_minute`, refilled steadily.
+    fn take_check(&mut self, per_minute: u32) -> bool {
+        let now = std::time::Instant::now();
+        let cap = f64::from(per_minute);
+        let elapsed = self.refilled.map_or(f64::INFINITY, |t| now.duration_since(t).as_secs_f64());
+        self.allowance = (self.allowance + elapsed * cap / 60.0).min(cap);
+        self.refilled = Some(now);
+        if self.allowance >= 1.0 {
+            self.allowance -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// What checking another gateway's accusation found.
@@ -466,9 +490,8 @@ impl Auditor {
         let bytes = serde_json::to_vec_pretty(&evidence).unwrap_or_default();
         let path = self.config.evidence_dir.as_ref().map(|dir| dir.join(format!("{}-{}.json", stage.node, evidence.created_ms)));
         if let Some(path) = &path {
-            let written = std::fs::create_dir_all(path.parent().unwrap_or(path)).and_then(|()| std::fs::write(path, &bytes));
-            if let Err(e) = written {
-                tracing::warn!(error = %e, "cannot write evidence");
+            if let Err(e) = hotpot_core::fsutil::write_atomic(path, &bytes) {
+                tracing::error!(path = %path.display(), error = %e, "cannot write evidence of cheating; the conviction lives only in this process");
             }
         }
         tracing::warn!(
@@ -521,9 +544,15 @@ impl Auditor {
         }
         {
             let mut state = lock(&self.accusations);
-            if state.false_accusers.contains(&accuser) || !state.checking.insert(peer) {
+            if state.false_accusers.contains(&accuser) || state.checking.contains(&peer) {
                 return;
             }
+            if !state.take_check(self.config.accusation_checks_per_minute) {
+                tracing::debug!(%accuser, accused = %peer, "dropping an accusation: this minute's checks are spent");
+                self.metrics.accusations.get_or_create(&ResultLabels { result: "dropped".into() }).inc();
+                return;
+            }
+            state.checking.insert(peer);
         }
         let finding = match self.checks.acquire().await {
             Ok(_permit) => self.check_accusation(accuser, peer, &accusation).await,
@@ -615,21 +644,34 @@ impl Auditor {
 }
 
 /// The newest evidence file in `dir` about each node of `model`, among
-/// those whose commitments the node really signed, with its bytes
-/// (anything else is skipped).
+/// those whose commitments the node really signed, with its bytes. A file
+/// that cannot be read as evidence is reported (and left in place), never
+/// skipped silently: a conviction may be in it.
 fn read_convictions(dir: &std::path::Path, model: &ModelId) -> Vec<(Evidence, Vec<u8>)> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut newest: HashMap<NodeId, (Evidence, Vec<u8>)> = HashMap::new();
     for path in entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")) {
-        let Ok(bytes) = std::fs::read(&path) else { continue };
-        match serde_json::from_slice::<Evidence>(&bytes) {
-            Ok(evidence) if evidence.model == *model && evidence.check_signatures().is_ok() => {
-                if newest.get(&evidence.node).is_none_or(|(kept, _)| kept.created_ms < evidence.created_ms) {
-                    newest.insert(evidence.node, (evidence, bytes));
-                }
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot read an evidence file; the conviction in it is not restored");
+                continue;
             }
+        };
+        match serde_json::from_slice::<Evidence>(&bytes) {
+            Ok(evidence) if evidence.model == *model => match evidence.check_signatures() {
+                Ok(_) => {
+                    if newest.get(&evidence.node).is_none_or(|(kept, _)| kept.created_ms < evidence.created_ms) {
+                        newest.insert(evidence.node, (evidence, bytes));
+                    }
+                }
+                Err(e) => tracing::error!(path = %path.display(), error = %e, "an evidence file does not verify; its conviction is not restored"),
+            },
             Ok(_) => {}
-            Err(e) => tracing::debug!(path = %path.display(), error = %e, "not an evidence file"),
+            Err(e) => tracing::error!(
+                path = %path.display(), bytes = bytes.len(), error = %e,
+                "an evidence file is damaged (half-written or truncated?); its conviction is not restored; the file is left in place"
+            ),
         }
     }
     newest.into_values().collect()

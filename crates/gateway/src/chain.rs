@@ -7,6 +7,12 @@
 //! history into the new sessions to rebuild their caches, and retries the
 //! step. Because every node computes bit-identically, the replayed outputs
 //! must equal what the next stage already received; the chain checks that.
+//!
+//! `Busy` is load, not failure: it never bans. A node that answers `Busy`
+//! (or is slow to answer an `Open`) is skipped until its retry hint
+//! passes; when every node that could serve is busy, the chain waits for a
+//! session to close or a hint to pass, up to `queue_timeout`, and then
+//! reports [`ChainError::Busy`] with how long to wait.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +20,8 @@ use std::time::Duration;
 use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId, SessionId, StepRecord};
 use hotpot_engine::{ForwardError, HiddenStates};
 use hotpot_net::{Framed, Network, PeerId, node_id_of};
-use hotpot_wire::{ClientMessage, DType, ErrorCode, NodeMessage, Open, PROTOCOL_INFER, Step, Tensor};
+use hotpot_wire::{ClientMessage, DType, ErrorCode, NodeMessage, Open, PROTOCOL_INFER, Priority, Step, Tensor};
+use tokio::time::Instant;
 
 /// Hidden states travel as f32: exactly the bytes nodes sign and audits
 /// recompute from.
@@ -23,12 +30,24 @@ const WIRE_DTYPE: DType = DType::F32;
 use crate::directory::SharedDirectory;
 use crate::route::{Candidate, Hop, MissingBlocks, plan};
 
+/// How long a node that was slow to answer `Open` is skipped.
+const SLOW_SKIP: Duration = Duration::from_secs(2);
+
 /// How a chain talks to nodes.
 #[derive(Debug, Clone)]
 pub struct ChainConfig {
     /// Most positions a session will hold.
     pub max_len: usize,
+    /// How the nodes schedule the session.
+    pub priority: Priority,
+    /// Deadline to reach a node and open a stream to it.
     pub open_timeout: Duration,
+    /// Deadline for a node's answer to `Open`; a slower node is skipped for
+    /// a while (not banned).
+    pub reply_timeout: Duration,
+    /// How long a request waits for capacity when every node that could
+    /// serve it is busy.
+    pub queue_timeout: Duration,
     /// Deadline of one step, plus `per_row_timeout` for each position in it.
     pub step_timeout: Duration,
     pub per_row_timeout: Duration,
@@ -45,7 +64,10 @@ impl Default for ChainConfig {
     fn default() -> Self {
         Self {
             max_len: 2048,
+            priority: Priority::Interactive,
             open_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(1),
+            queue_timeout: Duration::from_secs(15),
             step_timeout: Duration::from_secs(10),
             per_row_timeout: Duration::from_millis(50),
             max_failovers: 8,
@@ -59,6 +81,10 @@ impl Default for ChainConfig {
 pub enum ChainError {
     #[error(transparent)]
     Missing(#[from] MissingBlocks),
+    /// Every node that could serve is busy, and stayed busy past the
+    /// request's queue deadline.
+    #[error("{reason}")]
+    Busy { retry_after: Duration, reason: String },
     #[error("gave up after {failures} node failures; the last: {last}")]
     GaveUp { failures: usize, last: String },
     #[error(transparent)]
@@ -74,6 +100,10 @@ enum NodeFault {
     Net(#[from] hotpot_net::NetError),
     #[error("refused ({code:?}): {message}")]
     Refused { code: ErrorCode, message: String },
+    #[error("busy: {message}")]
+    Busy { retry_after: Duration, message: String },
+    #[error("did not answer Open within {0:?}")]
+    Slow(Duration),
     #[error("broke the protocol: {0}")]
     Protocol(String),
     #[error("sent a commitment that does not verify: {0}")]
@@ -102,11 +132,14 @@ struct Stage {
     /// A step was rolled back part-way: the kept inputs no longer match
     /// the commitments one for one, so the stage cannot be audited.
     torn: bool,
+    /// The node has done a step in this session (its past failures are
+    /// forgiven then).
+    proven: bool,
 }
 
 impl Stage {
     fn new(conn: Conn, audited: bool) -> Self {
-        Self { span: conn.hop.span, conn, history: Vec::new(), audited, outputs: Vec::new(), commitments: Vec::new(), torn: false }
+        Self { span: conn.hop.span, conn, history: Vec::new(), audited, outputs: Vec::new(), commitments: Vec::new(), torn: false, proven: false }
     }
 
     fn record(&mut self, input: &[f32], output: &[f32], commitment: Commitment) {
@@ -154,6 +187,10 @@ pub enum ChainEvent<'a> {
     SessionClosed(&'a PeerId),
     Step { peer: &'a PeerId, sent: usize, received: usize },
     Failover,
+    /// A node answered `Busy` (load: it is skipped for a moment).
+    Busy(&'a PeerId),
+    /// A node failed and is banned for a while.
+    Banned(&'a PeerId),
 }
 
 /// Receives a chain's events.
@@ -206,7 +243,8 @@ impl RemoteChain {
         let connector = Connector { network, directory, model, n_blocks, config, observer, selector };
         let full = LayerSpan::full(n_blocks).map_err(|e| ChainError::Internal(e.to_string()))?;
         let mut failures = 0;
-        let stages = connector.connect(full, &mut failures).await?.into_iter().map(|c| connector.stage(c)).collect();
+        let deadline = Instant::now() + connector.config.queue_timeout;
+        let stages = connector.connect(full, &mut failures, deadline).await?.into_iter().map(|c| connector.stage(c)).collect();
         Ok(Self { connector, dim, stages, len: 0, failovers: 0 })
     }
 
@@ -237,18 +275,38 @@ impl RemoteChain {
         let rows = hidden.rows();
         let mut x = hidden.into_vec();
         let mut failures = 0;
+        let deadline = Instant::now() + self.connector.config.queue_timeout;
         let mut k = 0;
         while k < self.stages.len() {
             match self.step(k, start_pos, rows, &x).await {
                 Ok((out, commitment)) => {
-                    self.stages[k].record(&x, &out, commitment);
+                    let stage = &mut self.stages[k];
+                    stage.record(&x, &out, commitment);
+                    if !stage.proven {
+                        stage.proven = true;
+                        let peer = stage.conn.hop.peer;
+                        self.connector.directory.with(|d| d.succeeded(&peer));
+                    }
                     x = out;
                     k += 1;
+                }
+                Err(NodeFault::Busy { retry_after, message }) => {
+                    // Load, not failure: wait for the node while the
+                    // request may, then move its blocks elsewhere (no ban).
+                    let peer = self.stages[k].conn.hop.peer;
+                    if Instant::now() + retry_after < deadline {
+                        tracing::debug!(%peer, ?retry_after, "node busy ({message}); retrying the step");
+                        tokio::time::sleep(retry_after).await;
+                        continue;
+                    }
+                    self.connector.busy(peer, retry_after);
+                    tracing::info!(%peer, blocks = %self.stages[k].span, "node still busy ({message}); moving its blocks");
+                    self.replace(k, &mut failures, deadline).await?;
                 }
                 Err(fault) => {
                     let stage = &self.stages[k];
                     let peer = stage.conn.hop.peer;
-                    let ban = self.connector.directory.with(|d| d.ban(peer));
+                    let ban = self.connector.ban(peer);
                     failures += 1;
                     self.failovers += 1;
                     self.emit(ChainEvent::Failover);
@@ -259,7 +317,7 @@ impl RemoteChain {
                     if failures > self.connector.config.max_failovers {
                         return Err(ChainError::GaveUp { failures, last: fault.to_string() });
                     }
-                    self.replace(k, &mut failures).await?;
+                    self.replace(k, &mut failures, deadline).await?;
                 }
             }
         }
@@ -332,13 +390,14 @@ impl RemoteChain {
             };
             if let Err(fault) = answer.await {
                 let peer = stage.conn.hop.peer;
-                let ban = self.connector.directory.with(|d| d.ban(peer));
+                let ban = self.connector.ban(peer);
                 self.failovers += 1;
                 self.emit(ChainEvent::Failover);
                 tracing::warn!(%peer, blocks = %self.stages[k].span, banned_for = ?ban, "failover: node failed to roll back ({fault}); rerouting its blocks");
                 let mut failures = 1;
                 let before = self.stages.len();
-                self.replace(k, &mut failures).await?;
+                let deadline = Instant::now() + self.connector.config.queue_timeout;
+                self.replace(k, &mut failures, deadline).await?;
                 // The replacement hops were replayed to `len` already.
                 k += self.stages.len() + 1 - before;
                 continue;
@@ -356,6 +415,7 @@ impl RemoteChain {
             let _ = stage.conn.framed.send(&close, Duration::from_secs(1)).await;
             stage.conn.framed.close().await;
             self.emit(ChainEvent::SessionClosed(&stage.conn.hop.peer));
+            self.connector.directory.session_closed();
         }
     }
 
@@ -381,12 +441,12 @@ impl RemoteChain {
     }
 
     /// Replaces stage `k` by a fresh route over its blocks, replaying its history.
-    async fn replace(&mut self, k: usize, failures: &mut usize) -> Result<(), ChainError> {
+    async fn replace(&mut self, k: usize, failures: &mut usize, deadline: Instant) -> Result<(), ChainError> {
         let old = self.stages.remove(k);
         self.emit(ChainEvent::SessionClosed(&old.conn.hop.peer));
         let rows = old.history.len() / self.dim;
         'attempt: loop {
-            let conns = self.connector.connect(old.span, failures).await?;
+            let conns = self.connector.connect(old.span, failures, deadline).await?;
             let mut input = old.history.clone();
             let mut fresh = Vec::with_capacity(conns.len());
             let mut conns = conns.into_iter();
@@ -401,8 +461,16 @@ impl RemoteChain {
                         }
                         Err(fault) => {
                             let peer = stage.conn.hop.peer;
-                            let ban = self.connector.directory.with(|d| d.ban(peer));
-                            *failures += 1;
+                            let ban = match &fault {
+                                NodeFault::Busy { retry_after, .. } => {
+                                    self.connector.busy(peer, *retry_after);
+                                    None
+                                }
+                                _ => {
+                                    *failures += 1;
+                                    Some(self.connector.ban(peer))
+                                }
+                            };
                             self.failovers += 1;
                             self.emit(ChainEvent::SessionClosed(&peer));
                             self.emit(ChainEvent::Failover);
@@ -449,14 +517,30 @@ impl Connector {
         }
     }
 
-    /// Plans a route over `range` and opens a session on each hop, banning
-    /// nodes that refuse and planning again.
-    async fn connect(&self, range: LayerSpan, failures: &mut usize) -> Result<Vec<Conn>, ChainError> {
+    /// Bans a failed node for a while; returns how long.
+    fn ban(&self, peer: PeerId) -> Duration {
+        self.emit(ChainEvent::Banned(&peer));
+        self.directory.with(|d| d.ban(peer))
+    }
+
+    /// A node is busy: skip it for `retry_after`.
+    fn busy(&self, peer: PeerId, retry_after: Duration) {
+        self.emit(ChainEvent::Busy(&peer));
+        self.directory.with(|d| d.mark_busy(peer, retry_after));
+    }
+
+    /// Plans a route over `range` and opens a session on each hop. A node
+    /// that fails is banned, one that is busy or slow skipped for a while,
+    /// and the route planned again; when every node that could serve is
+    /// busy, waits for capacity until `deadline`.
+    async fn connect(&self, range: LayerSpan, failures: &mut usize, deadline: Instant) -> Result<Vec<Conn>, ChainError> {
         let mut refreshed = false;
-        let give_up_waiting = tokio::time::Instant::now() + self.config.open_timeout;
+        let freed = self.directory.freed();
         loop {
-            let candidates = self.candidates();
-            let hops = match plan(range, &candidates) {
+            let notified = freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let hops = match plan(range, &self.candidates(false)) {
                 Ok(hops) => hops,
                 Err(missing) if !refreshed => {
                     tracing::debug!(%missing, "looking for more nodes");
@@ -465,16 +549,12 @@ impl Connector {
                     continue;
                 }
                 Err(missing) => {
-                    // Blocks that only banned nodes serve: wait out the ban
-                    // (bans are short) rather than fail the request.
-                    let until = self.directory.with(|d| d.ban_ends_covering(&self.model, &missing.0));
-                    match until {
-                        Some(until) if until < give_up_waiting => {
-                            tokio::time::sleep_until(until).await;
-                            continue;
-                        }
-                        _ => return Err(missing.into()),
+                    let wake = self.wait_for_capacity(range, &missing, deadline)?;
+                    tokio::select! {
+                        () = &mut notified => {}
+                        () = tokio::time::sleep_until(wake) => {}
                     }
+                    continue;
                 }
             };
             let mut conns = Vec::with_capacity(hops.len());
@@ -482,8 +562,20 @@ impl Connector {
             for hop in hops {
                 match self.open_session(hop).await {
                     Ok(conn) => conns.push(conn),
+                    Err(NodeFault::Busy { retry_after, message }) => {
+                        self.busy(hop.peer, retry_after);
+                        tracing::debug!(peer = %hop.peer, blocks = %hop.span, "node busy ({message}); trying another route");
+                        failed = true;
+                        break;
+                    }
+                    Err(fault @ NodeFault::Slow(_)) => {
+                        self.busy(hop.peer, SLOW_SKIP);
+                        tracing::info!(peer = %hop.peer, blocks = %hop.span, "node {fault}; skipping it for a while");
+                        failed = true;
+                        break;
+                    }
                     Err(fault) => {
-                        let ban = self.directory.with(|d| d.ban(hop.peer));
+                        let ban = self.ban(hop.peer);
                         *failures += 1;
                         tracing::warn!(peer = %hop.peer, blocks = %hop.span, banned_for = ?ban, "cannot open a session ({fault}); trying another route");
                         if *failures > self.config.max_failovers {
@@ -506,16 +598,48 @@ impl Connector {
         }
     }
 
-    fn candidates(&self) -> Vec<Candidate> {
+    /// No route over `range` right now: when to look again, or why not to.
+    /// Busy nodes that would serve mean waiting (until `deadline`, then
+    /// `Busy`); banned ones, waiting out a ban that ends before `deadline`;
+    /// otherwise the blocks are missing.
+    fn wait_for_capacity(&self, range: LayerSpan, missing: &MissingBlocks, deadline: Instant) -> Result<Instant, ChainError> {
+        let now = Instant::now();
+        if plan(range, &self.candidates(true)).is_ok() {
+            let busy_end = self.directory.with(|d| d.busy_ends(&self.model)).unwrap_or(now + Duration::from_millis(500));
+            if now >= deadline {
+                let retry_after = busy_end.saturating_duration_since(now).max(Duration::from_secs(1));
+                let nodes = self.directory.with(|d| d.usable(&self.model).len());
+                return Err(ChainError::Busy {
+                    retry_after,
+                    reason: format!(
+                        "every node that serves blocks {range} of this model is busy (all {nodes} nodes asked to wait); waited {:.1} s for capacity",
+                        self.config.queue_timeout.as_secs_f64()
+                    ),
+                });
+            }
+            // Spread the herd of waiters over the next moment.
+            let jitter = Duration::from_millis(rand::random::<u64>() % 250);
+            return Ok((busy_end + jitter).min(deadline));
+        }
+        match self.directory.with(|d| d.ban_ends_covering(&self.model, &missing.0)) {
+            Some(until) if until < deadline => Ok(until),
+            _ => Err(missing.clone().into()),
+        }
+    }
+
+    /// Nodes a route may use; busy ones only with `busy_ok`. A node whose
+    /// last heartbeat said it was full costs more but stays a candidate: it
+    /// answers `Busy` itself if it still is.
+    fn candidates(&self, busy_ok: bool) -> Vec<Candidate> {
         self.directory.with(|d| {
             d.usable(&self.model)
                 .into_iter()
-                .filter(|r| r.info.free_slots > 0 && r.info.n_blocks == self.n_blocks)
+                .filter(|r| r.info.n_blocks == self.n_blocks && (busy_ok || !d.is_busy(&r.peer)))
                 .map(|r| Candidate {
                     peer: r.peer,
                     span: r.info.span,
                     throughput: r.info.throughput,
-                    queue: r.info.queue,
+                    queue: r.info.queue + if r.info.free_slots == 0 { r.info.max_sessions } else { 0 },
                     rtt: r.rtt.unwrap_or_default(),
                     penalty: d.penalty(&r.peer),
                 })
@@ -554,11 +678,17 @@ impl Connector {
         let stream = self.network.open_stream(hop.peer, PROTOCOL_INFER, self.config.open_timeout).await?;
         let mut framed = Framed::new(hop.peer, stream);
         let session = SessionId::random();
-        let open = ClientMessage::Open(Open { session, model: self.model, span: hop.span, max_len: self.config.max_len as u32 });
-        framed.send(&open.encode(), self.config.open_timeout).await?;
-        let reply = framed.recv(self.config.open_timeout).await?.ok_or_else(|| NodeFault::Protocol("closed the stream".into()))?;
+        let open = ClientMessage::Open(Open { session, model: self.model, span: hop.span, max_len: self.config.max_len as u32, priority: self.config.priority });
+        let reply_timeout = self.config.reply_timeout;
+        framed.send(&open.encode(), reply_timeout).await?;
+        let reply = match framed.recv(reply_timeout).await {
+            Ok(reply) => reply.ok_or_else(|| NodeFault::Protocol("closed the stream".into()))?,
+            Err(hotpot_net::NetError::Timeout(_)) => return Err(NodeFault::Slow(reply_timeout)),
+            Err(e) => return Err(e.into()),
+        };
         match NodeMessage::decode(&reply).map_err(|e| NodeFault::Protocol(e.to_string()))? {
             NodeMessage::Opened { session: s, .. } if s == session => Ok(Conn { hop, node, session, framed }),
+            NodeMessage::Busy { retry_after_ms, message } => Err(NodeFault::Busy { retry_after: Duration::from_millis(retry_after_ms.into()), message }),
             NodeMessage::Error { code, message } => Err(NodeFault::Refused { code, message }),
             other => Err(NodeFault::Protocol(format!("unexpected answer to Open: {other:?}"))),
         }
@@ -576,6 +706,7 @@ impl Drop for RemoteChain {
     fn drop(&mut self) {
         for stage in &self.stages {
             self.emit(ChainEvent::SessionClosed(&stage.conn.hop.peer));
+            self.connector.directory.session_closed();
         }
     }
 }
@@ -616,6 +747,7 @@ async fn run_step(
             }
             Ok((values, *commitment))
         }
+        NodeMessage::Busy { retry_after_ms, message } => Err(NodeFault::Busy { retry_after: Duration::from_millis(retry_after_ms.into()), message }),
         NodeMessage::Error { code, message } => Err(NodeFault::Refused { code, message }),
         other => Err(NodeFault::Protocol(format!("unexpected answer to Step: {other:?}"))),
     }

@@ -1,5 +1,7 @@
 //! What the gateway knows about the swarm: each node's latest info, how
-//! fast it answered, and which nodes are banned for a while after failing.
+//! fast it answered, which nodes are banned for a while after failing, and
+//! which are busy for a moment. Busy is load, never failure: a busy node is
+//! skipped until its retry hint passes, and nothing counts against it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,13 +31,19 @@ struct Ban {
 /// First ban, doubled at each new failure up to [`MAX_BAN`].
 const FIRST_BAN: Duration = Duration::from_secs(2);
 const MAX_BAN: Duration = Duration::from_secs(300);
-/// Nodes not heard of for this long are not routed to.
-const STALE: Duration = Duration::from_secs(60);
+/// Nodes not heard of for this long are not routed to (heartbeats come
+/// every 10 s).
+const STALE: Duration = Duration::from_secs(25);
+/// Bounds on how long a node's `Busy` keeps it out of routing.
+const BUSY_MIN: Duration = Duration::from_millis(50);
+const BUSY_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 pub struct Directory {
     nodes: HashMap<PeerId, NodeRecord>,
     bans: HashMap<PeerId, Ban>,
+    /// Nodes that answered `Busy`, until when.
+    busy: HashMap<PeerId, Instant>,
     /// Audit history per node (feeds routing and the audit rate).
     reputations: HashMap<PeerId, Reputation>,
 }
@@ -60,6 +68,35 @@ impl Directory {
         length
     }
 
+    /// `peer` did its work: its failures are forgiven (the next one bans
+    /// it for the shortest time again).
+    pub fn succeeded(&mut self, peer: &PeerId) {
+        if self.bans.get(peer).is_some_and(|b| b.until <= Instant::now()) {
+            self.bans.remove(peer);
+        }
+    }
+
+    /// `peer` answered `Busy`: skip it for `retry_after` (bounded).
+    pub fn mark_busy(&mut self, peer: PeerId, retry_after: Duration) {
+        let until = Instant::now() + retry_after.clamp(BUSY_MIN, BUSY_MAX);
+        let entry = self.busy.entry(peer).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    pub fn is_busy(&self, peer: &PeerId) -> bool {
+        self.busy.get(peer).is_some_and(|&until| until > Instant::now())
+    }
+
+    /// When the earliest busy mark among `model`'s fresh nodes ends.
+    pub fn busy_ends(&self, model: &ModelId) -> Option<tokio::time::Instant> {
+        let now = Instant::now();
+        self.fresh(model).filter_map(|r| self.busy.get(&r.peer).copied().filter(|&u| u > now)).min().map(tokio::time::Instant::from_std)
+    }
+
+    fn fresh<'a>(&'a self, model: &'a ModelId) -> impl Iterator<Item = &'a NodeRecord> + 'a {
+        self.nodes.values().filter(move |r| &r.info.model == model && r.seen.elapsed() < STALE)
+    }
+
     pub fn is_banned(&self, peer: &PeerId) -> bool {
         self.bans.get(peer).is_some_and(|b| b.until > Instant::now()) || self.reputations.get(peer).is_some_and(|r| r.cheat)
     }
@@ -82,18 +119,16 @@ impl Directory {
     /// When the earliest ban ends among the banned nodes of `model` that
     /// would serve part of `blocks` (none: no banned node would help).
     pub fn ban_ends_covering(&self, model: &ModelId, blocks: &[hotpot_core::LayerSpan]) -> Option<tokio::time::Instant> {
-        self.nodes
-            .values()
-            .filter(|r| &r.info.model == model && r.seen.elapsed() < STALE)
+        self.fresh(model)
             .filter(|r| blocks.iter().any(|b| r.info.span.start() < b.end() && b.start() < r.info.span.end()))
             .filter_map(|r| self.bans.get(&r.peer).filter(|b| b.until > Instant::now()).map(|b| b.until))
             .min()
             .map(tokio::time::Instant::from_std)
     }
 
-    /// Fresh, unbanned nodes serving `model`.
+    /// Fresh, unbanned nodes serving `model`, busy or not.
     pub fn usable(&self, model: &ModelId) -> Vec<NodeRecord> {
-        self.nodes.values().filter(|r| &r.info.model == model && r.seen.elapsed() < STALE && !self.is_banned(&r.peer)).cloned().collect()
+        self.fresh(model).filter(|r| !self.is_banned(&r.peer)).cloned().collect()
     }
 
     /// Every node heard of, banned or not.
@@ -101,8 +136,10 @@ impl Directory {
         self.nodes.values().cloned().collect()
     }
 
+    /// Drops `peer` from routing until it is heard of again.
     pub fn forget(&mut self, peer: &PeerId) {
         self.nodes.remove(peer);
+        self.busy.remove(peer);
     }
 }
 
@@ -110,12 +147,14 @@ impl Directory {
 #[derive(Debug, Clone)]
 pub struct SharedDirectory {
     inner: Arc<Mutex<Directory>>,
+    /// Woken when a session closes somewhere (a slot may have freed).
+    freed: Arc<tokio::sync::Notify>,
 }
 
 impl SharedDirectory {
     /// Subscribes to `model`'s heartbeats on `network` and records them.
     pub async fn follow(network: &Network, model: ModelId) -> Self {
-        let directory = Self { inner: Arc::new(Mutex::new(Directory::default())) };
+        let directory = Self { inner: Arc::new(Mutex::new(Directory::default())), freed: Arc::new(tokio::sync::Notify::new()) };
         let mut events = network.events();
         let topic = model_topic(&model);
         let _ = network.subscribe(topic.clone()).await;
@@ -132,12 +171,30 @@ impl SharedDirectory {
                             }
                         }
                     }
+                    // A node whose connection closed leaves routing at once;
+                    // its next heartbeat (or a refresh) brings it back.
+                    Ok(NetEvent::Disconnected(peer)) => {
+                        if shared.with(|d| d.nodes.contains_key(&peer)) {
+                            tracing::info!(%peer, "a node's connection closed; it leaves routing until heard of again");
+                            shared.with(|d| d.forget(&peer));
+                        }
+                    }
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(_) => return,
                 }
             }
         });
         directory
+    }
+
+    /// A session closed: wake one request waiting for capacity.
+    pub fn session_closed(&self) {
+        self.freed.notify_one();
+    }
+
+    /// What requests waiting for capacity wait on.
+    pub fn freed(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.freed)
     }
 
     pub fn with<R>(&self, f: impl FnOnce(&mut Directory) -> R) -> R {
@@ -193,6 +250,28 @@ mod tests {
         assert_eq!(d.ban(peer), Duration::from_secs(8));
         assert!(d.is_banned(&peer));
         assert!(d.usable(&ModelId::from_bytes([1; 32])).is_empty());
+        // A ban still running is not lifted by a success…
+        d.succeeded(&peer);
+        assert!(d.is_banned(&peer));
+        // …but once it ran out, a success forgives the strikes.
+        d.bans.get_mut(&peer).expect("banned").until = Instant::now();
+        d.succeeded(&peer);
+        assert_eq!(d.ban(peer), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn busy_is_not_a_ban() {
+        let mut d = Directory::default();
+        let key = NodeKey::generate();
+        let peer = hotpot_net::peer_id_of(&key.id()).expect("peer");
+        d.update(peer, info(&key), None);
+        d.mark_busy(peer, Duration::from_millis(200));
+        assert!(d.is_busy(&peer) && !d.is_banned(&peer));
+        assert_eq!(d.usable(&ModelId::from_bytes([1; 32])).len(), 1);
+        assert!(d.busy_ends(&ModelId::from_bytes([1; 32])).is_some());
+        d.mark_busy(peer, Duration::from_secs(3600));
+        let left = d.busy_ends(&ModelId::from_bytes([1; 32])).expect("busy").duration_since(tokio::time::Instant::now());
+        assert!(left <= BUSY_MAX, "a retry hint is bounded: {left:?}");
     }
 
     #[test]

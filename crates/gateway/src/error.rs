@@ -12,6 +12,11 @@ pub enum ApiError {
     BadRequest { message: String, param: Option<String>, code: Option<&'static str> },
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The client did not send its request in time.
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{message}")]
@@ -21,6 +26,9 @@ pub enum ApiError {
     /// The swarm cannot serve the model right now (blocks missing).
     #[error("{0}")]
     Unavailable(String),
+    /// The swarm has the blocks but no capacity left for this request.
+    #[error("{message}")]
+    Overloaded { message: String, retry_after_s: u64 },
     #[error("{0}")]
     Internal(String),
 }
@@ -38,9 +46,11 @@ impl ApiError {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -51,15 +61,30 @@ impl ApiError {
         let (kind, param, code) = match self {
             Self::BadRequest { param, code, .. } => ("invalid_request_error", param.clone(), code.map(str::to_string)),
             Self::PayloadTooLarge(_) => ("invalid_request_error", None, Some("request_too_large".to_string())),
+            Self::Timeout(_) => ("invalid_request_error", None, Some("request_timeout".to_string())),
+            Self::MethodNotAllowed(_) => ("invalid_request_error", None, Some("method_not_allowed".to_string())),
             Self::Unauthorized(_) => ("authentication_error", None, Some("invalid_api_key".to_string())),
             Self::NotFound { code, .. } => ("invalid_request_error", Some("model".to_string()), Some(code.to_string())),
             Self::RateLimited { code, .. } => (if *code == "insufficient_quota" { "insufficient_quota" } else { "requests" }, None, Some(code.to_string())),
             Self::Unavailable(_) => ("server_error", None, Some("model_not_covered".to_string())),
+            Self::Overloaded { .. } => ("requests", None, Some("swarm_busy".to_string())),
             Self::Internal(_) => ("server_error", None, None),
         };
         json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
     }
+
+    /// Seconds a client should wait before trying again (`Retry-After`).
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Overloaded { retry_after_s, .. } => Some(*retry_after_s),
+            Self::Unavailable(_) => Some(UNAVAILABLE_RETRY_S),
+            _ => None,
+        }
+    }
 }
+
+/// `Retry-After` of a 503: nodes announce themselves every 10 s.
+const UNAVAILABLE_RETRY_S: u64 = 10;
 
 impl From<hotpot_engine::ForwardError> for ApiError {
     fn from(e: hotpot_engine::ForwardError) -> Self {
@@ -82,6 +107,7 @@ impl From<crate::chain::ChainError> for ApiError {
         use crate::chain::ChainError;
         match e {
             ChainError::Missing(missing) => Self::Unavailable(format!("the swarm cannot serve this model right now: {missing}")),
+            ChainError::Busy { retry_after, reason } => Self::Overloaded { message: reason, retry_after_s: retry_after.as_secs_f64().ceil().max(1.0) as u64 },
             ChainError::GaveUp { failures, last } => Self::Unavailable(format!("the swarm failed {failures} times on this request; the last failure: {last}")),
             ChainError::Forward(e) => e.into(),
             ChainError::Internal(e) => Self::Internal(e),
@@ -91,7 +117,11 @@ impl From<crate::chain::ChainError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status(), Json(self.body())).into_response()
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if let Some(seconds) = self.retry_after() {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -114,5 +144,18 @@ mod tests {
         assert_eq!(ApiError::RateLimited { message: "x".into(), code: "rate_limit_exceeded" }.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(ApiError::Unavailable("blocks 10..20".into()).status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(ApiError::PayloadTooLarge("big".into()).status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn load_and_missing_blocks_say_when_to_retry() {
+        let busy: ApiError = crate::chain::ChainError::Busy { retry_after: std::time::Duration::from_millis(1200), reason: "all busy".into() }.into();
+        let response = busy.clone().into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[axum::http::header::RETRY_AFTER], "2");
+        assert_eq!(busy.body()["error"]["code"], "swarm_busy");
+        let missing = ApiError::Unavailable("no node serves blocks 10..20".into()).into_response();
+        assert_eq!(missing.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(missing.headers().contains_key(axum::http::header::RETRY_AFTER));
+        assert_eq!(ApiError::bad("x").into_response().headers().get(axum::http::header::RETRY_AFTER), None);
     }
 }

@@ -13,7 +13,10 @@
 //! in an SQLite file beside the keys file (`keys.json` →
 //! `keys.spending.sqlite`, schema version [`SCHEMA_VERSION`]), one row per
 //! key named by the BLAKE3 hash of the key (the keys themselves stay only
-//! in the keys file).
+//! in the keys file). The store fails closed: it is created only when asked
+//! to ([`Ledger::Create`], `--init-store`), and a missing, empty or corrupt
+//! store, or an impossible value in it, refuses to start rather than let
+//! every key start again from nothing.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -76,6 +79,21 @@ pub enum KeysError {
     },
     #[error("the spending store {path} has schema version {found}; this gateway knows versions up to {SCHEMA_VERSION}")]
     Version { path: PathBuf, found: i64 },
+    #[error(
+        "the spending store {path} does not exist: without it every key would start again at 0 spent. If this is the first start with these keys, pass --init-store to create it; otherwise restore the file"
+    )]
+    Missing { path: PathBuf },
+    #[error("the spending store {path} is unusable ({what}); restore it from a backup (the gateway will not start every key again at 0 spent)")]
+    Corrupt { path: PathBuf, what: String },
+}
+
+/// Whether a missing spending store may be created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ledger {
+    /// The store must exist already.
+    Existing,
+    /// Create the store if it does not exist (first start).
+    Create,
 }
 
 /// The configured keys and what each has spent and holds.
@@ -127,26 +145,47 @@ impl KeyStore {
     }
 
     /// The keys of `path`, with what they spent before (see the module docs).
-    pub fn load(path: &Path) -> Result<Self, KeysError> {
+    pub fn load(path: &Path, ledger: Ledger) -> Result<Self, KeysError> {
         let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read { path: path.to_path_buf(), source })?;
-        Self::parse(&text)?.with_ledger(&ledger_path(path))
+        Self::parse(&text)?.with_ledger(&ledger_path(path), ledger)
     }
 
-    /// Keeps spending in the SQLite file `path` (created if missing,
-    /// migrated if older) and starts each key from what that file says it
-    /// spent.
-    pub fn with_ledger(mut self, path: &Path) -> Result<Self, KeysError> {
-        let fail = |source: rusqlite::Error| KeysError::Store { path: path.to_path_buf(), source };
+    /// Keeps spending in the SQLite file `path` (created only with
+    /// [`Ledger::Create`], migrated if older) and starts each key from what
+    /// that file says it spent.
+    pub fn with_ledger(mut self, path: &Path, ledger: Ledger) -> Result<Self, KeysError> {
+        let fail = |source: rusqlite::Error| match source {
+            rusqlite::Error::SqliteFailure(e, _) if matches!(e.code, rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+                KeysError::Corrupt { path: path.to_path_buf(), what: "not an SQLite database".into() }
+            }
+            source => KeysError::Store { path: path.to_path_buf(), source },
+        };
+        let corrupt = |what: &str| KeysError::Corrupt { path: path.to_path_buf(), what: what.to_string() };
+        let exists = match std::fs::metadata(path) {
+            Ok(meta) if meta.len() == 0 => return Err(corrupt("the file is empty")),
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(source) => return Err(KeysError::Read { path: path.to_path_buf(), source }),
+        };
+        if !exists && ledger == Ledger::Existing {
+            return Err(KeysError::Missing { path: path.to_path_buf() });
+        }
         let conn = Connection::open(path).map_err(fail)?;
         conn.busy_timeout(Duration::from_secs(2)).map_err(fail)?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;").map_err(fail)?;
+        if exists && schema_version(&conn).map_err(fail)?.is_none() {
+            return Err(corrupt("it holds no spending table"));
+        }
         migrate(&conn, path)?;
         {
             let accounts = self.accounts.get_mut().unwrap_or_else(|e| e.into_inner());
             let mut query = conn.prepare("SELECT spent FROM spending WHERE key_hash = ?1").map_err(fail)?;
             for (key, account) in accounts.iter_mut() {
                 let spent: Option<i64> = query.query_row(params![key_hash(key)], |row| row.get(0)).optional().map_err(fail)?;
-                account.spent = spent.map_or(0, |s| u64::try_from(s).unwrap_or(0));
+                account.spent = match spent {
+                    None => 0,
+                    Some(s) => u64::try_from(s).map_err(|_| corrupt(&format!("key {:?} has spent {s} tokens", account.name)))?,
+                };
             }
         }
         self.ledger = Some(Mutex::new(conn));
@@ -289,22 +328,26 @@ impl Drop for Reservation {
     }
 }
 
-/// Brings the store at `path` to [`SCHEMA_VERSION`].
+/// The schema version of an existing store (`None`: it holds no store).
+fn schema_version(conn: &Connection) -> Result<Option<i64>, rusqlite::Error> {
+    let table = |name: &str| -> Result<bool, rusqlite::Error> {
+        conn.query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1", [name], |row| row.get::<_, i64>(0)).map(|n| n > 0)
+    };
+    if !table("spending")? {
+        return Ok(None);
+    }
+    if !table("meta")? {
+        // Version 1 recorded no version.
+        return Ok(Some(1));
+    }
+    conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |row| row.get(0)).optional().map(|v| Some(v.unwrap_or(1)))
+}
+
+/// Brings the store at `path` to [`SCHEMA_VERSION`] (a new store: creates it).
 fn migrate(conn: &Connection, path: &Path) -> Result<(), KeysError> {
     let fail = |source: rusqlite::Error| KeysError::Store { path: path.to_path_buf(), source };
+    let version = schema_version(conn).map_err(fail)?.unwrap_or(0);
     conn.execute_batch("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);").map_err(fail)?;
-    let version: Option<i64> = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |row| row.get(0)).optional().map_err(fail)?;
-    let version = match version {
-        Some(v) => v,
-        // Version 1 recorded no version; a store without the spending table is new.
-        None => {
-            let legacy: bool = conn
-                .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'spending'", [], |row| row.get::<_, i64>(0))
-                .map_err(fail)?
-                > 0;
-            if legacy { 1 } else { 0 }
-        }
-    };
     if version > SCHEMA_VERSION {
         return Err(KeysError::Version { path: path.to_path_buf(), found: version });
     }
@@ -360,19 +403,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let keys = dir.path().join("keys.json");
         std::fs::write(&keys, FILE).expect("writes");
-        let store = Arc::new(KeyStore::load(&keys).expect("loads"));
+        // No store yet: refused unless asked to create one.
+        assert!(matches!(KeyStore::load(&keys, Ledger::Existing), Err(KeysError::Missing { .. })));
+        let store = Arc::new(KeyStore::load(&keys, Ledger::Create).expect("loads"));
         let alice = store.admit(Some("Bearer sk-a")).expect("admitted");
         store.reserve(&alice, 8).expect("reserves").settle(6);
         drop(store);
 
         // A restarted gateway remembers the 6 tokens: 4 more exhaust the budget.
-        let store = Arc::new(KeyStore::load(&keys).expect("loads again"));
+        let store = Arc::new(KeyStore::load(&keys, Ledger::Existing).expect("loads again"));
         assert_eq!(store.spending(), vec![("alice".to_string(), 6), ("key-sk-b".to_string(), 0)]);
         let alice = store.admit(Some("Bearer sk-a")).expect("still within budget");
         store.reserve(&alice, 4).expect("reserves").settle(4);
         assert!(matches!(store.admit(Some("Bearer sk-a")), Err(ApiError::RateLimited { code: "insufficient_quota", .. })));
         drop(store);
-        let store = KeyStore::load(&keys).expect("loads a third time");
+        let store = KeyStore::load(&keys, Ledger::Existing).expect("loads a third time");
         assert!(matches!(store.admit(Some("Bearer sk-a")), Err(ApiError::RateLimited { code: "insufficient_quota", .. })));
 
         // The ledger holds hashes of the keys, never the keys.
@@ -382,8 +427,43 @@ mod tests {
         std::fs::write(ledger_path(&keys), b"not a database, just some bytes that are long enough").expect("writes");
         let _ = std::fs::remove_file(dir.path().join("keys.spending.sqlite-wal"));
         let _ = std::fs::remove_file(dir.path().join("keys.spending.sqlite-shm"));
-        let err = KeyStore::load(&keys).expect_err("refused").to_string();
-        assert!(err.contains("spending store"), "{err}");
+        let err = KeyStore::load(&keys, Ledger::Create).expect_err("refused").to_string();
+        assert!(err.contains("spending store") && err.contains("not an SQLite database"), "{err}");
+    }
+
+    /// A deleted, emptied or tampered store never starts every key at 0.
+    #[test]
+    fn stores_fail_closed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let keys = dir.path().join("keys.json");
+        std::fs::write(&keys, FILE).expect("writes");
+        let store = Arc::new(KeyStore::load(&keys, Ledger::Create).expect("creates"));
+        let alice = store.admit(Some("Bearer sk-a")).expect("admitted");
+        store.reserve(&alice, 5).expect("reserves").settle(5);
+        drop(store);
+        let ledger = ledger_path(&keys);
+        let sidecars = |dir: &Path| {
+            let _ = std::fs::remove_file(dir.join("keys.spending.sqlite-wal"));
+            let _ = std::fs::remove_file(dir.join("keys.spending.sqlite-shm"));
+        };
+        // A negative value is an error, not 0.
+        Connection::open(&ledger).expect("opens").execute("UPDATE spending SET spent = -3", []).expect("tampers");
+        let err = KeyStore::load(&keys, Ledger::Existing).expect_err("refused").to_string();
+        assert!(err.contains("-3"), "{err}");
+        // Emptied: refused, even when asked to create a store.
+        sidecars(dir.path());
+        std::fs::write(&ledger, b"").expect("empties");
+        for ledger_mode in [Ledger::Existing, Ledger::Create] {
+            let err = KeyStore::load(&keys, ledger_mode).expect_err("refused").to_string();
+            assert!(err.contains("empty"), "{err}");
+        }
+        // Deleted: refused unless asked to create it again.
+        std::fs::remove_file(&ledger).expect("deletes");
+        let err = KeyStore::load(&keys, Ledger::Existing).expect_err("refused").to_string();
+        assert!(err.contains("does not exist") && err.contains("--init-store"), "{err}");
+        // A database without the spending table is not a store.
+        Connection::open(&ledger).expect("creates").execute_batch("CREATE TABLE other (x INTEGER);").expect("table");
+        assert!(matches!(KeyStore::load(&keys, Ledger::Create), Err(KeysError::Corrupt { .. })));
     }
 
     /// Reservations are atomic: what is held counts against the budget until
@@ -419,7 +499,7 @@ mod tests {
             conn.execute_batch("CREATE TABLE spending (key_hash TEXT PRIMARY KEY, name TEXT NOT NULL, spent INTEGER NOT NULL);").expect("v1");
             conn.execute("INSERT INTO spending VALUES (?1, 'alice', 9)", params![key_hash("sk-a")]).expect("row");
         }
-        let store = KeyStore::load(&keys).expect("migrates");
+        let store = KeyStore::load(&keys, Ledger::Existing).expect("migrates");
         assert_eq!(store.spending()[0], ("alice".to_string(), 9));
         drop(store);
         let conn = Connection::open(ledger_path(&keys)).expect("opens");
@@ -427,7 +507,7 @@ mod tests {
         assert_eq!(version, SCHEMA_VERSION);
         conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'", []).expect("bumps");
         drop(conn);
-        assert!(matches!(KeyStore::load(&keys), Err(KeysError::Version { found: 99, .. })));
+        assert!(matches!(KeyStore::load(&keys, Ledger::Existing), Err(KeysError::Version { found: 99, .. })));
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     pub token_latency: Histogram,
     pub failovers: Counter,
+    /// `Busy` answers from nodes (load, never a ban).
+    pub node_busy: Counter,
+    /// Node failures that banned the node for a while.
+    pub bans: Counter,
     /// Sessions this gateway holds open on nodes right now.
     pub node_sessions: Gauge,
     pub node_steps: Family<PeerLabels, Counter>,
@@ -73,6 +77,10 @@ impl Default for Metrics {
         registry.register("token_latency_seconds", "time between generated tokens", token_latency.clone());
         let failovers = Counter::default();
         registry.register("failovers", "node failures survived by rerouting", failovers.clone());
+        let node_busy = Counter::default();
+        registry.register("node_busy", "Busy answers from nodes (load: the node is skipped for a moment, never banned)", node_busy.clone());
+        let bans = Counter::default();
+        registry.register("bans", "node failures that banned the node for a while", bans.clone());
         let node_sessions = Gauge::default();
         registry.register("node_sessions_open", "sessions this gateway holds on nodes", node_sessions.clone());
         let node_steps = Family::<PeerLabels, Counter>::default();
@@ -82,7 +90,7 @@ impl Default for Metrics {
         let node_bytes_received = Family::<PeerLabels, Counter>::default();
         registry.register("node_bytes_received", "hidden-state bytes received from each node", node_bytes_received.clone());
         let key_tokens = Family::<KeyLabels, Counter>::default();
-        registry.register("key_tokens", "tokens spent per API key", key_tokens.clone());
+        registry.register("key_tokens", "tokens spent per API key (only with --metrics-per-key)", key_tokens.clone());
         let audits = Family::<AuditLabels, Counter>::default();
         registry.register("audits", "audits of node work, by the first audit's result", audits.clone());
         let cheats = Counter::default();
@@ -97,6 +105,8 @@ impl Default for Metrics {
             time_to_first_token,
             token_latency,
             failovers,
+            node_busy,
+            bans,
             node_sessions,
             node_steps,
             node_bytes_sent,

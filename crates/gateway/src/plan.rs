@@ -107,23 +107,22 @@ pub(crate) fn chat(gateway: &Gateway, caller: Option<Caller>, request: ChatReque
         messages.push(ChatMessage::new(role, content.unwrap_or_default()));
     }
     let client = &gateway.client;
-    let text = client.render_chat(&messages).map_err(|e| ApiError::bad_param("messages", e.to_string()))?;
-    let prompt = client.tokenizer().encode(&text).map_err(|e| ApiError::bad_param("messages", e.to_string()))?;
     let context = gateway.model.context;
     let requested = request.max_completion_tokens.or(request.max_tokens).map(|n| n as usize);
     if requested == Some(0) {
         return Err(ApiError::bad_param("max_tokens", "max_tokens must be at least 1"));
     }
+    // The context check comes before rendering and tokenizing: text that
+    // cannot fit is refused without the work.
+    let bytes: usize = messages.iter().map(|m| m.content.len()).sum();
+    let fewest = client.tokenizer().min_tokens(bytes);
+    if fewest + requested.unwrap_or(1) > context {
+        return Err(too_long("messages", context, &format!("the messages take at least {fewest} tokens")));
+    }
+    // Control tokens only where the template puts them: message content is text.
+    let prompt = client.chat_prompt(&messages).map_err(|e| ApiError::bad_param("messages", e.to_string()))?.tokens;
     if prompt.len() + requested.unwrap_or(1) > context {
-        return Err(ApiError::BadRequest {
-            message: format!(
-                "this model's maximum context length is {context} tokens; the messages take {} tokens and {} more were requested",
-                prompt.len(),
-                requested.unwrap_or(1)
-            ),
-            param: Some("messages".into()),
-            code: Some("context_length_exceeded"),
-        });
+        return Err(too_long("messages", context, &format!("the messages take {} tokens and {} more were requested", prompt.len(), requested.unwrap_or(1))));
     }
     let (sampling_params, n) = sampling(
         &Sampling {
@@ -195,10 +194,45 @@ impl CompletionShape {
     }
 }
 
+fn too_long(param: &str, context: usize, what: &str) -> ApiError {
+    ApiError::BadRequest {
+        message: format!("this model's maximum context length is {context} tokens; {what}"),
+        param: Some(param.into()),
+        code: Some("context_length_exceeded"),
+    }
+}
+
 /// Plans a (legacy) completion: one or more prompts, `n` choices each.
 pub(crate) fn completions(gateway: &Gateway, caller: Option<Caller>, request: CompletionRequest) -> Result<(RequestPlan, CompletionShape), ApiError> {
     gateway.check_model(&request.model)?;
     let tokenizer = gateway.client.tokenizer();
+    let context = gateway.model.context;
+    let max_tokens = request.max_tokens.unwrap_or(16) as usize;
+    let prompt_count = match &request.prompt {
+        Prompt::Texts(ts) => ts.len(),
+        Prompt::TokenLists(lists) => lists.len(),
+        Prompt::Text(_) | Prompt::Tokens(_) => 1,
+    };
+    let sessions = prompt_count * request.n.unwrap_or(1).max(1) as usize;
+    if sessions > gateway.config.max_sessions_per_request {
+        return Err(ApiError::bad_param(
+            "prompt",
+            format!("this request asks for {sessions} completions (prompts × n); at most {} are allowed per request", gateway.config.max_sessions_per_request),
+        ));
+    }
+    // The context check before tokenizing: text that cannot fit is refused
+    // without the work.
+    let texts: Vec<&str> = match &request.prompt {
+        Prompt::Text(t) => vec![t],
+        Prompt::Texts(ts) => ts.iter().map(String::as_str).collect(),
+        Prompt::Tokens(_) | Prompt::TokenLists(_) => Vec::new(),
+    };
+    if let Some(fewest) = texts.iter().map(|t| tokenizer.min_tokens(t.len())).find(|&fewest| fewest + max_tokens.max(1) > context) {
+        return Err(too_long("prompt", context, &format!("a prompt takes at least {fewest} tokens and max_tokens is {max_tokens}")));
+    }
+    // A completion's prompt is the whole text the model sees, so control
+    // tokens in it are parsed (as llama-server and vLLM do): there is no
+    // template whose turns a caller could forge.
     let encode = |text: &str| tokenizer.encode(text).map_err(|e| ApiError::bad_param("prompt", e.to_string()));
     let prompts: Vec<Vec<u32>> = match &request.prompt {
         Prompt::Text(t) => vec![encode(t)?],
@@ -213,14 +247,8 @@ pub(crate) fn completions(gateway: &Gateway, caller: Option<Caller>, request: Co
     if let Some(bad) = prompts.iter().flatten().find(|&&t| t >= vocab) {
         return Err(ApiError::bad_param("prompt", format!("token id {bad} is outside the vocabulary of {vocab} tokens")));
     }
-    let max_tokens = request.max_tokens.unwrap_or(16) as usize;
-    let context = gateway.model.context;
     if let Some(p) = prompts.iter().find(|p| p.len() + max_tokens.max(1) > context) {
-        return Err(ApiError::BadRequest {
-            message: format!("this model's maximum context length is {context} tokens; the prompt takes {} and max_tokens is {max_tokens}", p.len()),
-            param: Some("prompt".into()),
-            code: Some("context_length_exceeded"),
-        });
+        return Err(too_long("prompt", context, &format!("the prompt takes {} and max_tokens is {max_tokens}", p.len())));
     }
     let top = request.logprobs.map(|n| n as usize);
     if top.is_some_and(|n| n > 20) {

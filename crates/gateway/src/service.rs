@@ -31,6 +31,15 @@ pub struct GatewayConfig {
     pub keys: Option<Arc<KeyStore>>,
     /// Most choices per request (`n`).
     pub max_choices: u32,
+    /// Most sessions (prompts × choices) one request runs at a time; the
+    /// rest start as those finish.
+    pub parallel_sessions: usize,
+    /// Most sessions (prompts × choices) one request may ask for.
+    pub max_sessions_per_request: usize,
+    /// Whether `/metrics` lists each key's name and spending.
+    pub metrics_per_key: bool,
+    /// Limits on HTTP clients.
+    pub http: crate::http::HttpLimits,
     /// Where every session's record goes besides billing, audits and
     /// metrics (the `--session-log` JSONL file).
     pub record_sinks: Vec<Arc<dyn RecordSink>>,
@@ -45,6 +54,10 @@ impl GatewayConfig {
             chain: ChainConfig::default(),
             keys: None,
             max_choices: 8,
+            parallel_sessions: 4,
+            max_sessions_per_request: 256,
+            metrics_per_key: false,
+            http: crate::http::HttpLimits::default(),
             record_sinks: Vec::new(),
         }
     }
@@ -69,6 +82,7 @@ pub struct Gateway {
     pub(crate) config: GatewayConfig,
     pub(crate) fingerprint: String,
     auditor: Option<Arc<Auditor>>,
+    pub(crate) prep: crate::prep::Prep,
 }
 
 /// A request, planned: who pays, the sessions to run, and the most tokens
@@ -94,7 +108,11 @@ impl Gateway {
         let fingerprint = format!("hotpot-{}-{}", env!("CARGO_PKG_VERSION"), &model_id.to_full_string()[4..12]);
         let metrics = Arc::new(Metrics::default());
         let auditor = config.audit.clone().map(|audit| Auditor::new(network.clone(), directory.clone(), model.clone(), audit, Arc::clone(&metrics)));
-        Arc::new(Self { model, client, network, directory, metrics, config, fingerprint, auditor })
+        Arc::new(Self { model, client, network, directory, metrics, config, fingerprint, auditor, prep: crate::prep::Prep::start() })
+    }
+
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -135,6 +153,12 @@ impl Gateway {
             ChainEvent::Failover => {
                 metrics.failovers.inc();
             }
+            ChainEvent::Busy(_) => {
+                metrics.node_busy.inc();
+            }
+            ChainEvent::Banned(_) => {
+                metrics.bans.inc();
+            }
         })
     }
 
@@ -153,33 +177,59 @@ impl Gateway {
         Ok(RemoteChain::open(context, config).await?)
     }
 
-    /// Starts a planned request: reserves what it may spend, opens every
-    /// choice's route (so that a swarm that cannot serve the model fails the
-    /// request before anything streams), then runs each session in its own
-    /// task. The sessions finish — and are billed and recorded — whether or
-    /// not anyone still reads the events.
+    /// Starts a planned request: reserves what it may spend, opens the
+    /// first sessions' routes (so that a swarm that cannot serve the model
+    /// fails the request before anything streams), then runs each session
+    /// in its own task, at most `parallel_sessions` at a time; later ones
+    /// open as earlier ones finish. The sessions finish — and are billed and
+    /// recorded — whether or not anyone still reads the events.
     pub(crate) async fn start(self: &Arc<Self>, plan: RequestPlan) -> Result<RequestEvents, ApiError> {
         let started = Instant::now();
         let reservation = match (&plan.caller, &self.config.keys) {
-            (Some(caller), Some(keys)) => Some(Arc::new(keys.reserve(caller, plan.reserve)?)),
+            (Some(caller), Some(keys)) => Some(keys.reserve(caller, plan.reserve)?),
             _ => None,
         };
-        let opened =
-            futures::future::join_all(plan.jobs.iter().map(|job| self.open_chain((job.prompt.len() + job.params.max_tokens).min(self.model.context)))).await;
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.config.parallel_sessions.max(1)));
+        let mut jobs = plan.jobs.into_iter();
+        let first: Vec<ChoiceJob> = jobs.by_ref().take(self.config.parallel_sessions.max(1)).collect();
+        let opened = futures::future::join_all(first.iter().map(|job| self.open_chain(self.session_len(job)))).await;
         let chains = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let request = Arc::new(RequestRun { id: plan.id, caller: plan.caller, reservation, started });
         // Small buffers: a listener that leaves is noticed within a token or two.
         let (tx, rx) = mpsc::channel(4);
-        for (job, chain) in plan.jobs.into_iter().zip(chains) {
-            let context = SessionContext {
-                id: format!("{}/{}", plan.id, job.index),
-                caller: plan.caller.as_ref().map(|c| c.name.clone()),
-                model: self.model.name.clone(),
-                model_id: self.model.id,
-            };
-            let (gateway, tx, reservation) = (Arc::clone(self), tx.clone(), reservation.clone());
-            tokio::spawn(async move { gateway.run_session(job, chain, context, tx, reservation, started).await });
+        for (job, chain) in first.into_iter().zip(chains) {
+            let permit = Arc::clone(&slots).try_acquire_owned().expect("one slot per first session");
+            let (gateway, tx, request) = (Arc::clone(self), tx.clone(), Arc::clone(&request));
+            tokio::spawn(async move { gateway.run_session(job, chain, &request, tx, permit).await });
+        }
+        let rest: Vec<ChoiceJob> = jobs.collect();
+        if !rest.is_empty() {
+            let gateway = Arc::clone(self);
+            tokio::spawn(async move {
+                for job in rest {
+                    let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { return };
+                    if tx.is_closed() {
+                        return;
+                    }
+                    match gateway.open_chain(gateway.session_len(&job)).await {
+                        Ok(chain) => {
+                            let (gateway, tx, request) = (Arc::clone(&gateway), tx.clone(), Arc::clone(&request));
+                            tokio::spawn(async move { gateway.run_session(job, chain, &request, tx, permit).await });
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    }
+                }
+            });
         }
         Ok(rx)
+    }
+
+    /// Positions a session's route must hold.
+    fn session_len(&self, job: &ChoiceJob) -> usize {
+        (job.prompt.len() + job.params.max_tokens).min(self.model.context)
     }
 
     /// Drives one session to its end and hands its record to the sinks.
@@ -187,19 +237,25 @@ impl Gateway {
         self: Arc<Self>,
         job: ChoiceJob,
         mut chain: RemoteChain,
-        context: SessionContext,
+        request: &RequestRun,
         tx: mpsc::Sender<Result<SessionEvent, ApiError>>,
-        reservation: Option<Arc<Reservation>>,
-        request_started: Instant,
+        _slot: tokio::sync::OwnedSemaphorePermit,
     ) {
-        let mut sink = Metered { tx: tx.clone(), metrics: Arc::clone(&self.metrics), started: request_started, last: None };
+        let context = SessionContext {
+            id: format!("{}/{}", request.id, job.index),
+            caller: request.caller.as_ref().map(|c| c.name.clone()),
+            model: self.model.name.clone(),
+            model_id: self.model.id,
+        };
+        let reservation = request.reservation.as_ref();
+        let mut sink = Metered { tx: tx.clone(), metrics: Arc::clone(&self.metrics), started: request.started, last: None };
         let outcome = drive(&self.client, &mut chain, &job, &context, &mut sink).await;
         let transcripts = self.auditor.as_ref().map(|_| chain.transcripts());
         chain.close().await;
         if let Some(e) = outcome.error {
             let _ = tx.send(Err(e.into())).await;
         }
-        self.on_record(&outcome.record, reservation.as_deref());
+        self.on_record(&outcome.record, reservation);
         if let (Some(auditor), Some(transcripts)) = (&self.auditor, transcripts) {
             auditor.after_session(transcripts);
         }
@@ -210,7 +266,9 @@ impl Gateway {
         let billed = record.billed_tokens();
         if let Some(reservation) = reservation {
             reservation.settle(billed);
-            self.metrics.key_tokens.get_or_create(&KeyLabels { key: reservation.caller().name.clone() }).inc_by(billed);
+            if self.config.metrics_per_key {
+                self.metrics.key_tokens.get_or_create(&KeyLabels { key: reservation.caller().name.clone() }).inc_by(billed);
+            }
         }
         self.metrics.tokens_in.inc_by(record.billed_prompt_tokens as u64);
         self.metrics.tokens_out.inc_by(record.completion_tokens as u64);
@@ -221,6 +279,14 @@ impl Gateway {
             sink.record(record);
         }
     }
+}
+
+/// What a request's sessions share.
+struct RequestRun {
+    id: String,
+    caller: Option<Caller>,
+    reservation: Option<Reservation>,
+    started: Instant,
 }
 
 /// A session's events on their way to the request, timed for metrics.

@@ -15,7 +15,7 @@ use hotpot_net::{Framed, PeerId, Stream};
 use hotpot_wire::{ClientMessage, ErrorCode, InfoRequest, NodeInfo, NodeMessage};
 use tokio_util::sync::CancellationToken;
 
-use crate::worker::{Job, Jobs};
+use crate::worker::{Job, Jobs, MAX_QUEUED_WORK};
 
 /// Limits of one session stream.
 #[derive(Debug, Clone, Copy)]
@@ -90,6 +90,15 @@ async fn handle(peer: PeerId, message: ClientMessage, session: &mut Option<Sessi
             if !mine(step.session, session) {
                 return (Some(NodeMessage::error(ErrorCode::NotYourSession, "this stream carries another session")), false);
             }
+            // A prefill behind too much queued work is refused before it queues.
+            if step.hidden.rows() > 1 {
+                let queued = jobs.load().queued_work();
+                if queued > MAX_QUEUED_WORK {
+                    let wait = (queued - MAX_QUEUED_WORK).clamp(Duration::from_millis(200), Duration::from_secs(10));
+                    let message = format!("{:.1} s of prefill work is queued on this node", queued.as_secs_f64());
+                    return (Some(NodeMessage::busy(wait, message)), false);
+                }
+            }
             (Some(jobs.ask(|reply| Job::Step { owner: peer, step, reply }).await), false)
         }
         ClientMessage::Truncate { session: id, pos } => {
@@ -112,8 +121,8 @@ async fn handle(peer: PeerId, message: ClientMessage, session: &mut Option<Sessi
 /// Who may ask this node for audits, how often and how large: each peer
 /// one at a time and [`AuditLimits::per_minute`] a minute, all peers
 /// [`AuditLimits::queued`] at a time, each at most `max_rows` positions.
-/// What does not fit is answered at once (`Busy` or `BadRequest`), never
-/// queued behind sessions.
+/// What does not fit is answered at once (`Busy` with a retry hint, or
+/// `BadRequest`), never queued behind sessions.
 #[derive(Debug)]
 pub(crate) struct AuditGate {
     limits: AuditLimits,
@@ -145,7 +154,7 @@ impl AuditGate {
         }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.in_flight >= self.limits.queued {
-            return Err(NodeMessage::error(ErrorCode::Busy, "this node is busy with other audits"));
+            return Err(NodeMessage::busy(Duration::from_secs(2), "this node is busy with other audits"));
         }
         let rate = self.limits.per_minute;
         let now = Instant::now();
@@ -153,7 +162,8 @@ impl AuditGate {
         *bucket = (*bucket + now.duration_since(*filled).as_secs_f64() * rate / 60.0).min(rate);
         *filled = now;
         if *running > 0 || *bucket < 1.0 {
-            return Err(NodeMessage::error(ErrorCode::Busy, "too many audits from this peer; try again later"));
+            let refill = Duration::from_secs_f64(((1.0 - *bucket).max(0.0) * 60.0 / rate.max(1e-3)).min(3600.0)).max(Duration::from_secs(1));
+            return Err(NodeMessage::busy(refill, "too many audits from this peer; try again later"));
         }
         *bucket -= 1.0;
         *running += 1;

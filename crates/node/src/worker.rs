@@ -1,23 +1,32 @@
-//! The engine thread: owns the loaded span and every session's KV cache,
-//! and runs one request at a time. Network tasks send it jobs that carry
-//! their own reply channel, so compute never blocks the async runtime.
+//! The engine thread: owns the loaded span and every session's KV cache.
+//! Network tasks send it jobs that carry their own reply channel, so
+//! compute never blocks the async runtime.
 //!
-//! Work has priorities: interactive sessions' steps come first (several
-//! sessions' steps share one pass over the weights); audits — recomputing
-//! another node's work — run in chunks of [`AUDIT_CHUNK`] positions, only
-//! while no session has stepped for [`AUDIT_IDLE`], so a flood of them
-//! cannot slow a session down. A full queue answers `Busy` at once.
+//! Scheduling, in order of priority:
+//! 1. interactive sessions' steps: every waiting decode step joins one pass
+//!    over the weights, and long prefills run in chunks of about
+//!    [`CHUNK_TARGET`] of compute, one chunk per pass, taking turns — so a
+//!    3,000-token prompt never holds another session's next token for
+//!    longer than a chunk;
+//! 2. audits — recomputing another node's work — in chunks of
+//!    [`AUDIT_CHUNK`] positions, only after [`AUDIT_IDLE`] without an
+//!    interactive step;
+//! 3. batch sessions' steps, the same way as interactive ones.
+//!
+//! Nothing waits for memory: a session's cache grows as it does, and a
+//! step whose growth does not fit the node's KV budget is answered `Busy`
+//! before anything is computed, as is a full queue.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hotpot_core::{Commitment, LayerSpan, ModelId, NodeKey, SessionId, StepRecord};
 use hotpot_engine::{BatchItem, ForwardError, HiddenStates, KvCache, Span};
 use hotpot_net::PeerId;
 use hotpot_verify::{Sketch, SketchBuilder};
-use hotpot_wire::{DType, ErrorCode, NodeMessage, Open, Step, Tensor};
+use hotpot_wire::{DType, ErrorCode, NodeMessage, Open, Priority, Step, Tensor};
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
@@ -58,23 +67,63 @@ pub(crate) enum Job {
 
 struct Session {
     owner: PeerId,
+    priority: Priority,
     cache: KvCache,
-    reserved_bytes: usize,
     last_used: Instant,
     sketches: SketchBuilder,
     /// The previous decode output (the red-team's replay cheat).
     last_output: Option<Vec<f32>>,
 }
 
-/// Most steps run in one batch.
-const MAX_BATCH: usize = 16;
+/// A step accepted and not yet answered: long ones are computed a chunk
+/// at a time.
+struct Pending {
+    step: Step,
+    reply: oneshot::Sender<NodeMessage>,
+    priority: Priority,
+    /// The step's input, as f32 (altered first by the red-team cheat).
+    input: HiddenStates,
+    done: usize,
+    outputs: Vec<f32>,
+}
 
-/// Counters the network side reads for heartbeats and status.
+impl Pending {
+    fn remaining(&self) -> usize {
+        self.input.rows() - self.done
+    }
+}
+
+/// Most steps run in one pass.
+const MAX_BATCH: usize = 16;
+/// Steps this short are decode steps: they join every pass.
+const SHORT_STEP: usize = 4;
+/// Compute one prefill chunk should take, about.
+pub(crate) const CHUNK_TARGET: Duration = Duration::from_millis(100);
+/// Bounds of a prefill chunk, in positions.
+const MIN_CHUNK: usize = 16;
+const MAX_CHUNK: usize = 1024;
+/// Prefill work queued beyond this makes new prefills `Busy`.
+pub(crate) const MAX_QUEUED_WORK: Duration = Duration::from_secs(15);
+
+/// Counters the network side reads for heartbeats, status and admission.
 #[derive(Debug, Default)]
 pub(crate) struct Load {
     pub sessions: AtomicUsize,
+    /// Jobs sent and not yet taken, plus steps accepted and not answered.
     pub queue: AtomicUsize,
     pub kv_bytes: AtomicUsize,
+    /// Positions of accepted steps not yet computed.
+    pub queued_rows: AtomicUsize,
+    /// Measured compute per prefill position, in nanoseconds (0: not yet).
+    pub nanos_per_row: AtomicU64,
+}
+
+impl Load {
+    /// How long the steps already accepted will take to compute, about.
+    pub fn queued_work(&self) -> Duration {
+        let per_row = self.nanos_per_row.load(Ordering::Relaxed);
+        Duration::from_nanos(per_row.saturating_mul(self.queued_rows.load(Ordering::Relaxed) as u64))
+    }
 }
 
 pub(crate) struct WorkerConfig {
@@ -105,8 +154,10 @@ pub enum RuntimeCheat {
 const QUEUE: usize = 1024;
 /// Positions an audit computes between two looks at the session queue.
 pub(crate) const AUDIT_CHUNK: usize = 32;
-/// Audits wait until no session has stepped for this long.
+/// Audits wait until no interactive session has stepped for this long.
 pub(crate) const AUDIT_IDLE: Duration = Duration::from_millis(25);
+/// What a refusal for lack of room suggests waiting.
+const RETRY_FULL: Duration = Duration::from_millis(500);
 
 /// The sending side, held by network tasks.
 #[derive(Clone)]
@@ -123,7 +174,7 @@ impl Jobs {
         if let Err(e) = self.tx.try_send(make(tx)) {
             self.load.queue.fetch_sub(1, Ordering::Relaxed);
             return match e {
-                mpsc::TrySendError::Full(_) => NodeMessage::error(ErrorCode::Busy, "the node's queue is full; try again shortly"),
+                mpsc::TrySendError::Full(_) => NodeMessage::busy(Duration::from_millis(100), "the node's queue is full"),
                 mpsc::TrySendError::Disconnected(_) => NodeMessage::error(ErrorCode::ShuttingDown, "the engine has stopped"),
             };
         }
@@ -148,7 +199,17 @@ impl Jobs {
 pub(crate) fn spawn(span: Span, config: WorkerConfig) -> std::io::Result<(Jobs, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     let load = Arc::new(Load::default());
-    let worker = Worker { span, config, sessions: HashMap::new(), load: Arc::clone(&load), last_step: Instant::now() };
+    let worker = Worker {
+        span,
+        config,
+        sessions: HashMap::new(),
+        pending: VecDeque::new(),
+        audits: VecDeque::new(),
+        running: None,
+        load: Arc::clone(&load),
+        last_interactive: Instant::now(),
+        chunk: 4 * MIN_CHUNK,
+    };
     let handle = std::thread::Builder::new().name("hotpot-engine".into()).spawn(move || worker.run(rx))?;
     Ok((Jobs { tx, load }, handle))
 }
@@ -166,105 +227,90 @@ struct Worker {
     span: Span,
     config: WorkerConfig,
     sessions: HashMap<SessionId, Session>,
+    /// Accepted steps, in arrival order (a long prefill that got a chunk
+    /// goes to the back).
+    pending: VecDeque<Pending>,
+    audits: VecDeque<(LayerSpan, HiddenStates, oneshot::Sender<NodeMessage>)>,
+    running: Option<RunningAudit>,
     load: Arc<Load>,
-    /// When a session last stepped: audits wait for a quiet moment.
-    last_step: Instant,
+    /// When an interactive session last stepped: audits wait for a quiet moment.
+    last_interactive: Instant,
+    /// Positions of the next prefill chunk (adapted to [`CHUNK_TARGET`]).
+    chunk: usize,
 }
 
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
-        let mut interactive: VecDeque<Job> = VecDeque::new();
-        let mut audits: VecDeque<Job> = VecDeque::new();
-        let mut running: Option<RunningAudit> = None;
-        'serve: loop {
-            // Take everything waiting, by priority.
-            loop {
-                let next = if interactive.is_empty() && audits.is_empty() && running.is_none() {
-                    match rx.recv() {
-                        Ok(job) => Some(job),
-                        Err(_) => break 'serve,
-                    }
-                } else {
-                    match rx.try_recv() {
-                        Ok(job) => Some(job),
-                        Err(mpsc::TryRecvError::Empty) => None,
-                        Err(mpsc::TryRecvError::Disconnected) if interactive.is_empty() => break 'serve,
-                        Err(mpsc::TryRecvError::Disconnected) => None,
-                    }
-                };
-                let Some(job) = next else { break };
-                self.load.queue.fetch_sub(1, Ordering::Relaxed);
-                match job {
-                    Job::Stop => {
-                        self.stop(interactive, audits, running);
-                        return;
-                    }
-                    Job::Audit { .. } => audits.push_back(job),
-                    other => interactive.push_back(other),
-                }
-            }
-            if let Some(job) = interactive.pop_front() {
-                self.interactive(job, &mut interactive);
-                self.load.sessions.store(self.sessions.len(), Ordering::Relaxed);
-                continue;
-            }
-            // Only background work is left: audits, in a quiet moment.
-            let quiet = self.last_step.elapsed();
-            if quiet < AUDIT_IDLE {
-                match rx.recv_timeout(AUDIT_IDLE - quiet) {
+        loop {
+            // Take everything waiting; sleep when there is nothing to do.
+            let idle = self.pending.is_empty() && self.audits.is_empty() && self.running.is_none();
+            if idle {
+                match rx.recv() {
                     Ok(job) => {
-                        self.load.queue.fetch_sub(1, Ordering::Relaxed);
-                        match job {
-                            Job::Stop => {
-                                self.stop(interactive, audits, running);
-                                return;
-                            }
-                            Job::Audit { .. } => audits.push_back(job),
-                            other => interactive.push_back(other),
+                        if !self.accept(job) {
+                            return;
                         }
                     }
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break 'serve,
+                    Err(_) => break,
                 }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        if !self.accept(job) {
+                            return;
+                        }
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) if self.pending.is_empty() => {
+                        tracing::debug!("engine thread stopped");
+                        return;
+                    }
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                }
+            }
+            if self.has_steps(Priority::Interactive) {
+                self.pass(Priority::Interactive);
+                self.last_interactive = Instant::now();
                 continue;
             }
-            if running.is_none()
-                && let Some(Job::Audit { span, inputs, reply }) = audits.pop_front()
-            {
-                running = self.start_audit(span, inputs, reply);
+            if self.running.is_some() || !self.audits.is_empty() {
+                let quiet = self.last_interactive.elapsed();
+                if quiet < AUDIT_IDLE {
+                    match rx.recv_timeout(AUDIT_IDLE - quiet) {
+                        Ok(job) => {
+                            if !self.accept(job) {
+                                return;
+                            }
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                    continue;
+                }
+                self.audit_step();
+                continue;
             }
-            if let Some(mut audit) = running.take()
-                && self.audit_chunk(&mut audit)
-            {
-                running = Some(audit);
+            if self.has_steps(Priority::Batch) {
+                self.pass(Priority::Batch);
             }
         }
         tracing::debug!("engine thread stopped");
     }
 
-    /// One interactive job; steps waiting behind it join its batch.
-    fn interactive(&mut self, job: Job, queue: &mut VecDeque<Job>) {
+    fn has_steps(&self, priority: Priority) -> bool {
+        self.pending.iter().any(|p| p.priority == priority)
+    }
+
+    /// Takes one job off the queue: cheap ones are done at once, steps and
+    /// audits are queued. False on `Stop`.
+    fn accept(&mut self, job: Job) -> bool {
+        self.load.queue.fetch_sub(1, Ordering::Relaxed);
         match job {
             Job::Open { owner, open, reply } => {
                 let _ = reply.send(self.open(owner, open));
             }
-            Job::Step { owner, step, reply } => {
-                // Every step already waiting joins this one: one pass over
-                // the weights serves all of their sessions.
-                let mut batch = vec![(owner, step, reply)];
-                let mut rest = VecDeque::with_capacity(queue.len());
-                while let Some(job) = queue.pop_front() {
-                    match job {
-                        Job::Step { owner, step, reply } if batch.len() < MAX_BATCH && !batch.iter().any(|(_, s, _)| s.session == step.session) => {
-                            batch.push((owner, step, reply));
-                        }
-                        other => rest.push_back(other),
-                    }
-                }
-                *queue = rest;
-                self.steps(batch);
-                self.last_step = Instant::now();
-            }
+            Job::Step { owner, step, reply } => self.admit(owner, step, reply),
             Job::Truncate { owner, session, pos, reply } => {
                 let _ = reply.send(self.truncate(owner, session, pos));
             }
@@ -273,40 +319,247 @@ impl Worker {
                     self.remove(session);
                 }
             }
+            Job::Audit { span, inputs, reply } => self.audits.push_back((span, inputs, reply)),
             Job::Expire => self.expire(),
-            Job::Audit { .. } | Job::Stop => unreachable!("sorted out by the caller"),
+            Job::Stop => {
+                self.stop();
+                return false;
+            }
         }
+        self.publish();
+        true
+    }
+
+    fn publish(&self) {
+        self.load.sessions.store(self.sessions.len(), Ordering::Relaxed);
+        self.load.kv_bytes.store(self.kv_bytes(), Ordering::Relaxed);
+        self.load.queued_rows.store(self.pending.iter().map(Pending::remaining).sum(), Ordering::Relaxed);
+    }
+
+    fn kv_bytes(&self) -> usize {
+        self.sessions.values().map(|s| s.cache.memory_bytes()).sum()
+    }
+
+    /// Checks a step and queues it, growing its session's cache for it
+    /// first; answers at once when it cannot be done or does not fit.
+    fn admit(&mut self, owner: PeerId, step: Step, reply: oneshot::Sender<NodeMessage>) {
+        let dim = self.span.config().dim;
+        let in_use = self.kv_bytes();
+        let budget = self.config.kv_budget_bytes;
+        let refusal = match self.sessions.get_mut(&step.session) {
+            None => Some(NodeMessage::error(ErrorCode::UnknownSession, "no such session (it may have expired)")),
+            Some(s) if s.owner != owner => Some(NodeMessage::error(ErrorCode::NotYourSession, "this session belongs to another peer")),
+            Some(_) if step.hidden.cols() != dim => {
+                Some(NodeMessage::error(ErrorCode::BadTensor, format!("hidden states must be {dim} wide, got {}", step.hidden.cols())))
+            }
+            Some(_) if self.pending.iter().any(|p| p.step.session == step.session) => {
+                Some(NodeMessage::error(ErrorCode::BadRequest, "this session already has a step in progress"))
+            }
+            Some(s) => {
+                let needed = (step.pos as usize + step.hidden.rows()).min(s.cache.max_len());
+                let growth = s.cache.memory_bytes_for(needed) - s.cache.memory_bytes();
+                if growth > 0 && in_use + growth > budget {
+                    Some(NodeMessage::busy(RETRY_FULL, "not enough KV-cache memory for this step right now"))
+                } else {
+                    s.cache.reserve(needed);
+                    s.last_used = Instant::now();
+                    None
+                }
+            }
+        };
+        if let Some(refusal) = refusal {
+            let _ = reply.send(refusal);
+            return;
+        }
+        let priority = self.sessions.get(&step.session).map_or_else(Priority::default, |s| s.priority);
+        let mut values = step.hidden.to_f32();
+        if let RuntimeCheat::AlterInput(eps) = self.config.cheat {
+            values.iter_mut().for_each(|v| *v *= 1.0 + eps);
+        }
+        match HiddenStates::new(step.hidden.rows(), dim, values) {
+            Ok(input) => {
+                let outputs = Vec::with_capacity(input.as_slice().len());
+                self.pending.push_back(Pending { step, reply, priority, input, done: 0, outputs });
+            }
+            Err(e) => {
+                let _ = reply.send(NodeMessage::error(ErrorCode::BadTensor, e.to_string()));
+            }
+        }
+    }
+
+    /// One pass over the weights for steps of `class`: every waiting decode
+    /// step, and one chunk of the longest-waiting prefill (more prefills
+    /// share the chunk when it has room).
+    fn pass(&mut self, class: Priority) {
+        // Steps whose asker gave up are dropped.
+        self.pending.retain(|p| !p.reply.is_closed());
+        let mut chosen: Vec<(usize, usize)> = Vec::new();
+        for (i, p) in self.pending.iter().enumerate() {
+            if p.priority == class && p.remaining() <= SHORT_STEP && chosen.len() < MAX_BATCH {
+                chosen.push((i, p.remaining()));
+            }
+        }
+        let mut room = self.chunk;
+        for (i, p) in self.pending.iter().enumerate() {
+            if p.priority != class || p.remaining() <= SHORT_STEP || chosen.len() >= MAX_BATCH || room == 0 {
+                continue;
+            }
+            let rows = p.remaining().min(room);
+            chosen.push((i, rows));
+            room -= rows;
+        }
+        if chosen.is_empty() {
+            return;
+        }
+        let prefill_rows: usize = chosen.iter().filter(|&&(i, _)| self.pending[i].remaining() > SHORT_STEP).map(|&(_, rows)| rows).sum();
+        let started = Instant::now();
+        self.compute(&chosen);
+        if prefill_rows >= MIN_CHUNK {
+            let total: usize = chosen.iter().map(|&(_, rows)| rows).sum();
+            self.adapt_chunk(started.elapsed(), total);
+        }
+        // Answer what is finished; a prefill that got a chunk goes to the back.
+        let mut finished = Vec::new();
+        let mut rotated = Vec::new();
+        let mut chosen_ids: Vec<usize> = chosen.iter().map(|&(i, _)| i).collect();
+        chosen_ids.sort_unstable();
+        for &i in chosen_ids.iter().rev() {
+            let p = self.pending.remove(i).expect("chosen from the queue");
+            if p.remaining() == 0 || p.reply.is_closed() {
+                finished.push(p);
+            } else {
+                rotated.push(p);
+            }
+        }
+        for p in rotated.into_iter().rev() {
+            self.pending.push_back(p);
+        }
+        for p in finished.into_iter().rev() {
+            self.finish(p);
+        }
+        self.publish();
+    }
+
+    /// Runs `rows` more positions of each chosen step, sessions over the
+    /// same blocks together. A step that fails is answered at once.
+    fn compute(&mut self, chosen: &[(usize, usize)]) {
+        let dim = self.span.config().dim;
+        // Take each session out of the map while it computes.
+        let mut work: Vec<(usize, Session, HiddenStates)> = Vec::with_capacity(chosen.len());
+        for &(i, rows) in chosen {
+            let p = &self.pending[i];
+            let Some(session) = self.sessions.remove(&p.step.session) else {
+                self.fail(i, NodeMessage::error(ErrorCode::UnknownSession, "the session was closed"));
+                continue;
+            };
+            let slice = &p.input.as_slice()[p.done * dim..(p.done + rows) * dim];
+            match HiddenStates::new(rows, dim, slice.to_vec()) {
+                Ok(chunk) => work.push((i, session, chunk)),
+                Err(e) => {
+                    self.sessions.insert(p.step.session, session);
+                    self.fail(i, NodeMessage::error(ErrorCode::BadTensor, e.to_string()));
+                }
+            }
+        }
+        let mut spans: Vec<LayerSpan> = work.iter().map(|(_, s, _)| s.cache.span()).collect();
+        spans.sort();
+        spans.dedup();
+        let mut results: Vec<Option<Result<HiddenStates, ForwardError>>> = (0..work.len()).map(|_| None).collect();
+        for span in spans {
+            let members: Vec<usize> = (0..work.len()).filter(|&k| work[k].1.cache.span() == span).collect();
+            let starts: Vec<usize> = members.iter().map(|&k| self.pending[work[k].0].step.pos as usize + self.pending[work[k].0].done).collect();
+            let mut items: Vec<BatchItem<'_>> = work
+                .iter_mut()
+                .enumerate()
+                .filter(|(k, _)| members.contains(k))
+                .zip(&starts)
+                .map(|((_, (_, session, chunk)), &start_pos)| BatchItem { cache: &mut session.cache, hidden: &*chunk, start_pos })
+                .collect();
+            let outputs = self.span.forward_batch(&mut items);
+            drop(items);
+            for (&k, output) in members.iter().zip(outputs) {
+                results[k] = Some(output);
+            }
+        }
+        for ((i, session, chunk), result) in work.into_iter().zip(results) {
+            let id = self.pending[i].step.session;
+            self.sessions.insert(id, session);
+            match result.unwrap_or(Err(ForwardError::Empty)) {
+                Ok(out) => {
+                    let p = &mut self.pending[i];
+                    p.outputs.extend_from_slice(out.as_slice());
+                    p.done += chunk.rows();
+                }
+                Err(e) => {
+                    let code = match e {
+                        ForwardError::Position { .. } => ErrorCode::BadPosition,
+                        ForwardError::ContextFull { .. } => ErrorCode::ContextFull,
+                        ForwardError::Width { .. } | ForwardError::NotFinite | ForwardError::Empty => ErrorCode::BadTensor,
+                        _ => ErrorCode::BadRequest,
+                    };
+                    self.fail(i, NodeMessage::error(code, e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Answers step `i` with `answer` now; the step stays in the queue,
+    /// finished, until the pass ends.
+    fn fail(&mut self, i: usize, answer: NodeMessage) {
+        let p = &mut self.pending[i];
+        let reply = std::mem::replace(&mut p.reply, oneshot::channel().0);
+        let _ = reply.send(answer);
+        p.done = p.input.rows();
+        p.outputs.clear();
+    }
+
+    /// Keeps the next chunk near [`CHUNK_TARGET`] of compute.
+    fn adapt_chunk(&mut self, took: Duration, rows: usize) {
+        let per_row = took.as_nanos() as u64 / rows.max(1) as u64;
+        let previous = self.load.nanos_per_row.load(Ordering::Relaxed);
+        let smoothed = if previous == 0 { per_row } else { (previous * 3 + per_row) / 4 };
+        self.load.nanos_per_row.store(smoothed.max(1), Ordering::Relaxed);
+        let rows = (CHUNK_TARGET.as_nanos() as u64 / smoothed.max(1)) as usize;
+        self.chunk = (rows / MIN_CHUNK * MIN_CHUNK).clamp(MIN_CHUNK, MAX_CHUNK);
+    }
+
+    /// Answers a step whose every position is computed.
+    fn finish(&mut self, p: Pending) {
+        if p.reply.is_closed() || p.outputs.len() != p.input.as_slice().len() {
+            return; // answered already (an error), or nobody is listening
+        }
+        let Some(mut session) = self.sessions.remove(&p.step.session) else {
+            let _ = p.reply.send(NodeMessage::error(ErrorCode::UnknownSession, "the session was closed"));
+            return;
+        };
+        let answer = match HiddenStates::new(p.input.rows(), p.input.dim(), p.outputs) {
+            Ok(output) => self.output(&p.step, &mut session, output),
+            Err(e) => NodeMessage::error(ErrorCode::Internal, e.to_string()),
+        };
+        session.last_used = Instant::now();
+        self.sessions.insert(p.step.session, session);
+        let _ = p.reply.send(answer);
     }
 
     /// Answers everything still waiting with `ShuttingDown` and drops every session.
-    fn stop(&mut self, interactive: VecDeque<Job>, audits: VecDeque<Job>, running: Option<RunningAudit>) {
+    fn stop(&mut self) {
         let gone = || NodeMessage::error(ErrorCode::ShuttingDown, "the node is shutting down");
-        for job in interactive.into_iter().chain(audits) {
-            match job {
-                Job::Open { reply, .. } | Job::Step { reply, .. } | Job::Truncate { reply, .. } | Job::Audit { reply, .. } => {
-                    let _ = reply.send(gone());
-                }
-                _ => {}
-            }
+        for p in self.pending.drain(..) {
+            let _ = p.reply.send(gone());
         }
-        if let Some(audit) = running {
+        for (_, _, reply) in self.audits.drain(..) {
+            let _ = reply.send(gone());
+        }
+        if let Some(audit) = self.running.take() {
             let _ = audit.reply.send(gone());
         }
-        let sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
-        for session in sessions {
-            self.remove(session);
-        }
-        self.load.sessions.store(0, Ordering::Relaxed);
+        self.sessions.clear();
+        self.publish();
         tracing::info!("engine thread stopped");
     }
 
-    fn reserved(&self) -> usize {
-        self.sessions.values().map(|s| s.reserved_bytes).sum()
-    }
-
     fn remove(&mut self, session: SessionId) {
-        if let Some(s) = self.sessions.remove(&session) {
-            self.load.kv_bytes.fetch_sub(s.cache.memory_bytes().min(self.load.kv_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        if self.sessions.remove(&session).is_some() {
             tracing::debug!(%session, "session closed");
         }
     }
@@ -319,7 +572,7 @@ impl Worker {
             return NodeMessage::error(ErrorCode::BadRequest, "a session with this id is already open");
         }
         if self.sessions.len() >= self.config.max_sessions {
-            return NodeMessage::error(ErrorCode::Busy, format!("all {} session slots are taken", self.config.max_sessions));
+            return NodeMessage::busy(RETRY_FULL, format!("all {} session slots are taken", self.config.max_sessions));
         }
         let max_len = (open.max_len as usize).clamp(1, self.span.config().context_length);
         let cache = match self.span.cache_for(open.span, max_len) {
@@ -328,87 +581,15 @@ impl Worker {
                 return NodeMessage::error(ErrorCode::SpanNotServed, format!("this node serves blocks {}, not {}", self.span.span(), open.span));
             }
         };
-        let reserved_bytes = max_len * self.span.cache_bytes_per_position(open.span);
-        if self.reserved() + reserved_bytes > self.config.kv_budget_bytes {
-            return NodeMessage::error(ErrorCode::Busy, "not enough KV-cache memory for a session this long");
+        // The cache grows with the session; opening needs room for its first chunk.
+        if self.kv_bytes() + cache.memory_bytes_for(1) > self.config.kv_budget_bytes {
+            return NodeMessage::busy(RETRY_FULL, "the node's KV-cache memory is in use");
         }
-        let session = Session { owner, cache, reserved_bytes, last_used: Instant::now(), sketches: SketchBuilder::default(), last_output: None };
+        let session =
+            Session { owner, priority: open.priority, cache, last_used: Instant::now(), sketches: SketchBuilder::default(), last_output: None };
         self.sessions.insert(open.session, session);
-        tracing::debug!(session = %open.session, span = %open.span, max_len, "session opened");
+        tracing::debug!(session = %open.session, span = %open.span, max_len, priority = ?open.priority, "session opened");
         NodeMessage::Opened { session: open.session, max_len: max_len as u32 }
-    }
-
-    /// Runs a batch of steps from different sessions and answers each.
-    fn steps(&mut self, batch: Vec<(PeerId, Step, oneshot::Sender<NodeMessage>)>) {
-        let dim = self.span.config().dim;
-        // Check each step and take its session out of the map while it runs.
-        let mut ready: Vec<(Step, oneshot::Sender<NodeMessage>, Session, HiddenStates)> = Vec::with_capacity(batch.len());
-        for (owner, step, reply) in batch {
-            let problem = match self.sessions.get(&step.session) {
-                None => Some(NodeMessage::error(ErrorCode::UnknownSession, "no such session (it may have expired)")),
-                Some(s) if s.owner != owner => Some(NodeMessage::error(ErrorCode::NotYourSession, "this session belongs to another peer")),
-                Some(_) if step.hidden.cols() != dim => {
-                    Some(NodeMessage::error(ErrorCode::BadTensor, format!("hidden states must be {dim} wide, got {}", step.hidden.cols())))
-                }
-                Some(_) => None,
-            };
-            if let Some(problem) = problem {
-                let _ = reply.send(problem);
-                continue;
-            }
-            let mut values = step.hidden.to_f32();
-            if let RuntimeCheat::AlterInput(eps) = self.config.cheat {
-                values.iter_mut().for_each(|v| *v *= 1.0 + eps);
-            }
-            let hidden = match HiddenStates::new(step.hidden.rows(), dim, values) {
-                Ok(h) => h,
-                Err(e) => {
-                    let _ = reply.send(NodeMessage::error(ErrorCode::BadTensor, e.to_string()));
-                    continue;
-                }
-            };
-            let mut session = self.sessions.remove(&step.session).expect("checked above");
-            session.last_used = Instant::now();
-            ready.push((step, reply, session, hidden));
-        }
-        // Sessions over the same blocks run together.
-        let mut spans: Vec<_> = ready.iter().map(|(_, _, s, _)| s.cache.span()).collect();
-        spans.sort();
-        spans.dedup();
-        let mut outputs: Vec<Option<Result<HiddenStates, ForwardError>>> = (0..ready.len()).map(|_| None).collect();
-        for span in spans {
-            let members: Vec<usize> = (0..ready.len()).filter(|&i| ready[i].2.cache.span() == span).collect();
-            let before: usize = members.iter().map(|&i| ready[i].2.cache.memory_bytes()).sum();
-            let mut items: Vec<BatchItem<'_>> = ready
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| members.contains(i))
-                .map(|(_, (step, _, session, hidden))| BatchItem { cache: &mut session.cache, hidden: &*hidden, start_pos: step.pos as usize })
-                .collect();
-            let results = self.span.forward_batch(&mut items);
-            drop(items);
-            for (&i, result) in members.iter().zip(results) {
-                outputs[i] = Some(result);
-            }
-            let after: usize = members.iter().map(|&i| ready[i].2.cache.memory_bytes()).sum();
-            self.load.kv_bytes.fetch_add(after.saturating_sub(before), Ordering::Relaxed);
-        }
-        for ((step, reply, mut session, _), output) in ready.into_iter().zip(outputs) {
-            let answer = match output.unwrap_or(Err(ForwardError::Empty)) {
-                Ok(output) => self.output(&step, &mut session, output),
-                Err(e) => {
-                    let code = match e {
-                        ForwardError::Position { .. } => ErrorCode::BadPosition,
-                        ForwardError::ContextFull { .. } => ErrorCode::ContextFull,
-                        ForwardError::Width { .. } | ForwardError::NotFinite | ForwardError::Empty => ErrorCode::BadTensor,
-                        _ => ErrorCode::BadRequest,
-                    };
-                    NodeMessage::error(code, e.to_string())
-                }
-            };
-            self.sessions.insert(step.session, session);
-            let _ = reply.send(answer);
-        }
     }
 
     /// The answer to a computed step, with its signed commitment.
@@ -438,6 +619,21 @@ impl Worker {
             sketches,
         );
         NodeMessage::Output { session: step.session, hidden: out, commitment: Box::new(commitment) }
+    }
+
+    /// The next chunk of the running audit, starting the next one when
+    /// none runs.
+    fn audit_step(&mut self) {
+        if self.running.is_none()
+            && let Some((span, inputs, reply)) = self.audits.pop_front()
+        {
+            self.running = self.start_audit(span, inputs, reply);
+        }
+        if let Some(mut audit) = self.running.take()
+            && self.audit_chunk(&mut audit)
+        {
+            self.running = Some(audit);
+        }
     }
 
     /// Begins recomputing `span` over `inputs` on a fresh cache (an audit),
@@ -493,7 +689,9 @@ impl Worker {
 
     fn expire(&mut self) {
         let idle = self.config.idle_timeout;
-        let stale: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| s.last_used.elapsed() > idle).map(|(id, _)| *id).collect();
+        let busy: Vec<SessionId> = self.pending.iter().map(|p| p.step.session).collect();
+        let stale: Vec<SessionId> =
+            self.sessions.iter().filter(|(id, s)| s.last_used.elapsed() > idle && !busy.contains(id)).map(|(id, _)| *id).collect();
         for id in stale {
             tracing::info!(session = %id, "session idle for {idle:?}: freeing its cache");
             self.remove(id);

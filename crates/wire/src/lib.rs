@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! frame   = len: u32 LE (≤ MAX_FRAME, checked before allocating) · payload
-//! payload = version: u8 (= 1) · tag: u8 · fields (little-endian)
+//! payload = version: u8 (= 2) · tag: u8 · fields (little-endian)
 //! ```
 //!
 //! A session is one stream of `/hotpot/infer/1`: the client sends `Open`,
@@ -22,7 +22,7 @@ mod tensor;
 
 pub use codec::{Reader, Writer};
 pub use frame::{read_frame, write_frame};
-pub use message::{Accusation, ClientMessage, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Step, commitment_wire_bytes};
+pub use message::{Accusation, ClientMessage, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Priority, Step, commitment_wire_bytes};
 pub use tensor::{DType, Tensor};
 
 /// Protocol names.
@@ -32,7 +32,7 @@ pub const PROTOCOL_AUDIT: &str = "/hotpot/audit/1";
 pub const PROTOCOL_EVIDENCE: &str = "/hotpot/evidence/1";
 
 /// The payload format version this crate writes and reads.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// The largest frame accepted: a 16k-token prefill of a 1k-wide model in f32
 /// is 64 MiB.

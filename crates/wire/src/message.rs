@@ -6,13 +6,41 @@ use crate::codec::{Reader, Writer};
 use crate::tensor::Tensor;
 use crate::{VERSION, WireError};
 
-/// Opens a session over `span` of `model`, holding at most `max_len` positions.
+/// Opens a session over `span` of `model`, holding at most `max_len`
+/// positions (the node's cache grows as the session does, up to that).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Open {
     pub session: SessionId,
     pub model: ModelId,
     pub span: LayerSpan,
     pub max_len: u32,
+    pub priority: Priority,
+}
+
+/// How a node schedules a session's steps: interactive sessions first,
+/// then audits, then batch work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+impl Priority {
+    fn tag(self) -> u8 {
+        match self {
+            Self::Interactive => 0,
+            Self::Batch => 1,
+        }
+    }
+
+    fn from_tag(tag: u8) -> Result<Self, WireError> {
+        match tag {
+            0 => Ok(Self::Interactive),
+            1 => Ok(Self::Batch),
+            _ => Err(WireError::Invalid("priority")),
+        }
+    }
 }
 
 /// Hidden states of positions `pos .. pos + rows` to run through the span.
@@ -51,8 +79,6 @@ pub enum ErrorCode {
     BadRequest,
     WrongModel,
     SpanNotServed,
-    /// At the session limit: try another node.
-    Busy,
     UnknownSession,
     NotYourSession,
     BadPosition,
@@ -64,11 +90,10 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    const ALL: [ErrorCode; 11] = [
+    const ALL: [ErrorCode; 10] = [
         Self::BadRequest,
         Self::WrongModel,
         Self::SpanNotServed,
-        Self::Busy,
         Self::UnknownSession,
         Self::NotYourSession,
         Self::BadPosition,
@@ -105,6 +130,14 @@ pub enum NodeMessage {
     },
     Error {
         code: ErrorCode,
+        message: String,
+    },
+    /// Not now: the node is at capacity (session slots, cache memory,
+    /// queued work or audit limits). Nothing was queued; the request may be
+    /// sent again after `retry_after_ms`, here or elsewhere. Load, not a
+    /// failure.
+    Busy {
+        retry_after_ms: u32,
         message: String,
     },
     /// The answer to `Audit`.
@@ -150,6 +183,7 @@ const TAG_OUTPUT: u8 = 17;
 const TAG_TRUNCATED: u8 = 18;
 const TAG_ERROR: u8 = 19;
 const TAG_AUDITED: u8 = 20;
+const TAG_BUSY: u8 = 21;
 const TAG_INFO_REQUEST: u8 = 32;
 const TAG_INFO: u8 = 33;
 const TAG_ACCUSATION: u8 = 48;
@@ -225,7 +259,7 @@ impl ClientMessage {
                 header(&mut w, TAG_OPEN);
                 w.fixed(&o.session.0).fixed(o.model.as_bytes());
                 write_span(&mut w, o.span);
-                w.u32(o.max_len);
+                w.u32(o.max_len).u8(o.priority.tag());
             }
             Self::Step(s) => {
                 header(&mut w, TAG_STEP);
@@ -253,7 +287,7 @@ impl ClientMessage {
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(bytes);
         let msg = match read_header(&mut r)? {
-            TAG_OPEN => Self::Open(Open { session: session(&mut r)?, model: ModelId::from_bytes(r.array()?), span: span(&mut r)?, max_len: r.u32()? }),
+            TAG_OPEN => Self::Open(Open { session: session(&mut r)?, model: ModelId::from_bytes(r.array()?), span: span(&mut r)?, max_len: r.u32()?, priority: Priority::from_tag(r.u8()?)? }),
             TAG_STEP => Self::Step(Step { session: session(&mut r)?, pos: r.u32()?, hidden: Tensor::read(&mut r)? }),
             TAG_TRUNCATE => Self::Truncate { session: session(&mut r)?, pos: r.u32()? },
             TAG_CLOSE => Self::Close { session: session(&mut r)? },
@@ -265,17 +299,27 @@ impl ClientMessage {
     }
 }
 
+/// `message`, cut to what the wire carries.
+fn bounded(message: impl Into<String>) -> String {
+    let mut message: String = message.into();
+    if message.len() > MAX_TEXT {
+        let mut cut = MAX_TEXT;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    message
+}
+
 impl NodeMessage {
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
-        let mut message: String = message.into();
-        if message.len() > MAX_TEXT {
-            let mut cut = MAX_TEXT;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
-        Self::Error { code, message }
+        Self::Error { code, message: bounded(message) }
+    }
+
+    /// `Busy`, to be asked again after `retry_after`.
+    pub fn busy(retry_after: std::time::Duration, message: impl Into<String>) -> Self {
+        Self::Busy { retry_after_ms: retry_after.as_millis().clamp(1, u128::from(u32::MAX)) as u32, message: bounded(message) }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -299,6 +343,10 @@ impl NodeMessage {
                 header(&mut w, TAG_ERROR);
                 w.u8(code.tag()).str(message);
             }
+            Self::Busy { retry_after_ms, message } => {
+                header(&mut w, TAG_BUSY);
+                w.u32(*retry_after_ms).str(message);
+            }
             Self::Audited { outputs } => {
                 header(&mut w, TAG_AUDITED);
                 outputs.write(&mut w);
@@ -314,6 +362,7 @@ impl NodeMessage {
             TAG_OUTPUT => Self::Output { session: session(&mut r)?, hidden: Tensor::read(&mut r)?, commitment: Box::new(read_commitment(&mut r)?) },
             TAG_TRUNCATED => Self::Truncated { session: session(&mut r)?, len: r.u32()? },
             TAG_ERROR => Self::Error { code: ErrorCode::from_tag(r.u8()?), message: r.str(MAX_TEXT)? },
+            TAG_BUSY => Self::Busy { retry_after_ms: r.u32()?, message: r.str(MAX_TEXT)? },
             TAG_AUDITED => Self::Audited { outputs: Tensor::read(&mut r)? },
             tag => return Err(WireError::Tag(tag)),
         };

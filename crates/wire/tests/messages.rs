@@ -1,7 +1,7 @@
 //! Round-trip properties and byte snapshots of the wire format.
 
 use hotpot_core::{Commitment, LayerSpan, ModelId, NodeKey, SessionId, StepRecord};
-use hotpot_wire::{Accusation, ClientMessage, DType, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Step, Tensor, WireError};
+use hotpot_wire::{Accusation, ClientMessage, DType, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Priority, Step, Tensor, WireError};
 use proptest::prelude::*;
 
 fn span() -> impl Strategy<Value = LayerSpan> {
@@ -19,11 +19,12 @@ fn session() -> impl Strategy<Value = SessionId> {
 
 fn client_message() -> impl Strategy<Value = ClientMessage> {
     prop_oneof![
-        (session(), any::<[u8; 32]>(), span(), any::<u32>()).prop_map(|(session, m, span, max_len)| ClientMessage::Open(Open {
+        (session(), any::<[u8; 32]>(), span(), any::<u32>(), any::<bool>()).prop_map(|(session, m, span, max_len, batch)| ClientMessage::Open(Open {
             session,
             model: ModelId::from_bytes(m),
             span,
-            max_len
+            max_len,
+            priority: if batch { Priority::Batch } else { Priority::Interactive },
         })),
         (session(), any::<u32>(), tensor()).prop_map(|(session, pos, hidden)| ClientMessage::Step(Step { session, pos, hidden })),
         (session(), any::<u32>()).prop_map(|(session, pos)| ClientMessage::Truncate { session, pos }),
@@ -57,12 +58,13 @@ fn node_message() -> impl Strategy<Value = NodeMessage> {
             NodeMessage::Output { session, hidden, commitment }
         }),
         (session(), any::<u32>()).prop_map(|(session, len)| NodeMessage::Truncated { session, len }),
+        (any::<u32>(), ".{0,50}").prop_map(|(retry_after_ms, message)| NodeMessage::Busy { retry_after_ms, message }),
         (0usize..10, ".{0,50}").prop_map(|(i, message)| {
             let codes = [
                 ErrorCode::BadRequest,
                 ErrorCode::WrongModel,
                 ErrorCode::SpanNotServed,
-                ErrorCode::Busy,
+                ErrorCode::ShuttingDown,
                 ErrorCode::UnknownSession,
                 ErrorCode::NotYourSession,
                 ErrorCode::BadPosition,
@@ -160,21 +162,29 @@ fn hex(bytes: &[u8]) -> String {
 #[test]
 fn byte_snapshots() {
     let session = SessionId([0xAB; 16]);
-    let open = ClientMessage::Open(Open { session, model: ModelId::from_bytes([0x11; 32]), span: LayerSpan::new(10, 20).expect("span"), max_len: 2048 });
-    assert_eq!(hex(&open.encode()), format!("0101{}{}0a00000014000000{}", "ab".repeat(16), "11".repeat(32), "00080000"));
+    let open = ClientMessage::Open(Open {
+        session,
+        model: ModelId::from_bytes([0x11; 32]),
+        span: LayerSpan::new(10, 20).expect("span"),
+        max_len: 2048,
+        priority: Priority::Batch,
+    });
+    assert_eq!(hex(&open.encode()), format!("0201{}{}0a00000014000000{}01", "ab".repeat(16), "11".repeat(32), "00080000"));
     let step = ClientMessage::Step(Step { session, pos: 7, hidden: Tensor::from_f32(DType::F32, 1, 2, &[1.0, -2.0]) });
-    assert_eq!(hex(&step.encode()), format!("0102{}07000000000100000002000000080000000000803f000000c0", "ab".repeat(16)));
-    let error = NodeMessage::Error { code: ErrorCode::Busy, message: "full".into() };
-    assert_eq!(hex(&error.encode()), "0113040400000066756c6c");
-    assert_eq!(hex(&InfoRequest.encode()), "0120");
+    assert_eq!(hex(&step.encode()), format!("0202{}07000000000100000002000000080000000000803f000000c0", "ab".repeat(16)));
+    let error = NodeMessage::Error { code: ErrorCode::BadTensor, message: "bad".into() };
+    assert_eq!(hex(&error.encode()), "02130703000000626164");
+    let busy = NodeMessage::busy(std::time::Duration::from_millis(250), "full");
+    assert_eq!(hex(&busy.encode()), "0215fa0000000400000066756c6c");
+    assert_eq!(hex(&InfoRequest.encode()), "0220");
 }
 
 #[test]
 fn bad_headers_and_shapes_are_refused() {
     let close = ClientMessage::Close { session: SessionId([1; 16]) }.encode();
     let mut future = close.clone();
-    future[0] = 2;
-    assert!(matches!(ClientMessage::decode(&future), Err(WireError::Version(2))));
+    future[0] = 3;
+    assert!(matches!(ClientMessage::decode(&future), Err(WireError::Version(3))));
     let mut unknown = close.clone();
     unknown[1] = 99;
     assert!(matches!(ClientMessage::decode(&unknown), Err(WireError::Tag(99))));

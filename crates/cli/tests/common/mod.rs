@@ -161,3 +161,80 @@ pub fn model_path() -> std::path::PathBuf {
     assert!(out.status.success(), "pull failed: {}", text(&out.stderr));
     std::path::PathBuf::from(text(&out.stdout).trim().split('\t').nth(2).expect("pull prints NAME\tID\tPATH"))
 }
+
+/// A running `hotpot gateway` or `hotpot up`, killed when dropped.
+pub struct Served {
+    pub child: Child,
+    pub base_url: String,
+    pub stdout: Vec<String>,
+    /// Where the process's stderr goes (its warnings, for failure messages).
+    pub log: std::path::PathBuf,
+}
+
+impl Served {
+    /// The warnings the process logged so far.
+    pub fn warnings(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default().lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Starts `hotpot ARGS` and waits for the line announcing the API's URL.
+pub fn serve(args: &[&str]) -> Served {
+    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = std::env::temp_dir().join(format!("hotpot-served-{}-{n}.log", std::process::id()));
+    let stderr = std::fs::File::create(&log).expect("creates the log");
+    let child = Command::new(HOTPOT).args(args).stdout(Stdio::piped()).stderr(stderr).spawn().expect("starts");
+    // Owned by `Served` at once, so that a failure below still kills it.
+    let mut served = Served { child, base_url: String::new(), stdout: Vec::new(), log };
+    let stdout = served.child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            panic!("no API URL from {args:?}: {:?}", served.stdout);
+        };
+        served.stdout.push(line.clone());
+        if line.contains("OpenAI API")
+            && let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://"))
+        {
+            // `hotpot up` prints a few more lines (the curl example).
+            std::thread::sleep(Duration::from_millis(200));
+            served.stdout.extend(rx.try_iter());
+            served.base_url = url.to_string();
+            return served;
+        }
+    }
+}
+
+/// Runs `tests/SCRIPT` with python3 (killed after 400 s).
+pub fn python(script: &str, args: &[&str]) -> std::process::Output {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script);
+    let mut child = Command::new("python3").arg(path).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("python3 runs");
+    let started = Instant::now();
+    loop {
+        if child.try_wait().expect("waits").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if started.elapsed() > Duration::from_secs(400) {
+            let _ = child.kill();
+            panic!("{script} ran too long");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
