@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -184,9 +185,20 @@ fn full_nodes_are_routed_around() {
 /// one-position steps after an 8-position prefill.
 async fn decode_rate(net: &Network, peer: PeerId, model: ModelId, steps: u32) -> f64 {
     let id = SessionId::random();
-    let mut session = stream(net, peer).await;
-    let opened = ask(&mut session, ClientMessage::Open(Open { session: id, model, span: LayerSpan::new(0, 30).expect("span"), max_len: 1024, priority: Priority::Interactive })).await;
-    assert!(matches!(opened, Some(NodeMessage::Opened { .. })), "{opened:?}");
+    // Like a gateway, wait out `Busy` (a full node gives up sessions that
+    // were opened and never used after a grace period).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut session = loop {
+        let mut session = stream(net, peer).await;
+        let open = ClientMessage::Open(Open { session: id, model, span: LayerSpan::new(0, 30).expect("span"), max_len: 1024, priority: Priority::Interactive });
+        match ask(&mut session, open).await {
+            Some(NodeMessage::Opened { .. }) => break session,
+            Some(NodeMessage::Busy { retry_after_ms, .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(retry_after_ms.into())).await;
+            }
+            other => panic!("cannot open a session: {other:?}"),
+        }
+    };
     assert!(matches!(ask(&mut session, step(id, 0, 8, DIM)).await, Some(NodeMessage::Output { .. })));
     let started = std::time::Instant::now();
     for pos in 8..8 + steps {
@@ -259,4 +271,181 @@ fn an_audit_flood_does_not_slow_sessions() {
     });
     let node_alive = node.rss_kib() > 0;
     assert!(node_alive, "the node survived");
+}
+
+/// Junk and floods on every protocol a node speaks — info, audit and
+/// session streams, maximum-size frames in parallel, sessions held open
+/// with cheap `Truncate`s, huge `max_len`s — while an honest session
+/// decodes: it keeps ≥ 80 % of its unloaded speed, the node neither panics
+/// nor grows without bound, and the held sessions still expire.
+#[test]
+fn every_protocol_survives_junk_and_floods() {
+    let _serial = serial();
+    let node = NodeProc::start("0..30", None, &["--max-sessions", "8", "--idle-timeout", "3"]);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let net = client(&node.addr).await;
+        let peer: PeerId = node.peer_id.parse().expect("peer id");
+        let model = net.query_info(peer, T).await.expect("info").model;
+        decode_rate(&net, peer, model, 16).await; // warm up
+        let quiet = decode_rate(&net, peer, model, 200).await;
+        let rss_before = node.rss_kib();
+
+        // A huge max_len is capped to the context, and costs nothing up front.
+        let mut huge = stream(&net, peer).await;
+        let opened = ask(&mut huge, ClientMessage::Open(Open { session: SessionId::random(), model, span: LayerSpan::new(0, 30).expect("span"), max_len: u32::MAX, priority: Priority::Interactive })).await;
+        assert!(matches!(opened, Some(NodeMessage::Opened { max_len, .. }) if max_len <= 8192), "{opened:?}");
+        assert!(node.rss_kib() < rss_before + 32 * 1024, "a session of u32::MAX positions reserved memory up front");
+        drop(huge);
+
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut floods = tokio::task::JoinSet::new();
+        for attacker in 0..3u32 {
+            let (stop, addr) = (std::sync::Arc::clone(&stop), node.addr.clone());
+            floods.spawn(async move {
+                let net = client(&addr).await;
+                let mut rounds = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut wave = tokio::task::JoinSet::new();
+                    for k in 0..6u32 {
+                        let net = net.clone();
+                        wave.spawn(async move {
+                            let protocol = [hotpot_wire::PROTOCOL_INFO, hotpot_wire::PROTOCOL_AUDIT, PROTOCOL_INFER][(k % 3) as usize];
+                            let Ok(mut raw) = net.open_stream(peer, protocol, Duration::from_secs(2)).await else { return };
+                            if k < 3 {
+                                // A maximum-size frame: the node refuses it at its
+                                // length, so only its first MiB is sent (more would
+                                // cost this machine's shared cores as much as the node).
+                                let len = hotpot_wire::MAX_FRAME as u32;
+                                let _ = raw.write_all(&len.to_le_bytes()).await;
+                                let chunk = vec![0x5au8; 1 << 20];
+                                let _ = tokio::time::timeout(Duration::from_millis(500), raw.write_all(&chunk)).await;
+                            } else {
+                                // Junk of every size below the frame limit.
+                                let junk: Vec<u8> = (0..(k * 977 + attacker * 13)).map(|i| (i * 31 + k) as u8).collect();
+                                let _ = raw.write_all(&(junk.len() as u32).to_le_bytes()).await;
+                                let _ = raw.write_all(&junk).await;
+                            }
+                            let _ = raw.flush().await;
+                            let mut buf = [0u8; 64];
+                            let _ = tokio::time::timeout(Duration::from_secs(1), futures::AsyncReadExt::read(&mut raw, &mut buf)).await;
+                        });
+                    }
+                    // Sessions held open with cheap Truncates.
+                    let id = SessionId::random();
+                    if let Ok(s) = net.open_stream(peer, PROTOCOL_INFER, Duration::from_secs(2)).await {
+                        let mut s = Framed::new(peer, s);
+                        if matches!(ask(&mut s, open(id, model, (0, 30))).await, Some(NodeMessage::Opened { .. })) {
+                            for _ in 0..5 {
+                                let _ = ask(&mut s, ClientMessage::Truncate { session: id, pos: 0 }).await;
+                            }
+                        }
+                        // Kept open (never closed) until the flood ends.
+                        std::mem::forget(s);
+                    }
+                    while wave.join_next().await.is_some() {}
+                    rounds += 1;
+                    // The attackers share this machine's two cores with the
+                    // node: leave it some room to measure the node alone.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                rounds
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let flooded = decode_rate(&net, peer, model, 200).await;
+        let rss_peak = node.rss_kib();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut rounds = 0;
+        while let Some(r) = floods.join_next().await {
+            rounds += r.expect("a flood task");
+        }
+        println!("decode {quiet:.1} steps/s quiet, {flooded:.1} during {rounds} rounds of floods; RSS {} → {} MiB", rss_before / 1024, rss_peak / 1024);
+        assert!(rounds >= 30, "the floods ran ({rounds} rounds)");
+        assert!(flooded >= 0.8 * quiet, "decode fell from {quiet:.1} to {flooded:.1} steps/s under the floods");
+        let grown_mib = rss_peak.saturating_sub(rss_before) / 1024;
+        assert!(grown_mib <= 400, "the node grew by {grown_mib} MiB under the floods");
+
+        // Sessions kept alive only by Truncates expire like idle ones.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let info = net.query_info(peer, T).await.expect("the node still answers");
+        assert_eq!(info.free_slots, 8, "held sessions were freed");
+        net.shutdown().await;
+    });
+    assert!(node.rss_kib() > 0, "the node survived");
+}
+
+/// Accusations from ever-new peer ids cost the gateway at most the
+/// configured number of audits a minute; the rest are dropped, counted,
+/// and the gateway keeps serving.
+#[test]
+fn an_accusation_flood_with_rotating_ids_is_capped() {
+    let _serial = serial();
+    let node = NodeProc::start("0..30", None, &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, evidence) = (dir.path().join("gateway.key"), dir.path().join("evidence"));
+    let gateway = serve(&[
+        "gateway",
+        "--join",
+        &node.addr,
+        "--listen",
+        "127.0.0.1:0",
+        "--accusation-checks-per-minute",
+        "3",
+        "--key",
+        key.to_str().expect("utf-8"),
+        "--evidence-dir",
+        evidence.to_str().expect("utf-8"),
+        "-t",
+        "1",
+    ]);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let sent = runtime.block_on(async {
+        let peer: PeerId = node.peer_id.parse().expect("peer id");
+        let probe = client(&node.addr).await;
+        let info = probe.query_info(peer, T).await.expect("info");
+        let topic = hotpot_net::cheats_topic(&info.model);
+        let mut accusers = Vec::new();
+        for _ in 0..24 {
+            let net = client(&node.addr).await;
+            net.subscribe(topic.clone()).await.expect("subscribes");
+            accusers.push(net);
+        }
+        // Let the mesh form, then every new identity accuses the node once.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut sent = 0;
+        for (i, net) in accusers.iter().enumerate() {
+            let accusation = hotpot_wire::Accusation { node: info.node, model: info.model, span: info.span, evidence: [i as u8; 32], addrs: vec![] };
+            if net.publish(topic.clone(), accusation.encode()).await.is_ok() {
+                sent += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for net in accusers {
+            net.shutdown().await;
+        }
+        sent
+    });
+    let metrics = |filter: &str| -> f64 {
+        let out = Command::new("curl").args(["-s", &format!("{}/metrics", gateway.base_url.trim_end_matches("/v1"))]).output().expect("curl");
+        text(&out.stdout).lines().filter(|l| l.starts_with("hotpot_accusations_total") && l.contains(filter)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    let (dropped, all) = (metrics("result=\"dropped\""), metrics(""));
+    println!("{sent} accusations from new ids: {dropped} dropped, {} checked", all - dropped);
+    assert!(sent >= 20, "only {sent} accusations were published");
+    assert!(all - dropped <= 3.0, "more accusations were checked than the cap of 3 a minute: {}", all - dropped);
+    assert!(dropped >= 10.0, "the flood was not dropped: {dropped} of {sent}");
+    // The gateway still answers.
+    let out = output_within(
+        Command::new("curl").args([
+            "-s",
+            &format!("{}/chat/completions", gateway.base_url),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"model": "smollm2-135m", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8, "temperature": 0}"#,
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(text(&out.stdout).contains("Paris"), "{}", text(&out.stdout));
 }

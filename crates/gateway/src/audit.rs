@@ -220,6 +220,9 @@ pub struct Auditor {
     checks: tokio::sync::Semaphore,
 }
 
+/// Evidence requests served at once.
+const EVIDENCE_STREAMS: usize = 16;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -275,10 +278,17 @@ impl Auditor {
         match self.network.accept(PROTOCOL_EVIDENCE) {
             Ok(mut incoming) => {
                 let auditor = Arc::downgrade(self);
+                // Evidence requests are small and rare: a flood of them gets
+                // closed streams beyond a few at a time.
+                let serving = Arc::new(tokio::sync::Semaphore::new(EVIDENCE_STREAMS));
                 tokio::spawn(async move {
                     while let Some((peer, stream)) = incoming.next().await {
                         let Some(auditor) = auditor.upgrade() else { return };
-                        tokio::spawn(async move { auditor.serve_evidence(peer, stream).await });
+                        let Ok(permit) = Arc::clone(&serving).try_acquire_owned() else { continue };
+                        tokio::spawn(async move {
+                            auditor.serve_evidence(peer, stream).await;
+                            drop(permit);
+                        });
                     }
                 });
             }
@@ -308,9 +318,10 @@ impl Auditor {
     }
 
     async fn serve_evidence(&self, peer: PeerId, stream: Stream) {
-        let timeout = Duration::from_secs(30);
+        let timeout = Duration::from_secs(10);
         let mut framed = Framed::new(peer, stream);
-        let Ok(Some(request)) = framed.recv(timeout).await else { return };
+        // A request is a tag and a 32-byte hash.
+        let Ok(Some(request)) = framed.recv_limited(timeout, 64).await else { return };
         let bytes = match EvidenceMessage::decode(&request) {
             Ok(EvidenceMessage::Request { evidence }) => lock(&self.evidence).files.get(&evidence).map(|b| b.as_ref().clone()),
             _ => None,
@@ -544,11 +555,12 @@ impl Auditor {
         }
         {
             let mut state = lock(&self.accusations);
-            if state.false_accusers.contains(&accuser) || state.checking.contains(&peer) {
+            if state.false_accusers.contains(&accuser) {
                 return;
             }
-            if !state.take_check(self.config.accusation_checks_per_minute) {
-                tracing::debug!(%accuser, accused = %peer, "dropping an accusation: this minute's checks are spent");
+            // One check per accused node at a time, and a few a minute.
+            if state.checking.contains(&peer) || !state.take_check(self.config.accusation_checks_per_minute) {
+                tracing::debug!(%accuser, accused = %peer, "dropping an accusation: this node is being checked, or this minute's checks are spent");
                 self.metrics.accusations.get_or_create(&ResultLabels { result: "dropped".into() }).inc();
                 return;
             }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::AsyncWriteExt;
 use hotpot_core::ModelId;
-use hotpot_wire::{InfoRequest, MAX_FRAME, NodeInfo, PROTOCOL_INFO, read_frame, write_frame};
+use hotpot_wire::{InfoRequest, MAX_FRAME, NodeInfo, PROTOCOL_INFO, read_frame, read_frame_len, read_payload, write_frame};
 use libp2p::{PeerId, Stream};
 
 use crate::{NetError, Network, block_key};
@@ -44,6 +44,39 @@ impl Framed {
     pub async fn recv(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>, NetError> {
         match tokio::time::timeout(timeout, read_frame(&mut self.stream, MAX_FRAME)).await {
             Ok(result) => result.map_err(|e| NetError::Wire(e.to_string())),
+            Err(_) => Err(NetError::Timeout(timeout)),
+        }
+    }
+
+    /// The next frame of at most `max` bytes.
+    pub async fn recv_limited(&mut self, timeout: Duration, max: usize) -> Result<Option<Vec<u8>>, NetError> {
+        match tokio::time::timeout(timeout, read_frame(&mut self.stream, max)).await {
+            Ok(result) => result.map_err(|e| NetError::Wire(e.to_string())),
+            Err(_) => Err(NetError::Timeout(timeout)),
+        }
+    }
+
+    /// The next frame of at most `max` bytes, whose payload memory is
+    /// first reserved from `budget` (one permit per KiB, waited for within
+    /// the deadline); the permit is held until dropped, so frames being
+    /// read or worked on never take more memory than the budget allows.
+    pub async fn recv_budgeted(
+        &mut self,
+        timeout: Duration,
+        max: usize,
+        budget: &std::sync::Arc<tokio::sync::Semaphore>,
+    ) -> Result<Option<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)>, NetError> {
+        let read = async {
+            let Some(len) = read_frame_len(&mut self.stream, max).await.map_err(|e| NetError::Wire(e.to_string()))? else {
+                return Ok(None);
+            };
+            let kib = u32::try_from(len.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+            let permit = std::sync::Arc::clone(budget).acquire_many_owned(kib).await.map_err(|_| NetError::Wire("the frame budget is closed".into()))?;
+            let payload = read_payload(&mut self.stream, len).await.map_err(|e| NetError::Wire(e.to_string()))?;
+            Ok(Some((payload, permit)))
+        };
+        match tokio::time::timeout(timeout, read).await {
+            Ok(result) => result,
             Err(_) => Err(NetError::Timeout(timeout)),
         }
     }

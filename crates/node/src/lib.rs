@@ -315,16 +315,31 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
     // Every task below stops with `stop`; `RunningNode::shutdown` cancels it.
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    let limits = StreamLimits { idle: config.idle_timeout, write: Duration::from_secs(30) };
+    // The largest legitimate frame: a whole context of hidden states.
+    let frame = context.saturating_mul(state.dim).saturating_mul(4).saturating_add(4096).min(hotpot_wire::MAX_FRAME);
+    let budget = Arc::new(tokio::sync::Semaphore::new((FRAME_BUDGET.max(2 * frame) >> 10).min(tokio::sync::Semaphore::MAX_PERMITS)));
+    let limits = StreamLimits { idle: config.idle_timeout, write: Duration::from_secs(30), frame, budget: Arc::clone(&budget) };
+    // Streams are cheap (their frames' memory is budgeted above): many in
+    // all, and per peer a few more than the sessions a gateway may hold.
+    let session_gate = serve::StreamGate::new(MAX_SESSION_STREAMS.max(4 * config.max_sessions), config.max_sessions.max(1) + 4);
     let mut sessions = network.accept(PROTOCOL_INFER)?;
-    let (session_jobs, session_stop) = (jobs.clone(), stop.clone());
+    let (session_jobs, session_stop, session_limits) = (jobs.clone(), stop.clone(), limits.clone());
     tasks.spawn(async move {
         let mut open = JoinSet::new();
         loop {
             tokio::select! {
                 next = sessions.next() => match next {
                     Some((peer, stream)) => {
-                        open.spawn(serve::serve_session(peer, stream, session_jobs.clone(), limits, session_stop.clone()));
+                        let Some(pass) = session_gate.enter(peer) else {
+                            tracing::debug!(%peer, "refusing a session stream: too many open");
+                            tokio::spawn(serve::refuse(peer, stream, "too many session streams are open; try again later"));
+                            continue;
+                        };
+                        let serve = serve::serve_session(peer, stream, session_jobs.clone(), session_limits.clone(), session_stop.clone());
+                        open.spawn(async move {
+                            serve.await;
+                            drop(pass);
+                        });
                     }
                     None => break,
                 },
@@ -337,13 +352,18 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
     });
     let mut infos = network.accept(PROTOCOL_INFO)?;
     let (info_state, info_stop) = (Arc::clone(&state), stop.clone());
+    let info_gate = serve::StreamGate::new(64, 4);
     tasks.spawn(async move {
         loop {
             tokio::select! {
                 next = infos.next() => match next {
                     Some((peer, stream)) => {
+                        let Some(pass) = info_gate.enter(peer) else { continue };
                         let info = info_state.info().await;
-                        tokio::spawn(serve::serve_info(peer, stream, info));
+                        tokio::spawn(async move {
+                            serve::serve_info(peer, stream, info).await;
+                            drop(pass);
+                        });
                     }
                     None => break,
                 },
@@ -355,12 +375,23 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
     let (audit_jobs, audit_stop) = (jobs.clone(), stop.clone());
     let gate = Arc::new(serve::AuditGate::new(serve::AuditLimits { per_minute: 30.0, queued: 4, max_rows: context.min(MAX_AUDIT_ROWS) }));
     let dim = state.dim;
+    let audit_gate = serve::StreamGate::new(16, 2);
+    let audit_frame = context.min(MAX_AUDIT_ROWS).saturating_mul(dim).saturating_mul(4).saturating_add(4096);
+    let audit_limits = StreamLimits { frame: audit_frame.min(limits.frame), ..limits };
     tasks.spawn(async move {
         loop {
             tokio::select! {
                 next = audits.next() => match next {
                     Some((peer, stream)) => {
-                        tokio::spawn(serve::serve_audit(peer, stream, audit_jobs.clone(), Arc::clone(&gate), model, dim, limits, audit_stop.clone()));
+                        let Some(pass) = audit_gate.enter(peer) else {
+                            tokio::spawn(serve::refuse(peer, stream, "too many audit streams are open; try again later"));
+                            continue;
+                        };
+                        let serve = serve::serve_audit(peer, stream, audit_jobs.clone(), Arc::clone(&gate), model, dim, audit_limits.clone(), audit_stop.clone());
+                        tokio::spawn(async move {
+                            serve.await;
+                            drop(pass);
+                        });
                     }
                     None => break,
                 },
@@ -396,6 +427,13 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
     tracing::info!(peer = %network.peer_id(), %span, "serving");
     Ok(RunningNode { state, lifecycle: Arc::new(tokio::sync::Mutex::new(Some(Lifecycle { stop, tasks, engine }))) })
 }
+
+/// Session streams open at once, in all.
+const MAX_SESSION_STREAMS: usize = 1024;
+
+/// Memory for frames being read or worked on, node-wide (at least two of
+/// the largest frames).
+const FRAME_BUDGET: usize = 256 << 20;
 
 /// Largest audit a node accepts, in positions.
 const MAX_AUDIT_ROWS: usize = 8192;

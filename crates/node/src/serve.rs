@@ -17,13 +17,64 @@ use tokio_util::sync::CancellationToken;
 
 use crate::worker::{Job, Jobs, MAX_QUEUED_WORK};
 
-/// Limits of one session stream.
-#[derive(Debug, Clone, Copy)]
+/// Limits of one session or audit stream.
+#[derive(Debug, Clone)]
 pub(crate) struct StreamLimits {
     /// How long a stream may stay silent before the node closes it.
     pub idle: Duration,
     /// Deadline for writing one answer.
     pub write: Duration,
+    /// Largest frame accepted on the stream.
+    pub frame: usize,
+    /// Memory for frames being read or worked on, node-wide, in KiB
+    /// permits: a flood of maximum-size frames waits here instead of
+    /// growing the node.
+    pub budget: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// How many streams of one protocol the node serves at once, in all and
+/// per peer; a stream over either cap is closed at once.
+pub(crate) struct StreamGate {
+    total: std::sync::Arc<tokio::sync::Semaphore>,
+    per_peer: usize,
+    peers: Mutex<std::collections::HashMap<PeerId, usize>>,
+}
+
+/// A stream admitted by a [`StreamGate`], counted until dropped.
+pub(crate) struct StreamPass {
+    gate: std::sync::Arc<StreamGate>,
+    peer: PeerId,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl StreamGate {
+    pub fn new(total: usize, per_peer: usize) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self { total: std::sync::Arc::new(tokio::sync::Semaphore::new(total)), per_peer, peers: Mutex::default() })
+    }
+
+    /// Admits a stream from `peer`, or `None` when a cap is reached.
+    pub fn enter(self: &std::sync::Arc<Self>, peer: PeerId) -> Option<StreamPass> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let count = peers.entry(peer).or_insert(0);
+        if *count >= self.per_peer {
+            return None;
+        }
+        let permit = std::sync::Arc::clone(&self.total).try_acquire_owned().ok()?;
+        *count += 1;
+        Some(StreamPass { gate: std::sync::Arc::clone(self), peer, _permit: permit })
+    }
+}
+
+impl Drop for StreamPass {
+    fn drop(&mut self) {
+        let mut peers = self.gate.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = peers.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                peers.remove(&self.peer);
+            }
+        }
+    }
 }
 
 pub(crate) async fn serve_session(peer: PeerId, stream: Stream, jobs: Jobs, limits: StreamLimits, stop: CancellationToken) {
@@ -32,13 +83,14 @@ pub(crate) async fn serve_session(peer: PeerId, stream: Stream, jobs: Jobs, limi
     let shutting_down = || NodeMessage::error(ErrorCode::ShuttingDown, "the node is shutting down").encode();
     loop {
         let received = tokio::select! {
-            received = framed.recv(limits.idle) => received,
+            received = framed.recv_budgeted(limits.idle, limits.frame, &limits.budget) => received,
             () = stop.cancelled() => {
                 let _ = framed.send(&shutting_down(), Duration::from_millis(500)).await;
                 break;
             }
         };
-        let frame = match received {
+        // The frame's memory stays reserved until its answer is sent.
+        let (frame, _reserved) = match received {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(e) => {
@@ -197,10 +249,10 @@ pub(crate) async fn serve_audit(
 ) {
     let mut framed = Framed::new(peer, stream);
     let received = tokio::select! {
-        received = framed.recv(limits.idle) => received,
+        received = framed.recv_budgeted(limits.idle, limits.frame, &limits.budget) => received,
         () = stop.cancelled() => return,
     };
-    if let Ok(Some(frame)) = received {
+    if let Ok(Some((frame, _reserved))) = received {
         let answer = match ClientMessage::decode(&frame) {
             Ok(ClientMessage::Audit { model: m, .. }) if m != model => NodeMessage::error(ErrorCode::WrongModel, "this node serves another model"),
             Ok(ClientMessage::Audit { inputs, .. }) if inputs.cols() != dim => NodeMessage::error(ErrorCode::BadTensor, format!("inputs must be {dim} wide")),
@@ -226,10 +278,27 @@ pub(crate) async fn serve_audit(
     framed.close().await;
 }
 
+/// Answers a stream over its protocol's cap with `Busy`; what the peer
+/// sends meanwhile is read for a moment and thrown away (never kept), so
+/// that its writes do not fail before it reads the answer.
+pub(crate) async fn refuse(peer: PeerId, mut stream: Stream, why: &'static str) {
+    use futures::AsyncReadExt;
+    let answer = NodeMessage::busy(Duration::from_secs(1), why).encode();
+    let _ = tokio::time::timeout(Duration::from_secs(1), hotpot_wire::write_frame(&mut stream, &answer)).await;
+    let mut sink = [0u8; 16 << 10];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let mut framed = Framed::new(peer, stream);
+    framed.close().await;
+}
+
 pub(crate) async fn serve_info(peer: PeerId, stream: Stream, info: NodeInfo) {
     let mut framed = Framed::new(peer, stream);
     let timeout = Duration::from_secs(10);
-    if let Ok(Some(frame)) = framed.recv(timeout).await {
+    // An info request is two bytes.
+    if let Ok(Some(frame)) = framed.recv_limited(timeout, 64).await {
         let answer = match InfoRequest::decode(&frame) {
             Ok(InfoRequest) => info.encode(),
             Err(e) => NodeMessage::error(ErrorCode::BadRequest, e.to_string()).encode(),

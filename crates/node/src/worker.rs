@@ -69,6 +69,9 @@ struct Session {
     owner: PeerId,
     priority: Priority,
     cache: KvCache,
+    /// When the session was opened, and whether it has stepped since.
+    opened: Instant,
+    stepped: bool,
     last_used: Instant,
     sketches: SketchBuilder,
     /// The previous decode output (the red-team's replay cheat).
@@ -158,6 +161,9 @@ pub(crate) const AUDIT_CHUNK: usize = 32;
 pub(crate) const AUDIT_IDLE: Duration = Duration::from_millis(25);
 /// What a refusal for lack of room suggests waiting.
 const RETRY_FULL: Duration = Duration::from_millis(500);
+/// How long a session may stay unused before a full node gives it up
+/// for a new one (a gateway steps a session as soon as its route is open).
+const UNUSED_GRACE: Duration = Duration::from_secs(5);
 
 /// The sending side, held by network tasks.
 #[derive(Clone)]
@@ -363,6 +369,7 @@ impl Worker {
                 } else {
                     s.cache.reserve(needed);
                     s.last_used = Instant::now();
+                    s.stepped = true;
                     None
                 }
             }
@@ -571,8 +578,36 @@ impl Worker {
         if self.sessions.contains_key(&open.session) {
             return NodeMessage::error(ErrorCode::BadRequest, "a session with this id is already open");
         }
+        // Slots cannot be hoarded by opening sessions and never using them:
+        // a full node gives a newcomer the oldest session that was opened
+        // and never stepped within a grace period, taken from the peer
+        // holding the most sessions, unless the newcomer already holds its
+        // fair share (the slots divided among the peers holding them).
         if self.sessions.len() >= self.config.max_sessions {
-            return NodeMessage::busy(RETRY_FULL, format!("all {} session slots are taken", self.config.max_sessions));
+            let mut held: HashMap<PeerId, usize> = HashMap::new();
+            for s in self.sessions.values() {
+                *held.entry(s.owner).or_default() += 1;
+            }
+            let mine = held.get(&owner).copied().unwrap_or(0);
+            let peers = held.len() + usize::from(mine == 0);
+            let fair = (self.config.max_sessions / peers).max(1);
+            let grace = UNUSED_GRACE.min(self.config.idle_timeout / 3);
+            let stale = (mine < fair)
+                .then(|| {
+                    self.sessions
+                        .iter()
+                        .filter(|(id, s)| !s.stepped && s.opened.elapsed() > grace && !self.pending.iter().any(|p| p.step.session == **id))
+                        .max_by_key(|(_, s)| (held.get(&s.owner).copied().unwrap_or(0), std::cmp::Reverse(s.opened)))
+                        .map(|(id, _)| *id)
+                })
+                .flatten();
+            match stale {
+                Some(id) => {
+                    tracing::debug!(session = %id, "giving up a session that was opened and never used for a new one");
+                    self.sessions.remove(&id);
+                }
+                None => return NodeMessage::busy(RETRY_FULL, format!("all {} session slots are taken", self.config.max_sessions)),
+            }
         }
         let max_len = (open.max_len as usize).clamp(1, self.span.config().context_length);
         let cache = match self.span.cache_for(open.span, max_len) {
@@ -585,8 +620,17 @@ impl Worker {
         if self.kv_bytes() + cache.memory_bytes_for(1) > self.config.kv_budget_bytes {
             return NodeMessage::busy(RETRY_FULL, "the node's KV-cache memory is in use");
         }
-        let session =
-            Session { owner, priority: open.priority, cache, last_used: Instant::now(), sketches: SketchBuilder::default(), last_output: None };
+        let now = Instant::now();
+        let session = Session {
+            owner,
+            priority: open.priority,
+            cache,
+            opened: now,
+            stepped: false,
+            last_used: now,
+            sketches: SketchBuilder::default(),
+            last_output: None,
+        };
         self.sessions.insert(open.session, session);
         tracing::debug!(session = %open.session, span = %open.span, max_len, priority = ?open.priority, "session opened");
         NodeMessage::Opened { session: open.session, max_len: max_len as u32 }
@@ -680,8 +724,9 @@ impl Worker {
             None => NodeMessage::error(ErrorCode::UnknownSession, "no such session"),
             Some(s) if s.owner != owner => NodeMessage::error(ErrorCode::NotYourSession, "this session belongs to another peer"),
             Some(s) => {
+                // A rollback is not use: a session kept alive only by
+                // cheap `Truncate`s still expires.
                 s.cache.truncate(pos as usize);
-                s.last_used = Instant::now();
                 NodeMessage::Truncated { session, len: s.cache.len() as u32 }
             }
         }

@@ -7,6 +7,16 @@ use crate::{MAX_FRAME, WireError};
 /// Reads one frame. `Ok(None)` means the peer closed the stream cleanly
 /// between frames. The length is checked against `max` before allocating.
 pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, max: usize) -> Result<Option<Vec<u8>>, WireError> {
+    match read_frame_len(reader, max).await? {
+        None => Ok(None),
+        Some(len) => read_payload(reader, len).await.map(Some),
+    }
+}
+
+/// Reads a frame's length prefix (checked against `max`); `None` when the
+/// peer closed the stream cleanly between frames. The payload follows
+/// ([`read_payload`]), so that a reader can reserve memory for it first.
+pub async fn read_frame_len<R: AsyncRead + Unpin>(reader: &mut R, max: usize) -> Result<Option<usize>, WireError> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -20,12 +30,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, max: usize) -> Res
     if len > max.min(MAX_FRAME) {
         return Err(WireError::TooLong { what: "frame", len, max: max.min(MAX_FRAME) });
     }
+    Ok(Some(len))
+}
+
+/// Reads a frame's payload of `len` bytes (after [`read_frame_len`]).
+pub async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> Result<Vec<u8>, WireError> {
     let mut payload = vec![0u8; len];
     reader.read_exact(&mut payload).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => WireError::Truncated { needed: len, left: 0 },
         _ => WireError::Io(e),
     })?;
-    Ok(Some(payload))
+    Ok(payload)
 }
 
 /// Writes one frame and flushes it.

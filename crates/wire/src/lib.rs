@@ -21,7 +21,7 @@ mod message;
 mod tensor;
 
 pub use codec::{Reader, Writer};
-pub use frame::{read_frame, write_frame};
+pub use frame::{read_frame, read_frame_len, read_payload, write_frame};
 pub use message::{Accusation, ClientMessage, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Priority, Step, commitment_wire_bytes};
 pub use tensor::{DType, Tensor};
 
