@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mixed OpenAI requests (short chats, chats without max_tokens, ~3,000-token
+# Mixed OpenAI requests (short chats, chats without max_tokens, ~1,000-token
 # prompts, n = 2, 40-prompt completion arrays; all streamed) at concurrency
 # 1, 8, 32, 128 and 256 against `hotpot up --nodes 3` and llama.cpp's
 # llama-server (8 slots) on the same machine, model and thread count:

@@ -3,7 +3,7 @@
 Usage: python3 bench/mixed.py BASE_URL CONCURRENCY [REQUESTS]
 
 The mix, in turn: a short streamed chat (max_tokens 32), a streamed chat
-without max_tokens, a ~3,000-token prompt (max_tokens 8), a chat with n = 2
+without max_tokens, a ~1,000-token prompt (max_tokens 8), a chat with n = 2
 (max_tokens 16), and a 40-prompt completions array (max_tokens 4). Every
 request streams, so the time to its first token is seen. Prints one JSON
 object: requests, wall seconds, generated tokens per second over the run,
@@ -19,10 +19,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 BASE, CONCURRENCY = sys.argv[1].rstrip("/").removesuffix("/v1"), int(sys.argv[2])
-REQUESTS = int(sys.argv[3]) if len(sys.argv) > 3 else max(2 * CONCURRENCY, 20)
+REQUESTS = int(sys.argv[3]) if len(sys.argv) > 3 else max(CONCURRENCY, 20)
 HOST, PORT = BASE.split("//")[1].split(":")
 PORT = int(PORT)
-LONG = "The quick brown fox jumps over the lazy dog while the cat watches. " * 210
+LONG = "The quick brown fox jumps over the lazy dog while the cat watches. " * 70
 
 
 def model():

@@ -377,7 +377,8 @@ fn every_protocol_survives_junk_and_floods() {
 
 /// Accusations from ever-new peer ids cost the gateway at most the
 /// configured number of audits a minute; the rest are dropped, counted,
-/// and the gateway keeps serving.
+/// and the gateway keeps serving — also through junk gossip and a flood of
+/// junk, oversized and silent requests on its evidence protocol.
 #[test]
 fn an_accusation_flood_with_rotating_ids_is_capped() {
     let _serial = serial();
@@ -399,6 +400,7 @@ fn an_accusation_flood_with_rotating_ids_is_capped() {
         "-t",
         "1",
     ]);
+    let gateway_id = gateway.stdout.iter().find_map(|l| l.strip_prefix("gateway peer id: ")).expect("the gateway prints its peer id").trim().to_string();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let sent = runtime.block_on(async {
         let peer: PeerId = node.peer_id.parse().expect("peer id");
@@ -420,7 +422,30 @@ fn an_accusation_flood_with_rotating_ids_is_capped() {
                 sent += 1;
             }
         }
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        // Junk on the topic, and junk, oversized and unanswered requests on
+        // the gateway's evidence protocol, many at once.
+        for net in accusers.iter().take(4) {
+            let _ = net.publish(topic.clone(), vec![0xff; 300]).await;
+        }
+        let gateway_peer: PeerId = gateway_id.parse().expect("gateway peer id");
+        let mut floods = tokio::task::JoinSet::new();
+        for i in 0..96u32 {
+            let net = accusers[(i % 8) as usize].clone();
+            floods.spawn(async move {
+                let Ok(mut raw) = net.open_stream(gateway_peer, hotpot_wire::PROTOCOL_EVIDENCE, Duration::from_secs(3)).await else { return };
+                let frame: Vec<u8> = match i % 3 {
+                    0 => (hotpot_wire::MAX_FRAME as u32).to_le_bytes().to_vec(),
+                    1 => [&33u32.to_le_bytes()[..], &[0x42u8; 33][..]].concat(),
+                    _ => vec![],
+                };
+                let _ = raw.write_all(&frame).await;
+                let _ = raw.flush().await;
+                let mut buf = [0u8; 64];
+                let _ = tokio::time::timeout(Duration::from_secs(2), futures::AsyncReadExt::read(&mut raw, &mut buf)).await;
+            });
+        }
+        while floods.join_next().await.is_some() {}
+        tokio::time::sleep(Duration::from_secs(3)).await;
         for net in accusers {
             net.shutdown().await;
         }
