@@ -7,9 +7,10 @@
 #
 #   sudo bash bench/netem.sh [TOKENS=32] [DELAYS="0 10 25 50"]
 #
-# Where the kernel has no netem qdisc, the script says so and adds the same
-# one-way delay inside the client instead (`--emulate-delay-ms`): every
-# message to and from a node waits that long, as it would on the wire.
+# Where the kernel has no netem qdisc, the script says so and every process
+# (the nodes and the client) adds the delay itself instead
+# (`--emulate-delay-ms`): every message it sends to a peer waits that long
+# first, so a chain pays it on every hop, as on the wire.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOKENS="${1:-32}"
@@ -34,7 +35,7 @@ ip -n "$NS_C" link set hp-c0 up; ip -n "$NS_N" link set hp-n0 up
 
 METHOD="tc netem on the veth link"
 if ! ip netns exec "$NS_C" tc qdisc add dev hp-c0 root netem delay 1ms 2>"$WORK/netem.err"; then
-    METHOD="delay emulated in the client (tc netem unavailable here: $(head -1 "$WORK/netem.err"))"
+    METHOD="delay emulated in every process, --emulate-delay-ms (tc netem unavailable here: $(head -1 "$WORK/netem.err"))"
 else
     ip netns exec "$NS_C" tc qdisc del dev hp-c0 root
 fi
@@ -57,20 +58,22 @@ echo
 echo "| nodes | one-way delay | first token (ms) | decode tok/s |"
 echo "| ---: | ---: | ---: | ---: |"
 for chain in "0..30" "0..15 15..30" "0..10 10..20 20..30"; do
-    BOOT=""
-    for span in $chain; do
-        start_node "$span" 1 "$BOOT" "$NS_N" 10.77.0.2
-        [ -z "$BOOT" ] && BOOT=$NODE_ADDR
-    done
     n=$(wc -w <<<"$chain")
     for ms in $DELAYS; do
         set_delay "$ms"
         extra=()
         [[ "$METHOD" == tc* ]] || extra=(--emulate-delay-ms "$ms")
+        # The nodes are started for each delay: with emulation they add it too.
+        NODE_ARGS=("${extra[@]}")
+        BOOT=""
+        for span in $chain; do
+            start_node "$span" 1 "$BOOT" "$NS_N" 10.77.0.2
+            [ -z "$BOOT" ] && BOOT=$NODE_ADDR
+        done
         ip netns exec "$NS_C" "$HOTPOT" run smollm2-135m "$PROMPT" --temperature 0 -n "$TOKENS" -t 1 \
             --join "$BOOT" "${extra[@]}" >/dev/null 2>"$WORK/run.log" || { cat "$WORK/run.log" >&2; exit 1; }
         echo "| $n | $ms ms | $(first_token_ms "$WORK/run.log") | $(decode_rate "$WORK/run.log") |"
+        stop_nodes
     done
     set_delay 0
-    stop_nodes
 done

@@ -16,6 +16,11 @@ struct Cli {
     /// More log output (-v: info, -vv: debug). `RUST_LOG` overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Benchmarks on hosts without `tc netem`: add this one-way delay to
+    /// every message this process sends to a peer (every hop of a chain of
+    /// processes pays it, as on a WAN).
+    #[arg(long, global = true, default_value_t = 0, value_name = "MS")]
+    emulate_delay_ms: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
     // A node narrates its life at info level; one-shot commands stay quiet.
     let verbose = cli.verbose + u8::from(matches!(cli.command, Command::Node(_)));
     init_logging(verbose);
+    hotpot_net::set_emulated_delay(std::time::Duration::from_millis(cli.emulate_delay_ms));
     let result = match cli.command {
         Command::Pull { source } => pull(&source),
         Command::Models => models(),

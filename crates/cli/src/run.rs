@@ -108,9 +108,6 @@ pub struct RunArgs {
     /// With --join: print the chain of nodes chosen.
     #[arg(long)]
     pub show_route: bool,
-    /// Benchmarks only: add this one-way delay to every message to and from nodes.
-    #[arg(long, hide = true, default_value_t = 0)]
-    pub emulate_delay_ms: u64,
 }
 
 #[derive(Args, Debug)]

@@ -383,7 +383,7 @@ pub fn run_remote(args: &RunArgs) -> Result<()> {
         let directory = SharedDirectory::follow(&network, entry.id).await;
         directory.refresh(&network, &entry.id, config.n_blocks, Duration::from_secs(3)).await;
         let max_len = job.prompt.len() + job.params.max_tokens;
-        let chain_config = ChainConfig { max_len: max_len + 1, emulated_delay: Duration::from_millis(args.emulate_delay_ms), ..ChainConfig::default() };
+        let chain_config = ChainConfig { max_len: max_len + 1, ..ChainConfig::default() };
         let context =
             ChainContext { network: network.clone(), directory, model: entry.id, n_blocks: config.n_blocks, dim: config.dim, observer: None, selector: None };
         let mut chain = RemoteChain::open(context, chain_config).await.with_context(|| format!("the swarm cannot serve {}", entry.name))?;

@@ -250,3 +250,30 @@ fn remote_chains_roll_back_on_every_node() {
         network.shutdown().await;
     });
 }
+
+/// `--emulate-delay-ms` delays every message a process sends to a peer:
+/// with it on a node and on the client, each step of a one-node chain
+/// pays two one-way delays, and the tokens do not change.
+#[test]
+fn emulated_delay_is_paid_on_every_hop() {
+    let _serial = serial();
+    let run = |join: &str, delay: &str| {
+        let started = Instant::now();
+        let out = hotpot(
+            &["run", "smollm2-135m", "The capital of France is", "--temperature", "0", "-n", "6", "-t", "1", "--join", join, "--emulate-delay-ms", delay],
+            Duration::from_secs(120),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        (text(&out.stdout), started.elapsed())
+    };
+    let plain = NodeProc::start("0..30", None, &[]);
+    let (fast_text, fast) = run(&plain.addr, "0");
+    drop(plain);
+    let slow_node = NodeProc::start("0..30", None, &["--emulate-delay-ms", "150"]);
+    let (slow_text, slow) = run(&slow_node.addr, "150");
+    assert_eq!(fast_text, slow_text, "the delay changed the tokens");
+    // Open, the prefill and 5 decode steps: 7 round trips of 2 × 150 ms.
+    let extra = slow.saturating_sub(fast);
+    println!("6 tokens in {fast:?} without delay, {slow:?} with 150 ms each way");
+    assert!(extra >= Duration::from_millis(7 * 300 - 100), "only {extra:?} more with 150 ms on each of two legs");
+}

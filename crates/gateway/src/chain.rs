@@ -30,6 +30,10 @@ const WIRE_DTYPE: DType = DType::F32;
 use crate::directory::SharedDirectory;
 use crate::route::{Candidate, Hop, MissingBlocks, plan};
 
+/// How often a request waiting for capacity looks again by itself
+/// (besides being woken when a route closes), plus up to 1 s of jitter.
+const WAIT_FALLBACK: Duration = Duration::from_secs(2);
+
 /// How long a node that was slow to answer `Open` is skipped.
 const SLOW_SKIP: Duration = Duration::from_secs(2);
 
@@ -54,10 +58,6 @@ pub struct ChainConfig {
     /// Node failures tolerated within one call to `forward`.
     pub max_failovers: usize,
     pub discovery_timeout: Duration,
-    /// Benchmarks only: wait this long before every message sent and after
-    /// every message received, as a one-way network delay would (for hosts
-    /// where `tc netem` is unavailable).
-    pub emulated_delay: Duration,
 }
 
 impl Default for ChainConfig {
@@ -72,7 +72,6 @@ impl Default for ChainConfig {
             per_row_timeout: Duration::from_millis(50),
             max_failovers: 8,
             discovery_timeout: Duration::from_secs(3),
-            emulated_delay: Duration::ZERO,
         }
     }
 }
@@ -415,8 +414,9 @@ impl RemoteChain {
             let _ = stage.conn.framed.send(&close, Duration::from_secs(1)).await;
             stage.conn.framed.close().await;
             self.emit(ChainEvent::SessionClosed(&stage.conn.hop.peer));
-            self.connector.directory.session_closed();
         }
+        // A route's worth of slots is free: one waiting request may take it.
+        self.connector.directory.session_closed();
     }
 
     fn emit(&self, event: ChainEvent<'_>) {
@@ -429,10 +429,8 @@ impl RemoteChain {
 
     async fn step(&mut self, k: usize, pos: usize, rows: usize, x: &[f32]) -> Result<(Vec<f32>, Commitment), NodeFault> {
         let timeout = self.step_timeout(rows);
-        let (model, dim, delay) = (self.connector.model, self.dim, self.connector.config.emulated_delay);
-        emulate(delay).await;
+        let (model, dim) = (self.connector.model, self.dim);
         let out = run_step(&mut self.stages[k].conn, model, dim, pos, rows, x, timeout).await;
-        emulate(delay).await;
         if let Ok((values, _)) = &out {
             let bytes = rows * dim * WIRE_DTYPE.size();
             self.emit(ChainEvent::Step { peer: &self.stages[k].conn.hop.peer, sent: bytes, received: values.len() * 4 });
@@ -535,14 +533,18 @@ impl Connector {
     /// busy, waits for capacity until `deadline`.
     async fn connect(&self, range: LayerSpan, failures: &mut usize, deadline: Instant) -> Result<Vec<Conn>, ChainError> {
         let mut refreshed = false;
+        // After a wake, busy nodes are tried once more (a slot may be free).
+        let mut woken = false;
         let freed = self.directory.freed();
         loop {
             let notified = freed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let hops = match plan(range, &self.candidates(false)) {
+            let hops = match plan(range, &self.candidates(std::mem::take(&mut woken))) {
                 Ok(hops) => hops,
-                Err(missing) if !refreshed => {
+                // Blocks missing even counting busy nodes: ask the swarm
+                // (busy nodes are load, not a reason to search the DHT).
+                Err(missing) if !refreshed && plan(range, &self.candidates(true)).is_err() => {
                     tracing::debug!(%missing, "looking for more nodes");
                     self.directory.refresh(&self.network, &self.model, self.n_blocks, self.config.discovery_timeout).await;
                     refreshed = true;
@@ -554,6 +556,7 @@ impl Connector {
                         () = &mut notified => {}
                         () = tokio::time::sleep_until(wake) => {}
                     }
+                    woken = true;
                     continue;
                 }
             };
@@ -568,7 +571,12 @@ impl Connector {
                         failed = true;
                         break;
                     }
-                    Err(fault @ NodeFault::Slow(_)) => {
+                    // A stream the node dropped or did not take up in time
+                    // while its connection stands is load (libp2p sheds
+                    // inbound streams its acceptor is too busy to take):
+                    // skip the node for a moment, no ban. A node that is
+                    // gone loses its connection and leaves the directory.
+                    Err(fault @ (NodeFault::Slow(_) | NodeFault::Net(hotpot_net::NetError::Timeout(_) | hotpot_net::NetError::Wire(_)))) => {
                         self.busy(hop.peer, SLOW_SKIP);
                         tracing::info!(peer = %hop.peer, blocks = %hop.span, "node {fault}; skipping it for a while");
                         failed = true;
@@ -617,9 +625,11 @@ impl Connector {
                     ),
                 });
             }
-            // Spread the herd of waiters over the next moment.
-            let jitter = Duration::from_millis(rand::random::<u64>() % 250);
-            return Ok((busy_end + jitter).min(deadline));
+            // Waiters wake one at a time as routes close (FIFO); a waiter
+            // not woken that way looks again after a while on its own,
+            // spread out so that they do not all ask the nodes at once.
+            let fallback = WAIT_FALLBACK + Duration::from_millis(rand::random::<u64>() % 1000);
+            return Ok((now + fallback).max(busy_end).min(deadline));
         }
         match self.directory.with(|d| d.ban_ends_covering(&self.model, &missing.0)) {
             Some(until) if until < deadline => Ok(until),
@@ -648,9 +658,7 @@ impl Connector {
     }
 
     async fn open_session(&self, hop: Hop) -> Result<Conn, NodeFault> {
-        emulate(self.config.emulated_delay).await;
         let conn = self.open_session_now(hop).await;
-        emulate(self.config.emulated_delay).await;
         if conn.is_ok() {
             self.emit(ChainEvent::SessionOpened(&hop.peer));
         }
@@ -695,17 +703,13 @@ impl Connector {
     }
 }
 
-async fn emulate(delay: Duration) {
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-}
-
 impl Drop for RemoteChain {
     /// Dropping the streams closes the sessions on the nodes.
     fn drop(&mut self) {
         for stage in &self.stages {
             self.emit(ChainEvent::SessionClosed(&stage.conn.hop.peer));
+        }
+        if !self.stages.is_empty() {
             self.connector.directory.session_closed();
         }
     }

@@ -34,6 +34,8 @@ const MAX_BAN: Duration = Duration::from_secs(300);
 /// Nodes not heard of for this long are not routed to (heartbeats come
 /// every 10 s).
 const STALE: Duration = Duration::from_secs(25);
+/// Least time between two direct searches of the swarm.
+const REFRESH_EVERY: Duration = Duration::from_secs(2);
 /// Bounds on how long a node's `Busy` keeps it out of routing.
 const BUSY_MIN: Duration = Duration::from_millis(50);
 const BUSY_MAX: Duration = Duration::from_secs(5);
@@ -147,6 +149,9 @@ impl Directory {
 #[derive(Debug, Clone)]
 pub struct SharedDirectory {
     inner: Arc<Mutex<Directory>>,
+    /// When the swarm was last asked directly: one search at a time, and
+    /// none again within [`REFRESH_EVERY`] (a DHT search costs CPU).
+    refreshed: Arc<tokio::sync::Mutex<Option<Instant>>>,
     /// Woken when a session closes somewhere (a slot may have freed).
     freed: Arc<tokio::sync::Notify>,
 }
@@ -154,7 +159,11 @@ pub struct SharedDirectory {
 impl SharedDirectory {
     /// Subscribes to `model`'s heartbeats on `network` and records them.
     pub async fn follow(network: &Network, model: ModelId) -> Self {
-        let directory = Self { inner: Arc::new(Mutex::new(Directory::default())), freed: Arc::new(tokio::sync::Notify::new()) };
+        let directory = Self {
+            inner: Arc::new(Mutex::new(Directory::default())),
+            refreshed: Arc::new(tokio::sync::Mutex::new(None)),
+            freed: Arc::new(tokio::sync::Notify::new()),
+        };
         let mut events = network.events();
         let topic = model_topic(&model);
         let _ = network.subscribe(topic.clone()).await;
@@ -204,7 +213,12 @@ impl SharedDirectory {
     /// Asks the swarm directly (DHT providers and known peers), timing each
     /// answer, and records what it hears.
     pub async fn refresh(&self, network: &Network, model: &ModelId, n_blocks: u32, timeout: Duration) {
+        let mut last = self.refreshed.lock().await;
+        if last.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
+            return;
+        }
         let started = Instant::now();
+        *last = Some(started);
         let found = network.discover(Some(model), n_blocks, timeout).await;
         let rtt = started.elapsed() / 4;
         self.with(|d| {

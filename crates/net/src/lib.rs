@@ -27,7 +27,7 @@ pub use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 pub use ids::{node_id_of, peer_id_of};
-pub use rpc::Framed;
+pub use rpc::{Framed, emulated_delay, set_emulated_delay};
 
 /// How the local peer takes part.
 #[derive(Debug, Clone)]

@@ -11,6 +11,21 @@ use libp2p::{PeerId, Stream};
 
 use crate::{NetError, Network, block_key};
 
+/// Benchmarks on hosts without `tc netem`: a one-way delay this process
+/// adds to every frame it sends to a peer (microseconds; 0: none), so
+/// that a chain of processes pays it on every hop, as on a WAN.
+static EMULATED_DELAY_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sets the one-way delay this process adds to every frame it sends.
+pub fn set_emulated_delay(delay: Duration) {
+    EMULATED_DELAY_US.store(u64::try_from(delay.as_micros()).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The one-way delay this process adds to every frame it sends.
+pub fn emulated_delay() -> Duration {
+    Duration::from_micros(EMULATED_DELAY_US.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 /// A stream that carries length-prefixed frames, each read or write bounded
 /// by a deadline.
 pub struct Framed {
@@ -34,6 +49,10 @@ impl Framed {
     }
 
     pub async fn send(&mut self, payload: &[u8], timeout: Duration) -> Result<(), NetError> {
+        let delay = emulated_delay();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         match tokio::time::timeout(timeout, write_frame(&mut self.stream, payload)).await {
             Ok(result) => result.map_err(|e| NetError::Wire(e.to_string())),
             Err(_) => Err(NetError::Timeout(timeout)),
