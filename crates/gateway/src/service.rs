@@ -63,6 +63,9 @@ impl GatewayConfig {
     }
 }
 
+/// How long a later session of an admitted request waits for capacity.
+const ADMITTED_QUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The model the gateway serves.
 #[derive(Debug, Clone)]
 pub struct ServedModel {
@@ -163,7 +166,7 @@ impl Gateway {
     }
 
     /// Opens a route over the swarm for one session of `max_len` positions.
-    async fn open_chain(&self, max_len: usize) -> Result<RemoteChain, ApiError> {
+    async fn open_chain(&self, max_len: usize, admitted: bool) -> Result<RemoteChain, ApiError> {
         let context = ChainContext {
             network: self.network.clone(),
             directory: self.directory.clone(),
@@ -173,7 +176,12 @@ impl Gateway {
             observer: Some(self.observer()),
             selector: self.auditor.as_ref().map(Auditor::selector),
         };
-        let config = ChainConfig { max_len: max_len + 1, ..self.config.chain.clone() };
+        let mut config = ChainConfig { max_len: max_len + 1, ..self.config.chain.clone() };
+        if admitted {
+            // A later session of a request already being answered waits
+            // its turn rather than fail the answer part-way.
+            config.queue_timeout = config.queue_timeout.max(ADMITTED_QUEUE_TIMEOUT);
+        }
         Ok(RemoteChain::open(context, config).await?)
     }
 
@@ -192,7 +200,7 @@ impl Gateway {
         let slots = Arc::new(tokio::sync::Semaphore::new(self.config.parallel_sessions.max(1)));
         let mut jobs = plan.jobs.into_iter();
         let first: Vec<ChoiceJob> = jobs.by_ref().take(self.config.parallel_sessions.max(1)).collect();
-        let opened = futures::future::join_all(first.iter().map(|job| self.open_chain(self.session_len(job)))).await;
+        let opened = futures::future::join_all(first.iter().map(|job| self.open_chain(self.session_len(job), false))).await;
         let chains = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
         let request = Arc::new(RequestRun { id: plan.id, caller: plan.caller, reservation, started });
         // Small buffers: a listener that leaves is noticed within a token or two.
@@ -211,7 +219,7 @@ impl Gateway {
                     if tx.is_closed() {
                         return;
                     }
-                    match gateway.open_chain(gateway.session_len(&job)).await {
+                    match gateway.open_chain(gateway.session_len(&job), true).await {
                         Ok(chain) => {
                             let (gateway, tx, request) = (Arc::clone(&gateway), tx.clone(), Arc::clone(&request));
                             tokio::spawn(async move { gateway.run_session(job, chain, &request, tx, permit).await });

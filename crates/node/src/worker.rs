@@ -578,6 +578,13 @@ impl Worker {
         if self.sessions.contains_key(&open.session) {
             return NodeMessage::error(ErrorCode::BadRequest, "a session with this id is already open");
         }
+        let max_len = (open.max_len as usize).clamp(1, self.span.config().context_length);
+        let cache = match self.span.cache_for(open.span, max_len) {
+            Ok(cache) => cache,
+            Err(_) => {
+                return NodeMessage::error(ErrorCode::SpanNotServed, format!("this node serves blocks {}, not {}", self.span.span(), open.span));
+            }
+        };
         // Slots cannot be hoarded by opening sessions and never using them:
         // a full node gives a newcomer the oldest session that was opened
         // and never stepped within a grace period, taken from the peer
@@ -609,13 +616,6 @@ impl Worker {
                 None => return NodeMessage::busy(RETRY_FULL, format!("all {} session slots are taken", self.config.max_sessions)),
             }
         }
-        let max_len = (open.max_len as usize).clamp(1, self.span.config().context_length);
-        let cache = match self.span.cache_for(open.span, max_len) {
-            Ok(cache) => cache,
-            Err(_) => {
-                return NodeMessage::error(ErrorCode::SpanNotServed, format!("this node serves blocks {}, not {}", self.span.span(), open.span));
-            }
-        };
         // The cache grows with the session; opening needs room for its first chunk.
         if self.kv_bytes() + cache.memory_bytes_for(1) > self.config.kv_budget_bytes {
             return NodeMessage::busy(RETRY_FULL, "the node's KV-cache memory is in use");
