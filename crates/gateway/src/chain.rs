@@ -34,6 +34,10 @@ use crate::route::{Candidate, Hop, MissingBlocks, plan};
 /// (besides being woken when a route closes), plus up to 1 s of jitter.
 const WAIT_FALLBACK: Duration = Duration::from_secs(2);
 
+/// Deadline to open a stream to a node (dialing it if needed); longer is
+/// load or death: the node is skipped for a while, not banned.
+const STREAM_OPEN_TIMEOUT: Duration = Duration::from_millis(1500);
+
 /// How long a node that was slow to answer `Open` is skipped.
 const SLOW_SKIP: Duration = Duration::from_secs(2);
 
@@ -671,7 +675,7 @@ impl Connector {
         let mut attempt = 0;
         loop {
             match self.open_session_once(hop).await {
-                Err(NodeFault::Net(e)) if attempt < 2 => {
+                Err(NodeFault::Net(e)) if attempt < 2 && !matches!(e, hotpot_net::NetError::Timeout(_)) => {
                     attempt += 1;
                     tracing::debug!(peer = %hop.peer, error = %e, attempt, "retrying a session open");
                     tokio::time::sleep(Duration::from_millis(25 << attempt)).await;
@@ -683,7 +687,9 @@ impl Connector {
 
     async fn open_session_once(&self, hop: Hop) -> Result<Conn, NodeFault> {
         let node = node_id_of(&hop.peer).ok_or_else(|| NodeFault::Protocol("peer id carries no ed25519 key".into()))?;
-        let stream = self.network.open_stream(hop.peer, PROTOCOL_INFER, self.config.open_timeout).await?;
+        // A node that died keeps its connection for a few seconds (until the
+        // QUIC idle timeout); a stream on it never opens. Do not wait long.
+        let stream = self.network.open_stream(hop.peer, PROTOCOL_INFER, self.config.open_timeout.min(STREAM_OPEN_TIMEOUT)).await?;
         let mut framed = Framed::new(hop.peer, stream);
         let session = SessionId::random();
         let open = ClientMessage::Open(Open { session, model: self.model, span: hop.span, max_len: self.config.max_len as u32, priority: self.config.priority });

@@ -20,6 +20,9 @@ pub struct NodeRecord {
     pub seen: Instant,
     /// Round trip of the last info request, when we made one.
     pub rtt: Option<Duration>,
+    /// Our connection to it closed and none has opened since: not routed
+    /// to until it is heard of again.
+    pub disconnected: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -57,8 +60,11 @@ impl Directory {
             tracing::warn!(%peer, "ignoring node info signed for another node id");
             return false;
         }
+        // A heartbeat relayed by others does not prove we can reach the
+        // node; a direct answer (`rtt`) or a new connection does.
+        let disconnected = rtt.is_none() && self.nodes.get(&peer).is_some_and(|r| r.disconnected);
         let rtt = rtt.or_else(|| self.nodes.get(&peer).and_then(|r| r.rtt));
-        self.nodes.insert(peer, NodeRecord { peer, info, seen: Instant::now(), rtt });
+        self.nodes.insert(peer, NodeRecord { peer, info, seen: Instant::now(), rtt, disconnected });
         true
     }
 
@@ -128,9 +134,19 @@ impl Directory {
             .map(tokio::time::Instant::from_std)
     }
 
-    /// Fresh, unbanned nodes serving `model`, busy or not.
+    /// Fresh, connected, unbanned nodes serving `model`, busy or not.
     pub fn usable(&self, model: &ModelId) -> Vec<NodeRecord> {
-        self.fresh(model).filter(|r| !self.is_banned(&r.peer)).cloned().collect()
+        self.fresh(model).filter(|r| !r.disconnected && !self.is_banned(&r.peer)).cloned().collect()
+    }
+
+    /// Our last connection to `peer` closed (or a new one opened).
+    pub fn set_connected(&mut self, peer: &PeerId, connected: bool) {
+        if let Some(record) = self.nodes.get_mut(peer) {
+            record.disconnected = !connected;
+        }
+        if !connected {
+            self.busy.remove(peer);
+        }
     }
 
     /// Every node heard of, banned or not.
@@ -181,13 +197,15 @@ impl SharedDirectory {
                         }
                     }
                     // A node whose connection closed leaves routing at once;
-                    // its next heartbeat (or a refresh) brings it back.
+                    // a new connection, its next heartbeat or a refresh
+                    // brings it back.
                     Ok(NetEvent::Disconnected(peer)) => {
                         if shared.with(|d| d.nodes.contains_key(&peer)) {
                             tracing::info!(%peer, "a node's connection closed; it leaves routing until heard of again");
-                            shared.with(|d| d.forget(&peer));
+                            shared.with(|d| d.set_connected(&peer, false));
                         }
                     }
+                    Ok(NetEvent::Connected(peer)) => shared.with(|d| d.set_connected(&peer, true)),
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(_) => return,
                 }
