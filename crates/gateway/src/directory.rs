@@ -154,11 +154,6 @@ impl Directory {
         self.nodes.values().cloned().collect()
     }
 
-    /// Drops `peer` from routing until it is heard of again.
-    pub fn forget(&mut self, peer: &PeerId) {
-        self.nodes.remove(peer);
-        self.busy.remove(peer);
-    }
 }
 
 /// A directory kept up to date from the model's heartbeats.
