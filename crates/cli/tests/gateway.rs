@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-
 #[test]
 fn openai_client_against_a_three_node_swarm() {
     let _serial = serial();

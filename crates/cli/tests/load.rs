@@ -18,11 +18,7 @@ fn findings(out: &std::process::Output) -> Value {
 
 fn metric(base_url: &str, name: &str) -> f64 {
     let out = Command::new("curl").args(["-s", &format!("{}/metrics", base_url.trim_end_matches("/v1"))]).output().expect("curl runs");
-    text(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    text(&out.stdout).lines().filter(|l| l.starts_with(name) && !l.starts_with('#')).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 /// 200 concurrent mixed requests: each is answered 200, or 429/503 with
@@ -105,7 +101,10 @@ fn a_killed_node_with_a_spare_costs_the_next_request_little() {
     let body = r#"{"model": "smollm2-135m", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 4, "temperature": 0}"#;
     let ask = || {
         let started = Instant::now();
-        let out = output_within(Command::new("curl").args(["-s", "-w", "\n%{http_code}", &url, "-H", "Content-Type: application/json", "-d", body]), Duration::from_secs(60));
+        let out = output_within(
+            Command::new("curl").args(["-s", "-w", "\n%{http_code}", &url, "-H", "Content-Type: application/json", "-d", body]),
+            Duration::from_secs(60),
+        );
         (text(&out.stdout), started.elapsed())
     };
     for _ in 0..3 {
@@ -132,7 +131,19 @@ fn damaged_stores_refuse_to_start_and_damaged_evidence_is_reported() {
     std::fs::write(evidence.join("node-1.json"), br#"{"model": "hp1-0000", "node": "#).expect("half-written evidence");
     let key = dir.path().join("gateway.key");
     let gateway = |extra: &[&str]| {
-        let mut args = vec!["gateway", "--join", &node.addr, "--listen", "127.0.0.1:0", "--api-keys", keys.to_str().expect("utf-8"), "--key", key.to_str().expect("utf-8"), "-t", "1"];
+        let mut args = vec![
+            "gateway",
+            "--join",
+            &node.addr,
+            "--listen",
+            "127.0.0.1:0",
+            "--api-keys",
+            keys.to_str().expect("utf-8"),
+            "--key",
+            key.to_str().expect("utf-8"),
+            "-t",
+            "1",
+        ];
         args.extend_from_slice(extra);
         output_within(Command::new(HOTPOT).args(&args).stdin(Stdio::null()), Duration::from_secs(60))
     };

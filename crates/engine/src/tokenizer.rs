@@ -6,13 +6,13 @@
 
 use std::collections::HashSet;
 
+use aho_corasick::{AhoCorasick, MatchKind};
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use aho_corasick::{AhoCorasick, MatchKind};
-use tokenizers::SplitDelimiterBehavior;
 
 use crate::error::ModelError;
 use crate::model::ModelFile;

@@ -10,7 +10,9 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Content;
 use hotpot_core::LayerSpan;
 use hotpot_engine::testing::TinyModel;
-use hotpot_engine::{BatchItem, ChatMessage, ChatTemplate, ClientParts, ControlTokens, Device, ForwardError, HiddenStates, LocalChain, ModelError, ModelFile, Span};
+use hotpot_engine::{
+    BatchItem, ChatMessage, ChatTemplate, ClientParts, ControlTokens, Device, ForwardError, HiddenStates, LocalChain, ModelError, ModelFile, Span,
+};
 
 fn write(dir: &Path, name: &str, model: &TinyModel) -> PathBuf {
     let path = dir.join(name);

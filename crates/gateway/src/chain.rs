@@ -188,7 +188,11 @@ pub struct StageTranscript {
 pub enum ChainEvent<'a> {
     SessionOpened(&'a PeerId),
     SessionClosed(&'a PeerId),
-    Step { peer: &'a PeerId, sent: usize, received: usize },
+    Step {
+        peer: &'a PeerId,
+        sent: usize,
+        received: usize,
+    },
     Failover,
     /// A node answered `Busy` (load: it is skipped for a moment).
     Busy(&'a PeerId),
@@ -692,7 +696,8 @@ impl Connector {
         let stream = self.network.open_stream(hop.peer, PROTOCOL_INFER, self.config.open_timeout.min(STREAM_OPEN_TIMEOUT)).await?;
         let mut framed = Framed::new(hop.peer, stream);
         let session = SessionId::random();
-        let open = ClientMessage::Open(Open { session, model: self.model, span: hop.span, max_len: self.config.max_len as u32, priority: self.config.priority });
+        let open =
+            ClientMessage::Open(Open { session, model: self.model, span: hop.span, max_len: self.config.max_len as u32, priority: self.config.priority });
         let reply_timeout = self.config.reply_timeout;
         framed.send(&open.encode(), reply_timeout).await?;
         let reply = match framed.recv(reply_timeout).await {

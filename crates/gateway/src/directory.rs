@@ -153,7 +153,6 @@ impl Directory {
     pub fn all(&self) -> Vec<NodeRecord> {
         self.nodes.values().cloned().collect()
     }
-
 }
 
 /// A directory kept up to date from the model's heartbeats.

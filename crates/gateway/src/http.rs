@@ -142,7 +142,8 @@ impl Registry {
             victim.evict.notify_one();
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(Conn { addr, in_flight: AtomicUsize::new(0), receiving: false.into(), last_active: Mutex::new(Instant::now()), evict: Notify::new() });
+        let conn =
+            Arc::new(Conn { addr, in_flight: AtomicUsize::new(0), receiving: false.into(), last_active: Mutex::new(Instant::now()), evict: Notify::new() });
         conns.insert(id, Arc::clone(&conn));
         Some((id, conn))
     }

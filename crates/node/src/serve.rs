@@ -286,10 +286,7 @@ pub(crate) async fn refuse(peer: PeerId, mut stream: Stream, why: &'static str) 
     let answer = NodeMessage::busy(Duration::from_secs(1), why).encode();
     let _ = tokio::time::timeout(Duration::from_secs(1), hotpot_wire::write_frame(&mut stream, &answer)).await;
     let mut sink = [0u8; 16 << 10];
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-    })
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} }).await;
     let mut framed = Framed::new(peer, stream);
     framed.close().await;
 }

@@ -735,8 +735,7 @@ impl Worker {
     fn expire(&mut self) {
         let idle = self.config.idle_timeout;
         let busy: Vec<SessionId> = self.pending.iter().map(|p| p.step.session).collect();
-        let stale: Vec<SessionId> =
-            self.sessions.iter().filter(|(id, s)| s.last_used.elapsed() > idle && !busy.contains(id)).map(|(id, _)| *id).collect();
+        let stale: Vec<SessionId> = self.sessions.iter().filter(|(id, s)| s.last_used.elapsed() > idle && !busy.contains(id)).map(|(id, _)| *id).collect();
         for id in stale {
             tracing::info!(session = %id, "session idle for {idle:?}: freeing its cache");
             self.remove(id);

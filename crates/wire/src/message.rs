@@ -287,7 +287,13 @@ impl ClientMessage {
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(bytes);
         let msg = match read_header(&mut r)? {
-            TAG_OPEN => Self::Open(Open { session: session(&mut r)?, model: ModelId::from_bytes(r.array()?), span: span(&mut r)?, max_len: r.u32()?, priority: Priority::from_tag(r.u8()?)? }),
+            TAG_OPEN => Self::Open(Open {
+                session: session(&mut r)?,
+                model: ModelId::from_bytes(r.array()?),
+                span: span(&mut r)?,
+                max_len: r.u32()?,
+                priority: Priority::from_tag(r.u8()?)?,
+            }),
             TAG_STEP => Self::Step(Step { session: session(&mut r)?, pos: r.u32()?, hidden: Tensor::read(&mut r)? }),
             TAG_TRUNCATE => Self::Truncate { session: session(&mut r)?, pos: r.u32()? },
             TAG_CLOSE => Self::Close { session: session(&mut r)? },
