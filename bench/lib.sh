@@ -10,7 +10,7 @@ NODE_ENV=()
 start_node() {
     local blocks=$1 threads=$2 join=${3:-} netns=${4:-} listen_ip=${5:-127.0.0.1}
     local log="$WORK/node-${blocks/../-}-$RANDOM.log"
-    local cmd=(env "${NODE_ENV[@]}" "$HOTPOT" node --model smollm2-135m --blocks "$blocks" --listen "/ip4/$listen_ip/udp/0/quic-v1" -t "$threads" "${NODE_ARGS[@]}")
+    local cmd=(env "${NODE_ENV[@]}" "$HOTPOT" node --model "${NODE_MODEL:-smollm2-135m}" --blocks "$blocks" --listen "/ip4/$listen_ip/udp/0/quic-v1" -t "$threads" "${NODE_ARGS[@]}")
     [ -n "$join" ] && cmd+=(--join "$join")
     if [ -n "$netns" ]; then
         ip netns exec "$netns" "${cmd[@]}" >"$log" 2>&1 &

@@ -105,6 +105,8 @@ pub struct RunArgs {
     /// Run the blocks on a swarm instead of in this process.
     #[command(flatten)]
     pub peers: crate::swarm::PeerArgs,
+    #[command(flatten)]
+    pub speculation: crate::swarm::SpeculationArgs,
     /// With --join: print the chain of nodes chosen.
     #[arg(long)]
     pub show_route: bool,
@@ -191,7 +193,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let spans = chain.iter().map(|s| Span::load(&file, *s, &device)).collect::<Result<Vec<_>, _>>()?;
     let load_time = load_started.elapsed();
 
-    let (job, context) = session_job(&client, args, &entry)?;
+    let (mut job, context) = session_job(&client, args, &entry)?;
+    job.speculation = args.speculation.load(&client, &device)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().context("starting the async runtime")?;
     let mut printer = Printer::new();
     let outcome = runtime.block_on(async {
@@ -218,7 +221,7 @@ pub fn session_job(client: &ClientParts, args: &RunArgs, entry: &ModelEntry) -> 
         bail!("the prompt has {} tokens, more than the context of {context} tokens holds (see --ctx-size)", tokens.len());
     }
     params.max_tokens = params.max_tokens.min(context - tokens.len());
-    let job = ChoiceJob { index: 0, prompt: tokens, params, prompt_logprobs: None, bills_prompt: true };
+    let job = ChoiceJob { index: 0, prompt: tokens, params, prompt_logprobs: None, bills_prompt: true, speculation: None };
     let session = SessionContext { id: "run".into(), caller: None, model: entry.name.clone(), model_id: entry.id };
     Ok((job, (session, context)))
 }
@@ -255,6 +258,16 @@ impl Printer {
             print_timings(label, job.prompt.len(), self.first_token.unwrap_or(total), total, outcome.record.completion_tokens, finish);
             if let Some(seed) = job.params.sampling.seed {
                 eprintln!("[seed {seed}]");
+            }
+            if let Some(s) = &outcome.record.speculation {
+                let per_pass = outcome.record.completion_tokens as f64 / s.passes.max(1) as f64;
+                eprintln!(
+                    "[speculation: {} drafted, {} accepted ({:.0} %), {} passes, {per_pass:.2} tokens per pass]",
+                    s.drafted,
+                    s.accepted,
+                    100.0 * s.acceptance(),
+                    s.passes
+                );
             }
         }
         Ok(())

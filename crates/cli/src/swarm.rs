@@ -377,7 +377,8 @@ pub fn run_remote(args: &RunArgs) -> Result<()> {
     let config = file.config().clone();
     let device = Device::cpu(args.threads)?;
     let client = Arc::new(ClientParts::load(&file, &device)?);
-    let (job, (session, _)) = crate::run::session_job(&client, args, &entry)?;
+    let (mut job, (session, _)) = crate::run::session_job(&client, args, &entry)?;
+    job.speculation = args.speculation.load(&client, &device)?;
     runtime()?.block_on(async {
         let network = join_as_client(&args.peers, vec![], NodeKey::generate()).await?;
         let directory = SharedDirectory::follow(&network, entry.id).await;
@@ -429,6 +430,38 @@ pub struct GatewayArgs {
     pub audit: AuditArgs,
     #[command(flatten)]
     pub serving: ServingArgs,
+    #[command(flatten)]
+    pub speculation: SpeculationArgs,
+}
+
+/// Speculative decoding (off unless asked for).
+#[derive(Args, Debug, Clone, Default)]
+pub struct SpeculationArgs {
+    /// Draft tokens with MODEL (a smaller model with the same vocabulary,
+    /// run whole in this process), or with `ngram` (prompt lookup, no
+    /// model); the pipeline checks each window of drafts in one pass.
+    #[arg(long, value_name = "MODEL|ngram")]
+    pub draft: Option<String>,
+    /// Most tokens drafted per pass (the window adapts below it).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub max_draft: u64,
+}
+
+impl SpeculationArgs {
+    /// The speculation asked for, with its draft model loaded.
+    pub fn load(&self, target: &ClientParts, device: &Device) -> Result<Option<hotpot_gateway::Speculation>> {
+        let Some(draft) = &self.draft else { return Ok(None) };
+        let mut speculation = if draft == "ngram" {
+            hotpot_gateway::Speculation::ngram()
+        } else {
+            let entry = Store::from_env()?.resolve(draft)?;
+            let file = ModelFile::open(&entry.path)?;
+            let model = hotpot_gateway::DraftModel::load(&entry.name, &file, device, target).map_err(|e| anyhow::anyhow!("--draft {draft}: {e}"))?;
+            hotpot_gateway::Speculation::model(Arc::new(model))
+        };
+        speculation.max_draft = self.max_draft as usize;
+        Ok(Some(speculation))
+    }
 }
 
 /// What the gateway allows its HTTP clients, and how it waits for capacity.
@@ -533,20 +566,24 @@ pub struct UpArgs {
     pub audit: AuditArgs,
     #[command(flatten)]
     pub serving: ServingArgs,
+    #[command(flatten)]
+    pub speculation: SpeculationArgs,
 }
 
 struct GatewayModel {
     client: Arc<ClientParts>,
     id: hotpot_core::ModelId,
     name: String,
+    speculation: Option<hotpot_gateway::Speculation>,
 }
 
-fn load_gateway_model(name: &str, device: &Device) -> Result<(GatewayModel, std::path::PathBuf)> {
+fn load_gateway_model(name: &str, device: &Device, speculation: &SpeculationArgs) -> Result<(GatewayModel, std::path::PathBuf)> {
     let entry = Store::from_env()?.resolve(name)?;
     let file = ModelFile::open(&entry.path)?;
     let id = file.model_id()?;
     let client = Arc::new(ClientParts::load(&file, device)?);
-    Ok((GatewayModel { client, id, name: entry.name.clone() }, entry.path))
+    let speculation = speculation.load(&client, device)?;
+    Ok((GatewayModel { client, id, name: entry.name.clone(), speculation }, entry.path))
 }
 
 async fn serve_http(
@@ -564,6 +601,7 @@ async fn serve_http(
     config.max_body_bytes = max_body_mb << 20;
     config.audit = audit;
     config.record_sinks = record_sinks;
+    config.speculation = model.speculation.clone();
     if let Some(path) = keys {
         let ledger = if serving.init_store { hotpot_gateway::Ledger::Create } else { hotpot_gateway::Ledger::Existing };
         config.keys = Some(Arc::new(hotpot_gateway::KeyStore::load(path, ledger)?));
@@ -583,7 +621,7 @@ async fn serve_http(
 
 pub fn gateway(args: &GatewayArgs) -> Result<()> {
     let device = Device::cpu(args.threads)?;
-    let (model, path) = load_gateway_model(&args.model, &device)?;
+    let (model, path) = load_gateway_model(&args.model, &device, &args.speculation)?;
     let audit = args.audit.config(&path, Some(device))?;
     let identity = args.identity.identity()?;
     let sinks = args.identity.record_sinks()?;
@@ -606,7 +644,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
     // a token's work moves along the chain, so they never need it at once.
     let device = Device::cpu(args.threads)?;
     let threads = device.threads();
-    let (model, path) = load_gateway_model(&args.model, &device)?;
+    let (model, path) = load_gateway_model(&args.model, &device, &args.speculation)?;
     let file = ModelFile::open(&path)?;
     let n_blocks = file.config().n_blocks;
     let spans =

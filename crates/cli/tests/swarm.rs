@@ -49,7 +49,9 @@ enum Stop {
 /// Starts a client generating `tokens` tokens, stops the node serving
 /// `victim_span` once at least 8 tokens have arrived, and checks the
 /// generation still ends with exactly the uninterrupted tokens.
-fn failover_case(nodes: &mut [NodeProc], bootstrap: &str, victim_span: &str, stop: Stop) {
+/// Runs a greedy answer through the swarm, stops the node in use for
+/// `victim_span` mid-answer, checks the tokens; returns the client's log.
+fn failover_case(nodes: &mut [NodeProc], bootstrap: &str, victim_span: &str, stop: Stop, extra: &[&str]) -> String {
     let prompt = "Once upon a time";
     let tokens = 160;
     let expected = local_greedy(prompt, tokens);
@@ -57,6 +59,7 @@ fn failover_case(nodes: &mut [NodeProc], bootstrap: &str, victim_span: &str, sto
     let n_text = tokens.to_string();
     let mut client = Command::new(HOTPOT)
         .args(["run", "smollm2-135m", prompt, "--temperature", "0", "-n", &n_text, "--join", bootstrap, "--show-route"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -140,6 +143,7 @@ fn failover_case(nodes: &mut [NodeProc], bootstrap: &str, victim_span: &str, sto
     assert_eq!(String::from_utf8_lossy(&got), expected, "tokens differ after failover; log:\n{log}");
     assert!(log.contains("failover"), "the failover is visible in the client's log:\n{log}");
     assert!(log.contains("1 failovers") || log.contains("2 failovers"), "{log}");
+    log
 }
 
 #[test]
@@ -150,7 +154,7 @@ fn failover_when_the_node_in_use_dies() {
     let addr = first.addr.clone();
     let mut nodes = vec![first, NodeProc::start("0..15", Some(&addr), &[]), NodeProc::start("15..30", Some(&addr), &[])];
     let bootstrap = nodes[2].addr.clone();
-    failover_case(&mut nodes, &bootstrap, "0..15", Stop::Kill);
+    failover_case(&mut nodes, &bootstrap, "0..15", Stop::Kill, &[]);
     drop(nodes);
 
     // Two nodes for the middle span.
@@ -158,7 +162,7 @@ fn failover_when_the_node_in_use_dies() {
     let addr = head.addr.clone();
     let mut nodes =
         vec![head, NodeProc::start("10..20", Some(&addr), &[]), NodeProc::start("10..20", Some(&addr), &[]), NodeProc::start("20..30", Some(&addr), &[])];
-    failover_case(&mut nodes, &addr, "10..20", Stop::Kill);
+    failover_case(&mut nodes, &addr, "10..20", Stop::Kill, &[]);
 }
 
 #[test]
@@ -168,7 +172,24 @@ fn failover_when_the_node_in_use_is_stopped() {
     let addr = head.addr.clone();
     let mut nodes =
         vec![head, NodeProc::start("10..20", Some(&addr), &[]), NodeProc::start("10..20", Some(&addr), &[]), NodeProc::start("20..30", Some(&addr), &[])];
-    failover_case(&mut nodes, &addr, "10..20", Stop::Term);
+    failover_case(&mut nodes, &addr, "10..20", Stop::Term, &[]);
+}
+
+/// Speculation through three nodes (n-gram drafts, so every pass is
+/// several positions wide and refusals roll the nodes back) with the
+/// middle node SIGKILLed mid-answer: the same greedy tokens.
+#[test]
+fn failover_with_speculation_gives_the_same_tokens() {
+    let _serial = serial();
+    let head = NodeProc::start("0..10", None, &[]);
+    let addr = head.addr.clone();
+    let mut nodes =
+        vec![head, NodeProc::start("10..20", Some(&addr), &[]), NodeProc::start("10..20", Some(&addr), &[]), NodeProc::start("20..30", Some(&addr), &[])];
+    let log = failover_case(&mut nodes, &addr, "10..20", Stop::Kill, &["--draft", "ngram"]);
+    let report = log.lines().find(|l| l.starts_with("[speculation: ")).unwrap_or_else(|| panic!("no speculation report:\n{log}"));
+    println!("{report}");
+    let numbers: Vec<usize> = report.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    assert!(numbers[1] > 0 && numbers[1] < numbers[0], "drafts were kept and refused: {report}");
 }
 
 #[test]

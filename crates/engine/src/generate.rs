@@ -7,7 +7,7 @@
 use crate::client::ClientParts;
 use crate::detok::TextStream;
 use crate::error::ForwardError;
-use crate::sampling::{Sampler, SamplingParams, log_softmax, top_logprobs};
+use crate::sampling::{Acceptance, Distribution, Sampler, SamplingParams, Verdict, log_softmax, top_logprobs};
 use crate::span::{HiddenStates, KvCache, Span};
 
 /// Why a generation ended, in OpenAI's terms.
@@ -124,11 +124,43 @@ impl Generation {
         &self.tokens[self.prompt_len..]
     }
 
+    /// Every token so far, prompt included.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Tokens that may still be generated.
+    pub fn remaining(&self) -> usize {
+        if self.finished.is_some() { 0 } else { self.max_tokens - self.completion().len() }
+    }
+
     /// Takes the logits of the last fed position, picks a token and returns it
     /// with whatever text it releases.
     pub fn accept(&mut self, logits: &[f32], client: &ClientParts) -> Step {
         debug_assert!(self.finished.is_none(), "accept after the generation finished");
         let token = self.sampler.sample(logits, &self.tokens);
+        self.push(token, logits, client)
+    }
+
+    /// Speculative decoding: `logits` are those of the last fed position,
+    /// and `draft` (drawn from `proposal`) was fed after it. The draft is
+    /// kept or replaced by [`Sampler::verify`]; when kept, its position
+    /// counts as fed. Returns the step and whether the draft was kept.
+    pub fn accept_draft(&mut self, logits: &[f32], draft: u32, proposal: &Distribution, rule: Acceptance, client: &ClientParts) -> (Step, bool) {
+        debug_assert!(self.finished.is_none(), "accept after the generation finished");
+        let target = self.sampler.distribution(logits, &self.tokens);
+        let (token, kept) = match self.sampler.verify(&target, draft, proposal, rule) {
+            Verdict::Accepted => (draft, true),
+            Verdict::Rejected(token) => (token, false),
+        };
+        let step = self.push(token, logits, client);
+        if kept {
+            self.fed = self.tokens.len();
+        }
+        (step, kept)
+    }
+
+    fn push(&mut self, token: u32, logits: &[f32], client: &ClientParts) -> Step {
         let logprob = self.logprobs.map(|n| {
             let lp = log_softmax(logits);
             TokenLogprob { logprob: lp[token as usize], top: top_logprobs(&lp, n) }

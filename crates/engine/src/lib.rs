@@ -34,6 +34,6 @@ pub use detok::{Released, TextStream};
 pub use error::{ForwardError, ModelError};
 pub use generate::{FinishReason, Generation, GenerationParams, LocalChain, Step, TokenLogprob};
 pub use model::{ModelConfig, ModelFile, TensorEntry};
-pub use sampling::{Sampler, SamplingParams, argmax, log_softmax, top_logprobs};
+pub use sampling::{Acceptance, Distribution, Sampler, SamplingParams, Verdict, argmax, log_softmax, top_logprobs};
 pub use span::{BatchItem, Device, HiddenStates, KvCache, Span};
 pub use tokenizer::{ControlTokens, Tokenizer};

@@ -82,6 +82,13 @@ impl Sampler {
     /// Picks the next token from `logits`; `history` is every token so far
     /// (prompt included), which the repetition penalties read.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let distribution = self.distribution(logits, history);
+        self.draw(&distribution)
+    }
+
+    /// What [`Sampler::sample`] draws from at this position: penalties,
+    /// top-k, top-p, min-p and temperature applied.
+    pub fn distribution(&self, logits: &[f32], history: &[u32]) -> Distribution {
         let p = &self.params;
         let mut adjusted;
         let logits = if p.penalizes() {
@@ -92,24 +99,72 @@ impl Sampler {
             logits
         };
         if p.temperature <= 0.0 {
-            return argmax(logits);
+            return Distribution::point(argmax(logits));
         }
         let candidates = self.candidates(logits);
         if candidates.is_empty() {
-            return argmax(logits);
+            return Distribution::point(argmax(logits));
         }
-        // Softmax at the temperature over what survived, then one draw.
+        // Softmax at the temperature over what survived.
         let max = candidates.iter().fold(f32::NEG_INFINITY, |m, &(_, l)| m.max(l));
         let weights: Vec<f64> = candidates.iter().map(|&(_, l)| (f64::from(l - max) / f64::from(p.temperature)).exp()).collect();
-        let total: f64 = weights.iter().sum();
+        let total = weights.iter().sum();
+        Distribution { tokens: candidates.into_iter().map(|(id, _)| id).collect(), weights, total, certain: false }
+    }
+
+    /// One draw from `distribution` (none for a certain one).
+    pub fn draw(&mut self, distribution: &Distribution) -> u32 {
+        let Distribution { tokens, weights, total, certain } = distribution;
+        if *certain {
+            return tokens[0];
+        }
         let mut u = self.rng.random::<f64>() * total;
-        for (&(id, _), w) in candidates.iter().zip(&weights) {
+        for (&id, w) in tokens.iter().zip(weights) {
             if u < *w {
                 return id;
             }
             u -= w;
         }
-        candidates[candidates.len() - 1].0
+        tokens[tokens.len() - 1]
+    }
+
+    /// Speculative sampling's verification of one drafted token (Leviathan
+    /// et al. 2023, Chen et al. 2023): `draft` was drawn from `proposal`;
+    /// `target` is what this sampler would draw from here. The token
+    /// returned is distributed exactly as a draw from `target`, whatever
+    /// the proposal: the draft is kept with probability
+    /// min(1, target(draft) / proposal(draft)), otherwise a token is drawn
+    /// from the residual max(0, target − proposal), renormalized. With a
+    /// certain target (greedy) this keeps the draft only when it is the
+    /// most likely token, and uses no randomness.
+    pub fn verify(&mut self, target: &Distribution, draft: u32, proposal: &Distribution, rule: Acceptance) -> Verdict {
+        let (p, q) = (target.prob(draft), proposal.prob(draft));
+        let keep = match rule {
+            _ if target.certain => p > 0.0,
+            Acceptance::Exact => q > 0.0 && self.rng.random::<f64>() * q < p,
+            Acceptance::AnyPossible => p > 0.0,
+        };
+        if keep {
+            return Verdict::Accepted;
+        }
+        if target.certain {
+            return Verdict::Rejected(target.tokens[0]);
+        }
+        let mut residual: Vec<f64> = target.weights.iter().map(|w| w / target.total).collect();
+        let index: std::collections::HashMap<u32, usize> = target.tokens.iter().enumerate().map(|(i, &t)| (t, i)).collect();
+        for (t, w) in proposal.tokens.iter().zip(&proposal.weights) {
+            if let Some(&i) = index.get(t) {
+                residual[i] -= w / proposal.total;
+            }
+        }
+        residual.iter_mut().for_each(|r| *r = r.max(0.0));
+        let total: f64 = residual.iter().sum();
+        if total <= 0.0 {
+            // Only rounding leaves nothing: the target itself is then the residual.
+            return Verdict::Rejected(self.draw(target));
+        }
+        let residual = Distribution { tokens: target.tokens.clone(), weights: residual, total, certain: false };
+        Verdict::Rejected(self.draw(&residual))
     }
 
     /// The tokens that survive top-k, top-p and min-p (in a deterministic
@@ -160,6 +215,53 @@ impl Sampler {
         }
         c
     }
+}
+
+/// A distribution over tokens: the candidates that survived the sampler's
+/// filters with unnormalized weights, or one certain token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Distribution {
+    tokens: Vec<u32>,
+    weights: Vec<f64>,
+    total: f64,
+    certain: bool,
+}
+
+impl Distribution {
+    /// All the mass on `token`.
+    pub fn point(token: u32) -> Self {
+        Self { tokens: vec![token], weights: vec![1.0], total: 1.0, certain: true }
+    }
+
+    /// The probability of `token`.
+    pub fn prob(&self, token: u32) -> f64 {
+        self.tokens.iter().position(|&t| t == token).map_or(0.0, |i| self.weights[i] / self.total)
+    }
+
+    /// Whether one token has all the mass by construction (greedy).
+    pub fn is_certain(&self) -> bool {
+        self.certain
+    }
+}
+
+/// How a drafted token is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Acceptance {
+    /// Exact speculative sampling: the output distribution is the target's.
+    #[default]
+    Exact,
+    /// Keeps any draft the target could have drawn. **Wrong** (biased
+    /// towards the draft); it exists so that tests can show that their
+    /// statistical check catches a wrong rule.
+    AnyPossible,
+}
+
+/// The outcome of [`Sampler::verify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Accepted,
+    /// The draft was refused; this token comes instead.
+    Rejected(u32),
 }
 
 fn apply_penalties(p: &SamplingParams, logits: &mut [f32], history: &[u32]) {
@@ -306,6 +408,71 @@ mod tests {
         assert_eq!(s.sample(&logits, &[3]), 4);
         let mut r = Sampler::new(SamplingParams { temperature: 0.0, repeat_penalty: 1.5, ..Default::default() });
         assert_eq!(r.sample(&logits, &[3, 3]), 4, "5 / 1.5 < 4.5");
+    }
+
+    /// Pearson's chi-square of `counts` against `expected` probabilities,
+    /// and its degrees of freedom (cells expecting fewer than 5 are pooled).
+    fn chi_square(counts: &[u64], expected: &[f64]) -> (f64, usize) {
+        let n: u64 = counts.iter().sum();
+        let (mut stat, mut cells, mut pooled_c, mut pooled_e) = (0.0, 0usize, 0.0, 0.0);
+        for (&c, &p) in counts.iter().zip(expected) {
+            let e = p * n as f64;
+            if e < 5.0 {
+                pooled_c += c as f64;
+                pooled_e += e;
+                continue;
+            }
+            stat += (c as f64 - e).powi(2) / e;
+            cells += 1;
+        }
+        if pooled_e > 0.0 {
+            stat += (pooled_c - pooled_e).powi(2) / pooled_e.max(1e-9);
+            cells += 1;
+        }
+        (stat, cells.saturating_sub(1))
+    }
+
+    /// Speculative sampling keeps the target distribution exactly, for a
+    /// point proposal (n-gram drafts) and a spread one (a draft model),
+    /// and a wrong rule is caught by the same check.
+    #[test]
+    fn speculative_sampling_keeps_the_target_distribution() {
+        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: Some(9), ..Default::default() };
+        let target_logits: Vec<f32> = (0..12).map(|i| ((i * 7) % 5) as f32 * 0.6).collect();
+        let draft_logits: Vec<f32> = (0..12).map(|i| ((i * 3) % 4) as f32 * 0.9).collect();
+        let sampler = Sampler::new(params.clone());
+        let target = sampler.distribution(&target_logits, &[]);
+        let expected: Vec<f64> = (0..12).map(|t| target.prob(t)).collect();
+        let spread = sampler.distribution(&draft_logits, &[]);
+        let draws = 60_000;
+        let run = |rule: Acceptance, point: bool| {
+            let mut s = Sampler::new(params.clone());
+            let mut drafter = Sampler::new(SamplingParams { seed: Some(77), ..params.clone() });
+            let mut counts = vec![0u64; 12];
+            for _ in 0..draws {
+                let (draft, proposal) = if point { (4, Distribution::point(4)) } else { (drafter.draw(&spread), spread.clone()) };
+                let token = match s.verify(&target, draft, &proposal, rule) {
+                    Verdict::Accepted => draft,
+                    Verdict::Rejected(t) => t,
+                };
+                counts[token as usize] += 1;
+            }
+            chi_square(&counts, &expected)
+        };
+        // The 0.999 quantile of chi-square with 11 degrees of freedom is 31.3.
+        for point in [true, false] {
+            let (stat, df) = run(Acceptance::Exact, point);
+            assert_eq!(df, 11);
+            assert!(stat < 31.3, "exact rule, point proposal {point}: chi-square {stat:.1}");
+            let (wrong, _) = run(Acceptance::AnyPossible, point);
+            assert!(wrong > 31.3, "the wrong rule went unnoticed, point proposal {point}: chi-square {wrong:.1}");
+        }
+        // Greedy: the draft is kept only when it is the argmax, with no randomness.
+        let mut g = Sampler::new(SamplingParams::greedy());
+        let best = argmax(&target_logits);
+        let greedy = g.distribution(&target_logits, &[]);
+        assert_eq!(g.verify(&greedy, best, &Distribution::point(best), Acceptance::Exact), Verdict::Accepted);
+        assert_eq!(g.verify(&greedy, (best + 1) % 12, &Distribution::point((best + 1) % 12), Acceptance::Exact), Verdict::Rejected(best));
     }
 
     #[test]

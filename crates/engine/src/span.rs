@@ -101,7 +101,7 @@ impl HiddenStates {
 /// Keys: `[kv_head][position / 16][head_dim][16]`, panels of 16 positions
 /// with one dimension of all 16 side by side, so attention scores 16 keys
 /// per vector instruction (see `ops::attend`).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct BlockCache {
     k: Vec<f32>,
     v: Vec<f32>,
@@ -110,7 +110,7 @@ struct BlockCache {
 /// The attention history of one session over one span. Grows in chunks
 /// (never re-concatenated per step) and can be rolled back with
 /// [`KvCache::truncate`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct KvCache {
     span: LayerSpan,
     n_kv_heads: usize,

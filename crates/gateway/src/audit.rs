@@ -20,7 +20,7 @@ use futures::StreamExt;
 use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId};
 use hotpot_engine::{Device, ForwardError, HiddenStates, ModelError, ModelFile, Span};
 use hotpot_net::{Framed, Multiaddr, NetEvent, Network, PeerId, Stream, cheats_topic, peer_id_of};
-use hotpot_verify::{AuditPolicy, AuditRecord, Evidence, EvidenceError, Executor, ExecutorError, Sketch, Tolerance, Verdict, compare};
+use hotpot_verify::{AuditPolicy, AuditRecord, Evidence, EvidenceError, Executor, ExecutorError, Kept, Sketch, Tolerance, Verdict, compare};
 use hotpot_wire::{Accusation, ClientMessage, DType, EvidenceMessage, NodeMessage, PROTOCOL_AUDIT, PROTOCOL_EVIDENCE, Tensor};
 use rand::Rng;
 
@@ -391,19 +391,20 @@ impl Auditor {
         Ok(loaded)
     }
 
-    async fn recompute(&self, executor: ExecutorChoice, stage: &StageTranscript) -> Result<Vec<f32>, AuditError> {
-        let rows = stage.inputs.len() / stage.dim;
+    /// Recomputes the positions `kept` holds (see [`Kept`]) with `executor`.
+    async fn recompute(&self, executor: ExecutorChoice, stage: &StageTranscript, kept: &Kept) -> Result<Vec<f32>, AuditError> {
+        let rows = kept.positions();
         match executor {
             ExecutorChoice::Local => {
                 let local = self.local().await?;
-                let (span, inputs) = (stage.span, stage.inputs.clone());
+                let (span, inputs) = (stage.span, kept.inputs.clone());
                 Ok(tokio::task::spawn_blocking(move || local.run(span, &inputs, rows)).await??)
             }
             ExecutorChoice::Node(peer) => {
                 let timeout = Duration::from_secs(30) + Duration::from_millis(20) * rows as u32;
                 let stream = self.network.open_stream(peer, PROTOCOL_AUDIT, timeout).await?;
                 let mut framed = Framed::new(peer, stream);
-                let inputs = Tensor::from_f32(DType::F32, rows, stage.dim, &stage.inputs);
+                let inputs = Tensor::from_f32(DType::F32, rows, stage.dim, &kept.inputs);
                 let request = ClientMessage::Audit { model: self.model.id, span: stage.span, inputs };
                 framed.send(&request.encode(), timeout).await?;
                 let reply = framed.recv(timeout).await?.ok_or(AuditError::Protocol("the auditor closed the stream"))?;
@@ -417,15 +418,18 @@ impl Auditor {
         }
     }
 
-    /// Whether every sketch the node committed agrees with `recomputed`.
-    fn sketches_agree(&self, stage: &StageTranscript, recomputed: &[f32]) -> bool {
-        let rows = recomputed.len() / stage.dim;
-        stage.commitments.iter().flat_map(|c| &c.sketches).all(|bytes| {
+    /// Whether every sketch the node committed agrees with `recomputed`
+    /// (sketches over positions a later step overwrote are not checked).
+    fn sketches_agree(&self, stage: &StageTranscript, kept: &Kept, recomputed: &[f32]) -> bool {
+        stage.commitments.iter().enumerate().flat_map(|(i, c)| c.sketches.iter().map(move |bytes| (i, bytes))).all(|(step, bytes)| {
             let Some(sketch) = Sketch::from_bytes(bytes) else {
                 return false;
             };
-            let (start, end) = (sketch.start as usize, sketch.start as usize + sketch.rows as usize);
-            end <= rows && sketch.check(&recomputed[start * stage.dim..end * stage.dim]).passes(&self.config.tolerance.sketch)
+            let (start, rows) = (sketch.start as usize, sketch.rows as usize);
+            if start + rows > kept.positions() {
+                return false;
+            }
+            !kept.unchanged_since(step, start, rows) || sketch.check(kept.rows(recomputed, start, rows)).passes(&self.config.tolerance.sketch)
         })
     }
 
@@ -436,20 +440,28 @@ impl Auditor {
             tracing::debug!(peer = %stage.peer, blocks = %stage.span, "no one can audit these blocks");
             return Verdict::Pending;
         }
+        let steps: Vec<(u32, u32)> = stage.commitments.iter().map(|c| (c.start_pos, c.rows)).collect();
+        let kept = match Kept::of(&steps, &stage.inputs, &stage.outputs, stage.dim) {
+            Ok(kept) => kept,
+            Err(e) => {
+                tracing::warn!(peer = %stage.peer, error = %e, "a transcript that does not line up cannot be audited");
+                return Verdict::Pending;
+            }
+        };
         let mut results = Vec::new();
         let mut records = Vec::new();
         let mut verdict = Verdict::Pending;
         for attempt in 0..(executors.len() + self.config.policy.escalation as usize + 1) * 2 {
             let executor = executors[attempt % executors.len()];
-            let recomputed = match self.recompute(executor, &stage).await {
+            let recomputed = match self.recompute(executor, &stage, &kept).await {
                 Ok(values) => values,
                 Err(e) => {
                     tracing::debug!(executor = %executor.name(), error = %e, "an audit executor failed");
                     continue;
                 }
             };
-            let comparison = compare(&stage.outputs, &recomputed, stage.dim, &self.config.tolerance);
-            let pass = comparison.pass && self.sketches_agree(&stage, &recomputed);
+            let comparison = compare(&kept.outputs, &recomputed, stage.dim, &self.config.tolerance);
+            let pass = comparison.pass && self.sketches_agree(&stage, &kept, &recomputed);
             results.push(pass);
             records.push(AuditRecord { executor: executor.name(), comparison });
             verdict = self.config.policy.verdict(&results);
@@ -487,11 +499,15 @@ impl Auditor {
             self.directory.with(|d| d.mark_cheat(stage.peer));
         }
         self.metrics.cheats.inc();
+        // Every step as it was sent, in order (rolled-back rows included:
+        // the node signed them).
+        let mut offset = 0;
         let steps: Vec<_> = stage
             .commitments
             .iter()
             .map(|c| {
-                let (a, b) = (c.start_pos as usize * stage.dim, (c.start_pos + c.rows) as usize * stage.dim);
+                let (a, b) = (offset, offset + c.rows as usize * stage.dim);
+                offset = b;
                 (c.clone(), stage.inputs[a..b].to_vec(), stage.outputs[a..b].to_vec())
             })
             .collect();

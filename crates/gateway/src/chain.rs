@@ -123,18 +123,20 @@ struct Conn {
 struct Stage {
     span: LayerSpan,
     conn: Conn,
-    /// Every hidden state fed to this stage so far, row-major (replayed
-    /// into a replacement when the node fails).
+    /// The hidden states fed to this stage at the positions it holds now,
+    /// row-major (replayed into a replacement when the node fails).
     history: Vec<f32>,
     /// Whether this stage's work will be audited (decided, unseen by the
-    /// node, when the stage is connected): only then are its outputs kept.
+    /// node, when the stage is connected): only then are its tensors kept.
     audited: bool,
-    /// What the node returned (audited stages only), and its signed commitments.
+    /// Every step's inputs and outputs as sent and returned, rolled-back
+    /// rows included (audited stages only), and every signed commitment.
+    sent: Vec<f32>,
     outputs: Vec<f32>,
     commitments: Vec<Commitment>,
-    /// A step was rolled back part-way: the kept inputs no longer match
-    /// the commitments one for one, so the stage cannot be audited.
-    torn: bool,
+    /// A rollback the node has not been told of yet: it goes out just
+    /// before the next step, on the same stream, costing no round trip.
+    rollback: Option<usize>,
     /// The node has done a step in this session (its past failures are
     /// forgiven then).
     proven: bool,
@@ -142,12 +144,23 @@ struct Stage {
 
 impl Stage {
     fn new(conn: Conn, audited: bool) -> Self {
-        Self { span: conn.hop.span, conn, history: Vec::new(), audited, outputs: Vec::new(), commitments: Vec::new(), torn: false, proven: false }
+        Self {
+            span: conn.hop.span,
+            conn,
+            history: Vec::new(),
+            audited,
+            sent: Vec::new(),
+            outputs: Vec::new(),
+            commitments: Vec::new(),
+            rollback: None,
+            proven: false,
+        }
     }
 
     fn record(&mut self, input: &[f32], output: &[f32], commitment: Commitment) {
         self.history.extend_from_slice(input);
         if self.audited {
+            self.sent.extend_from_slice(input);
             self.outputs.extend_from_slice(output);
         }
         self.commitments.push(commitment);
@@ -178,6 +191,9 @@ pub struct StageTranscript {
     pub node: NodeId,
     pub span: LayerSpan,
     pub dim: usize,
+    /// Every step's input and output rows as sent and returned, in order
+    /// (a step after a rollback starts before the previous one ended; see
+    /// [`hotpot_verify::Kept`]), one commitment per step.
     pub inputs: Vec<f32>,
     pub outputs: Vec<f32>,
     pub commitments: Vec<Commitment>,
@@ -337,13 +353,13 @@ impl RemoteChain {
     pub fn transcripts(&self) -> Vec<StageTranscript> {
         self.stages
             .iter()
-            .filter(|s| s.audited && !s.torn && !s.history.is_empty())
+            .filter(|s| s.audited && !s.commitments.is_empty())
             .map(|s| StageTranscript {
                 peer: s.conn.hop.peer,
                 node: s.conn.node,
                 span: s.span,
                 dim: self.dim,
-                inputs: s.history.clone(),
+                inputs: s.sent.clone(),
                 outputs: s.outputs.clone(),
                 commitments: s.commitments.clone(),
             })
@@ -364,52 +380,17 @@ impl RemoteChain {
             .collect()
     }
 
-    /// Rolls every stage back to `len` positions: each node forgets the
-    /// rest of its cache (`Truncate`), and the kept history with it. A node
-    /// that fails to is replaced and replayed up to `len`.
+    /// Rolls every stage back to `len` positions. Each node is told just
+    /// before its next step (on the same stream, so it costs no round
+    /// trip); a node that fails to roll back then is replaced and replayed
+    /// up to `len` like any failed node.
     pub async fn truncate(&mut self, len: usize) -> Result<(), ChainError> {
         if len >= self.len {
             return Ok(());
         }
-        let dim = self.dim;
-        let mut k = 0;
-        while k < self.stages.len() {
-            let stage = &mut self.stages[k];
-            stage.history.truncate(len * dim);
-            if stage.audited {
-                stage.outputs.truncate(len * dim);
-            }
-            // Whole steps past `len` are forgotten; a step cut part-way
-            // leaves inputs and commitments that no longer line up.
-            stage.commitments.retain(|c| (c.start_pos as usize) < len);
-            stage.torn |= stage.commitments.last().is_some_and(|c| (c.start_pos + c.rows) as usize > len);
-            let timeout = self.connector.config.step_timeout;
-            let conn = &mut stage.conn;
-            let message = ClientMessage::Truncate { session: conn.session, pos: len as u32 };
-            let answer = async {
-                conn.framed.send(&message.encode(), timeout).await?;
-                let reply = conn.framed.recv(timeout).await?.ok_or_else(|| NodeFault::Protocol("closed the stream".into()))?;
-                match NodeMessage::decode(&reply).map_err(|e| NodeFault::Protocol(e.to_string()))? {
-                    NodeMessage::Truncated { len: l, .. } if l as usize == len => Ok(()),
-                    NodeMessage::Error { code, message } => Err(NodeFault::Refused { code, message }),
-                    other => Err(NodeFault::Protocol(format!("unexpected answer to Truncate: {other:?}"))),
-                }
-            };
-            if let Err(fault) = answer.await {
-                let peer = stage.conn.hop.peer;
-                let ban = self.connector.ban(peer);
-                self.failovers += 1;
-                self.emit(ChainEvent::Failover);
-                tracing::warn!(%peer, blocks = %self.stages[k].span, banned_for = ?ban, "failover: node failed to roll back ({fault}); rerouting its blocks");
-                let mut failures = 1;
-                let before = self.stages.len();
-                let deadline = Instant::now() + self.connector.config.queue_timeout;
-                self.replace(k, &mut failures, deadline).await?;
-                // The replacement hops were replayed to `len` already.
-                k += self.stages.len() + 1 - before;
-                continue;
-            }
-            k += 1;
+        for stage in &mut self.stages {
+            stage.history.truncate(len * self.dim);
+            stage.rollback = Some(stage.rollback.map_or(len, |r| r.min(len)));
         }
         self.len = len;
         Ok(())
@@ -438,7 +419,8 @@ impl RemoteChain {
     async fn step(&mut self, k: usize, pos: usize, rows: usize, x: &[f32]) -> Result<(Vec<f32>, Commitment), NodeFault> {
         let timeout = self.step_timeout(rows);
         let (model, dim) = (self.connector.model, self.dim);
-        let out = run_step(&mut self.stages[k].conn, model, dim, pos, rows, x, timeout).await;
+        let rollback = self.stages[k].rollback.take();
+        let out = run_step(&mut self.stages[k].conn, model, dim, rollback, pos, rows, x, timeout).await;
         if let Ok((values, _)) = &out {
             let bytes = rows * dim * WIRE_DTYPE.size();
             self.emit(ChainEvent::Step { peer: &self.stages[k].conn.hop.peer, sent: bytes, received: values.len() * 4 });
@@ -460,7 +442,7 @@ impl RemoteChain {
                 let mut stage = self.connector.stage(conn);
                 if rows > 0 {
                     let timeout = self.step_timeout(rows);
-                    match run_step(&mut stage.conn, self.connector.model, self.dim, 0, rows, &input, timeout).await {
+                    match run_step(&mut stage.conn, self.connector.model, self.dim, None, 0, rows, &input, timeout).await {
                         Ok((out, commitment)) => {
                             stage.record(&input, &out, commitment);
                             input = out;
@@ -727,18 +709,34 @@ impl Drop for RemoteChain {
 }
 
 /// Sends one step and checks everything about the answer.
+/// One step on one node: `rows` hidden states at `pos`, after rolling the
+/// node back to `rollback` positions first when asked (both frames go out
+/// before either answer is read).
+#[allow(clippy::too_many_arguments)]
 async fn run_step(
     conn: &mut Conn,
     model: ModelId,
     dim: usize,
+    rollback: Option<usize>,
     pos: usize,
     rows: usize,
     x: &[f32],
     timeout: Duration,
 ) -> Result<(Vec<f32>, Commitment), NodeFault> {
+    if let Some(len) = rollback {
+        conn.framed.send(&ClientMessage::Truncate { session: conn.session, pos: len as u32 }.encode(), timeout).await?;
+    }
     let tensor = Tensor::from_f32(WIRE_DTYPE, rows, dim, x);
     let message = ClientMessage::Step(Step { session: conn.session, pos: pos as u32, hidden: tensor });
     conn.framed.send(&message.encode(), timeout).await?;
+    if let Some(len) = rollback {
+        let reply = conn.framed.recv(timeout).await?.ok_or_else(|| NodeFault::Protocol("closed the stream".into()))?;
+        match NodeMessage::decode(&reply).map_err(|e| NodeFault::Protocol(e.to_string()))? {
+            NodeMessage::Truncated { len: l, .. } if l as usize == len => {}
+            NodeMessage::Error { code, message } => return Err(NodeFault::Refused { code, message }),
+            other => return Err(NodeFault::Protocol(format!("unexpected answer to Truncate: {other:?}"))),
+        }
+    }
     let reply = conn.framed.recv(timeout).await?.ok_or_else(|| NodeFault::Protocol("closed the stream".into()))?;
     let ClientMessage::Step(sent) = message else { unreachable!("built above") };
     match NodeMessage::decode(&reply).map_err(|e| NodeFault::Protocol(e.to_string()))? {

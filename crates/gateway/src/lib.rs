@@ -5,7 +5,8 @@
 //! ([`directory`]), plans routes over block spans ([`route`]), runs each
 //! session as a chain of remote stages that fails over when a node dies
 //! ([`chain`]), drives every session — API choices and `hotpot run` alike —
-//! through one loop ([`session::drive`]) that leaves a [`SessionRecord`]
+//! through one loop ([`session::drive`], speculating with [`speculate`])
+//! that leaves a [`SessionRecord`]
 //! for billing, audits, metrics and the session log, and serves all of this
 //! as the OpenAI API ([`api`], [`openai`]).
 
@@ -24,6 +25,7 @@ mod render;
 pub mod route;
 mod service;
 pub mod session;
+pub mod speculate;
 
 pub use api::router;
 pub use audit::{AuditConfig, Auditor, LocalExecutor};
@@ -35,3 +37,4 @@ pub use keys::{Caller, KeyStatus, KeyStore, KeysError, Ledger, Reservation};
 pub use route::{Candidate, Hop, MissingBlocks, plan};
 pub use service::{Gateway, GatewayConfig, ServedModel};
 pub use session::{ChoiceJob, EventSink, Finish, LocalPipeline, Outcome, Pipeline, RecordSink, SessionContext, SessionEvent, SessionLog, SessionRecord, drive};
+pub use speculate::{DraftModel, DraftSource, Speculation, SpeculationStats};

@@ -60,6 +60,10 @@ pub struct Metrics {
     pub cheats: Counter,
     /// Other gateways' accusations, by what this gateway's own check found.
     pub accusations: Family<ResultLabels, Counter>,
+    /// Speculative decoding: tokens drafted, drafts kept, pipeline passes.
+    pub drafted: Counter,
+    pub draft_accepted: Counter,
+    pub decode_passes: Counter,
 }
 
 impl Default for Metrics {
@@ -77,6 +81,12 @@ impl Default for Metrics {
         registry.register("token_latency_seconds", "time between generated tokens", token_latency.clone());
         let failovers = Counter::default();
         registry.register("failovers", "node failures survived by rerouting", failovers.clone());
+        let drafted = Counter::default();
+        registry.register("draft_tokens", "tokens drafted for speculative decoding", drafted.clone());
+        let draft_accepted = Counter::default();
+        registry.register("draft_tokens_accepted", "drafted tokens the model confirmed", draft_accepted.clone());
+        let decode_passes = Counter::default();
+        registry.register("decode_passes", "passes through the pipeline of speculating sessions", decode_passes.clone());
         let node_busy = Counter::default();
         registry.register("node_busy", "Busy answers from nodes (load: the node is skipped for a moment, never banned)", node_busy.clone());
         let bans = Counter::default();
@@ -115,6 +125,9 @@ impl Default for Metrics {
             audits,
             cheats,
             accusations,
+            drafted,
+            draft_accepted,
+            decode_passes,
         }
     }
 }

@@ -63,7 +63,7 @@ fn choice_jobs(prompt: &[u32], params: &GenerationParams, n: u32, first_index: u
         .map(|i| {
             let mut params = params.clone();
             params.sampling.seed = params.sampling.seed.map(|s| s.wrapping_add(u64::from(i)));
-            ChoiceJob { index: first_index + i, prompt: prompt.to_vec(), params, prompt_logprobs, bills_prompt: i == 0 }
+            ChoiceJob { index: first_index + i, prompt: prompt.to_vec(), params, prompt_logprobs, bills_prompt: i == 0, speculation: None }
         })
         .collect()
 }

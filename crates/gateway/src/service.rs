@@ -18,6 +18,7 @@ use crate::error::ApiError;
 use crate::keys::{Caller, KeyStore, Reservation};
 use crate::metrics::{KeyLabels, Metrics};
 use crate::session::{ChoiceJob, EventSink, Finish, RecordSink, SessionContext, SessionEvent, SessionRecord, drive};
+use crate::speculate::Speculation;
 
 /// How the gateway runs.
 pub struct GatewayConfig {
@@ -43,6 +44,8 @@ pub struct GatewayConfig {
     /// Where every session's record goes besides billing, audits and
     /// metrics (the `--session-log` JSONL file).
     pub record_sinks: Vec<Arc<dyn RecordSink>>,
+    /// Speculative decoding for every session (`--draft`).
+    pub speculation: Option<Speculation>,
 }
 
 impl GatewayConfig {
@@ -59,6 +62,7 @@ impl GatewayConfig {
             metrics_per_key: false,
             http: crate::http::HttpLimits::default(),
             record_sinks: Vec::new(),
+            speculation: None,
         }
     }
 }
@@ -243,7 +247,7 @@ impl Gateway {
     /// Drives one session to its end and hands its record to the sinks.
     async fn run_session(
         self: Arc<Self>,
-        job: ChoiceJob,
+        mut job: ChoiceJob,
         mut chain: RemoteChain,
         request: &RequestRun,
         tx: mpsc::Sender<Result<SessionEvent, ApiError>>,
@@ -257,6 +261,7 @@ impl Gateway {
         };
         let reservation = request.reservation.as_ref();
         let mut sink = Metered { tx: tx.clone(), metrics: Arc::clone(&self.metrics), started: request.started, last: None };
+        job.speculation.clone_from(&self.config.speculation);
         let outcome = drive(&self.client, &mut chain, &job, &context, &mut sink).await;
         let transcripts = self.auditor.as_ref().map(|_| chain.transcripts());
         chain.close().await;
@@ -280,6 +285,11 @@ impl Gateway {
         }
         self.metrics.tokens_in.inc_by(record.billed_prompt_tokens as u64);
         self.metrics.tokens_out.inc_by(record.completion_tokens as u64);
+        if let Some(s) = &record.speculation {
+            self.metrics.drafted.inc_by(s.drafted as u64);
+            self.metrics.draft_accepted.inc_by(s.accepted as u64);
+            self.metrics.decode_passes.inc_by(s.passes as u64);
+        }
         if let Finish::Error(message) = &record.finish {
             tracing::warn!(session = %record.id, error = %message, "a session failed");
         }

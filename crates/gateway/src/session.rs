@@ -2,7 +2,7 @@
 //! it runs and however it ends:
 //!
 //! ```text
-//! ChoiceJob ─▶ drive() ── Pipeline (LocalPipeline | RemoteChain [| wrapped by a speculator])
+//! ChoiceJob ─▶ drive() ── Pipeline (LocalPipeline | RemoteChain), [drafts from a Speculator]
 //!                │ events: prompt log-probabilities, tokens, done ─▶ the caller (HTTP, stdout)
 //!                ▼
 //!          SessionRecord ─▶ sinks: auditor · billing · metrics · session log
@@ -23,6 +23,7 @@ use hotpot_net::PeerId;
 use serde::Serialize;
 
 use crate::chain::{ChainError, RemoteChain, StageRecord, StageTranscript};
+use crate::speculate::{Speculation, SpeculationStats, Speculator};
 
 /// Maps embeddings at positions `start..` to the final hidden states of one
 /// session: spans in this process ([`LocalPipeline`]) or a chain of nodes
@@ -130,6 +131,8 @@ pub struct ChoiceJob {
     /// Whether this session bills its prompt (once per prompt of a request,
     /// however many choices share it).
     pub bills_prompt: bool,
+    /// Speculative decoding, when the session drafts.
+    pub speculation: Option<Speculation>,
 }
 
 /// What a running session reports to whoever listens.
@@ -242,6 +245,8 @@ pub struct SessionRecord {
     pub started_ms: u64,
     pub first_token_ms: Option<f64>,
     pub duration_ms: f64,
+    /// Drafts checked and kept, when the session speculated.
+    pub speculation: Option<SpeculationStats>,
 }
 
 impl SessionRecord {
@@ -276,6 +281,7 @@ pub async fn drive<P: Pipeline>(client: &Arc<ClientParts>, pipeline: &mut P, job
     let mut first_token: Option<Duration> = None;
     let mut completion = 0usize;
     let context_len = client.config().context_length;
+    let mut speculator = job.speculation.as_ref().map(|s| Speculator::new(s, &job.params.sampling, context_len));
     let result = async {
         let mut generation = Generation::new(job.prompt.clone(), job.params.clone(), context_len)?;
         // Prompt log-probabilities need the prefill even when nothing is generated.
@@ -287,8 +293,19 @@ pub async fn drive<P: Pipeline>(client: &Arc<ClientParts>, pipeline: &mut P, job
                 sink.send(SessionEvent::Done { index: job.index, finish, completion_tokens: completion }).await;
                 return Ok::<Finish, ChainError>(finish.into());
             }
-            let (tokens, start) = generation.pending();
-            let hidden = compute(|| client.embed(tokens))?;
+            let (pending, start) = generation.pending();
+            let mut feed = pending.to_vec();
+            // Drafts ride along: as many as may still be generated after the
+            // token this pass yields anyway, within the context.
+            let drafts = match &mut speculator {
+                Some(speculator) if !prompt_pending => {
+                    let limit = generation.remaining().saturating_sub(1).min(context_len.saturating_sub(start + feed.len()));
+                    compute(|| speculator.draft(generation.tokens(), limit))
+                }
+                _ => Vec::new(),
+            };
+            feed.extend(drafts.iter().map(|(t, _)| *t));
+            let hidden = compute(|| client.embed(&feed))?;
             let out = pipeline.forward(hidden, start).await?;
             generation.mark_fed();
             if prompt_pending {
@@ -302,15 +319,39 @@ pub async fn drive<P: Pipeline>(client: &Arc<ClientParts>, pipeline: &mut P, job
                     continue;
                 }
             }
-            let last = out.last_row();
-            let logits = compute(|| client.logits(&last))?;
-            let step = generation.accept(&logits, client);
-            completion = generation.completion().len();
-            first_token.get_or_insert_with(|| started.elapsed());
-            let event = SessionEvent::Token { index: job.index, token: step.token, text: step.text, logprob: step.logprob };
-            if !sink.send(event).await {
-                tracing::debug!("the listener went away; ending the session");
-                return Ok(Finish::ClientGone);
+            // The last fed token's row decides the first draft (or the next
+            // token); each kept draft's row decides the one after.
+            let first = feed.len() - drafts.len() - 1;
+            let dim = out.dim();
+            let rows = HiddenStates::new(drafts.len() + 1, dim, out.as_slice()[first * dim..].to_vec())?;
+            let logits = compute(|| client.logits(&rows))?;
+            let vocab = logits.len() / rows.rows();
+            let mut kept = 0;
+            for (i, row) in logits.chunks_exact(vocab).enumerate() {
+                let (step, kept_draft) = match (drafts.get(i), &speculator) {
+                    (Some((draft, proposal)), Some(speculator)) => generation.accept_draft(row, *draft, proposal, speculator.rule, client),
+                    _ => (generation.accept(row, client), false),
+                };
+                kept += usize::from(kept_draft);
+                completion = generation.completion().len();
+                first_token.get_or_insert_with(|| started.elapsed());
+                let finished = step.finished.is_some();
+                let event = SessionEvent::Token { index: job.index, token: step.token, text: step.text, logprob: step.logprob };
+                if !sink.send(event).await {
+                    tracing::debug!("the listener went away; ending the session");
+                    return Ok(Finish::ClientGone);
+                }
+                if finished || !kept_draft {
+                    break;
+                }
+            }
+            if let Some(speculator) = &mut speculator {
+                speculator.record(drafts.len(), kept);
+            }
+            // Forget the refused drafts' positions everywhere.
+            let (_, fed) = generation.pending();
+            if kept < drafts.len() && generation.finished().is_none() {
+                pipeline.truncate(fed).await?;
             }
         }
     }
@@ -333,6 +374,7 @@ pub async fn drive<P: Pipeline>(client: &Arc<ClientParts>, pipeline: &mut P, job
         started_ms,
         first_token_ms: first_token.map(|d| d.as_secs_f64() * 1e3),
         duration_ms: started.elapsed().as_secs_f64() * 1e3,
+        speculation: speculator.map(|s| s.stats),
     };
     Outcome { record, error }
 }

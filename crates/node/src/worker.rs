@@ -727,6 +727,7 @@ impl Worker {
                 // A rollback is not use: a session kept alive only by
                 // cheap `Truncate`s still expires.
                 s.cache.truncate(pos as usize);
+                s.sketches.truncate(pos);
                 NodeMessage::Truncated { session, len: s.cache.len() as u32 }
             }
         }

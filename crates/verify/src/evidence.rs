@@ -204,9 +204,10 @@ impl Evidence {
         Ok(Some(accuser.gateway))
     }
 
-    /// Checks that every step is signed by the node, covers the next
-    /// positions, and that the recorded bytes are what it signed. Returns
-    /// all inputs and outputs, concatenated.
+    /// Checks that every step is signed by the node, starts at or before
+    /// the end of the one before (earlier: a rollback), and that the
+    /// recorded bytes are what it signed. Returns every step's inputs and
+    /// outputs, concatenated in order.
     pub fn check_signatures(&self) -> Result<(Vec<f32>, Vec<f32>), EvidenceError> {
         if self.version != EVIDENCE_VERSION {
             return Err(EvidenceError::Version(self.version));
@@ -228,15 +229,15 @@ impl Evidence {
             {
                 return Err(bad("belongs to another session".into()));
             }
-            if c.start_pos != next {
-                return Err(bad(format!("starts at position {}, expected {next}", c.start_pos)));
+            if c.start_pos > next {
+                return Err(bad(format!("starts at position {}, after the end of the steps before ({next})", c.start_pos)));
             }
             if input.len() != c.rows as usize * self.dim * 4 || output.len() != input.len() {
                 return Err(bad("tensor sizes do not match the signed row count".into()));
             }
             let record = StepRecord { session: c.session, model: c.model, span: c.span, start_pos: c.start_pos, rows: c.rows, input: &input, output: &output };
             c.check(self.node, record).map_err(|e| bad(e.to_string()))?;
-            next += c.rows;
+            next = c.start_pos + c.rows;
             inputs.extend(bytes_to_floats(&input));
             outputs.extend(bytes_to_floats(&output));
         }
@@ -246,10 +247,70 @@ impl Evidence {
     /// Re-checks everything with `executor`'s recomputation.
     pub fn verify(&self, executor: &dyn Executor, tolerance: &Tolerance) -> Result<EvidenceVerdict, EvidenceError> {
         let (inputs, outputs) = self.check_signatures()?;
-        let rows = inputs.len() / self.dim.max(1);
-        let recomputed = executor.recompute(self.span, &inputs, rows).map_err(|e| EvidenceError::Executor(e.to_string()))?;
-        let comparison = compare(&outputs, &recomputed, self.dim, tolerance);
+        let steps: Vec<(u32, u32)> = self.steps.iter().map(|s| (s.commitment.start_pos, s.commitment.rows)).collect();
+        let kept = Kept::of(&steps, &inputs, &outputs, self.dim).map_err(|_| EvidenceError::Malformed("steps"))?;
+        let recomputed = executor.recompute(self.span, &kept.inputs, kept.positions()).map_err(|e| EvidenceError::Executor(e.to_string()))?;
+        let comparison = compare(&kept.outputs, &recomputed, self.dim, tolerance);
         Ok(EvidenceVerdict { signatures_valid: true, cheat: !comparison.pass, comparison })
+    }
+}
+
+/// The positions a session's steps left in place. A step may start before
+/// the previous one ended: the gateway rolled the node back (speculative
+/// drafts refused) and the step overwrote those positions. What stays at
+/// each position — its input and what the node returned — is what every
+/// kept output was computed from, and what an audit recomputes in one
+/// prefill; an overwritten row decided nothing (a refused draft's row is
+/// never read), so it needs no check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kept {
+    pub inputs: Vec<f32>,
+    pub outputs: Vec<f32>,
+    /// The index of the step that last wrote each position.
+    pub writer: Vec<usize>,
+    dim: usize,
+}
+
+impl Kept {
+    /// `steps` are (start position, rows) in order; `inputs` and `outputs`
+    /// their rows concatenated. Fails when the sizes disagree or a step
+    /// starts past the end of what is kept.
+    pub fn of(steps: &[(u32, u32)], inputs: &[f32], outputs: &[f32], dim: usize) -> Result<Self, String> {
+        let total: usize = steps.iter().map(|&(_, rows)| rows as usize).sum();
+        if dim == 0 || inputs.len() != total * dim || outputs.len() != inputs.len() {
+            return Err(format!("{} input and {} output values for {total} rows of {dim}", inputs.len(), outputs.len()));
+        }
+        let mut kept = Self { inputs: Vec::with_capacity(inputs.len()), outputs: Vec::with_capacity(outputs.len()), writer: Vec::new(), dim };
+        let mut offset = 0;
+        for (i, &(start, rows)) in steps.iter().enumerate() {
+            let (start, rows) = (start as usize, rows as usize);
+            if start > kept.writer.len() {
+                return Err(format!("step {i} starts at {start}, past the {} positions kept", kept.writer.len()));
+            }
+            kept.inputs.truncate(start * dim);
+            kept.outputs.truncate(start * dim);
+            kept.writer.truncate(start);
+            kept.inputs.extend_from_slice(&inputs[offset * dim..(offset + rows) * dim]);
+            kept.outputs.extend_from_slice(&outputs[offset * dim..(offset + rows) * dim]);
+            kept.writer.extend(std::iter::repeat_n(i, rows));
+            offset += rows;
+        }
+        Ok(kept)
+    }
+
+    pub fn positions(&self) -> usize {
+        self.writer.len()
+    }
+
+    /// Whether positions `start .. start + rows` still hold what step
+    /// `step` saw there (no later step overwrote them).
+    pub fn unchanged_since(&self, step: usize, start: usize, rows: usize) -> bool {
+        self.writer.get(start..start + rows).is_some_and(|w| w.iter().all(|&writer| writer <= step))
+    }
+
+    /// The kept rows `start .. start + rows` of `values` (position-indexed).
+    pub fn rows<'a>(&self, values: &'a [f32], start: usize, rows: usize) -> &'a [f32] {
+        &values[start * self.dim..(start + rows) * self.dim]
     }
 }
 
@@ -257,6 +318,22 @@ impl Evidence {
 mod tests {
     use super::*;
     use hotpot_core::NodeKey;
+
+    #[test]
+    fn rolled_back_rows_are_overwritten() {
+        // Step 0: positions 0..3; step 1: 3..6 (drafts); step 2 rolls back to 4.
+        let steps = [(0, 3), (3, 3), (4, 2)];
+        let inputs: Vec<f32> = (0..8).map(|v| v as f32).collect();
+        let outputs: Vec<f32> = inputs.iter().map(|v| v * 10.0).collect();
+        let kept = Kept::of(&steps, &inputs, &outputs, 1).expect("fits");
+        assert_eq!(kept.inputs, vec![0.0, 1.0, 2.0, 3.0, 6.0, 7.0]);
+        assert_eq!(kept.outputs, vec![0.0, 10.0, 20.0, 30.0, 60.0, 70.0]);
+        assert_eq!(kept.writer, vec![0, 0, 0, 1, 2, 2]);
+        assert!(kept.unchanged_since(1, 0, 4));
+        assert!(!kept.unchanged_since(1, 3, 3), "step 1's rows 4 and 5 were overwritten");
+        assert!(Kept::of(&[(0, 1), (3, 1)], &[0.0, 1.0], &[0.0, 1.0], 1).is_err(), "a gap");
+        assert!(Kept::of(&[(0, 2)], &[0.0], &[0.0], 1).is_err(), "short");
+    }
 
     #[test]
     fn an_accuser_signs_the_evidence_and_any_change_breaks_it() {

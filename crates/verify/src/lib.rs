@@ -12,5 +12,5 @@ pub mod evidence;
 pub mod sketch;
 
 pub use audit::{AuditPolicy, Comparison, Reputation, Tolerance, Verdict, compare};
-pub use evidence::{Accuser, AuditRecord, Evidence, EvidenceError, EvidenceVerdict, Executor, ExecutorError};
+pub use evidence::{Accuser, AuditRecord, Evidence, EvidenceError, EvidenceVerdict, Executor, ExecutorError, Kept};
 pub use sketch::{CHUNK, Sketch, SketchBuilder, SketchCheck, SketchThresholds};

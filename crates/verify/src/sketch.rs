@@ -262,6 +262,18 @@ impl SketchBuilder {
         if self.pending_rows as usize >= CHUNK { self.flush() } else { Vec::new() }
     }
 
+    /// Forgets pending positions from `len` on (the session rolled back).
+    pub fn truncate(&mut self, len: u32) {
+        if len <= self.pending_start {
+            self.pending.clear();
+            self.pending_rows = 0;
+        } else if len < self.pending_start + self.pending_rows {
+            let keep = len - self.pending_start;
+            self.pending.truncate(self.pending.len() / self.pending_rows as usize * keep as usize);
+            self.pending_rows = keep;
+        }
+    }
+
     /// The sketch of whatever is pending (at the end of a session).
     pub fn flush(&mut self) -> Vec<Sketch> {
         if self.pending_rows == 0 {
