@@ -194,7 +194,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let load_time = load_started.elapsed();
 
     let (mut job, context) = session_job(&client, args, &entry)?;
-    job.speculation = args.speculation.load(&client, &device)?;
+    // Here a pass is this machine's compute: drafting ahead would only compete for it.
+    job.speculation = args.speculation.load(&client, &device)?.map(|s| hotpot_gateway::Speculation { in_flight: false, ..s });
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().context("starting the async runtime")?;
     let mut printer = Printer::new();
     let outcome = runtime.block_on(async {

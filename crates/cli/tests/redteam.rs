@@ -273,3 +273,45 @@ fn a_false_accusation_is_rejected_and_the_honest_node_keeps_serving() {
     let after = complete(&listener, PROMPT, 4);
     assert!(after.contains("\"choices\""), "the honest nodes still serve: {after}");
 }
+
+/// Speculative sessions (n-gram drafts through the API, so steps are
+/// several positions wide and refusals roll the nodes back) are audited
+/// like any other: honest nodes pass, a cheater is convicted, and its
+/// evidence — rolled-back steps included — convicts again in `hotpot verify`.
+#[test]
+fn speculative_sessions_are_audited() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = ["--draft", "ngram"];
+    let prompt = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26,";
+
+    let first = NodeProc::start("0..15", None, &[]);
+    let _second = NodeProc::start("15..30", Some(&first.addr), &[]);
+    let evidence = dir.path().join("evidence-honest");
+    let gw = gateway_with(&first.addr, &evidence, &spec);
+    for i in 0..3 {
+        let answer = complete(&gw, &format!("{prompt} {i}"), 40);
+        assert!(answer.contains("\"choices\""), "{answer}");
+    }
+    let (drafted, accepted) = (metric(&gw, "hotpot_draft_tokens_total", ""), metric(&gw, "hotpot_draft_tokens_accepted_total", ""));
+    println!("speculative sessions through 2 honest nodes: {drafted} drafted, {accepted} accepted");
+    assert!(accepted > 0 && accepted < drafted, "drafts were kept and refused (rollbacks happened): {accepted}/{drafted}");
+    assert!(wait_for(&gw, "hotpot_audits_total", "result=\"pass\"", 6), "honest speculative sessions did not pass their audits");
+    assert_eq!(metric(&gw, "hotpot_audits_total", "result=\"fail\""), 0);
+    drop(gw);
+    drop(_second);
+    drop(first);
+
+    let evidence = dir.path().join("evidence-noise");
+    let cheater = NodeProc::start("0..15", None, &["--redteam", "noise"]);
+    let _honest = NodeProc::start("15..30", Some(&cheater.addr), &[]);
+    let gw = gateway_with(&cheater.addr, &evidence, &spec);
+    let answer = complete(&gw, prompt, 40);
+    assert!(answer.contains("\"choices\""), "{answer}");
+    assert!(wait_for(&gw, "hotpot_cheats_total", "", 1), "the cheat in a speculative session was not caught");
+    let files: Vec<_> = std::fs::read_dir(&evidence).expect("evidence dir").filter_map(Result::ok).map(|e| e.path()).collect();
+    assert_eq!(files.len(), 1, "one evidence file");
+    let check = hotpot(&["verify", files[0].to_str().expect("utf-8"), "-t", "1"], Duration::from_secs(120));
+    let verdict = text(&check.stdout);
+    assert!(check.status.success() && verdict.contains("verdict: CHEAT"), "{verdict}{}", text(&check.stderr));
+}

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId};
-use hotpot_engine::{ClientParts, FinishReason, ForwardError, Generation, GenerationParams, HiddenStates, LocalChain, TokenLogprob, log_softmax, top_logprobs};
+use hotpot_engine::{
+    ClientParts, Distribution, FinishReason, ForwardError, Generation, GenerationParams, HiddenStates, LocalChain, TokenLogprob, log_softmax, top_logprobs,
+};
 use hotpot_net::PeerId;
 use serde::Serialize;
 
@@ -286,6 +288,8 @@ pub async fn drive<P: Pipeline>(client: &Arc<ClientParts>, pipeline: &mut P, job
         let mut generation = Generation::new(job.prompt.clone(), job.params.clone(), context_len)?;
         // Prompt log-probabilities need the prefill even when nothing is generated.
         let mut prompt_pending = job.prompt_logprobs.is_some();
+        // The next window, when it was drafted while the last was checked.
+        let mut ahead: Option<Vec<(u32, Distribution)>> = None;
         loop {
             if let Some(finish) = generation.finished()
                 && !prompt_pending
@@ -300,12 +304,19 @@ pub async fn drive<P: Pipeline>(client: &Arc<ClientParts>, pipeline: &mut P, job
             let drafts = match &mut speculator {
                 Some(speculator) if !prompt_pending => {
                     let limit = generation.remaining().saturating_sub(1).min(context_len.saturating_sub(start + feed.len()));
-                    compute(|| speculator.draft(generation.tokens(), limit))
+                    match ahead.take() {
+                        Some(mut drafts) => {
+                            drafts.truncate(limit);
+                            drafts
+                        }
+                        None => compute(|| speculator.draft(generation.tokens(), limit)),
+                    }
                 }
                 _ => Vec::new(),
             };
             feed.extend(drafts.iter().map(|(t, _)| *t));
             let hidden = compute(|| client.embed(&feed))?;
+            let flight = speculator.as_mut().and_then(|s| s.draft_ahead(generation.tokens(), &drafts));
             let out = pipeline.forward(hidden, start).await?;
             generation.mark_fed();
             if prompt_pending {
@@ -347,6 +358,11 @@ pub async fn drive<P: Pipeline>(client: &Arc<ClientParts>, pipeline: &mut P, job
             }
             if let Some(speculator) = &mut speculator {
                 speculator.record(drafts.len(), kept);
+                if let Some(flight) = flight
+                    && let Some((assumed, next)) = speculator.land(flight).await
+                {
+                    ahead = speculator.ahead_if_valid(generation.tokens(), &assumed, next);
+                }
             }
             // Forget the refused drafts' positions everywhere.
             let (_, fed) = generation.pending();

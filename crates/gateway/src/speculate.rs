@@ -46,15 +46,21 @@ pub struct Speculation {
     /// The most tokens drafted per pass (the window adapts below it).
     pub max_draft: usize,
     pub rule: Acceptance,
+    /// Windows in flight: while the pipeline checks a window, a draft
+    /// model drafts the next one on the assumption that every draft is
+    /// kept and its own guess for the token after them comes; the work is
+    /// dropped when the assumption fails. Worth it when a pass waits on
+    /// the network (a remote chain), not when it is this machine's compute.
+    pub in_flight: bool,
 }
 
 impl Speculation {
     pub fn ngram() -> Self {
-        Self { source: DraftSource::Ngram, max_draft: 8, rule: Acceptance::Exact }
+        Self { source: DraftSource::Ngram, max_draft: 8, rule: Acceptance::Exact, in_flight: false }
     }
 
     pub fn model(model: Arc<DraftModel>) -> Self {
-        Self { source: DraftSource::Model(model), max_draft: 8, rule: Acceptance::Exact }
+        Self { source: DraftSource::Model(model), max_draft: 8, rule: Acceptance::Exact, in_flight: true }
     }
 }
 
@@ -100,13 +106,20 @@ pub struct Speculator {
     drafter: Drafter,
     window: usize,
     max_draft: usize,
+    in_flight: bool,
     pub rule: Acceptance,
     pub stats: SpeculationStats,
 }
 
 enum Drafter {
     Ngram,
-    Model(ModelDrafter),
+    /// `None` while it drafts ahead on another thread (or after it failed there).
+    Model(Option<ModelDrafter>),
+}
+
+/// A window being drafted ahead (see [`Speculation::in_flight`]).
+pub struct InFlight {
+    handle: tokio::task::JoinHandle<(ModelDrafter, Vec<u32>, Result<Vec<(u32, Distribution)>, ForwardError>)>,
 }
 
 impl Speculator {
@@ -114,10 +127,10 @@ impl Speculator {
     pub fn new(speculation: &Speculation, params: &SamplingParams, max_len: usize) -> Self {
         let drafter = match &speculation.source {
             DraftSource::Ngram => Drafter::Ngram,
-            DraftSource::Model(model) => Drafter::Model(ModelDrafter::new(Arc::clone(model), params, max_len)),
+            DraftSource::Model(model) => Drafter::Model(Some(ModelDrafter::new(Arc::clone(model), params, max_len))),
         };
         let max_draft = speculation.max_draft.max(1);
-        Self { drafter, window: max_draft.min(4), max_draft, rule: speculation.rule, stats: SpeculationStats::default() }
+        Self { drafter, window: max_draft.min(4), max_draft, in_flight: speculation.in_flight, rule: speculation.rule, stats: SpeculationStats::default() }
     }
 
     /// Up to `limit` drafts (fewer, or none, when nothing fits) to follow
@@ -129,11 +142,56 @@ impl Speculator {
         }
         match &mut self.drafter {
             Drafter::Ngram => ngram_lookup(tokens, k).into_iter().map(|t| (t, Distribution::point(t))).collect(),
-            Drafter::Model(model) => model.draft(tokens, k).unwrap_or_else(|e| {
+            Drafter::Model(None) => Vec::new(),
+            Drafter::Model(Some(model)) => model.draft(tokens, k).unwrap_or_else(|e| {
                 tracing::debug!(error = %e, "the draft model failed; decoding without drafts");
                 Vec::new()
             }),
         }
+    }
+
+    /// Starts drafting the window after `drafts` on another thread, while
+    /// the pipeline checks them (`tokens`: everything before the drafts).
+    /// `None` when this speculator does not draft ahead.
+    pub fn draft_ahead(&mut self, tokens: &[u32], drafts: &[(u32, Distribution)]) -> Option<InFlight> {
+        if !self.in_flight || drafts.is_empty() {
+            return None;
+        }
+        let Drafter::Model(slot) = &mut self.drafter else { return None };
+        let mut drafter = slot.take()?;
+        let mut assumed = tokens.to_vec();
+        assumed.extend(drafts.iter().map(|(t, _)| *t));
+        // The guess for the token after the drafts, then a window one
+        // longer than now (it grows when every draft is kept).
+        let k = (self.window + 1).min(self.max_draft) + 1;
+        let handle = tokio::task::spawn_blocking(move || {
+            let result = drafter.draft(&assumed, k);
+            (drafter, assumed, result)
+        });
+        Some(InFlight { handle })
+    }
+
+    /// Takes the drafter back from `flight`; returns the next window's
+    /// drafts when `tokens` (everything so far) went as it assumed.
+    pub async fn land(&mut self, flight: InFlight) -> Option<(Vec<u32>, Vec<(u32, Distribution)>)> {
+        let (drafter, assumed, result) = flight.handle.await.ok()?;
+        if let Drafter::Model(slot) = &mut self.drafter {
+            *slot = Some(drafter);
+        }
+        let drafts = result.ok()?;
+        Some((assumed, drafts))
+    }
+
+    /// The drafted-ahead window, if `tokens` are the assumed ones followed
+    /// by the drafter's guess.
+    pub fn ahead_if_valid(&self, tokens: &[u32], assumed: &[u32], mut drafts: Vec<(u32, Distribution)>) -> Option<Vec<(u32, Distribution)>> {
+        let guess = drafts.first()?.0;
+        if tokens.len() != assumed.len() + 1 || tokens[..assumed.len()] != *assumed || tokens[assumed.len()] != guess {
+            return None;
+        }
+        drafts.remove(0);
+        drafts.truncate(self.window);
+        Some(drafts)
     }
 
     /// Counts one pass that checked `drafted` drafts and kept `kept`, and
@@ -216,7 +274,7 @@ impl ModelDrafter {
         }
         self.fed.truncate(common);
         let mut history = tokens.to_vec();
-        let mut logits = super::session::compute(|| self.forward(&tokens[common..]))?;
+        let mut logits = self.forward(&tokens[common..])?;
         let mut drafts = Vec::with_capacity(k);
         for i in 0..k {
             let proposal = self.sampler.distribution(&logits, &history);
@@ -224,7 +282,7 @@ impl ModelDrafter {
             drafts.push((token, proposal));
             history.push(token);
             if i + 1 < k {
-                logits = super::session::compute(|| self.forward(&[token]))?;
+                logits = self.forward(&[token])?;
             }
         }
         Ok(drafts)
