@@ -486,14 +486,7 @@ fn an_accusation_flood_with_rotating_ids_is_capped() {
         }
         sent
     });
-    let metrics = |filter: &str| -> f64 {
-        let out = Command::new("curl").args(["-s", &format!("{}/metrics", gateway.base_url.trim_end_matches("/v1"))]).output().expect("curl");
-        text(&out.stdout)
-            .lines()
-            .filter(|l| l.starts_with("hotpot_accusations_total") && l.contains(filter))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let metrics = |filter: &str| metric(&gateway.base_url, "hotpot_accusations_total", filter);
     let (dropped, all) = (metrics("result=\"dropped\""), metrics(""));
     println!("{sent} accusations from new ids: {dropped} dropped, {} checked", all - dropped);
     assert!(sent >= 20, "only {sent} accusations were published");

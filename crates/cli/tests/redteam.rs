@@ -80,14 +80,8 @@ fn complete(gateway: &Gateway, prompt: &str, tokens: u32) -> String {
     curl(&["-s", &format!("{}/v1/completions", gateway.url), "-H", "Content-Type: application/json", "-d", &body])
 }
 
-/// A counter from the gateway's /metrics, summed over the series whose
-/// labels contain `label` (0 when absent).
 fn metric(gateway: &Gateway, name: &str, label: &str) -> u64 {
-    let text = curl(&["-s", &format!("{}/metrics", gateway.url)]);
-    text.lines()
-        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    common::metric(&gateway.url, name, label) as u64
 }
 
 fn wait_for(gateway: &Gateway, name: &str, label: &str, at_least: u64) -> bool {

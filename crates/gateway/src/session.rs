@@ -302,7 +302,7 @@ pub async fn drive<P: Pipeline>(client: &Arc<ClientParts>, pipeline: &mut P, job
             // Drafts ride along: as many as may still be generated after the
             // token this pass yields anyway, within the context.
             let drafts = match &mut speculator {
-                Some(speculator) if !prompt_pending => {
+                Some(speculator) if !prompt_pending && !(start == 0 && speculator.drafts_ahead()) => {
                     let limit = generation.remaining().saturating_sub(1).min(context_len.saturating_sub(start + feed.len()));
                     match ahead.take() {
                         Some(mut drafts) => {

@@ -154,7 +154,7 @@ impl Speculator {
     /// the pipeline checks them (`tokens`: everything before the drafts).
     /// `None` when this speculator does not draft ahead.
     pub fn draft_ahead(&mut self, tokens: &[u32], drafts: &[(u32, Distribution)]) -> Option<InFlight> {
-        if !self.in_flight || drafts.is_empty() {
+        if !self.in_flight {
             return None;
         }
         let Drafter::Model(slot) = &mut self.drafter else { return None };
@@ -169,6 +169,13 @@ impl Speculator {
             (drafter, assumed, result)
         });
         Some(InFlight { handle })
+    }
+
+    /// Whether windows are drafted while the pipeline checks the last one
+    /// (then the prompt's pass carries no drafts: the draft model reads the
+    /// prompt meanwhile, and the first token does not wait for it).
+    pub fn drafts_ahead(&self) -> bool {
+        self.in_flight && matches!(self.drafter, Drafter::Model(_))
     }
 
     /// Takes the drafter back from `flight`; returns the next window's

@@ -146,6 +146,20 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A counter or gauge from a gateway's `/metrics` (`base_url` with or
+/// without `/v1`), summed over the series of `name` whose labels contain
+/// `label` (0 when absent).
+#[allow(dead_code)]
+pub fn metric(base_url: &str, name: &str, label: &str) -> f64 {
+    let url = format!("{}/metrics", base_url.trim_end_matches("/v1"));
+    let out = Command::new("curl").args(["-s", &url]).output().expect("curl runs");
+    text(&out.stdout)
+        .lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The local, single-process greedy output for `prompt`.
 pub fn local_greedy(prompt: &str, tokens: usize) -> String {
     let n = tokens.to_string();
