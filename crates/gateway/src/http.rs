@@ -120,40 +120,61 @@ impl Drop for InFlight {
 /// Every open connection.
 #[derive(Default)]
 struct Registry {
-    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    inner: Mutex<Connections>,
     next: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct Connections {
+    conns: HashMap<u64, Arc<Conn>>,
+    /// Open connections per client address (what admission checks each time).
+    per_addr: HashMap<IpAddr, usize>,
+}
+
+impl Connections {
+    fn remove(&mut self, id: u64) -> Option<Arc<Conn>> {
+        let conn = self.conns.remove(&id)?;
+        if let std::collections::hash_map::Entry::Occupied(mut count) = self.per_addr.entry(conn.addr) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+            }
+        }
+        Some(conn)
+    }
 }
 
 impl Registry {
     /// Admits a connection from `addr`, evicting the oldest idle one where
     /// a cap is reached; `None` when nothing can make room.
     fn admit(&self, addr: IpAddr, limits: &HttpLimits) -> Option<(u64, Arc<Conn>)> {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        let from_addr = conns.values().filter(|c| c.addr == addr).count();
-        let full_here = from_addr >= limits.max_per_address;
-        if full_here || conns.len() >= limits.max_connections {
-            let victim = conns
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let full_here = inner.per_addr.get(&addr).copied().unwrap_or(0) >= limits.max_per_address;
+        if full_here || inner.conns.len() >= limits.max_connections {
+            let victim = inner
+                .conns
                 .iter()
                 .filter(|(_, c)| !full_here || c.addr == addr)
                 .filter_map(|(&id, c)| c.idle_since().map(|since| (since, id)))
                 .min()
                 .map(|(_, id)| id);
-            let victim = conns.remove(&victim?)?;
+            let victim = inner.remove(victim?)?;
             victim.evict.notify_one();
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let conn =
             Arc::new(Conn { addr, in_flight: AtomicUsize::new(0), receiving: false.into(), last_active: Mutex::new(Instant::now()), evict: Notify::new() });
-        conns.insert(id, Arc::clone(&conn));
+        inner.conns.insert(id, Arc::clone(&conn));
+        *inner.per_addr.entry(addr).or_default() += 1;
         Some((id, conn))
     }
 
     fn remove(&self, id: u64) {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 
     fn len(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).conns.len()
     }
 }
 
@@ -283,7 +304,8 @@ mod tests {
         let (_, other) = registry.admit(b, &limits(10, 2)).expect("room");
         // `a` is at its cap: its oldest idle connection goes, not `b`'s.
         let (_, _third) = registry.admit(a, &limits(10, 2)).expect("room made");
-        assert!(!registry.conns.lock().expect("lock").contains_key(&first));
+        assert!(!registry.inner.lock().expect("lock").conns.contains_key(&first));
+        assert_eq!(registry.inner.lock().expect("lock").per_addr.get(&a), Some(&2), "counts follow evictions");
         assert!(Arc::strong_count(&first_conn) == 1 && Arc::strong_count(&other) == 2);
         // Only connections with requests in flight left at `a`'s cap and
         // none idle: nothing can make room.
@@ -304,7 +326,8 @@ mod tests {
         let ips: Vec<IpAddr> = (1..=3).map(|i| format!("10.0.0.{i}").parse().expect("ip")).collect();
         let ids: Vec<u64> = ips.iter().map(|&ip| registry.admit(ip, &limits(3, 3)).expect("room").0).collect();
         registry.admit("10.0.0.9".parse().expect("ip"), &limits(3, 3)).expect("room made");
-        let conns = registry.conns.lock().expect("lock");
+        let inner = registry.inner.lock().expect("lock");
+        let conns = &inner.conns;
         assert_eq!(conns.len(), 3);
         assert!(!conns.contains_key(&ids[0]), "the oldest idle connection was evicted");
     }

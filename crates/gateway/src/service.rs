@@ -289,6 +289,11 @@ impl Gateway {
             self.metrics.drafted.inc_by(s.drafted as u64);
             self.metrics.draft_accepted.inc_by(s.accepted as u64);
             self.metrics.decode_passes.inc_by(s.passes as u64);
+            let per_pass = record.completion_tokens as f64 / s.passes.max(1) as f64;
+            tracing::info!(
+                session = %record.id, drafted = s.drafted, accepted = s.accepted, passes = s.passes,
+                "speculation: {:.0} % of drafts kept, {per_pass:.2} tokens per pass", 100.0 * s.acceptance()
+            );
         }
         if let Finish::Error(message) = &record.finish {
             tracing::warn!(session = %record.id, error = %message, "a session failed");
