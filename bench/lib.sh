@@ -44,3 +44,14 @@ first_token_ms() { grep -o 'first token after [0-9.]* ms' "$1" | tail -1 | awk '
 
 # median of the numbers given as arguments
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+# An HTTP server under test (its pid in $SERVER): stop it, or wait until
+# its OpenAI API at URL answers /models.
+stop() { [ -n "${SERVER:-}" ] && kill "$SERVER" 2>/dev/null; wait 2>/dev/null || true; SERVER=""; }
+wait_for() {
+    for _ in $(seq 1 600); do
+        curl -sf "$1/models" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "server at $1 did not come up" >&2; return 1
+}

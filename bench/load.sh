@@ -17,17 +17,9 @@ MODEL="$("$HOTPOT" pull smollm2-135m 2>/dev/null | cut -f3)"
 LLAMA_BIN="$(bash bench/llamacpp.sh)"
 WORK="$(mktemp -d)"
 SERVER=""
-stop() { [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null; wait 2>/dev/null || true; SERVER=""; }
+source bench/lib.sh
 trap 'stop; rm -rf "$WORK"' EXIT
 ulimit -n "$(ulimit -Hn)"
-
-wait_for() {
-    for _ in $(seq 1 600); do
-        curl -sf "$1/models" >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    echo "server at $1 did not come up" >&2; return 1
-}
 
 rows() {
     local name=$1 url=$2
