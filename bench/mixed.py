@@ -47,6 +47,9 @@ MIX = [
 ]
 
 
+ERRORS = []
+
+
 def one(i):
     path, body = MIX[i % len(MIX)](i)
     started = time.perf_counter()
@@ -63,7 +66,9 @@ def one(i):
             if not line.startswith(b"data: {"):
                 continue
             event = json.loads(line[6:])
-            failed |= "error" in event
+            if "error" in event:
+                failed = True
+                ERRORS.append(str(event["error"].get("message", event["error"]))[:200])
             for choice in event.get("choices", []):
                 piece = choice.get("text") or (choice.get("delta") or {}).get("content")
                 if piece:
@@ -93,4 +98,5 @@ print(json.dumps({
     "first_token_ms_p50": pct(0.5),
     "first_token_ms_p99": pct(0.99),
     "statuses": statuses,
+    "error_events": sorted(set(ERRORS))[:5],
 }))

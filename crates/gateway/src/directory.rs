@@ -223,11 +223,21 @@ impl SharedDirectory {
     }
 
     /// Asks the swarm directly (DHT providers and known peers), timing each
-    /// answer, and records what it hears.
+    /// answer, and records what it hears. A search that started after this
+    /// call is its answer; otherwise the next search waits until
+    /// [`REFRESH_EVERY`] after the last one (a request that finds blocks
+    /// missing right after another search still gets a fresh one, and a
+    /// flood of them costs one search per period).
     pub async fn refresh(&self, network: &Network, model: &ModelId, n_blocks: u32, timeout: Duration) {
+        let asked = Instant::now();
         let mut last = self.refreshed.lock().await;
-        if last.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
+        if last.is_some_and(|t| t >= asked) {
             return;
+        }
+        if let Some(next) = last.map(|t| t + REFRESH_EVERY)
+            && next > Instant::now()
+        {
+            tokio::time::sleep_until(next.into()).await;
         }
         let started = Instant::now();
         *last = Some(started);
