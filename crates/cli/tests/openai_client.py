@@ -92,6 +92,9 @@ api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, presen
 # Completions: text, token ids, streaming, echo with prompt logprobs.
 c = api.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8)
 assert c.choices[0].text.startswith(" Paris"), c.choices[0].text
+# logit_bias: -100 on " Paris" (token 7042) makes the greedy answer another one.
+banned = api.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8, logit_bias={"7042": -100})
+assert not banned.choices[0].text.startswith(" Paris"), banned.choices[0].text
 ids = api.completions.create(model=MODEL, prompt=[504, 3575, 282, 4649, 314], temperature=0, max_tokens=8)
 assert ids.choices[0].text == c.choices[0].text
 streamed = "".join(ch.choices[0].text for ch in api.completions.create(

@@ -27,6 +27,9 @@ pub struct SamplingParams {
     /// OpenAI's frequency penalty (subtracted per occurrence).
     pub frequency_penalty: f32,
     pub penalty_last_n: usize,
+    /// Added to these tokens' logits before anything else (OpenAI's
+    /// `logit_bias`: -100 all but bans a token, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -41,6 +44,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             penalty_last_n: 64,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -91,9 +95,16 @@ impl Sampler {
     pub fn distribution(&self, logits: &[f32], history: &[u32]) -> Distribution {
         let p = &self.params;
         let mut adjusted;
-        let logits = if p.penalizes() {
+        let logits = if p.penalizes() || !p.logit_bias.is_empty() {
             adjusted = logits.to_vec();
-            apply_penalties(p, &mut adjusted, history);
+            for &(token, bias) in &p.logit_bias {
+                if let Some(l) = adjusted.get_mut(token as usize) {
+                    *l += bias;
+                }
+            }
+            if p.penalizes() {
+                apply_penalties(p, &mut adjusted, history);
+            }
             &adjusted[..]
         } else {
             logits
@@ -473,6 +484,17 @@ mod tests {
         let greedy = g.distribution(&target_logits, &[]);
         assert_eq!(g.verify(&greedy, best, &Distribution::point(best), Acceptance::Exact), Verdict::Accepted);
         assert_eq!(g.verify(&greedy, (best + 1) % 12, &Distribution::point((best + 1) % 12), Acceptance::Exact), Verdict::Rejected(best));
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces_tokens() {
+        let logits = random_logits(8, 50);
+        let best = argmax(&logits);
+        let other = (best + 7) % 50;
+        let mut banned = Sampler::new(SamplingParams { logit_bias: vec![(best, -100.0)], ..SamplingParams::greedy() });
+        assert_ne!(banned.sample(&logits, &[]), best);
+        let mut forced = Sampler::new(SamplingParams { temperature: 1.0, logit_bias: vec![(other, 100.0)], seed: Some(1), ..Default::default() });
+        assert!((0..200).all(|_| forced.sample(&logits, &[]) == other));
     }
 
     #[test]

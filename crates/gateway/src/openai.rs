@@ -98,6 +98,9 @@ pub struct ChatRequest {
     pub presence_penalty: Option<f32>,
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
+    /// Token id (as a string) → bias in [-100, 100].
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
     #[serde(default)]
     pub user: Option<String>,
 }
@@ -141,6 +144,9 @@ pub struct CompletionRequest {
     pub presence_penalty: Option<f32>,
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
+    /// Token id (as a string) → bias in [-100, 100].
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
     #[serde(default)]
     pub user: Option<String>,
 }

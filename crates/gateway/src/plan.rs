@@ -11,18 +11,43 @@ use crate::service::{Gateway, RequestPlan};
 use crate::session::ChoiceJob;
 
 /// The sampling fields both endpoints share.
-struct Sampling {
+struct Sampling<'a> {
     temperature: Option<f32>,
     top_p: Option<f32>,
     seed: Option<u64>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
     n: Option<u32>,
+    logit_bias: Option<&'a std::collections::HashMap<String, f32>>,
+}
+
+/// Most `logit_bias` entries a request may carry.
+const MAX_LOGIT_BIAS: usize = 1024;
+
+/// `logit_bias` checked: token ids below `vocab`, biases in [-100, 100].
+fn logit_bias(map: Option<&std::collections::HashMap<String, f32>>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(map) = map else { return Ok(Vec::new()) };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::bad_param("logit_bias", format!("logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {}", map.len())));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (key, &bias) in map {
+        let token = key.parse::<u32>().ok().filter(|&t| (t as usize) < vocab);
+        let Some(token) = token else {
+            return Err(ApiError::bad_param("logit_bias", format!("logit_bias keys are token ids below {vocab}, got {key:?}")));
+        };
+        if !(-100.0..=100.0).contains(&bias) {
+            return Err(ApiError::bad_param("logit_bias", format!("logit_bias values must be in [-100, 100], got {bias}")));
+        }
+        out.push((token, bias));
+    }
+    out.sort_unstable_by_key(|&(t, _)| t);
+    Ok(out)
 }
 
 /// OpenAI's sampling defaults (temperature 1, no top-k, no min-p), checked;
 /// and the number of choices.
-fn sampling(s: &Sampling, max_choices: u32) -> Result<(SamplingParams, u32), ApiError> {
+fn sampling(s: &Sampling<'_>, max_choices: u32, vocab: usize) -> Result<(SamplingParams, u32), ApiError> {
     let temperature = s.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::bad_param("temperature", format!("temperature must be in [0, 2], got {temperature}")));
@@ -52,6 +77,7 @@ fn sampling(s: &Sampling, max_choices: u32) -> Result<(SamplingParams, u32), Api
         presence_penalty: s.presence_penalty.unwrap_or(0.0),
         frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
         penalty_last_n: usize::MAX,
+        logit_bias: logit_bias(s.logit_bias, vocab)?,
     };
     Ok((params, n))
 }
@@ -132,8 +158,10 @@ pub(crate) fn chat(gateway: &Gateway, caller: Option<Caller>, request: ChatReque
             presence_penalty: request.presence_penalty,
             frequency_penalty: request.frequency_penalty,
             n: request.n,
+            logit_bias: request.logit_bias.as_ref(),
         },
         gateway.config.max_choices,
+        gateway.client.config().vocab_size,
     )?;
     // Without max_tokens a reply may run to the end of the context; a key
     // with a budget caps it at what the budget still allows.
@@ -262,8 +290,10 @@ pub(crate) fn completions(gateway: &Gateway, caller: Option<Caller>, request: Co
             presence_penalty: request.presence_penalty,
             frequency_penalty: request.frequency_penalty,
             n: request.n,
+            logit_bias: request.logit_bias.as_ref(),
         },
         gateway.config.max_choices,
+        gateway.client.config().vocab_size,
     )?;
     let params = GenerationParams { sampling: sampling_params, max_tokens, stop: request.stop.clone().map(Stop::into_vec).unwrap_or_default(), logprobs: top };
     let echo_logprobs = if request.echo { top } else { None };

@@ -85,6 +85,12 @@ async fn requests_are_validated_with_openai_errors() {
     let empty = r#"{"model":"tiny","prompt":[],"max_tokens":1}"#;
     assert_error(&call(&kit, "POST", "/v1/completions", empty, None).await, StatusCode::BAD_REQUEST, "invalid_request_error", None);
     assert_error(&call(&kit, "GET", "/v1/nothing", "", None).await, StatusCode::NOT_FOUND, "invalid_request_error", None);
+    for bias in [r#"{"abc":1}"#, r#"{"999999":1}"#, r#"{"1":150}"#] {
+        let body = format!(r#"{{"model":"tiny","messages":[{{"role":"user","content":"hi"}}],"logit_bias":{bias}}}"#);
+        let got = call(&kit, "POST", CHAT, &body, None).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request_error", None);
+        assert_eq!(got.1["error"]["param"], "logit_bias", "{}", got.1);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
