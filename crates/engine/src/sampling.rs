@@ -248,11 +248,6 @@ impl Distribution {
     pub fn prob(&self, token: u32) -> f64 {
         self.tokens.iter().position(|&t| t == token).map_or(0.0, |i| self.weights[i] / self.total)
     }
-
-    /// Whether one token has all the mass by construction (greedy).
-    pub fn is_certain(&self) -> bool {
-        self.certain
-    }
 }
 
 /// How a drafted token is accepted.

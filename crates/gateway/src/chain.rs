@@ -708,8 +708,7 @@ impl Drop for RemoteChain {
     }
 }
 
-/// Sends one step and checks everything about the answer.
-/// One step on one node: `rows` hidden states at `pos`, after rolling the
+/// One step on one node, checking everything about the answer: `rows` hidden states at `pos`, after rolling the
 /// node back to `rollback` positions first when asked (both frames go out
 /// before either answer is read).
 #[allow(clippy::too_many_arguments)]

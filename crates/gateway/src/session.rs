@@ -358,10 +358,8 @@ pub async fn drive<P: Pipeline>(client: &Arc<ClientParts>, pipeline: &mut P, job
             }
             if let Some(speculator) = &mut speculator {
                 speculator.record(drafts.len(), kept);
-                if let Some(flight) = flight
-                    && let Some((assumed, next)) = speculator.land(flight).await
-                {
-                    ahead = speculator.ahead_if_valid(generation.tokens(), &assumed, next);
+                if let Some(flight) = flight {
+                    ahead = speculator.land(flight, generation.tokens()).await;
                 }
             }
             // Forget the refused drafts' positions everywhere.

@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use hotpot_engine::{Acceptance, ClientParts, Distribution, ForwardError, HiddenStates, KvCache, ModelFile, Sampler, SamplingParams, Span};
+use hotpot_engine::{Acceptance, ClientParts, Distribution, ForwardError, KvCache, ModelFile, Sampler, SamplingParams, Span};
 use serde::Serialize;
 
 /// Where drafts come from.
@@ -179,19 +179,14 @@ impl Speculator {
     }
 
     /// Takes the drafter back from `flight`; returns the next window's
-    /// drafts when `tokens` (everything so far) went as it assumed.
-    pub async fn land(&mut self, flight: InFlight) -> Option<(Vec<u32>, Vec<(u32, Distribution)>)> {
+    /// drafts when `tokens` (everything so far) are the ones it assumed
+    /// followed by its guess.
+    pub async fn land(&mut self, flight: InFlight, tokens: &[u32]) -> Option<Vec<(u32, Distribution)>> {
         let (drafter, assumed, result) = flight.handle.await.ok()?;
         if let Drafter::Model(slot) = &mut self.drafter {
             *slot = Some(drafter);
         }
-        let drafts = result.ok()?;
-        Some((assumed, drafts))
-    }
-
-    /// The drafted-ahead window, if `tokens` are the assumed ones followed
-    /// by the drafter's guess.
-    pub fn ahead_if_valid(&self, tokens: &[u32], assumed: &[u32], mut drafts: Vec<(u32, Distribution)>) -> Option<Vec<(u32, Distribution)>> {
+        let mut drafts = result.ok()?;
         let guess = drafts.first()?.0;
         if tokens.len() != assumed.len() + 1 || tokens[..assumed.len()] != *assumed || tokens[assumed.len()] != guess {
             return None;
@@ -264,8 +259,7 @@ impl ModelDrafter {
             hidden = span.forward(cache, &hidden, start)?;
         }
         self.fed.extend_from_slice(tokens);
-        let last = HiddenStates::new(1, hidden.dim(), hidden.row(hidden.rows() - 1).to_vec())?;
-        self.model.client.logits(&last)
+        self.model.client.logits(&hidden.last_row())
     }
 
     fn draft(&mut self, tokens: &[u32], k: usize) -> Result<Vec<(u32, Distribution)>, ForwardError> {
