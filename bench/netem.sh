@@ -7,6 +7,11 @@
 #
 #   sudo bash bench/netem.sh [TOKENS=32] [DELAYS="0 10 25 50"]
 #
+# ROUTING=star (default: the client relays every hop, `--no-push`) or
+# ROUTING=push (node to node). With tc netem only the client's link is
+# delayed (the nodes share a namespace), so push rows mean something only
+# with the emulated delay, which every process pays.
+#
 # Where the kernel has no netem qdisc, the script says so and every process
 # (the nodes and the client) adds the delay itself instead
 # (`--emulate-delay-ms`): every message it sends to a peer waits that long
@@ -15,6 +20,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TOKENS="${1:-32}"
 DELAYS="${2:-0 10 25 50}"
+ROUTING="${ROUTING:-star}"
+ROUTE_ARGS=()
+[ "$ROUTING" = star ] && ROUTE_ARGS=(--no-push)
 cargo build --release -p hotpot-cli >&2
 HOTPOT="$PWD/target/release/hotpot"
 WORK="$(mktemp -d)"
@@ -53,7 +61,7 @@ set_delay() {
 
 PROMPT="Once upon a time, in a small village at the edge of a great forest"
 echo "hotpot decode over a delayed link, $TOKENS tokens, 1 thread per node ($(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) vCPUs)"
-echo "method: $METHOD"
+echo "method: $METHOD, routing: $ROUTING"
 echo
 echo "| nodes | one-way delay | first token (ms) | decode tok/s |"
 echo "| ---: | ---: | ---: | ---: |"
@@ -71,7 +79,7 @@ for chain in "0..30" "0..15 15..30" "0..10 10..20 20..30"; do
             [ -z "$BOOT" ] && BOOT=$NODE_ADDR
         done
         ip netns exec "$NS_C" "$HOTPOT" run smollm2-135m "$PROMPT" --temperature 0 -n "$TOKENS" -t 1 \
-            --join "$BOOT" "${extra[@]}" >/dev/null 2>"$WORK/run.log" || { cat "$WORK/run.log" >&2; exit 1; }
+            --join "$BOOT" "${extra[@]}" "${ROUTE_ARGS[@]}" >/dev/null 2>"$WORK/run.log" || { cat "$WORK/run.log" >&2; exit 1; }
         echo "| $n | $ms ms | $(first_token_ms "$WORK/run.log") | $(decode_rate "$WORK/run.log") |"
         stop_nodes
     done

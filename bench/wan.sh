@@ -9,16 +9,21 @@
 # message a process sends to a peer waits that long first, so a chain pays
 # it on every hop, as on a WAN); this machine's kernel has no `tc netem`
 # (bench/netem.sh uses it where it exists). Modes:
-#   star       the gateway relays every hop (2 legs per stage per pass)
-#   star+spec  the same, with drafts checked k+1 positions per pass
-#              (Qwen2.5-Coder-1.5B: the 0.5B drafts at the gateway;
-#              SmolLM2-135M: n-gram prompt lookup)
-# Node-to-node push is not built yet, so it has no rows.
+#   star       the gateway relays every hop (2 legs per stage per pass:
+#              `--no-push`)
+#   push       each node pushes its output to the next (stages + 1 legs)
+#   star+spec, push+spec
+#              the same, with drafts checked k+1 positions per pass
+#              (Qwen2.5-Coder-1.5B: the 0.5B drafts at the gateway, the
+#              next window drafted while one is checked; SmolLM2-135M:
+#              n-gram prompt lookup)
+# MODES="star push star+spec push+spec" picks the modes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOKENS="${1:-48}"
 DELAYS="${2:-0 10 25 50}"
 MODELS="${3:-qwen smollm}"
+MODES="${MODES:-star push star+spec push+spec}"
 cargo build --release -p hotpot-cli >&2
 HOTPOT="$PWD/target/release/hotpot"
 WORK="$(mktemp -d)"
@@ -48,9 +53,10 @@ bench_model() {
             start_node "$span" 1 "$BOOT"
             [ -z "$BOOT" ] && BOOT=$NODE_ADDR
         done
-        for mode in star star+spec; do
+        for mode in $MODES; do
             spec=()
-            [ "$mode" = star+spec ] && spec=(--draft "$draft")
+            [[ "$mode" == *+spec ]] && spec=(--draft "$draft")
+            [[ "$mode" == star* ]] && spec+=(--no-push)
             "$HOTPOT" run "$model" "${args[@]}" -n "$TOKENS" -t 1 --join "$BOOT" --emulate-delay-ms "$ms" "${spec[@]}" \
                 >/dev/null 2>"$WORK/run.log" || { cat "$WORK/run.log" >&2; exit 1; }
             rate=$(decode_rate "$WORK/run.log")
@@ -60,7 +66,8 @@ bench_model() {
                 read -r drafted accepted per_pass < <(grep -m1 '^\[speculation:' "$WORK/run.log" \
                     | sed -E 's/.*: ([0-9]+) drafted, ([0-9]+) accepted.* ([0-9.]+) tokens per pass.*/\1 \2 \3/')
             fi
-            echo "| $model | ${spec[1]:-–} | $mode | $ms ms | $(first_token_ms "$WORK/run.log") | $rate | $ratio | $drafted | $accepted | $per_pass |"
+            used_draft=–; [[ "$mode" == *+spec ]] && used_draft=$draft
+            echo "| $model | $used_draft | $mode | $ms ms | $(first_token_ms "$WORK/run.log") | $rate | $ratio | $drafted | $accepted | $per_pass |"
         done
         stop_nodes
     done

@@ -106,7 +106,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub peers: crate::swarm::PeerArgs,
     #[command(flatten)]
-    pub speculation: crate::swarm::SpeculationArgs,
+    pub latency: crate::swarm::LatencyArgs,
     /// With --join: print the chain of nodes chosen.
     #[arg(long)]
     pub show_route: bool,
@@ -195,7 +195,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
 
     let (mut job, context) = session_job(&client, args, &entry)?;
     // Here a pass is this machine's compute: drafting ahead would only compete for it.
-    job.speculation = args.speculation.load(&client, &device)?.map(|s| hotpot_gateway::Speculation { in_flight: false, ..s });
+    job.speculation = args.latency.load(&client, &device)?.map(|s| hotpot_gateway::Speculation { in_flight: false, ..s });
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().context("starting the async runtime")?;
     let mut printer = Printer::new();
     let outcome = runtime.block_on(async {

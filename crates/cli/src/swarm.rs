@@ -378,18 +378,18 @@ pub fn run_remote(args: &RunArgs) -> Result<()> {
     let device = Device::cpu(args.threads)?;
     let client = Arc::new(ClientParts::load(&file, &device)?);
     let (mut job, (session, _)) = crate::run::session_job(&client, args, &entry)?;
-    job.speculation = args.speculation.load(&client, &device)?;
+    job.speculation = args.latency.load(&client, &device)?;
     runtime()?.block_on(async {
         let network = join_as_client(&args.peers, vec![], NodeKey::generate()).await?;
         let directory = SharedDirectory::follow(&network, entry.id).await;
         directory.refresh(&network, &entry.id, config.n_blocks, Duration::from_secs(3)).await;
         let max_len = job.prompt.len() + job.params.max_tokens;
-        let chain_config = ChainConfig { max_len: max_len + 1, ..ChainConfig::default() };
+        let chain_config = ChainConfig { max_len: max_len + 1, push: !args.latency.no_push, ..ChainConfig::default() };
         let context =
             ChainContext { network: network.clone(), directory, model: entry.id, n_blocks: config.n_blocks, dim: config.dim, observer: None, selector: None };
         let mut chain = RemoteChain::open(context, chain_config).await.with_context(|| format!("the swarm cannot serve {}", entry.name))?;
         if args.show_route {
-            eprintln!("route: {}", describe_route(&chain.route()));
+            eprintln!("route: {}{}", describe_route(&chain.route()), if chain.pushed() { " (pushed node to node)" } else { " (relayed through this process)" });
         }
         let mut printer = crate::run::Printer::new();
         let outcome = hotpot_gateway::drive(&client, &mut chain, &job, &session, &mut printer).await;
@@ -431,12 +431,17 @@ pub struct GatewayArgs {
     #[command(flatten)]
     pub serving: ServingArgs,
     #[command(flatten)]
-    pub speculation: SpeculationArgs,
+    pub latency: LatencyArgs,
 }
 
-/// Speculative decoding (off unless asked for).
+/// How the pipeline hides network latency: node-to-node push (on unless
+/// turned off) and speculative decoding (off unless asked for).
 #[derive(Args, Debug, Clone, Default)]
-pub struct SpeculationArgs {
+pub struct LatencyArgs {
+    /// Relay every step through this process (a star) instead of having
+    /// each node push its output straight to the next one.
+    #[arg(long)]
+    pub no_push: bool,
     /// Draft tokens with MODEL (a smaller model with the same vocabulary,
     /// run whole in this process), or with `ngram` (prompt lookup, no
     /// model); the pipeline checks each window of drafts in one pass.
@@ -447,7 +452,7 @@ pub struct SpeculationArgs {
     pub max_draft: u64,
 }
 
-impl SpeculationArgs {
+impl LatencyArgs {
     /// The speculation asked for, with its draft model loaded.
     pub fn load(&self, target: &ClientParts, device: &Device) -> Result<Option<hotpot_gateway::Speculation>> {
         let Some(draft) = &self.draft else { return Ok(None) };
@@ -567,7 +572,7 @@ pub struct UpArgs {
     #[command(flatten)]
     pub serving: ServingArgs,
     #[command(flatten)]
-    pub speculation: SpeculationArgs,
+    pub latency: LatencyArgs,
 }
 
 struct GatewayModel {
@@ -575,15 +580,17 @@ struct GatewayModel {
     id: hotpot_core::ModelId,
     name: String,
     speculation: Option<hotpot_gateway::Speculation>,
+    push: bool,
 }
 
-fn load_gateway_model(name: &str, device: &Device, speculation: &SpeculationArgs) -> Result<(GatewayModel, std::path::PathBuf)> {
+fn load_gateway_model(name: &str, device: &Device, speculation: &LatencyArgs) -> Result<(GatewayModel, std::path::PathBuf)> {
     let entry = Store::from_env()?.resolve(name)?;
     let file = ModelFile::open(&entry.path)?;
     let id = file.model_id()?;
     let client = Arc::new(ClientParts::load(&file, device)?);
+    let push = !speculation.no_push;
     let speculation = speculation.load(&client, device)?;
-    Ok((GatewayModel { client, id, name: entry.name.clone(), speculation }, entry.path))
+    Ok((GatewayModel { client, id, name: entry.name.clone(), speculation, push }, entry.path))
 }
 
 async fn serve_http(
@@ -602,6 +609,7 @@ async fn serve_http(
     config.audit = audit;
     config.record_sinks = record_sinks;
     config.speculation = model.speculation.clone();
+    config.chain.push = model.push;
     if let Some(path) = keys {
         let ledger = if serving.init_store { hotpot_gateway::Ledger::Create } else { hotpot_gateway::Ledger::Existing };
         config.keys = Some(Arc::new(hotpot_gateway::KeyStore::load(path, ledger)?));
@@ -621,7 +629,7 @@ async fn serve_http(
 
 pub fn gateway(args: &GatewayArgs) -> Result<()> {
     let device = Device::cpu(args.threads)?;
-    let (model, path) = load_gateway_model(&args.model, &device, &args.speculation)?;
+    let (model, path) = load_gateway_model(&args.model, &device, &args.latency)?;
     let audit = args.audit.config(&path, Some(device))?;
     let identity = args.identity.identity()?;
     let sinks = args.identity.record_sinks()?;
@@ -644,7 +652,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
     // a token's work moves along the chain, so they never need it at once.
     let device = Device::cpu(args.threads)?;
     let threads = device.threads();
-    let (model, path) = load_gateway_model(&args.model, &device, &args.speculation)?;
+    let (model, path) = load_gateway_model(&args.model, &device, &args.latency)?;
     let file = ModelFile::open(&path)?;
     let n_blocks = file.config().n_blocks;
     let spans =

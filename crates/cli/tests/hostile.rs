@@ -33,7 +33,7 @@ async fn ask(framed: &mut Framed, message: ClientMessage) -> Option<NodeMessage>
 }
 
 fn open(session: SessionId, model: ModelId, span: (u32, u32)) -> ClientMessage {
-    ClientMessage::Open(Open { session, model, span: LayerSpan::new(span.0, span.1).expect("span"), max_len: 64, priority: Priority::Interactive })
+    ClientMessage::Open(Open { session, model, span: LayerSpan::new(span.0, span.1).expect("span"), max_len: 64, priority: Priority::Interactive, push: None })
 }
 
 fn step(session: SessionId, pos: u32, rows: usize, cols: usize) -> ClientMessage {
@@ -190,7 +190,14 @@ async fn decode_rate(net: &Network, peer: PeerId, model: ModelId, steps: u32) ->
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let mut session = loop {
         let mut session = stream(net, peer).await;
-        let open = ClientMessage::Open(Open { session: id, model, span: LayerSpan::new(0, 30).expect("span"), max_len: 1024, priority: Priority::Interactive });
+        let open = ClientMessage::Open(Open {
+            session: id,
+            model,
+            span: LayerSpan::new(0, 30).expect("span"),
+            max_len: 1024,
+            priority: Priority::Interactive,
+            push: None,
+        });
         match ask(&mut session, open).await {
             Some(NodeMessage::Opened { .. }) => break session,
             Some(NodeMessage::Busy { retry_after_ms, .. }) if std::time::Instant::now() < deadline => {
@@ -299,6 +306,81 @@ fn attacker_runtime() -> tokio::runtime::Runtime {
 /// with cheap `Truncate`s, huge `max_len`s — while an honest session
 /// decodes: it keeps ≥ 80 % of its unloaded speed, the node neither panics
 /// nor grows without bound, and the held sessions still expire.
+/// Node-to-node push: a node takes forwarded steps (`/hotpot/push/1`) only
+/// for a session its opener pushed, and only from the upstream node the
+/// opener named; the step's output then answers the opener's `Collect`.
+#[test]
+fn forwarded_steps_are_taken_only_from_the_named_upstream() {
+    use hotpot_wire::{PROTOCOL_PUSH, PushLinks};
+    let _serial = serial();
+    let node = NodeProc::start("0..20", None, &[]);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let gateway = client(&node.addr).await;
+        let upstream = client(&node.addr).await;
+        let stranger = client(&node.addr).await;
+        let peer: PeerId = node.peer_id.parse().expect("peer id");
+        let info = gateway.query_info(peer, T).await.expect("info");
+        assert_ne!(info.features & hotpot_wire::features::PUSH, 0, "the node announces push");
+        let model = info.model;
+        let push_stream = |net: Network| async move { Framed::new(peer, net.open_stream(peer, PROTOCOL_PUSH, T).await.expect("push stream opens")) };
+
+        // The gateway opens a pushed session whose upstream is `upstream`.
+        let id = SessionId::random();
+        let mut session = stream(&gateway, peer).await;
+        let links = PushLinks { upstream: Some(upstream.node_id()), downstream: None };
+        let pushed = ClientMessage::Open(Open {
+            session: id,
+            model,
+            span: LayerSpan::new(0, 20).expect("span"),
+            max_len: 64,
+            priority: Priority::Interactive,
+            push: Some(links),
+        });
+        assert!(matches!(ask(&mut session, pushed).await, Some(NodeMessage::Opened { .. })));
+
+        // A stranger forwarding into it is refused, and so is a forwarded
+        // step for a session that was never opened.
+        let mut s = push_stream(stranger.clone()).await;
+        assert_eq!(code(ask(&mut s, step(id, 0, 2, DIM)).await), Some(ErrorCode::NotYourSession));
+        let mut s = push_stream(upstream.clone()).await;
+        assert_eq!(code(ask(&mut s, step(SessionId::random(), 0, 2, DIM)).await), Some(ErrorCode::UnknownSession));
+        // Nor does a session opened without push links take forwarded steps.
+        let plain = SessionId::random();
+        let mut plain_stream = stream(&gateway, peer).await;
+        assert!(matches!(ask(&mut plain_stream, open(plain, model, (0, 20))).await, Some(NodeMessage::Opened { .. })));
+        let mut s = push_stream(upstream.clone()).await;
+        assert_eq!(code(ask(&mut s, step(plain, 0, 2, DIM)).await), Some(ErrorCode::UnknownSession));
+        assert_eq!(code(ask(&mut plain_stream, ClientMessage::Collect { session: plain, pos: 0 }).await), Some(ErrorCode::BadRequest));
+
+        // The named upstream's step is computed, and its output and
+        // commitment answer the gateway's Collect.
+        let mut s = push_stream(upstream.clone()).await;
+        s.send(&step(id, 0, 2, DIM).encode(), T).await.expect("forwards");
+        let collected = ask(&mut session, ClientMessage::Collect { session: id, pos: 0 }).await;
+        let Some(NodeMessage::Output { hidden, commitment, .. }) = collected else { panic!("no output collected: {collected:?}") };
+        let ClientMessage::Step(sent) = step(id, 0, 2, DIM) else { unreachable!() };
+        let record = StepRecord {
+            session: id,
+            model,
+            span: LayerSpan::new(0, 20).expect("span"),
+            start_pos: 0,
+            rows: 2,
+            input: sent.hidden.bytes(),
+            output: hidden.bytes(),
+        };
+        commitment.check(node_id_of(&peer).expect("node id"), record).expect("the collected commitment verifies");
+        // The same positions again roll the session back (a rollback
+        // rides on a pushed step) and give the same bits.
+        s.send(&step(id, 0, 2, DIM).encode(), T).await.expect("forwards");
+        let again = ask(&mut session, ClientMessage::Collect { session: id, pos: 0 }).await;
+        assert!(matches!(&again, Some(NodeMessage::Output { hidden: h, .. }) if h.bytes() == hidden.bytes()), "{again:?}");
+        for net in [gateway, upstream, stranger] {
+            net.shutdown().await;
+        }
+    });
+}
+
 #[test]
 fn every_protocol_survives_junk_and_floods() {
     let _serial = serial();
@@ -323,6 +405,7 @@ fn every_protocol_survives_junk_and_floods() {
                 span: LayerSpan::new(0, 30).expect("span"),
                 max_len: u32::MAX,
                 priority: Priority::Interactive,
+                push: None,
             }),
         )
         .await;
@@ -340,10 +423,12 @@ fn every_protocol_survives_junk_and_floods() {
                     let mut rounds = 0u32;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let mut wave = tokio::task::JoinSet::new();
+                        let round = rounds;
                         for k in 0..6u32 {
                             let net = net.clone();
                             wave.spawn(async move {
-                                let protocol = [hotpot_wire::PROTOCOL_INFO, hotpot_wire::PROTOCOL_AUDIT, PROTOCOL_INFER][(k % 3) as usize];
+                                let protocols = [hotpot_wire::PROTOCOL_INFO, hotpot_wire::PROTOCOL_AUDIT, PROTOCOL_INFER, hotpot_wire::PROTOCOL_PUSH];
+                                let protocol = protocols[((k + round) % 4) as usize];
                                 let Ok(mut raw) = net.open_stream(peer, protocol, Duration::from_secs(2)).await else { return };
                                 if k < 3 {
                                     // A maximum-size frame: the node refuses it at its

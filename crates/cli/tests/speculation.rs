@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use common::*;
 use hotpot_engine::{Acceptance, ClientParts, Device, GenerationParams, HiddenStates, KvCache, ModelFile, SamplingParams, Span};
-use hotpot_gateway::{ChainError, ChoiceJob, Pipeline, SessionContext, SessionEvent, Speculation, StageRecord, drive};
+use hotpot_gateway::{
+    ChainConfig, ChainContext, ChainError, ChoiceJob, Pipeline, RemoteChain, SessionContext, SessionEvent, Speculation, SpeculationStats, StageRecord, drive,
+};
 
 fn run(args: &[&str]) -> (String, String) {
     let out = hotpot(args, Duration::from_secs(300));
@@ -145,9 +147,65 @@ impl Pipeline for Prefilled<'_> {
     }
 }
 
+/// One session: its tokens and speculation counts.
+async fn one_session<P: Pipeline>(
+    client: &Arc<ClientParts>,
+    pipeline: &mut P,
+    job: &ChoiceJob,
+    context: &SessionContext,
+) -> (Vec<u32>, Option<SpeculationStats>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let mut sink = tx;
+    let outcome = drive(client, pipeline, job, context, &mut sink).await;
+    drop(sink);
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    let mut tokens = Vec::new();
+    while let Some(event) = rx.recv().await {
+        if let SessionEvent::Token { token, .. } = event {
+            tokens.push(token);
+        }
+    }
+    (tokens, outcome.record.speculation)
+}
+
+/// [`Prefilled`] through a remote chain: the prompt was run through it
+/// once; each session starts by rolling the chain back to the prompt.
+struct PrefilledChain<'a> {
+    chain: &'a mut RemoteChain,
+    prompt_out: &'a HiddenStates,
+}
+
+impl Pipeline for PrefilledChain<'_> {
+    async fn forward(&mut self, hidden: HiddenStates, start: usize) -> Result<HiddenStates, ChainError> {
+        if start > 0 {
+            return self.chain.forward(hidden, start).await;
+        }
+        let (prompt, dim) = (self.prompt_out.rows(), hidden.dim());
+        assert!(hidden.rows() >= prompt, "the prompt comes whole");
+        self.chain.truncate(prompt).await?;
+        let mut rows = self.prompt_out.as_slice().to_vec();
+        if hidden.rows() > prompt {
+            let rest = HiddenStates::new(hidden.rows() - prompt, dim, hidden.as_slice()[prompt * dim..].to_vec())?;
+            rows.extend(self.chain.forward(rest, prompt).await?.into_vec());
+        }
+        Ok(HiddenStates::new(hidden.rows(), dim, rows)?)
+    }
+
+    async fn truncate(&mut self, len: usize) -> Result<(), ChainError> {
+        self.chain.truncate(len).await
+    }
+
+    async fn close(&mut self) {}
+
+    fn stages(&self) -> Vec<StageRecord> {
+        Vec::new()
+    }
+}
+
 /// Temperature 0.8 with fixed seeds: the first 4 tokens of 2,000 sessions
-/// with n-gram drafts (exact speculative sampling) are distributed like
-/// 2,000 without; the same test rejects a wrong acceptance rule (on 500).
+/// with n-gram drafts (exact speculative sampling) through a pushed chain
+/// of three nodes are distributed like 2,000 without drafts in one
+/// process; the same test rejects a wrong acceptance rule (on 500).
 #[test]
 fn speculative_sampling_keeps_the_distribution() {
     let _serial = serial();
@@ -160,33 +218,29 @@ fn speculative_sampling_keeps_the_distribution() {
     let span = &spans[0];
     let mut prompt_cache = span.new_cache(prompt.len() + 8);
     let prompt_out = span.forward(&mut prompt_cache, &client.embed(&prompt).expect("embeds"), 0).expect("prefill");
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let sample = |speculation: Option<Speculation>, seeds: u64| -> (HashMap<Vec<u32>, u64>, (usize, usize)) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let session = |seed: u64, speculation: &Option<Speculation>| {
+        let params = GenerationParams {
+            sampling: SamplingParams { temperature: 0.8, seed: Some(seed), ..SamplingParams::default() },
+            max_tokens: 4,
+            stop: Vec::new(),
+            logprobs: None,
+        };
+        let job = ChoiceJob { index: 0, prompt: prompt.clone(), params, prompt_logprobs: None, bills_prompt: true, speculation: speculation.clone() };
+        (job, SessionContext { id: format!("s{seed}"), caller: None, model: "smollm2-135m".into(), model_id })
+    };
+    // Sessions of `seeds` seeds in this process, or through `chain`.
+    let sample = |speculation: Option<Speculation>, seeds: u64, mut chain: Option<&mut RemoteChain>| -> (HashMap<Vec<u32>, u64>, (usize, usize)) {
         runtime.block_on(async {
             let mut counts = HashMap::new();
             let (mut drafted, mut accepted) = (0, 0);
             for seed in 0..seeds {
-                let params = GenerationParams {
-                    sampling: SamplingParams { temperature: 0.8, seed: Some(seed), ..SamplingParams::default() },
-                    max_tokens: 4,
-                    stop: Vec::new(),
-                    logprobs: None,
+                let (job, context) = session(seed, &speculation);
+                let (tokens, stats) = match chain.as_deref_mut() {
+                    Some(chain) => one_session(&client, &mut PrefilledChain { chain, prompt_out: &prompt_out }, &job, &context).await,
+                    None => one_session(&client, &mut Prefilled { span, cache: prompt_cache.clone(), prompt_out: &prompt_out }, &job, &context).await,
                 };
-                let job = ChoiceJob { index: 0, prompt: prompt.clone(), params, prompt_logprobs: None, bills_prompt: true, speculation: speculation.clone() };
-                let context = SessionContext { id: format!("s{seed}"), caller: None, model: "smollm2-135m".into(), model_id };
-                let mut pipeline = Prefilled { span, cache: prompt_cache.clone(), prompt_out: &prompt_out };
-                let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-                let mut sink = tx;
-                let outcome = drive(&client, &mut pipeline, &job, &context, &mut sink).await;
-                drop(sink);
-                assert!(outcome.error.is_none(), "{:?}", outcome.error);
-                let mut tokens = Vec::new();
-                while let Some(event) = rx.recv().await {
-                    if let SessionEvent::Token { token, .. } = event {
-                        tokens.push(token);
-                    }
-                }
-                if let Some(s) = outcome.record.speculation {
+                if let Some(s) = stats {
                     drafted += s.drafted;
                     accepted += s.accepted;
                 }
@@ -196,10 +250,40 @@ fn speculative_sampling_keeps_the_distribution() {
         })
     };
     let seeds = 2000;
-    let (plain, _) = sample(None, seeds);
-    let (exact, (drafted, accepted)) = sample(Some(Speculation::ngram()), seeds);
+    let (plain, _) = sample(None, seeds, None);
+    // Exact speculative sampling through three real nodes pushing to each
+    // other: every refused draft rolls the nodes back on the next step.
+    let head = NodeProc::start("0..10", None, &[]);
+    let _rest = [NodeProc::start("10..20", Some(&head.addr), &[]), NodeProc::start("20..30", Some(&head.addr), &[])];
+    let (network, mut chain) = runtime.block_on(async {
+        let network = hotpot_net::Network::start(hotpot_net::NetworkConfig {
+            key: hotpot_core::NodeKey::generate(),
+            listen: vec![],
+            join: vec![head.addr.parse().expect("addr")],
+            dht_server: false,
+            mdns: false,
+        })
+        .await
+        .expect("joins");
+        let n_blocks = file.config().n_blocks;
+        let directory = hotpot_gateway::SharedDirectory::follow(&network, model_id).await;
+        directory.refresh(&network, &model_id, n_blocks, Duration::from_secs(3)).await;
+        let context = ChainContext { network: network.clone(), directory, model: model_id, n_blocks, dim: file.config().dim, observer: None, selector: None };
+        let mut chain = RemoteChain::open(context, ChainConfig { max_len: prompt.len() + 16, ..ChainConfig::default() }).await.expect("route");
+        assert!(chain.route().len() == 3 && chain.pushed(), "a pushed chain of three nodes");
+        let out = chain.forward(client.embed(&prompt).expect("embeds"), 0).await.expect("prefill");
+        assert_eq!(out.as_slice(), prompt_out.as_slice(), "the chain computes the prompt's bits");
+        (network, chain)
+    });
+    let (exact, (drafted, accepted)) = sample(Some(Speculation::ngram()), seeds, Some(&mut chain));
+    assert_eq!(chain.failovers(), 0);
+    assert!(chain.pushed(), "the chain pushed to the end");
+    runtime.block_on(async {
+        chain.close().await;
+        network.shutdown().await;
+    });
     // A wrong rule is far off: fewer seeds show it.
-    let (wrong, _) = sample(Some(Speculation { rule: Acceptance::AnyPossible, ..Speculation::ngram() }), 500);
+    let (wrong, _) = sample(Some(Speculation { rule: Acceptance::AnyPossible, ..Speculation::ngram() }), 500, None);
     let (stat, df, p) = homogeneity(&plain, &exact);
     let (wrong_stat, wrong_df, wrong_p) = homogeneity(&plain, &wrong);
     println!(

@@ -27,13 +27,23 @@ fn three_nodes_give_the_tokens_of_one_process() {
     let a = NodeProc::start("0..10", None, &[]);
     let _b = NodeProc::start("10..20", Some(&a.addr), &[]);
     let _c = NodeProc::start("20..30", Some(&a.addr), &[]);
-    for (prompt, n) in fixture_cases() {
+    for (i, (prompt, n)) in fixture_cases().into_iter().enumerate() {
         let n_text = n.to_string();
-        let out = hotpot(&["run", "smollm2-135m", &prompt, "--temperature", "0", "-n", &n_text, "--join", &a.addr, "--show-route"], Duration::from_secs(120));
-        assert!(out.status.success(), "swarm run failed: {}", text(&out.stderr));
-        let route = text(&out.stderr);
-        assert!(route.contains("route: [0..10]") && route.contains("[10..20]") && route.contains("[20..30]"), "{route}");
-        assert_eq!(text(&out.stdout), local_greedy(&prompt, n), "prompt {prompt:?}");
+        let expected = local_greedy(&prompt, n);
+        // Node-to-node push (the default), and for one prompt a star: the
+        // client relaying every step itself.
+        let modes: &[&[&str]] = if i == 0 { &[&[], &["--no-push"]] } else { &[&[]] };
+        for extra in modes {
+            let mut args = vec!["run", "smollm2-135m", &prompt, "--temperature", "0", "-n", &n_text, "--join", &a.addr, "--show-route"];
+            args.extend_from_slice(extra);
+            let out = hotpot(&args, Duration::from_secs(120));
+            assert!(out.status.success(), "swarm run failed: {}", text(&out.stderr));
+            let route = text(&out.stderr);
+            assert!(route.contains("route: [0..10]") && route.contains("[10..20]") && route.contains("[20..30]"), "{route}");
+            let mode = if extra.is_empty() { "(pushed node to node)" } else { "(relayed through this process)" };
+            assert!(route.contains(mode), "{route}");
+            assert_eq!(text(&out.stdout), expected, "prompt {prompt:?} {extra:?}");
+        }
     }
 }
 
@@ -154,15 +164,17 @@ fn failover_when_the_node_in_use_dies() {
     let addr = first.addr.clone();
     let mut nodes = vec![first, NodeProc::start("0..15", Some(&addr), &[]), NodeProc::start("15..30", Some(&addr), &[])];
     let bootstrap = nodes[2].addr.clone();
-    failover_case(&mut nodes, &bootstrap, "0..15", Stop::Kill, &[]);
+    let log = failover_case(&mut nodes, &bootstrap, "0..15", Stop::Kill, &[]);
+    assert!(log.contains("(pushed node to node)") && log.contains("relaying every step from now on"), "push falls back to a star:\n{log}");
     drop(nodes);
 
-    // Two nodes for the middle span.
+    // Two nodes for the middle span, the client relaying every step (a star).
     let head = NodeProc::start("0..10", None, &[]);
     let addr = head.addr.clone();
     let mut nodes =
         vec![head, NodeProc::start("10..20", Some(&addr), &[]), NodeProc::start("10..20", Some(&addr), &[]), NodeProc::start("20..30", Some(&addr), &[])];
-    failover_case(&mut nodes, &addr, "10..20", Stop::Kill, &[]);
+    let log = failover_case(&mut nodes, &addr, "10..20", Stop::Kill, &["--no-push"]);
+    assert!(log.contains("(relayed through this process)"), "{log}");
 }
 
 #[test]
@@ -261,27 +273,31 @@ fn remote_chains_roll_back_on_every_node() {
         let directory = SharedDirectory::follow(&network, model).await;
         directory.refresh(&network, &model, config.n_blocks, Duration::from_secs(3)).await;
         let context = ChainContext { network: network.clone(), directory, model, n_blocks: config.n_blocks, dim: config.dim, observer: None, selector: None };
-        let mut chain = RemoteChain::open(context, ChainConfig { max_len: 64, ..ChainConfig::default() }).await.expect("route");
-        assert_eq!(chain.route().len(), 2);
-        let rows = |range: std::ops::Range<usize>| client.embed(&tokens[range]).expect("embeds");
-        let prefill = chain.forward(rows(0..6), 0).await.expect("prefill").into_vec();
-        let mut decoded = Vec::new();
-        for pos in 6..tokens.len() {
-            decoded.push(chain.forward(rows(pos..pos + 1), pos).await.expect("decode").into_vec());
+        // Relayed (each node told by `Truncate`) and pushed (the rollback
+        // rides on the next step, which every node forwards).
+        for push in [false, true] {
+            let mut chain = RemoteChain::open(context.clone(), ChainConfig { max_len: 64, push, ..ChainConfig::default() }).await.expect("route");
+            assert_eq!((chain.route().len(), chain.pushed()), (2, push));
+            let rows = |range: std::ops::Range<usize>| client.embed(&tokens[range]).expect("embeds");
+            let prefill = chain.forward(rows(0..6), 0).await.expect("prefill").into_vec();
+            let mut decoded = Vec::new();
+            for pos in 6..tokens.len() {
+                decoded.push(chain.forward(rows(pos..pos + 1), pos).await.expect("decode").into_vec());
+            }
+            // Back to 8 positions: the nodes accept position 8 again, and give the same bits.
+            chain.truncate(8).await.expect("rolls back");
+            assert_eq!(chain.len(), 8);
+            for pos in 8..tokens.len() {
+                let again = chain.forward(rows(pos..pos + 1), pos).await.expect("recompute").into_vec();
+                assert!(again.iter().zip(&decoded[pos - 6]).all(|(x, y)| x.to_bits() == y.to_bits()), "position {pos} differs after the rollback");
+            }
+            // A step that skips positions is refused: the caches really are at the end.
+            assert!(chain.forward(rows(0..1), tokens.len() + 1).await.is_err());
+            assert!(!prefill.is_empty());
+            let records = chain.stage_records();
+            assert!(records.iter().all(|r| r.positions == tokens.len()), "{:?}", records.iter().map(|r| r.positions).collect::<Vec<_>>());
+            chain.close().await;
         }
-        // Back to 8 positions: the nodes accept position 8 again, and give the same bits.
-        chain.truncate(8).await.expect("rolls back");
-        assert_eq!(chain.len(), 8);
-        for pos in 8..tokens.len() {
-            let again = chain.forward(rows(pos..pos + 1), pos).await.expect("recompute").into_vec();
-            assert!(again.iter().zip(&decoded[pos - 6]).all(|(x, y)| x.to_bits() == y.to_bits()), "position {pos} differs after the rollback");
-        }
-        // A step that skips positions is refused: the caches really are at the end.
-        assert!(chain.forward(rows(0..1), tokens.len() + 1).await.is_err());
-        assert!(!prefill.is_empty());
-        let records = chain.stage_records();
-        assert!(records.iter().all(|r| r.positions == tokens.len()), "{:?}", records.iter().map(|r| r.positions).collect::<Vec<_>>());
-        chain.close().await;
         network.shutdown().await;
     });
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId, SessionId, StepRecord};
 use hotpot_engine::{ForwardError, HiddenStates};
 use hotpot_net::{Framed, Network, PeerId, node_id_of};
-use hotpot_wire::{ClientMessage, DType, ErrorCode, NodeMessage, Open, PROTOCOL_INFER, Priority, Step, Tensor};
+use hotpot_wire::{ClientMessage, DType, Downstream, ErrorCode, NodeInfo, NodeMessage, Open, PROTOCOL_INFER, Priority, PushLinks, Step, Tensor, features};
 use tokio::time::Instant;
 
 /// Hidden states travel as f32: exactly the bytes nodes sign and audits
@@ -62,6 +62,8 @@ pub struct ChainConfig {
     /// Node failures tolerated within one call to `forward`.
     pub max_failovers: usize,
     pub discovery_timeout: Duration,
+    /// Node-to-node push when every node of the route supports it.
+    pub push: bool,
 }
 
 impl Default for ChainConfig {
@@ -76,6 +78,7 @@ impl Default for ChainConfig {
             per_row_timeout: Duration::from_millis(50),
             max_failovers: 8,
             discovery_timeout: Duration::from_secs(3),
+            push: true,
         }
     }
 }
@@ -111,6 +114,12 @@ enum NodeFault {
     Protocol(String),
     #[error("sent a commitment that does not verify: {0}")]
     Commitment(String),
+    /// In a pushed chain, the node signed other input bytes than the
+    /// previous node reported sending it: one of the two lied, or the link
+    /// between them broke; which one is unknowable here, so nobody is
+    /// banned and the chain falls back to relaying every step itself.
+    #[error("signed other input bytes than its predecessor reported forwarding")]
+    Input,
 }
 
 struct Conn {
@@ -118,6 +127,8 @@ struct Conn {
     node: NodeId,
     session: SessionId,
     framed: Framed,
+    /// Opened as part of a pushed chain.
+    pushed: bool,
 }
 
 struct Stage {
@@ -251,6 +262,9 @@ pub struct RemoteChain {
     stages: Vec<Stage>,
     len: usize,
     failovers: usize,
+    /// Steps go node to node (until a fault: then the gateway relays
+    /// every step itself for the rest of the session).
+    push: bool,
 }
 
 impl std::fmt::Debug for RemoteChain {
@@ -267,13 +281,20 @@ impl RemoteChain {
         let full = LayerSpan::full(n_blocks).map_err(|e| ChainError::Internal(e.to_string()))?;
         let mut failures = 0;
         let deadline = Instant::now() + connector.config.queue_timeout;
-        let stages = connector.connect(full, &mut failures, deadline).await?.into_iter().map(|c| connector.stage(c)).collect();
-        Ok(Self { connector, dim, stages, len: 0, failovers: 0 })
+        let push = connector.config.push;
+        let stages: Vec<Stage> = connector.connect(full, &mut failures, deadline, push).await?.into_iter().map(|c| connector.stage(c)).collect();
+        let push = stages.len() > 1 && stages.iter().all(|s| s.conn.pushed);
+        Ok(Self { connector, dim, stages, len: 0, failovers: 0, push })
     }
 
     /// The hops in use, in order.
     pub fn route(&self) -> Vec<Hop> {
         self.stages.iter().map(|s| s.conn.hop).collect()
+    }
+
+    /// Whether steps go node to node now.
+    pub fn pushed(&self) -> bool {
+        self.push
     }
 
     /// Node failures survived so far.
@@ -300,6 +321,18 @@ impl RemoteChain {
         let mut failures = 0;
         let deadline = Instant::now() + self.connector.config.queue_timeout;
         let mut k = 0;
+        if self.push {
+            match self.push_step(start_pos, rows, x).await {
+                Ok(out) => {
+                    self.len += rows;
+                    return Ok(HiddenStates::new(rows, self.dim, out)?);
+                }
+                Err((at, input, fault)) => {
+                    self.unpush(at, fault, start_pos, &mut failures, deadline).await?;
+                    (k, x) = (at, input);
+                }
+            }
+        }
         while k < self.stages.len() {
             match self.step(k, start_pos, rows, &x).await {
                 Ok((out, commitment)) => {
@@ -412,6 +445,80 @@ impl RemoteChain {
         self.connector.emit(event);
     }
 
+    /// One step through the pushed chain: the first node gets the step,
+    /// each node forwards its output to the next, and every node's output
+    /// and commitment are collected on its own session stream (asked for
+    /// at once, so collecting costs no round trip). Stages up to a fault
+    /// are recorded; a fault at stage k returns k, what stage k was fed,
+    /// and the fault.
+    async fn push_step(&mut self, pos: usize, rows: usize, x: Vec<f32>) -> Result<Vec<f32>, (usize, Vec<f32>, NodeFault)> {
+        let timeout = self.step_timeout(rows);
+        let (model, dim) = (self.connector.model, self.dim);
+        let first = Tensor::from_f32(WIRE_DTYPE, rows, dim, &x);
+        let step = Step { session: self.stages[0].conn.session, pos: pos as u32, hidden: first.clone() };
+        let sends = self.stages.iter_mut().enumerate().map(|(k, stage)| {
+            let message = if k == 0 { ClientMessage::PushStep(step.clone()) } else { ClientMessage::Collect { session: stage.conn.session, pos: pos as u32 } };
+            async move { stage.conn.framed.send(&message.encode(), timeout).await }
+        });
+        let sent: Vec<Result<(), hotpot_net::NetError>> = futures::future::join_all(sends).await;
+        let (mut input, mut input_tensor) = (x, first);
+        for (k, sent) in sent.into_iter().enumerate() {
+            if let Err(e) = sent {
+                return Err((k, input, e.into()));
+            }
+            // Stage k's output comes after k forwarding hops.
+            let wait = timeout.saturating_mul(k as u32 + 1);
+            match read_output(&mut self.stages[k].conn, model, dim, pos, rows, input_tensor.bytes(), wait).await {
+                Ok((out, tensor, commitment)) => {
+                    let stage = &mut self.stages[k];
+                    // The step rolled the node back itself.
+                    stage.rollback = None;
+                    stage.record(&input, &out, commitment);
+                    if !stage.proven {
+                        stage.proven = true;
+                        let peer = stage.conn.hop.peer;
+                        self.connector.directory.with(|d| d.succeeded(&peer));
+                    }
+                    let bytes = rows * dim * WIRE_DTYPE.size();
+                    self.emit(ChainEvent::Step { peer: &self.stages[k].conn.hop.peer, sent: if k == 0 { bytes } else { 0 }, received: out.len() * 4 });
+                    (input, input_tensor) = (out, tensor);
+                }
+                Err(fault) => return Err((k, input, fault)),
+            }
+        }
+        Ok(input)
+    }
+
+    /// A pushed step failed at stage `k`: the chain relays every step itself
+    /// from now on. The stages after `k` may hold answers the chain will
+    /// never read (or wait for steps that never come), so they are opened
+    /// afresh (no blame) and replayed; stage `k` is treated like a failed
+    /// node of a relayed chain — banned, or skipped when busy, or (when it
+    /// and its predecessor disagree on what was forwarded) just replaced.
+    async fn unpush(&mut self, k: usize, fault: NodeFault, pos: usize, failures: &mut usize, deadline: Instant) -> Result<(), ChainError> {
+        self.push = false;
+        let peer = self.stages[k].conn.hop.peer;
+        tracing::warn!(%peer, blocks = %self.stages[k].span, position = pos, "push: stage {k} failed ({fault}); relaying every step from now on");
+        for j in (k + 1..self.stages.len()).rev() {
+            self.replace(j, failures, deadline).await?;
+        }
+        match fault {
+            NodeFault::Busy { retry_after, .. } => self.connector.busy(peer, retry_after),
+            NodeFault::Input => {}
+            fault => {
+                let ban = self.connector.ban(peer);
+                *failures += 1;
+                self.failovers += 1;
+                self.emit(ChainEvent::Failover);
+                tracing::warn!(%peer, banned_for = ?ban, "failover: node failed ({fault}); rerouting its blocks");
+                if *failures > self.connector.config.max_failovers {
+                    return Err(ChainError::GaveUp { failures: *failures, last: fault.to_string() });
+                }
+            }
+        }
+        self.replace(k, failures, deadline).await
+    }
+
     fn step_timeout(&self, rows: usize) -> Duration {
         self.connector.config.step_timeout + self.connector.config.per_row_timeout.saturating_mul(rows as u32)
     }
@@ -434,7 +541,7 @@ impl RemoteChain {
         self.emit(ChainEvent::SessionClosed(&old.conn.hop.peer));
         let rows = old.history.len() / self.dim;
         'attempt: loop {
-            let conns = self.connector.connect(old.span, failures, deadline).await?;
+            let conns = self.connector.connect(old.span, failures, deadline, false).await?;
             let mut input = old.history.clone();
             let mut fresh = Vec::with_capacity(conns.len());
             let mut conns = conns.into_iter();
@@ -521,7 +628,7 @@ impl Connector {
     /// that fails is banned, one that is busy or slow skipped for a while,
     /// and the route planned again; when every node that could serve is
     /// busy, waits for capacity until `deadline`.
-    async fn connect(&self, range: LayerSpan, failures: &mut usize, deadline: Instant) -> Result<Vec<Conn>, ChainError> {
+    async fn connect(&self, range: LayerSpan, failures: &mut usize, deadline: Instant, push: bool) -> Result<Vec<Conn>, ChainError> {
         let mut refreshed = false;
         // After a wake, busy nodes are tried once more (a slot may be free).
         let mut woken = false;
@@ -552,8 +659,10 @@ impl Connector {
             };
             let mut conns = Vec::with_capacity(hops.len());
             let mut failed = false;
-            for hop in hops {
-                match self.open_session(hop).await {
+            let links = if push { self.push_links(&hops) } else { vec![None; hops.len()] };
+            for (hop, (session, links)) in hops.into_iter().zip(links.into_iter().map(|l| l.unzip())) {
+                let session = session.unwrap_or_else(SessionId::random);
+                match self.open_session(hop, session, links).await {
                     Ok(conn) => conns.push(conn),
                     Err(NodeFault::Busy { retry_after, message }) => {
                         self.busy(hop.peer, retry_after);
@@ -647,8 +756,31 @@ impl Connector {
         })
     }
 
-    async fn open_session(&self, hop: Hop) -> Result<Conn, NodeFault> {
-        let conn = self.open_session_now(hop).await;
+    /// A pushed chain over `hops`, when every node of it supports push:
+    /// each hop's session id and its links to its neighbours.
+    fn push_links(&self, hops: &[Hop]) -> Vec<Option<(SessionId, PushLinks)>> {
+        let infos: Vec<Option<NodeInfo>> = self.directory.with(|d| hops.iter().map(|h| d.info(&h.peer)).collect());
+        let ids: Vec<Option<NodeId>> = hops.iter().map(|h| node_id_of(&h.peer)).collect();
+        let supported = infos.iter().all(|i| i.as_ref().is_some_and(|i| i.features & features::PUSH != 0)) && ids.iter().all(Option::is_some);
+        if hops.len() < 2 || !supported {
+            return vec![None; hops.len()];
+        }
+        let sessions: Vec<SessionId> = hops.iter().map(|_| SessionId::random()).collect();
+        (0..hops.len())
+            .map(|i| {
+                let upstream = i.checked_sub(1).and_then(|u| ids[u]);
+                let downstream = ids.get(i + 1).copied().flatten().map(|node| Downstream {
+                    node,
+                    session: sessions[i + 1],
+                    addrs: infos[i + 1].as_ref().map(|info| info.addrs.clone()).unwrap_or_default(),
+                });
+                Some((sessions[i], PushLinks { upstream, downstream }))
+            })
+            .collect()
+    }
+
+    async fn open_session(&self, hop: Hop, session: SessionId, push: Option<PushLinks>) -> Result<Conn, NodeFault> {
+        let conn = self.open_session_now(hop, session, push).await;
         if conn.is_ok() {
             self.emit(ChainEvent::SessionOpened(&hop.peer));
         }
@@ -657,10 +789,10 @@ impl Connector {
 
     /// Opens a session, retrying transport hiccups (a node that is busy
     /// accepting streams may drop one) before calling the node failed.
-    async fn open_session_now(&self, hop: Hop) -> Result<Conn, NodeFault> {
+    async fn open_session_now(&self, hop: Hop, session: SessionId, push: Option<PushLinks>) -> Result<Conn, NodeFault> {
         let mut attempt = 0;
         loop {
-            match self.open_session_once(hop).await {
+            match self.open_session_once(hop, session, push.clone()).await {
                 Err(NodeFault::Net(e)) if attempt < 2 && !matches!(e, hotpot_net::NetError::Timeout(_)) => {
                     attempt += 1;
                     tracing::debug!(peer = %hop.peer, error = %e, attempt, "retrying a session open");
@@ -671,15 +803,15 @@ impl Connector {
         }
     }
 
-    async fn open_session_once(&self, hop: Hop) -> Result<Conn, NodeFault> {
+    async fn open_session_once(&self, hop: Hop, session: SessionId, push: Option<PushLinks>) -> Result<Conn, NodeFault> {
         let node = node_id_of(&hop.peer).ok_or_else(|| NodeFault::Protocol("peer id carries no ed25519 key".into()))?;
         // A node that died keeps its connection for a few seconds (until the
         // QUIC idle timeout); a stream on it never opens. Do not wait long.
         let stream = self.network.open_stream(hop.peer, PROTOCOL_INFER, self.config.open_timeout.min(STREAM_OPEN_TIMEOUT)).await?;
         let mut framed = Framed::new(hop.peer, stream);
-        let session = SessionId::random();
+        let pushed = push.is_some();
         let open =
-            ClientMessage::Open(Open { session, model: self.model, span: hop.span, max_len: self.config.max_len as u32, priority: self.config.priority });
+            ClientMessage::Open(Open { session, model: self.model, span: hop.span, max_len: self.config.max_len as u32, priority: self.config.priority, push });
         let reply_timeout = self.config.reply_timeout;
         framed.send(&open.encode(), reply_timeout).await?;
         let reply = match framed.recv(reply_timeout).await {
@@ -688,7 +820,7 @@ impl Connector {
             Err(e) => return Err(e.into()),
         };
         match NodeMessage::decode(&reply).map_err(|e| NodeFault::Protocol(e.to_string()))? {
-            NodeMessage::Opened { session: s, .. } if s == session => Ok(Conn { hop, node, session, framed }),
+            NodeMessage::Opened { session: s, .. } if s == session => Ok(Conn { hop, node, session, framed, pushed }),
             NodeMessage::Busy { retry_after_ms, message } => Err(NodeFault::Busy { retry_after: Duration::from_millis(retry_after_ms.into()), message }),
             NodeMessage::Error { code, message } => Err(NodeFault::Refused { code, message }),
             other => Err(NodeFault::Protocol(format!("unexpected answer to Open: {other:?}"))),
@@ -736,28 +868,39 @@ async fn run_step(
             other => return Err(NodeFault::Protocol(format!("unexpected answer to Truncate: {other:?}"))),
         }
     }
-    let reply = conn.framed.recv(timeout).await?.ok_or_else(|| NodeFault::Protocol("closed the stream".into()))?;
     let ClientMessage::Step(sent) = message else { unreachable!("built above") };
+    read_output(conn, model, dim, pos, rows, sent.hidden.bytes(), timeout).await.map(|(values, _, commitment)| (values, commitment))
+}
+
+/// Reads a node's answer to a step at `pos` of `rows` positions whose input
+/// bytes were `input`, and checks everything about it: the output's
+/// values, its bytes on the wire, and its commitment.
+async fn read_output(
+    conn: &mut Conn,
+    model: ModelId,
+    dim: usize,
+    pos: usize,
+    rows: usize,
+    input: &[u8],
+    timeout: Duration,
+) -> Result<(Vec<f32>, Tensor, Commitment), NodeFault> {
+    let reply = conn.framed.recv(timeout).await?.ok_or_else(|| NodeFault::Protocol("closed the stream".into()))?;
     match NodeMessage::decode(&reply).map_err(|e| NodeFault::Protocol(e.to_string()))? {
         NodeMessage::Output { session, hidden, commitment } => {
             if session != conn.session || hidden.rows() != rows || hidden.cols() != dim {
                 return Err(NodeFault::Protocol("output of the wrong session or shape".into()));
             }
-            let record = StepRecord {
-                session: conn.session,
-                model,
-                span: conn.hop.span,
-                start_pos: pos as u32,
-                rows: rows as u32,
-                input: sent.hidden.bytes(),
-                output: hidden.bytes(),
-            };
-            commitment.check(conn.node, record).map_err(|e| NodeFault::Commitment(e.to_string()))?;
+            let record =
+                StepRecord { session: conn.session, model, span: conn.hop.span, start_pos: pos as u32, rows: rows as u32, input, output: hidden.bytes() };
+            commitment.check(conn.node, record).map_err(|e| match e {
+                hotpot_core::CommitmentError::Mismatch("input bytes") => NodeFault::Input,
+                e => NodeFault::Commitment(e.to_string()),
+            })?;
             let values = hidden.to_f32();
             if !values.iter().all(|v| v.is_finite()) {
                 return Err(NodeFault::Protocol("non-finite hidden states".into()));
             }
-            Ok((values, *commitment))
+            Ok((values, hidden, *commitment))
         }
         NodeMessage::Busy { retry_after_ms, message } => Err(NodeFault::Busy { retry_after: Duration::from_millis(retry_after_ms.into()), message }),
         NodeMessage::Error { code, message } => Err(NodeFault::Refused { code, message }),

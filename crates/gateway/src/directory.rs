@@ -69,6 +69,11 @@ impl Directory {
     }
 
     /// Bans `peer` with exponential backoff; returns how long.
+    /// What `peer` last said about itself.
+    pub fn info(&self, peer: &PeerId) -> Option<NodeInfo> {
+        self.nodes.get(peer).map(|r| r.info.clone())
+    }
+
     pub fn ban(&mut self, peer: PeerId) -> Duration {
         let strikes = self.bans.get(&peer).map_or(0, |b| b.strikes + 1);
         let length = FIRST_BAN.saturating_mul(1 << strikes.min(16)).min(MAX_BAN);
@@ -271,6 +276,7 @@ mod tests {
             version: "0".into(),
             addrs: vec![],
             timestamp_ms: 0,
+            features: 0,
         }
     }
 

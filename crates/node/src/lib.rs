@@ -5,6 +5,7 @@
 //! measure decode speed; start the engine thread; accept session and info
 //! streams; announce one DHT provider record per block; gossip heartbeats.
 
+mod push;
 mod serve;
 mod worker;
 
@@ -18,7 +19,7 @@ use hotpot_core::placement::{Served, weakest_window};
 use hotpot_core::{LayerSpan, ModelId};
 use hotpot_engine::{Device, HiddenStates, ModelError, ModelFile, Span};
 use hotpot_net::{NetError, NetEvent, Network, block_key, cheats_topic, model_topic};
-use hotpot_wire::{NodeInfo, PROTOCOL_AUDIT, PROTOCOL_INFER, PROTOCOL_INFO};
+use hotpot_wire::{NodeInfo, PROTOCOL_AUDIT, PROTOCOL_INFER, PROTOCOL_INFO, PROTOCOL_PUSH};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -187,6 +188,7 @@ impl State {
             version: if self.redteam { format!("{}-redteam", env!("CARGO_PKG_VERSION")) } else { env!("CARGO_PKG_VERSION").to_string() },
             addrs: self.network.listen_addrs().await.unwrap_or_default().iter().map(ToString::to_string).collect(),
             timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            features: hotpot_wire::features::PUSH,
         }
     }
 }
@@ -322,34 +324,19 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
     // Streams are cheap (their frames' memory is budgeted above): many in
     // all, and per peer a few more than the sessions a gateway may hold.
     let session_gate = serve::StreamGate::new(MAX_SESSION_STREAMS.max(4 * config.max_sessions), config.max_sessions.max(1) + 4);
-    let mut sessions = network.accept(PROTOCOL_INFER)?;
-    let (session_jobs, session_stop, session_limits) = (jobs.clone(), stop.clone(), limits.clone());
-    tasks.spawn(async move {
-        let mut open = JoinSet::new();
-        loop {
-            tokio::select! {
-                next = sessions.next() => match next {
-                    Some((peer, stream)) => {
-                        let Some(pass) = session_gate.enter(peer) else {
-                            tracing::debug!(%peer, "refusing a session stream: too many open");
-                            tokio::spawn(serve::refuse(peer, stream, "too many session streams are open; try again later"));
-                            continue;
-                        };
-                        let serve = serve::serve_session(peer, stream, session_jobs.clone(), session_limits.clone(), session_stop.clone());
-                        open.spawn(async move {
-                            serve.await;
-                            drop(pass);
-                        });
-                    }
-                    None => break,
-                },
-                Some(_) = open.join_next(), if !open.is_empty() => {}
-                () = session_stop.cancelled() => break,
-            }
-        }
-        // Open sessions tell their gateways (ShuttingDown) and end.
-        while open.join_next().await.is_some() {}
-    });
+    let sessions = network.accept(PROTOCOL_INFER)?;
+    let push_table = push::PushTable::new(network.clone(), limits.write);
+    let (session_jobs, session_stop, session_limits, session_push) = (jobs.clone(), stop.clone(), limits.clone(), Arc::clone(&push_table));
+    tasks.spawn(accept_streams(sessions, session_gate, "session", stop.clone(), move |peer, stream| {
+        serve::serve_session(peer, stream, session_jobs.clone(), Arc::clone(&session_push), session_limits.clone(), session_stop.clone())
+    }));
+    // Steps forwarded by the previous node of pushed chains.
+    let pushes = network.accept(PROTOCOL_PUSH)?;
+    let push_gate = serve::StreamGate::new(MAX_SESSION_STREAMS.max(4 * config.max_sessions), config.max_sessions.max(1) + 4);
+    let (push_jobs, push_stop, push_limits) = (jobs.clone(), stop.clone(), limits.clone());
+    tasks.spawn(accept_streams(pushes, push_gate, "push", stop.clone(), move |peer, stream| {
+        push::serve_push(peer, stream, Arc::clone(&push_table), push_jobs.clone(), push_limits.clone(), push_stop.clone())
+    }));
     let mut infos = network.accept(PROTOCOL_INFO)?;
     let (info_state, info_stop) = (Arc::clone(&state), stop.clone());
     let info_gate = serve::StreamGate::new(64, 4);
@@ -426,6 +413,44 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
     });
     tracing::info!(peer = %network.peer_id(), %span, "serving");
     Ok(RunningNode { state, lifecycle: Arc::new(tokio::sync::Mutex::new(Some(Lifecycle { stop, tasks, engine }))) })
+}
+
+/// Serves each stream of `incoming` admitted by `gate` with `serve` (one
+/// task each; a stream over the gate's caps is answered `Busy` and
+/// closed) until `stop`; then waits for the open ones to end (they tell
+/// their peers, e.g. `ShuttingDown`).
+async fn accept_streams<F>(
+    mut incoming: impl futures::Stream<Item = (hotpot_net::PeerId, hotpot_net::Stream)> + Unpin,
+    gate: Arc<serve::StreamGate>,
+    what: &'static str,
+    stop: CancellationToken,
+    serve: impl Fn(hotpot_net::PeerId, hotpot_net::Stream) -> F,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut open = JoinSet::new();
+    loop {
+        tokio::select! {
+            next = incoming.next() => match next {
+                Some((peer, stream)) => {
+                    let Some(pass) = gate.enter(peer) else {
+                        tracing::debug!(%peer, "refusing a {what} stream: too many open");
+                        tokio::spawn(serve::refuse(peer, stream, "too many streams of this protocol are open; try again later"));
+                        continue;
+                    };
+                    let served = serve(peer, stream);
+                    open.spawn(async move {
+                        served.await;
+                        drop(pass);
+                    });
+                }
+                None => break,
+            },
+            Some(_) = open.join_next(), if !open.is_empty() => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    while open.join_next().await.is_some() {}
 }
 
 /// Session streams open at once, in all.

@@ -15,6 +15,11 @@ use hotpot_net::{Framed, PeerId, Stream};
 use hotpot_wire::{ClientMessage, ErrorCode, InfoRequest, NodeInfo, NodeMessage};
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
+use hotpot_wire::Step;
+
+use crate::push::PushTable;
 use crate::worker::{Job, Jobs, MAX_QUEUED_WORK};
 
 /// Limits of one session or audit stream.
@@ -77,7 +82,7 @@ impl Drop for StreamPass {
     }
 }
 
-pub(crate) async fn serve_session(peer: PeerId, stream: Stream, jobs: Jobs, limits: StreamLimits, stop: CancellationToken) {
+pub(crate) async fn serve_session(peer: PeerId, stream: Stream, jobs: Jobs, push: Arc<PushTable>, limits: StreamLimits, stop: CancellationToken) {
     let mut framed = Framed::new(peer, stream);
     let mut session: Option<SessionId> = None;
     let shutting_down = || NodeMessage::error(ErrorCode::ShuttingDown, "the node is shutting down").encode();
@@ -108,7 +113,7 @@ pub(crate) async fn serve_session(peer: PeerId, stream: Stream, jobs: Jobs, limi
             }
         };
         let (answer, fatal) = tokio::select! {
-            handled = handle(peer, message, &mut session, &jobs) => handled,
+            handled = handle(peer, message, &mut session, &jobs, &push, &limits) => handled,
             () = stop.cancelled() => (Some(NodeMessage::error(ErrorCode::ShuttingDown, "the node is shutting down")), true),
         };
         let Some(answer) = answer else { break };
@@ -117,41 +122,85 @@ pub(crate) async fn serve_session(peer: PeerId, stream: Stream, jobs: Jobs, limi
         }
     }
     if let Some(session) = session {
+        push.remove(&session);
         jobs.tell(Job::Close { owner: peer, session });
     }
     framed.close().await;
 }
 
+/// A prefill behind too much queued work is refused before it queues.
+pub(crate) fn admission(step: &Step, jobs: &Jobs) -> Option<NodeMessage> {
+    if step.hidden.rows() > 1 {
+        let queued = jobs.load().queued_work();
+        if queued > MAX_QUEUED_WORK {
+            let wait = (queued - MAX_QUEUED_WORK).clamp(Duration::from_millis(200), Duration::from_secs(10));
+            let message = format!("{:.1} s of prefill work is queued on this node", queued.as_secs_f64());
+            return Some(NodeMessage::busy(wait, message));
+        }
+    }
+    None
+}
+
 /// Answers one message; `None` ends the stream (after `Close`), `fatal`
 /// ends it after the answer.
-async fn handle(peer: PeerId, message: ClientMessage, session: &mut Option<SessionId>, jobs: &Jobs) -> (Option<NodeMessage>, bool) {
+async fn handle(
+    peer: PeerId,
+    message: ClientMessage,
+    session: &mut Option<SessionId>,
+    jobs: &Jobs,
+    push: &Arc<PushTable>,
+    limits: &StreamLimits,
+) -> (Option<NodeMessage>, bool) {
     let mine = |id: SessionId, session: &Option<SessionId>| session.is_some_and(|s| s == id);
+    let not_mine = || (Some(NodeMessage::error(ErrorCode::NotYourSession, "this stream carries another session")), false);
     match message {
         ClientMessage::Open(open) => {
             if session.is_some() {
                 return (Some(NodeMessage::error(ErrorCode::BadRequest, "this stream already carries a session")), true);
             }
-            let id = open.session;
+            let (id, links) = (open.session, open.push.clone());
             let answer = jobs.ask(|reply| Job::Open { owner: peer, open, reply }).await;
             if matches!(answer, NodeMessage::Opened { .. }) {
                 *session = Some(id);
+                if let Some(links) = links
+                    && let Err(why) = push.register(id, peer, &links)
+                {
+                    return (Some(NodeMessage::error(ErrorCode::BadRequest, why)), true);
+                }
             }
             (Some(answer), false)
         }
         ClientMessage::Step(step) => {
             if !mine(step.session, session) {
-                return (Some(NodeMessage::error(ErrorCode::NotYourSession, "this stream carries another session")), false);
+                return not_mine();
             }
-            // A prefill behind too much queued work is refused before it queues.
-            if step.hidden.rows() > 1 {
-                let queued = jobs.load().queued_work();
-                if queued > MAX_QUEUED_WORK {
-                    let wait = (queued - MAX_QUEUED_WORK).clamp(Duration::from_millis(200), Duration::from_secs(10));
-                    let message = format!("{:.1} s of prefill work is queued on this node", queued.as_secs_f64());
-                    return (Some(NodeMessage::busy(wait, message)), false);
-                }
+            if let Some(refusal) = admission(&step, jobs) {
+                return (Some(refusal), false);
             }
-            (Some(jobs.ask(|reply| Job::Step { owner: peer, step, reply }).await), false)
+            (Some(jobs.ask(|reply| Job::Step { owner: peer, step, rewind: false, reply }).await), false)
+        }
+        ClientMessage::PushStep(step) => {
+            if !mine(step.session, session) {
+                return not_mine();
+            }
+            let Some(entry) = push.get(&step.session) else {
+                return (Some(NodeMessage::error(ErrorCode::BadRequest, "this session was not opened for push")), false);
+            };
+            if let Some(refusal) = admission(&step, jobs) {
+                return (Some(refusal), false);
+            }
+            let answer = jobs.ask(|reply| Job::Step { owner: peer, step, rewind: true, reply }).await;
+            push.forward(&entry, &answer);
+            (Some(answer), false)
+        }
+        ClientMessage::Collect { session: id, pos } => {
+            if !mine(id, session) {
+                return not_mine();
+            }
+            match push.get(&id) {
+                Some(entry) => (Some(entry.collect(pos, limits.idle).await), false),
+                None => (Some(NodeMessage::error(ErrorCode::BadRequest, "this session was not opened for push")), false),
+            }
         }
         ClientMessage::Truncate { session: id, pos } => {
             if !mine(id, session) {

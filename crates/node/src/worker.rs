@@ -41,6 +41,9 @@ pub(crate) enum Job {
     Step {
         owner: PeerId,
         step: Step,
+        /// A pushed chain's step: positions from `step.pos` on are dropped
+        /// first (its rollback rides on the step).
+        rewind: bool,
         reply: oneshot::Sender<NodeMessage>,
     },
     Truncate {
@@ -316,7 +319,19 @@ impl Worker {
             Job::Open { owner, open, reply } => {
                 let _ = reply.send(self.open(owner, open));
             }
-            Job::Step { owner, step, reply } => self.admit(owner, step, reply),
+            Job::Step { owner, step, rewind, reply } => {
+                let busy = self.pending.iter().any(|p| p.step.session == step.session);
+                if rewind
+                    && !busy
+                    && let Some(s) = self.sessions.get_mut(&step.session)
+                    && s.owner == owner
+                    && (step.pos as usize) < s.cache.len()
+                {
+                    s.cache.truncate(step.pos as usize);
+                    s.sketches.truncate(step.pos);
+                }
+                self.admit(owner, step, reply);
+            }
             Job::Truncate { owner, session, pos, reply } => {
                 let _ = reply.send(self.truncate(owner, session, pos));
             }

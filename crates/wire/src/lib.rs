@@ -12,7 +12,10 @@
 //! `InfoRequest` with the node's `NodeInfo`, which is also what gossip
 //! heartbeats carry. `/hotpot/audit/1` asks a node to recompute a span over
 //! given inputs; gateways gossip an `Accusation` when they convict a node
-//! and serve the evidence over `/hotpot/evidence/1`. Hidden states travel as f32 by default so a pipeline is
+//! and serve the evidence over `/hotpot/evidence/1`. In a pushed chain
+//! (`Open::push`) the first node gets `PushStep`s, each node forwards its
+//! output to the next over `/hotpot/push/1`, and the gateway `Collect`s
+//! every node's output (with its commitment) on that node's session stream. Hidden states travel as f32 by default so a pipeline is
 //! bit-identical to one process.
 
 mod codec;
@@ -22,7 +25,10 @@ mod tensor;
 
 pub use codec::{Reader, Writer};
 pub use frame::{read_frame, read_frame_len, read_payload, write_frame};
-pub use message::{Accusation, ClientMessage, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Priority, Step, commitment_wire_bytes};
+pub use message::{
+    Accusation, ClientMessage, Downstream, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Priority, PushLinks, Step,
+    commitment_wire_bytes, features,
+};
 pub use tensor::{DType, Tensor};
 
 /// Protocol names.
@@ -30,6 +36,9 @@ pub const PROTOCOL_INFER: &str = "/hotpot/infer/1";
 pub const PROTOCOL_INFO: &str = "/hotpot/info/1";
 pub const PROTOCOL_AUDIT: &str = "/hotpot/audit/1";
 pub const PROTOCOL_EVIDENCE: &str = "/hotpot/evidence/1";
+/// Node-to-node push: the previous node of a pushed chain sends its
+/// outputs as `Step`s for this node's session (see [`PushLinks`]).
+pub const PROTOCOL_PUSH: &str = "/hotpot/push/1";
 
 /// The payload format version this crate writes and reads.
 pub const VERSION: u8 = 2;

@@ -15,6 +15,35 @@ pub struct Open {
     pub span: LayerSpan,
     pub max_len: u32,
     pub priority: Priority,
+    /// Node-to-node push: where this session's steps may come from and
+    /// where its outputs go (none: the opener sends every step itself).
+    pub push: Option<PushLinks>,
+}
+
+/// A pushed session's place in its chain, as the gateway that opened it
+/// planned the route: the node may accept forwarded steps (over
+/// `/hotpot/push/1`) only from `upstream`, and forwards each output to
+/// `downstream`'s session. Every output still goes to the opener too,
+/// answering its `Collect` (or its `PushStep`, on the first node).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushLinks {
+    pub upstream: Option<NodeId>,
+    pub downstream: Option<Downstream>,
+}
+
+/// The next node of a pushed chain and its session there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Downstream {
+    pub node: NodeId,
+    pub session: SessionId,
+    /// Where it listens (multiaddrs), in case this node has not met it.
+    pub addrs: Vec<String>,
+}
+
+/// What a node can do beyond the base protocol (`NodeInfo::features`).
+pub mod features {
+    /// Node-to-node push (`Open::push`, `PushStep`, `Collect`, `/hotpot/push/1`).
+    pub const PUSH: u32 = 1;
 }
 
 /// How a node schedules a session's steps: interactive sessions first,
@@ -63,6 +92,17 @@ pub enum ClientMessage {
     },
     Close {
         session: SessionId,
+    },
+    /// A pushed session's step from its opener (the chain's first node):
+    /// answered like `Step`, and the output also forwarded downstream.
+    /// Positions from `pos` on are dropped first (a rollback rides on the
+    /// step, so no separate `Truncate` races the forwarded steps).
+    PushStep(Step),
+    /// A pushed session's opener asks for the output of the forwarded step
+    /// at `pos`: answered (`Output`, `Busy` or `Error`) once it is computed.
+    Collect {
+        session: SessionId,
+        pos: u32,
     },
     /// `/hotpot/audit/1`: recompute `span` over `inputs` (positions 0..),
     /// in one prefill, on a fresh cache.
@@ -171,6 +211,8 @@ pub struct NodeInfo {
     pub addrs: Vec<String>,
     /// Milliseconds since the Unix epoch when this was written.
     pub timestamp_ms: u64,
+    /// What the node can do beyond the base protocol ([`features`]).
+    pub features: u32,
 }
 
 const TAG_OPEN: u8 = 1;
@@ -178,6 +220,8 @@ const TAG_STEP: u8 = 2;
 const TAG_TRUNCATE: u8 = 3;
 const TAG_CLOSE: u8 = 4;
 const TAG_AUDIT: u8 = 5;
+const TAG_PUSH_STEP: u8 = 6;
+const TAG_COLLECT: u8 = 7;
 const TAG_OPENED: u8 = 16;
 const TAG_OUTPUT: u8 = 17;
 const TAG_TRUNCATED: u8 = 18;
@@ -216,6 +260,49 @@ fn write_span(w: &mut Writer, s: LayerSpan) {
 
 fn session(r: &mut Reader<'_>) -> Result<SessionId, WireError> {
     Ok(SessionId(r.array()?))
+}
+
+fn write_push(w: &mut Writer, push: &PushLinks) {
+    match &push.upstream {
+        Some(node) => w.u8(1).fixed(node.as_bytes()),
+        None => w.u8(0),
+    };
+    match &push.downstream {
+        Some(d) => {
+            w.u8(1).fixed(d.node.as_bytes()).fixed(&d.session.0).u32(d.addrs.len().min(MAX_ADDRS) as u32);
+            for addr in d.addrs.iter().take(MAX_ADDRS) {
+                w.str(addr);
+            }
+        }
+        None => {
+            w.u8(0);
+        }
+    }
+}
+
+fn read_push(r: &mut Reader<'_>) -> Result<PushLinks, WireError> {
+    let upstream = match r.u8()? {
+        0 => None,
+        1 => Some(NodeId::from_bytes(r.array()?)),
+        _ => return Err(WireError::Invalid("upstream presence flag")),
+    };
+    let downstream = match r.u8()? {
+        0 => None,
+        1 => {
+            let (node, session) = (NodeId::from_bytes(r.array()?), session(r)?);
+            Some(Downstream { node, session, addrs: read_addrs(r)? })
+        }
+        _ => return Err(WireError::Invalid("downstream presence flag")),
+    };
+    Ok(PushLinks { upstream, downstream })
+}
+
+fn read_addrs(r: &mut Reader<'_>) -> Result<Vec<String>, WireError> {
+    let n_addrs = r.u32()? as usize;
+    if n_addrs > MAX_ADDRS {
+        return Err(WireError::TooLong { what: "address list", len: n_addrs, max: MAX_ADDRS });
+    }
+    (0..n_addrs).map(|_| r.str(MAX_TEXT)).collect()
 }
 
 /// Most sketches one commitment may carry, and the largest one.
@@ -260,11 +347,19 @@ impl ClientMessage {
                 w.fixed(&o.session.0).fixed(o.model.as_bytes());
                 write_span(&mut w, o.span);
                 w.u32(o.max_len).u8(o.priority.tag());
+                // Push links ride at the end, only when present.
+                if let Some(push) = &o.push {
+                    write_push(&mut w, push);
+                }
             }
-            Self::Step(s) => {
-                header(&mut w, TAG_STEP);
+            Self::Step(s) | Self::PushStep(s) => {
+                header(&mut w, if matches!(self, Self::Step(_)) { TAG_STEP } else { TAG_PUSH_STEP });
                 w.fixed(&s.session.0).u32(s.pos);
                 s.hidden.write(&mut w);
+            }
+            Self::Collect { session, pos } => {
+                header(&mut w, TAG_COLLECT);
+                w.fixed(&session.0).u32(*pos);
             }
             Self::Truncate { session, pos } => {
                 header(&mut w, TAG_TRUNCATE);
@@ -293,8 +388,11 @@ impl ClientMessage {
                 span: span(&mut r)?,
                 max_len: r.u32()?,
                 priority: Priority::from_tag(r.u8()?)?,
+                push: if r.remaining() > 0 { Some(read_push(&mut r)?) } else { None },
             }),
             TAG_STEP => Self::Step(Step { session: session(&mut r)?, pos: r.u32()?, hidden: Tensor::read(&mut r)? }),
+            TAG_PUSH_STEP => Self::PushStep(Step { session: session(&mut r)?, pos: r.u32()?, hidden: Tensor::read(&mut r)? }),
+            TAG_COLLECT => Self::Collect { session: session(&mut r)?, pos: r.u32()? },
             TAG_TRUNCATE => Self::Truncate { session: session(&mut r)?, pos: r.u32()? },
             TAG_CLOSE => Self::Close { session: session(&mut r)? },
             TAG_AUDIT => Self::Audit { model: ModelId::from_bytes(r.array()?), span: span(&mut r)?, inputs: Tensor::read(&mut r)? },
@@ -405,7 +503,7 @@ impl NodeInfo {
         for addr in self.addrs.iter().take(MAX_ADDRS) {
             w.str(addr);
         }
-        w.u64(self.timestamp_ms);
+        w.u64(self.timestamp_ms).u32(self.features);
         w.buf
     }
 
@@ -429,14 +527,12 @@ impl NodeInfo {
         }
         let (free_slots, max_sessions, queue, price_per_1k) = (r.u32()?, r.u32()?, r.u32()?, r.u64()?);
         let version = r.str(MAX_TEXT)?;
-        let n_addrs = r.u32()? as usize;
-        if n_addrs > MAX_ADDRS {
-            return Err(WireError::TooLong { what: "address list", len: n_addrs, max: MAX_ADDRS });
-        }
-        let addrs = (0..n_addrs).map(|_| r.str(MAX_TEXT)).collect::<Result<_, _>>()?;
+        let addrs = read_addrs(&mut r)?;
         let timestamp_ms = r.u64()?;
+        // Nodes from before features were announced have none.
+        let features = if r.remaining() > 0 { r.u32()? } else { 0 };
         r.finish()?;
-        Ok(Self { node, model, model_name, n_blocks, span, throughput, free_slots, max_sessions, queue, price_per_1k, version, addrs, timestamp_ms })
+        Ok(Self { node, model, model_name, n_blocks, span, throughput, free_slots, max_sessions, queue, price_per_1k, version, addrs, timestamp_ms, features })
     }
 }
 
@@ -476,11 +572,7 @@ impl Accusation {
             return Err(WireError::Tag(tag));
         }
         let (node, model, span, evidence) = (NodeId::from_bytes(r.array()?), ModelId::from_bytes(r.array()?), span(&mut r)?, r.array()?);
-        let n_addrs = r.u32()? as usize;
-        if n_addrs > MAX_ADDRS {
-            return Err(WireError::TooLong { what: "address list", len: n_addrs, max: MAX_ADDRS });
-        }
-        let addrs = (0..n_addrs).map(|_| r.str(MAX_TEXT)).collect::<Result<_, _>>()?;
+        let addrs = read_addrs(&mut r)?;
         r.finish()?;
         Ok(Self { node, model, span, evidence, addrs })
     }

@@ -1,7 +1,10 @@
 //! Round-trip properties and byte snapshots of the wire format.
 
-use hotpot_core::{Commitment, LayerSpan, ModelId, NodeKey, SessionId, StepRecord};
-use hotpot_wire::{Accusation, ClientMessage, DType, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Priority, Step, Tensor, WireError};
+use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId, NodeKey, SessionId, StepRecord};
+use hotpot_wire::{
+    Accusation, ClientMessage, DType, Downstream, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Priority, PushLinks, Step, Tensor,
+    WireError,
+};
 use proptest::prelude::*;
 
 fn span() -> impl Strategy<Value = LayerSpan> {
@@ -17,16 +20,31 @@ fn session() -> impl Strategy<Value = SessionId> {
     any::<[u8; 16]>().prop_map(SessionId)
 }
 
+fn push_links() -> impl Strategy<Value = Option<PushLinks>> {
+    let node = any::<[u8; 32]>().prop_map(NodeId::from_bytes);
+    let downstream = (any::<[u8; 32]>(), session(), proptest::collection::vec("[a-z0-9/.]{0,30}", 0..3)).prop_map(|(n, session, addrs)| Downstream {
+        node: NodeId::from_bytes(n),
+        session,
+        addrs,
+    });
+    proptest::option::of((proptest::option::of(node), proptest::option::of(downstream)).prop_map(|(upstream, downstream)| PushLinks { upstream, downstream }))
+}
+
 fn client_message() -> impl Strategy<Value = ClientMessage> {
     prop_oneof![
-        (session(), any::<[u8; 32]>(), span(), any::<u32>(), any::<bool>()).prop_map(|(session, m, span, max_len, batch)| ClientMessage::Open(Open {
-            session,
-            model: ModelId::from_bytes(m),
-            span,
-            max_len,
-            priority: if batch { Priority::Batch } else { Priority::Interactive },
-        })),
+        (session(), any::<[u8; 32]>(), span(), any::<u32>(), any::<bool>(), push_links()).prop_map(|(session, m, span, max_len, batch, push)| {
+            ClientMessage::Open(Open {
+                session,
+                model: ModelId::from_bytes(m),
+                span,
+                max_len,
+                priority: if batch { Priority::Batch } else { Priority::Interactive },
+                push,
+            })
+        }),
         (session(), any::<u32>(), tensor()).prop_map(|(session, pos, hidden)| ClientMessage::Step(Step { session, pos, hidden })),
+        (session(), any::<u32>(), tensor()).prop_map(|(session, pos, hidden)| ClientMessage::PushStep(Step { session, pos, hidden })),
+        (session(), any::<u32>()).prop_map(|(session, pos)| ClientMessage::Collect { session, pos }),
         (session(), any::<u32>()).prop_map(|(session, pos)| ClientMessage::Truncate { session, pos }),
         session().prop_map(|session| ClientMessage::Close { session }),
         (any::<[u8; 32]>(), span(), tensor()).prop_map(|(m, span, inputs)| ClientMessage::Audit { model: ModelId::from_bytes(m), span, inputs }),
@@ -94,6 +112,7 @@ fn node_info() -> impl Strategy<Value = NodeInfo> {
             version: "0.1.0".into(),
             addrs,
             timestamp_ms,
+            features: hotpot_wire::features::PUSH,
         },
     )
 }
@@ -131,7 +150,16 @@ proptest! {
     fn truncated_messages_are_errors(m in client_message(), cut in 0usize..1000) {
         let bytes = m.encode();
         let cut = cut % bytes.len();
-        prop_assert!(ClientMessage::decode(&bytes[..cut]).is_err());
+        match (ClientMessage::decode(&bytes[..cut]), &m) {
+            (Err(_), _) => {}
+            // Push links are an optional tail (so that nodes from before
+            // push read pushed Opens' base): cut exactly there, the rest
+            // is the same Open, unpushed.
+            (Ok(ClientMessage::Open(short)), ClientMessage::Open(full)) if full.push.is_some() => {
+                prop_assert_eq!(short, Open { push: None, ..full.clone() });
+            }
+            (Ok(other), _) => prop_assert!(false, "a cut message decoded as {other:?}"),
+        }
     }
 
     #[test]
@@ -168,6 +196,7 @@ fn byte_snapshots() {
         span: LayerSpan::new(10, 20).expect("span"),
         max_len: 2048,
         priority: Priority::Batch,
+        push: None,
     });
     assert_eq!(hex(&open.encode()), format!("0201{}{}0a00000014000000{}01", "ab".repeat(16), "11".repeat(32), "00080000"));
     let step = ClientMessage::Step(Step { session, pos: 7, hidden: Tensor::from_f32(DType::F32, 1, 2, &[1.0, -2.0]) });
@@ -177,6 +206,18 @@ fn byte_snapshots() {
     let busy = NodeMessage::busy(std::time::Duration::from_millis(250), "full");
     assert_eq!(hex(&busy.encode()), "0215fa0000000400000066756c6c");
     assert_eq!(hex(&InfoRequest.encode()), "0220");
+    let collect = ClientMessage::Collect { session, pos: 9 };
+    assert_eq!(hex(&collect.encode()), format!("0207{}09000000", "ab".repeat(16)));
+    // Push links ride after an Open's base fields: 1 = present.
+    let pushed = ClientMessage::Open(Open {
+        session,
+        model: ModelId::from_bytes([0x11; 32]),
+        span: LayerSpan::new(10, 20).expect("span"),
+        max_len: 2048,
+        priority: Priority::Batch,
+        push: Some(PushLinks { upstream: Some(NodeId::from_bytes([0x22; 32])), downstream: None }),
+    });
+    assert_eq!(hex(&pushed.encode()), format!("{}01{}00", hex(&open.encode()), "22".repeat(32)));
 }
 
 #[test]
