@@ -53,6 +53,13 @@ impl Framed {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        self.send_undelayed(payload, timeout).await
+    }
+
+    /// [`Framed::send`] without the emulated delay, for a caller that
+    /// waited it out already (before taking a lock shared by many
+    /// senders, say).
+    pub async fn send_undelayed(&mut self, payload: &[u8], timeout: Duration) -> Result<(), NetError> {
         match tokio::time::timeout(timeout, write_frame(&mut self.stream, payload)).await {
             Ok(result) => result.map_err(|e| NetError::Wire(e.to_string())),
             Err(_) => Err(NetError::Timeout(timeout)),

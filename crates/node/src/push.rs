@@ -9,10 +9,17 @@
 //! commitment) also answers the gateway's `Collect` on the session stream,
 //! so the gateway checks every stage's commitment, keeps what audits and
 //! failover replay need, and can fall back to sending steps itself.
+//!
+//! Between two nodes there is one push stream, shared by every session
+//! they chain (sessions are named in each frame); the receiver works on
+//! each forwarded step in its own task, so steps of different sessions
+//! batch in the engine as they would from a gateway. The sender drops a
+//! stream it has not used for [`LINK_IDLE`], before the receiver's idle
+//! timeout could close it under a step.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hotpot_core::SessionId;
 use hotpot_net::{Framed, Multiaddr, Network, PeerId, peer_id_of};
@@ -30,11 +37,17 @@ const WAITING_RESULTS: usize = 4;
 /// Deadline to open the stream to the next node.
 const LINK_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The pushed sessions open on this node.
+/// A push stream unused this long is opened afresh (well within a
+/// receiver's idle timeout).
+const LINK_IDLE: Duration = Duration::from_secs(30);
+
+/// The pushed sessions open on this node, and the streams to the nodes
+/// they forward to.
 pub(crate) struct PushTable {
     network: Network,
     write: Duration,
     entries: Mutex<HashMap<SessionId, Arc<PushEntry>>>,
+    links: Mutex<HashMap<PeerId, Arc<Link>>>,
 }
 
 /// One pushed session: who opened it, who may forward into it, where its
@@ -42,22 +55,28 @@ pub(crate) struct PushTable {
 pub(crate) struct PushEntry {
     owner: PeerId,
     upstream: Option<PeerId>,
-    downstream: Option<Link>,
+    downstream: Option<Downstream>,
     results: mpsc::Sender<NodeMessage>,
     waiting: tokio::sync::Mutex<mpsc::Receiver<NodeMessage>>,
 }
 
-/// The stream to the next node's session, opened once.
+/// Where a session's outputs go: the next node's session, over the link
+/// to that node.
+struct Downstream {
+    session: SessionId,
+    link: Arc<Link>,
+}
+
+/// The push stream to one node, shared by every session forwarding to it.
 struct Link {
     peer: PeerId,
-    session: SessionId,
-    addrs: Vec<Multiaddr>,
-    framed: tokio::sync::Mutex<Option<Framed>>,
+    addrs: Mutex<Vec<Multiaddr>>,
+    stream: tokio::sync::Mutex<Option<(Framed, Instant)>>,
 }
 
 impl PushTable {
     pub fn new(network: Network, write: Duration) -> Arc<Self> {
-        Arc::new(Self { network, write, entries: Mutex::default() })
+        Arc::new(Self { network, write, entries: Mutex::default(), links: Mutex::default() })
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Arc<PushEntry>>> {
@@ -72,26 +91,32 @@ impl PushTable {
             None => None,
         };
         let downstream = match &links.downstream {
-            Some(d) => Some(Link {
-                peer: peer_id_of(&d.node).ok_or("the downstream node id is not an ed25519 key")?,
-                session: d.session,
-                addrs: d.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
-                framed: tokio::sync::Mutex::default(),
-            }),
+            Some(d) => {
+                let peer = peer_id_of(&d.node).ok_or("the downstream node id is not an ed25519 key")?;
+                let addrs: Vec<Multiaddr> = d.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                let link = Arc::clone(
+                    self.links
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .entry(peer)
+                        .or_insert_with(|| Arc::new(Link { peer, addrs: Mutex::new(Vec::new()), stream: tokio::sync::Mutex::default() })),
+                );
+                if !addrs.is_empty() {
+                    *link.addrs.lock().unwrap_or_else(|e| e.into_inner()) = addrs;
+                }
+                Some(Downstream { session: d.session, link })
+            }
             None => None,
         };
         let (results, waiting) = mpsc::channel(WAITING_RESULTS);
         let entry = Arc::new(PushEntry { owner, upstream, downstream, results, waiting: tokio::sync::Mutex::new(waiting) });
         self.entries().insert(session, Arc::clone(&entry));
-        if entry.downstream.is_some() {
-            let table = Arc::clone(self);
+        if let Some(d) = &entry.downstream {
+            // Open the stream now, so that the first step need not.
+            let (table, link) = (Arc::clone(self), Arc::clone(&d.link));
             tokio::spawn(async move {
-                if let Some(link) = &entry.downstream {
-                    let mut framed = link.framed.lock().await;
-                    if framed.is_none() {
-                        *framed = table.connect(link).await;
-                    }
-                }
+                let mut stream = link.stream.lock().await;
+                table.fresh(&link, &mut stream).await;
             });
         }
         Ok(())
@@ -105,36 +130,47 @@ impl PushTable {
         self.entries().get(session).cloned()
     }
 
-    async fn connect(&self, link: &Link) -> Option<Framed> {
-        if !link.addrs.is_empty() {
-            let _ = self.network.add_addresses(link.peer, link.addrs.clone()).await;
+    /// Makes sure `stream` is an open stream to the link's node that has
+    /// not sat idle for long (opening one when needed).
+    async fn fresh(&self, link: &Link, stream: &mut Option<(Framed, Instant)>) {
+        if stream.as_ref().is_some_and(|(_, used)| used.elapsed() < LINK_IDLE) {
+            return;
+        }
+        if let Some((mut old, _)) = stream.take() {
+            old.close().await;
+        }
+        let addrs = link.addrs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if !addrs.is_empty() {
+            let _ = self.network.add_addresses(link.peer, addrs).await;
         }
         match self.network.open_stream(link.peer, PROTOCOL_PUSH, LINK_OPEN_TIMEOUT).await {
-            Ok(stream) => Some(Framed::new(link.peer, stream)),
-            Err(e) => {
-                tracing::warn!(peer = %link.peer, error = %e, "cannot open the push stream to the next node");
-                None
-            }
+            Ok(opened) => *stream = Some((Framed::new(link.peer, opened), Instant::now())),
+            Err(e) => tracing::warn!(peer = %link.peer, error = %e, "cannot open the push stream to the next node"),
         }
     }
 
     /// Sends a computed output on to the next node (in the background: the
     /// answer to the gateway does not wait for it).
     pub fn forward(self: &Arc<Self>, entry: &Arc<PushEntry>, answer: &NodeMessage) {
-        let (Some(_), NodeMessage::Output { hidden, commitment, .. }) = (&entry.downstream, answer) else { return };
-        let (table, entry) = (Arc::clone(self), Arc::clone(entry));
-        let (pos, hidden) = (commitment.start_pos, hidden.clone());
+        let (Some(downstream), NodeMessage::Output { hidden, commitment, .. }) = (&entry.downstream, answer) else { return };
+        let (table, link) = (Arc::clone(self), Arc::clone(&downstream.link));
+        let step = ClientMessage::Step(Step { session: downstream.session, pos: commitment.start_pos, hidden: hidden.clone() }).encode();
         tokio::spawn(async move {
-            let Some(link) = &entry.downstream else { return };
-            let step = ClientMessage::Step(Step { session: link.session, pos, hidden }).encode();
-            let mut framed = link.framed.lock().await;
-            if framed.is_none() {
-                *framed = table.connect(link).await;
+            // The emulated delay is paid outside the lock, as on a wire
+            // carrying many sessions' frames at once.
+            let delay = hotpot_net::emulated_delay();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
             }
-            let Some(stream) = framed.as_mut() else { return };
-            if let Err(e) = stream.send(&step, table.write).await {
-                tracing::warn!(peer = %link.peer, error = %e, "cannot forward a step to the next node; the gateway will fall back");
-                *framed = None;
+            let mut stream = link.stream.lock().await;
+            table.fresh(&link, &mut stream).await;
+            let Some((framed, used)) = stream.as_mut() else { return };
+            match framed.send_undelayed(&step, table.write).await {
+                Ok(()) => *used = Instant::now(),
+                Err(e) => {
+                    tracing::warn!(peer = %link.peer, error = %e, "cannot forward a step to the next node; the gateway will fall back");
+                    *stream = None;
+                }
             }
         });
     }
@@ -173,8 +209,12 @@ impl PushEntry {
 }
 
 /// `/hotpot/push/1`: steps forwarded by the previous node of pushed
-/// chains. A step is refused unless its session was opened here with push
-/// links naming the sender as its upstream.
+/// chains, any number of sessions on one stream. A step is refused unless
+/// its session was opened here with push links naming the sender as its
+/// upstream: a session that is not (or no longer) pushed here gets an
+/// `UnknownSession` answer, and a sender that is not the session's
+/// upstream gets `NotYourSession` and loses the stream. Each accepted step
+/// is worked on in its own task (holding its frame's memory budget).
 pub(crate) async fn serve_push(peer: PeerId, stream: hotpot_net::Stream, table: Arc<PushTable>, jobs: Jobs, limits: StreamLimits, stop: CancellationToken) {
     let mut framed = Framed::new(peer, stream);
     loop {
@@ -182,7 +222,7 @@ pub(crate) async fn serve_push(peer: PeerId, stream: hotpot_net::Stream, table: 
             received = framed.recv_budgeted(limits.idle, limits.frame, &limits.budget) => received,
             () = stop.cancelled() => break,
         };
-        let (frame, _reserved) = match received {
+        let (frame, reserved) = match received {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(e) => {
@@ -202,24 +242,31 @@ pub(crate) async fn serve_push(peer: PeerId, stream: hotpot_net::Stream, table: 
             }
         };
         let Some(entry) = table.get(&step.session) else {
+            // A session that just closed, or never was: other sessions on
+            // this stream carry on.
             tracing::debug!(%peer, session = %step.session, "refusing a forwarded step for a session not pushed here");
             let _ = framed.send(&NodeMessage::error(ErrorCode::UnknownSession, "no pushed session with this id is open here").encode(), limits.write).await;
-            break;
+            continue;
         };
         if entry.upstream != Some(peer) {
             tracing::warn!(%peer, session = %step.session, "refusing a forwarded step from a peer that is not the session's upstream");
             let _ = framed.send(&NodeMessage::error(ErrorCode::NotYourSession, "you are not this session's upstream node").encode(), limits.write).await;
             break;
         }
-        let answer = match admission(&step, &jobs) {
-            Some(refusal) => refusal,
-            None => tokio::select! {
-                answer = jobs.ask(|reply| Job::Step { owner: entry.owner, step, rewind: true, reply }) => answer,
-                () = stop.cancelled() => break,
-            },
-        };
-        table.forward(&entry, &answer);
-        entry.keep(answer);
+        let (table, jobs, stop) = (Arc::clone(&table), jobs.clone(), stop.clone());
+        // Finished even if the stream ends meanwhile: its gateway waits for it.
+        tokio::spawn(async move {
+            let _reserved = reserved;
+            let answer = match admission(&step, &jobs) {
+                Some(refusal) => refusal,
+                None => tokio::select! {
+                    answer = jobs.ask(|reply| Job::Step { owner: entry.owner, step, rewind: true, reply }) => answer,
+                    () = stop.cancelled() => return,
+                },
+            };
+            table.forward(&entry, &answer);
+            entry.keep(answer);
+        });
     }
     framed.close().await;
 }
