@@ -322,7 +322,7 @@ impl RemoteChain {
         let deadline = Instant::now() + self.connector.config.queue_timeout;
         let mut k = 0;
         if self.push {
-            match self.push_step(start_pos, rows, x).await {
+            match self.push_step(start_pos, rows, x, deadline).await {
                 Ok(out) => {
                     self.len += rows;
                     return Ok(HiddenStates::new(rows, self.dim, out)?);
@@ -448,10 +448,11 @@ impl RemoteChain {
     /// One step through the pushed chain: the first node gets the step,
     /// each node forwards its output to the next, and every node's output
     /// and commitment are collected on its own session stream (asked for
-    /// at once, so collecting costs no round trip). Stages up to a fault
-    /// are recorded; a fault at stage k returns k, what stage k was fed,
+    /// at once, so collecting costs no round trip). A stage that is busy is
+    /// handed its input again while the request may wait. Stages up to a
+    /// fault are recorded; a fault at stage k returns k, what stage k was fed,
     /// and the fault.
-    async fn push_step(&mut self, pos: usize, rows: usize, x: Vec<f32>) -> Result<Vec<f32>, (usize, Vec<f32>, NodeFault)> {
+    async fn push_step(&mut self, pos: usize, rows: usize, x: Vec<f32>, deadline: Instant) -> Result<Vec<f32>, (usize, Vec<f32>, NodeFault)> {
         let timeout = self.step_timeout(rows);
         let (model, dim) = (self.connector.model, self.dim);
         let first = Tensor::from_f32(WIRE_DTYPE, rows, dim, &x);
@@ -467,8 +468,26 @@ impl RemoteChain {
                 return Err((k, input, e.into()));
             }
             // Stage k's output comes after k forwarding hops.
-            let wait = timeout.saturating_mul(k as u32 + 1);
-            match read_output(&mut self.stages[k].conn, model, dim, pos, rows, input_tensor.bytes(), wait).await {
+            let mut wait = timeout.saturating_mul(k as u32 + 1);
+            let mut answer = read_output(&mut self.stages[k].conn, model, dim, pos, rows, input_tensor.bytes(), wait).await;
+            // Busy is load: stage k computed nothing and forwarded nothing,
+            // and the stages after it still wait for its output. While the
+            // request may wait, hand stage k its input again (a PushStep
+            // on its own stream: it computes and forwards as before).
+            while let Err(NodeFault::Busy { retry_after, message }) = &answer
+                && Instant::now() + *retry_after < deadline
+            {
+                let peer = self.stages[k].conn.hop.peer;
+                tracing::debug!(%peer, ?retry_after, "node busy ({message}); handing it the pushed step again");
+                tokio::time::sleep(*retry_after).await;
+                let again = ClientMessage::PushStep(Step { session: self.stages[k].conn.session, pos: pos as u32, hidden: input_tensor.clone() });
+                if let Err(e) = self.stages[k].conn.framed.send(&again.encode(), timeout).await {
+                    return Err((k, input, e.into()));
+                }
+                wait = timeout;
+                answer = read_output(&mut self.stages[k].conn, model, dim, pos, rows, input_tensor.bytes(), wait).await;
+            }
+            match answer {
                 Ok((out, tensor, commitment)) => {
                     let stage = &mut self.stages[k];
                     // The step rolled the node back itself.
