@@ -1,6 +1,7 @@
 //! `hotpot`: one binary for every role in a Hotpot network.
 
 mod bench;
+mod ledger;
 mod run;
 mod store;
 mod swarm;
@@ -47,6 +48,9 @@ enum Command {
     /// Look at the swarm.
     #[command(subcommand)]
     Swarm(SwarmCommand),
+    /// The books of this machine's gateway: every account's balance;
+    /// prepay keys, stake nodes, unbond and withdraw stake.
+    Ledger(ledger::LedgerArgs),
     /// Re-check an evidence file of cheating, with the model.
     Verify(verify::VerifyArgs),
     /// Measure honest differences between kernel variants, thread counts,
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Command::Node(args) => swarm::node(&args),
         Command::Gateway(args) => swarm::gateway(&args),
         Command::Swarm(SwarmCommand::Status(args)) => swarm::status(&args),
+        Command::Ledger(args) => ledger::ledger(&args),
         Command::Verify(args) => verify::verify(&args),
         Command::Calibrate(args) => verify::calibrate(&args),
     };

@@ -153,6 +153,11 @@ impl Store {
         self.home.join("gateway.key")
     }
 
+    /// The gateway's books by default (beside its key).
+    pub fn ledger_path(&self) -> PathBuf {
+        self.home.join("ledger.sqlite")
+    }
+
     /// Where gateways write evidence of cheating.
     pub fn evidence_dir(&self) -> PathBuf {
         self.home.join("evidence")

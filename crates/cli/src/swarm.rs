@@ -58,9 +58,11 @@ pub struct NodeArgs {
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 10)]
     pub heartbeat: u64,
-    /// Credits asked per 1000 tokens.
-    #[arg(long, default_value_t = 0)]
-    pub price: u64,
+    /// Credits asked per 1,000 positions through this node's blocks
+    /// (prompt and generated alike), e.g. 0.5; shown to gateways in
+    /// heartbeats.
+    #[arg(long, default_value = "0")]
+    pub price: hotpot_core::Credits,
     /// File with the node's 32-byte secret key (created if missing); without
     /// it, the node gets a fresh identity each start.
     #[arg(long)]
@@ -261,7 +263,7 @@ pub fn node(args: &NodeArgs) -> Result<()> {
             kv_budget_bytes: args.kv_memory_mb << 20,
             idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
             heartbeat: Duration::from_secs(args.heartbeat.max(1)),
-            price_per_1k: args.price,
+            price_per_1k: args.price.micros(),
             device: None,
             sketches: !args.no_sketches,
             cheat,
@@ -314,7 +316,7 @@ pub fn status(args: &StatusArgs) -> Result<()> {
                         "peer": peer.to_string(), "node": i.node, "model": i.model, "model_name": i.model_name,
                         "n_blocks": i.n_blocks, "span": [i.span.start(), i.span.end()], "throughput": i.throughput,
                         "free_slots": i.free_slots, "max_sessions": i.max_sessions, "queue": i.queue,
-                        "price_per_1k": i.price_per_1k, "version": i.version, "addrs": i.addrs, "timestamp_ms": i.timestamp_ms,
+                        "price_per_1k": hotpot_core::Credits::from_micros(i.price_per_1k).to_string(), "version": i.version, "addrs": i.addrs, "timestamp_ms": i.timestamp_ms,
                     })
                 })
                 .collect();
@@ -332,13 +334,16 @@ fn print_status(seen: &BTreeMap<hotpot_net::PeerId, hotpot_wire::NodeInfo>) {
         return;
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    println!("{:<54} {:<46} {:<14} {:>7} {:>9} {:>9} {:>5} {:>10}", "PEER", "ADDRESS", "MODEL", "SPAN", "TOK/S", "SESSIONS", "QUEUE", "HEARD");
+    println!(
+        "{:<54} {:<46} {:<14} {:>7} {:>9} {:>9} {:>5} {:>10} {:>10}",
+        "PEER", "ADDRESS", "MODEL", "SPAN", "TOK/S", "SESSIONS", "QUEUE", "PRICE/1K", "HEARD"
+    );
     for (peer, i) in seen {
         let addr = i.addrs.iter().find(|a| !a.contains("/ip4/0.0.0.0")).or(i.addrs.first()).cloned().unwrap_or_default();
         let addr = addr.split("/p2p/").next().unwrap_or_default().to_string();
         let age = now.saturating_sub(i.timestamp_ms) as f64 / 1000.0;
         println!(
-            "{:<54} {:<46} {:<14} {:>7} {:>9.1} {:>9} {:>5} {:>8.1}s",
+            "{:<54} {:<46} {:<14} {:>7} {:>9.1} {:>9} {:>5} {:>10} {:>8.1}s",
             peer.to_string(),
             addr,
             i.model_name,
@@ -346,6 +351,7 @@ fn print_status(seen: &BTreeMap<hotpot_net::PeerId, hotpot_wire::NodeInfo>) {
             i.throughput,
             format!("{}/{}", i.max_sessions - i.free_slots.min(i.max_sessions), i.max_sessions),
             i.queue,
+            hotpot_core::Credits::from_micros(i.price_per_1k).to_string(),
             age
         );
     }
@@ -363,7 +369,9 @@ fn print_status(seen: &BTreeMap<hotpot_net::PeerId, hotpot_wire::NodeInfo>) {
         println!("  nodes      {row}");
         let missing = gaps(n_blocks, &served);
         if missing.is_empty() {
-            println!("  every block is served");
+            let priced: Vec<_> = infos.iter().map(|i| (i.span, i.price_per_1k)).collect();
+            let cheapest = hotpot_core::placement::cheapest_route_price(n_blocks, &priced).map(hotpot_core::Credits::from_micros);
+            println!("  every block is served; the cheapest full route costs {} credits per 1,000 positions", cheapest.unwrap_or_default());
         } else {
             println!("  missing blocks: {}", missing.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
         }

@@ -221,8 +221,8 @@ fn failover_with_speculation_gives_the_same_tokens() {
 #[test]
 fn gaps_fail_fast_and_auto_nodes_fill_them() {
     let _serial = serial();
-    let a = NodeProc::start("0..10", None, &[]);
-    let _c = NodeProc::start("20..30", Some(&a.addr), &[]);
+    let a = NodeProc::start("0..10", None, &["--price", "1"]);
+    let _c = NodeProc::start("20..30", Some(&a.addr), &["--price", "0.5"]);
     let started = Instant::now();
     let out = hotpot(&["run", "smollm2-135m", "hello", "-n", "4", "--join", &a.addr], Duration::from_secs(60));
     assert!(!out.status.success());
@@ -230,7 +230,7 @@ fn gaps_fail_fast_and_auto_nodes_fill_them() {
     assert!(err.contains("no node serves blocks 10..20"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(20), "failing took {:?}", started.elapsed());
 
-    let b = NodeProc::start("auto", Some(&a.addr), &["--num-blocks", "10"]);
+    let b = NodeProc::start("auto", Some(&a.addr), &["--num-blocks", "10", "--price", "2.25"]);
     assert_eq!(b.span, "10..20", "the auto node takes the gap");
     let out = hotpot(&["run", "smollm2-135m", "The capital of France is", "--temperature", "0", "-n", "12", "-q", "--join", &a.addr], Duration::from_secs(60));
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -239,6 +239,7 @@ fn gaps_fail_fast_and_auto_nodes_fill_them() {
     let status = hotpot(&["swarm", "status", "--join", &a.addr, "--wait", "2"], Duration::from_secs(60));
     let shown = text(&status.stdout);
     assert!(shown.contains("every block is served") && shown.contains("10..20") && shown.contains(&b.peer_id), "{shown}");
+    assert!(shown.contains("the cheapest full route costs 3.75 credits per 1,000 positions"), "{shown}");
 }
 
 /// A remote chain rolls back: every node forgets the positions after the

@@ -7,6 +7,7 @@
 //! without pulling each other in.
 
 mod commitment;
+mod credits;
 pub mod fsutil;
 mod keys;
 mod model_id;
@@ -14,6 +15,7 @@ pub mod placement;
 mod span;
 
 pub use commitment::{Commitment, CommitmentError, SessionId, StepRecord, hash};
+pub use credits::{Credits, MICROS_PER_CREDIT, ParseCreditsError};
 pub use keys::{KeyError, NodeId, NodeKey, Signature};
 pub use model_id::{ModelId, ParseModelIdError};
 pub use span::{LayerSpan, ParseSpanError};

@@ -76,9 +76,46 @@ pub fn weakest_window(n_blocks: u32, len: u32, served: &[Served]) -> LayerSpan {
     LayerSpan::new(start, start + len).expect("len >= 1")
 }
 
+/// The price of the cheapest route over all `n_blocks` blocks: every
+/// position of a session goes through every hop, so a route costs the sum
+/// of its hops' prices (per 1,000 positions, in micro-credits). A node may
+/// serve any part of its span. `None` when some block is not served.
+pub fn cheapest_route_price(n_blocks: u32, priced: &[(LayerSpan, u64)]) -> Option<u64> {
+    let n = n_blocks as usize;
+    // cheapest[b]: the cheapest way to cover blocks 0..b.
+    let mut cheapest: Vec<Option<u64>> = vec![None; n + 1];
+    cheapest[0] = Some(0);
+    for b in 0..n {
+        let Some(so_far) = cheapest[b] else { continue };
+        for (span, price) in priced {
+            if (span.start() as usize) <= b && b < span.end() as usize {
+                let end = (span.end() as usize).min(n);
+                let cost = so_far.saturating_add(*price);
+                for reach in cheapest.iter_mut().take(end + 1).skip(b + 1) {
+                    if reach.is_none_or(|c| cost < c) {
+                        *reach = Some(cost);
+                    }
+                }
+            }
+        }
+    }
+    cheapest[n]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cheapest_route_sums_its_hops() {
+        let s = |a, b| LayerSpan::new(a, b).expect("span");
+        // 0..10 at 1, 10..30 at 5, or 0..30 at 4 in one hop.
+        assert_eq!(cheapest_route_price(30, &[(s(0, 10), 1), (s(10, 30), 5)]), Some(6));
+        assert_eq!(cheapest_route_price(30, &[(s(0, 10), 1), (s(10, 30), 5), (s(0, 30), 4)]), Some(4));
+        // Overlaps may be cut anywhere.
+        assert_eq!(cheapest_route_price(30, &[(s(0, 20), 1), (s(5, 30), 2)]), Some(3));
+        assert_eq!(cheapest_route_price(30, &[(s(0, 10), 1), (s(20, 30), 1)]), None);
+    }
 
     fn served(a: u32, b: u32, throughput: f32) -> Served {
         Served { span: LayerSpan::new(a, b).expect("span"), throughput }
