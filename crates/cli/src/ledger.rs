@@ -63,16 +63,24 @@ fn now_ms() -> u64 {
 }
 
 /// The books at `path` (or the default place).
-pub fn open(path: Option<&PathBuf>, create: bool) -> Result<Arc<SqliteLedger>> {
+pub fn open(path: Option<&PathBuf>, create: bool) -> Result<Arc<dyn Ledger>> {
     let path = match path {
         Some(path) => path.clone(),
         None => Store::from_env()?.ledger_path(),
     };
-    Ok(Arc::new(SqliteLedger::open(&path, create).with_context(|| format!("opening the ledger {}", path.display()))?))
+    Ok(Arc::new(open_sqlite(&path, create)?))
+}
+
+fn open_sqlite(path: &std::path::Path, create: bool) -> Result<SqliteLedger> {
+    SqliteLedger::open(path, create).with_context(|| format!("opening the ledger {}", path.display()))
 }
 
 pub fn ledger(args: &LedgerArgs) -> Result<()> {
-    let store = open(args.store.as_ref(), args.init_store)?;
+    let path = match &args.store {
+        Some(path) => path.clone(),
+        None => Store::from_env()?.ledger_path(),
+    };
+    let store = Arc::new(open_sqlite(&path, args.init_store)?);
     let unbonding = match &args.command {
         Some(LedgerCommand::Unbond { unbonding_secs, .. }) => Duration::from_secs(*unbonding_secs),
         _ => Duration::from_secs(DEFAULT_UNBONDING_SECS),

@@ -506,6 +506,15 @@ pub struct ServingArgs {
     /// lost file never restarts every key at 0 spent).
     #[arg(long)]
     pub init_store: bool,
+    /// Keep the books here: prepaid keys (`"prepaid": true` in the keys
+    /// file) pay each node its price and this gateway its fee from them
+    /// (`hotpot ledger` shows them). Created with --init-store.
+    #[arg(long)]
+    pub ledger: Option<std::path::PathBuf>,
+    /// This gateway's own price per 1,000 positions of a session, in
+    /// credits, charged to prepaid keys beside the nodes' prices.
+    #[arg(long, default_value = "0")]
+    pub fee: hotpot_core::Credits,
 }
 
 impl ServingArgs {
@@ -519,6 +528,14 @@ impl ServingArgs {
         };
         config.chain.queue_timeout = Duration::from_secs(self.queue_timeout);
         config.metrics_per_key = self.metrics_per_key;
+        config.fee_per_1k = self.fee;
+    }
+
+    /// The books, when `--ledger` asks for them.
+    fn books(&self) -> Result<Option<hotpot_ledger::Books>> {
+        let Some(path) = &self.ledger else { return Ok(None) };
+        let ledger = crate::ledger::open(Some(path), self.init_store)?;
+        Ok(Some(hotpot_ledger::Books::new(ledger, Duration::from_secs(crate::ledger::DEFAULT_UNBONDING_SECS))))
     }
 }
 
@@ -618,6 +635,7 @@ async fn serve_http(
     config.record_sinks = record_sinks;
     config.speculation = model.speculation.clone();
     config.chain.push = model.push;
+    config.books = serving.books()?;
     if let Some(path) = keys {
         let ledger = if serving.init_store { hotpot_gateway::Ledger::Create } else { hotpot_gateway::Ledger::Existing };
         config.keys = Some(Arc::new(hotpot_gateway::KeyStore::load(path, ledger)?));

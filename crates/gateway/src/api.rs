@@ -118,7 +118,27 @@ async fn completions(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Bo
 async fn key_status(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<KeyStatus>, ApiError> {
     let keys = gateway.config.keys.as_ref().ok_or_else(|| ApiError::NotFound { message: "this gateway has no API keys".into(), code: "not_found" })?;
     let caller = keys.admit(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))?;
-    keys.status(&caller).map(Json).ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))
+    let mut status = keys.status(&caller).ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
+    if let Some(books) = &gateway.config.books
+        && keys.prepaid(&caller)
+    {
+        let unavailable = |e: hotpot_ledger::LedgerError| {
+            tracing::error!(error = %e, "cannot read the books");
+            ApiError::Internal("the books are unavailable".into())
+        };
+        let credits = books.balance(&hotpot_ledger::Account::Key(caller.name.clone())).map_err(unavailable)?;
+        let held: i128 = books
+            .ledger()
+            .balances()
+            .map_err(unavailable)?
+            .iter()
+            .filter(|(a, _)| matches!(a, hotpot_ledger::Account::Held { key, .. } if *key == caller.name))
+            .map(|(_, b)| *b)
+            .sum();
+        status.credits = Some(credits.to_string());
+        status.credits_held = Some(hotpot_core::Credits::from_micros(u64::try_from(held).unwrap_or(0)).to_string());
+    }
+    Ok(Json(status))
 }
 
 async fn models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<ModelList>, ApiError> {

@@ -151,11 +151,15 @@ struct Stage {
     /// The node has done a step in this session (its past failures are
     /// forgiven then).
     proven: bool,
+    /// What the node asked per 1,000 positions when the stage connected
+    /// (micro-credits).
+    price_per_1k: u64,
 }
 
 impl Stage {
-    fn new(conn: Conn, audited: bool) -> Self {
+    fn new(conn: Conn, audited: bool, price_per_1k: u64) -> Self {
         Self {
+            price_per_1k,
             span: conn.hop.span,
             conn,
             history: Vec::new(),
@@ -192,6 +196,8 @@ pub struct StageRecord {
     pub span: LayerSpan,
     /// Positions the node computed (after rollbacks).
     pub positions: usize,
+    /// Its price per 1,000 positions when the session began (micro-credits).
+    pub price_per_1k: u64,
     pub commitments: Vec<Commitment>,
 }
 
@@ -408,6 +414,7 @@ impl RemoteChain {
                 node: Some(s.conn.node),
                 span: s.span,
                 positions: s.history.len() / self.dim,
+                price_per_1k: s.price_per_1k,
                 commitments: s.commitments.clone(),
             })
             .collect()
@@ -622,7 +629,8 @@ impl Connector {
     /// A stage on a freshly connected node, secretly drawn for audit or not.
     fn stage(&self, conn: Conn) -> Stage {
         let audited = self.selector.as_ref().is_some_and(|select| select(&conn.hop.peer));
-        Stage::new(conn, audited)
+        let price = self.directory.with(|d| d.info(&conn.hop.peer)).map_or(0, |i| i.price_per_1k);
+        Stage::new(conn, audited, price)
     }
 
     fn emit(&self, event: ChainEvent<'_>) {

@@ -37,6 +37,10 @@ pub struct KeySpec {
     pub token_budget: Option<u64>,
     #[serde(default)]
     pub requests_per_minute: Option<u32>,
+    /// The key pays in credits from its account in the books (topped up
+    /// with `hotpot ledger deposit NAME CREDITS`).
+    #[serde(default)]
+    pub prepaid: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +75,8 @@ pub enum KeysError {
     Empty,
     #[error("the key named {0:?} appears twice")]
     Duplicate(String),
+    #[error("the prepaid key named {0:?} needs a name without ':' or spaces (it names the key's account in the books)")]
+    PrepaidName(String),
     #[error("cannot use the spending store {path}: {source}")]
     Store {
         path: PathBuf,
@@ -120,6 +126,12 @@ pub struct KeyStatus {
     pub reserved: u64,
     /// Budget minus spent and reserved (`None`: no budget).
     pub remaining: Option<u64>,
+    /// A prepaid key's credits in the books, and what its running
+    /// requests hold of them (decimal strings; absent for other keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits_held: Option<String>,
 }
 
 /// The version of the spending store's schema. 1: the `spending` table
@@ -135,9 +147,18 @@ impl KeyStore {
         let mut accounts = HashMap::new();
         for spec in file.keys {
             let bucket = f64::from(spec.requests_per_minute.unwrap_or(0));
-            let name = spec.name.clone().unwrap_or_else(|| format!("key-{}", &spec.key[..spec.key.len().min(6)]));
+            let name = spec.name.clone().unwrap_or_else(|| format!("key-{}", spec.key.chars().take(6).collect::<String>()));
             if accounts.contains_key(&spec.key) {
                 return Err(KeysError::Duplicate(name));
+            }
+            // A prepaid key's name is its account in the books.
+            if spec.prepaid {
+                if name.is_empty() || name.contains([':', ' ']) {
+                    return Err(KeysError::PrepaidName(name));
+                }
+                if accounts.values().any(|a: &Account| a.spec.prepaid && a.name == name) {
+                    return Err(KeysError::Duplicate(name));
+                }
             }
             accounts.insert(spec.key.clone(), Account { spec, name, spent: 0, reserved: 0, bucket, filled: Instant::now() });
         }
@@ -278,7 +299,14 @@ impl KeyStore {
             spent: a.spent,
             reserved: a.reserved,
             remaining: a.spec.token_budget.map(|b| b.saturating_sub(a.spent + a.reserved)),
+            credits: None,
+            credits_held: None,
         })
+    }
+
+    /// Whether `caller`'s key pays in credits.
+    pub fn prepaid(&self, caller: &Caller) -> bool {
+        self.accounts().get(&caller.key).is_some_and(|a| a.spec.prepaid)
     }
 
     /// `(name, spent)` for every key.

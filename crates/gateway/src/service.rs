@@ -46,6 +46,10 @@ pub struct GatewayConfig {
     pub record_sinks: Vec<Arc<dyn RecordSink>>,
     /// Speculative decoding for every session (`--draft`).
     pub speculation: Option<Speculation>,
+    /// The books prepaid keys pay from and nodes are paid into (`--ledger`).
+    pub books: Option<hotpot_ledger::Books>,
+    /// The gateway's own price per 1,000 positions of a session (`--fee`).
+    pub fee_per_1k: hotpot_core::Credits,
 }
 
 impl GatewayConfig {
@@ -63,6 +67,8 @@ impl GatewayConfig {
             http: crate::http::HttpLimits::default(),
             record_sinks: Vec::new(),
             speculation: None,
+            books: None,
+            fee_per_1k: hotpot_core::Credits::ZERO,
         }
     }
 }
@@ -115,6 +121,14 @@ impl Gateway {
         let fingerprint = format!("hotpot-{}-{}", env!("CARGO_PKG_VERSION"), &model_id.to_full_string()[4..12]);
         let metrics = Arc::new(Metrics::default());
         let auditor = config.audit.clone().map(|audit| Auditor::new(network.clone(), directory.clone(), model.clone(), audit, Arc::clone(&metrics)));
+        if let Some(books) = &config.books {
+            // Holds left by requests that died with a previous process.
+            match books.release_all_holds() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(holds = n, "released the credit holds of requests that did not finish before the last stop"),
+                Err(e) => tracing::error!(error = %e, "cannot release old credit holds"),
+            }
+        }
         Arc::new(Self { model, client, network, directory, metrics, config, fingerprint, auditor, prep: crate::prep::Prep::start() })
     }
 
@@ -201,12 +215,13 @@ impl Gateway {
             (Some(caller), Some(keys)) => Some(keys.reserve(caller, plan.reserve)?),
             _ => None,
         };
+        let credits = self.hold_credits(&plan)?;
         let slots = Arc::new(tokio::sync::Semaphore::new(self.config.parallel_sessions.max(1)));
         let mut jobs = plan.jobs.into_iter();
         let first: Vec<ChoiceJob> = jobs.by_ref().take(self.config.parallel_sessions.max(1)).collect();
         let opened = futures::future::join_all(first.iter().map(|job| self.open_chain(self.session_len(job), false))).await;
         let chains = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
-        let request = Arc::new(RequestRun { id: plan.id, caller: plan.caller, reservation, started });
+        let request = Arc::new(RequestRun { id: plan.id, caller: plan.caller, reservation, credits, started });
         // Small buffers: a listener that leaves is noticed within a token or two.
         let (tx, rx) = mpsc::channel(4);
         for (job, chain) in first.into_iter().zip(chains) {
@@ -239,6 +254,56 @@ impl Gateway {
         Ok(rx)
     }
 
+    /// A prepaid key's request holds, in the books, the most it may cost:
+    /// every session's prompt plus `max_tokens` through every node that
+    /// could be on its route (a route uses each node at most once), plus
+    /// the gateway's fee; refused (429 `insufficient_quota`) when the key
+    /// does not have it.
+    fn hold_credits(&self, plan: &RequestPlan) -> Result<Option<CreditHold>, ApiError> {
+        let (Some(caller), Some(books), Some(keys)) = (&plan.caller, &self.config.books, &self.config.keys) else { return Ok(None) };
+        if !keys.prepaid(caller) {
+            return Ok(None);
+        }
+        let positions: u64 = plan.jobs.iter().map(|j| (j.prompt.len() + j.params.max_tokens) as u64).sum();
+        let prices: u64 = self.directory.with(|d| d.usable(&self.model.id).iter().map(|r| r.info.price_per_1k).fold(0u64, u64::saturating_add));
+        let per_1k = hotpot_core::Credits::from_micros(prices.saturating_add(self.config.fee_per_1k.micros()));
+        let most =
+            per_1k.per(1000, positions).ok_or_else(|| ApiError::BadRequest { message: "this request's cost overflows".into(), param: None, code: None })?;
+        match books.hold(&caller.name, &plan.id, most) {
+            Ok(_) => Ok(Some(CreditHold { books: books.clone(), key: caller.name.clone(), request: plan.id.clone() })),
+            Err(hotpot_ledger::LedgerError::Insufficient { balance, .. }) => Err(ApiError::RateLimited {
+                message: format!("this request may cost up to {most} credits and this key has {balance} (lower max_tokens or n, or deposit credits)"),
+                code: "insufficient_quota",
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "the books refused a hold");
+                Err(ApiError::Internal("the books are unavailable".into()))
+            }
+        }
+    }
+
+    /// Pays a prepaid key's finished session: each node its price for the
+    /// positions it computed, the gateway its fee; once per session.
+    fn settle_credits(&self, record: &SessionRecord, hold: &CreditHold) {
+        let per = |price: hotpot_core::Credits, positions: usize| price.per(1000, positions as u64).unwrap_or(hotpot_core::Credits::ZERO);
+        let payments: Vec<hotpot_ledger::Payment> = record
+            .route
+            .iter()
+            .filter_map(|s| Some(hotpot_ledger::Payment { node: s.peer.clone()?, amount: per(hotpot_core::Credits::from_micros(s.price_per_1k), s.positions) }))
+            .collect();
+        let positions = record.route.iter().map(|s| s.positions).max().unwrap_or(0);
+        let settlement = hotpot_ledger::Settlement {
+            receipt: format!("session:{}", record.id),
+            key: hold.key.clone(),
+            request: hold.request.clone(),
+            payments,
+            fee: per(self.config.fee_per_1k, positions),
+        };
+        if let Err(e) = hold.books.settle(&settlement) {
+            tracing::error!(session = %record.id, error = %e, "cannot settle a session in the books");
+        }
+    }
+
     /// Positions a session's route must hold.
     fn session_len(&self, job: &ChoiceJob) -> usize {
         (job.prompt.len() + job.params.max_tokens).min(self.model.context)
@@ -267,6 +332,9 @@ impl Gateway {
         chain.close().await;
         if let Some(e) = outcome.error {
             let _ = tx.send(Err(e.into())).await;
+        }
+        if let Some(hold) = &request.credits {
+            self.settle_credits(&outcome.record, hold);
         }
         self.on_record(&outcome.record, reservation);
         if let (Some(auditor), Some(transcripts)) = (&self.auditor, transcripts) {
@@ -309,7 +377,25 @@ struct RequestRun {
     id: String,
     caller: Option<Caller>,
     reservation: Option<Reservation>,
+    /// A prepaid key's credits held for the request.
+    credits: Option<CreditHold>,
     started: Instant,
+}
+
+/// Credits a request holds in the books; what is left when the request's
+/// last session ends goes back to the key.
+pub(crate) struct CreditHold {
+    books: hotpot_ledger::Books,
+    key: String,
+    request: String,
+}
+
+impl Drop for CreditHold {
+    fn drop(&mut self) {
+        if let Err(e) = self.books.release(&self.key, &self.request) {
+            tracing::error!(key = %self.key, error = %e, "cannot release a credit hold (it is released at the next start)");
+        }
+    }
 }
 
 /// A session's events on their way to the request, timed for metrics.

@@ -90,7 +90,7 @@ impl Pipeline for LocalPipeline<'_> {
     async fn close(&mut self) {}
 
     fn stages(&self) -> Vec<StageRecord> {
-        self.spans.iter().map(|&span| StageRecord { peer: None, node: None, span, positions: self.len, commitments: Vec::new() }).collect()
+        self.spans.iter().map(|&span| StageRecord { peer: None, node: None, span, positions: self.len, price_per_1k: 0, commitments: Vec::new() }).collect()
     }
 }
 
@@ -201,6 +201,8 @@ pub struct RouteStage {
     pub node: Option<NodeId>,
     pub span: LayerSpan,
     pub positions: usize,
+    /// The node's price per 1,000 positions (micro-credits).
+    pub price_per_1k: u64,
     pub steps: usize,
     /// BLAKE3 over the stage's commitments' signatures, in order (hex).
     pub commitments_root: String,
@@ -219,6 +221,7 @@ impl From<StageRecord> for RouteStage {
             node: s.node,
             span: s.span,
             positions: s.positions,
+            price_per_1k: s.price_per_1k,
             steps: s.commitments.len(),
             commitments_root: hasher.finalize().to_hex().to_string(),
             commitments: s.commitments,

@@ -1,0 +1,126 @@
+//! Paying nodes (issue 13): three nodes priced 1, 2 and 3 credits per
+//! 1,000 positions and a gateway fee; a prepaid key's requests are paid
+//! from its account in the books, each node gets exactly its price for
+//! the positions it computed, and the books balance.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn post(base_url: &str, path: &str, key: &str, body: &Value) -> (u16, Value) {
+    let out = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "-H", "Content-Type: application/json", "-H", &format!("Authorization: Bearer {key}")])
+        .args(["-d", &body.to_string(), &format!("{base_url}{path}")])
+        .output()
+        .expect("curl runs");
+    let body = text(&out.stdout);
+    let (json, status) = body.rsplit_once('\n').expect("status line");
+    (status.trim().parse().expect("status"), serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+fn micros(credits: f64) -> i128 {
+    (credits * 1e6).round() as i128
+}
+
+/// What a price per 1,000 positions costs for `positions`, rounded up.
+fn cost(price_micros: i128, positions: i128) -> i128 {
+    (price_micros * positions + 999) / 1000
+}
+
+#[test]
+fn nodes_are_paid_their_price_for_the_positions_they_computed() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (keys, ledger, log) = (dir.path().join("keys.json"), dir.path().join("ledger.sqlite"), dir.path().join("sessions.jsonl"));
+    std::fs::write(&keys, r#"{"keys": [{"key": "sk-alice", "name": "alice", "prepaid": true}, {"key": "sk-bob", "name": "bob", "prepaid": true}]}"#)
+        .expect("keys");
+    let store = ledger.to_str().expect("utf-8");
+    let out = hotpot(&["ledger", "--store", store, "--init-store", "deposit", "alice", "100"], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = hotpot(&["ledger", "--store", store, "deposit", "bob", "0.000001"], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let a = NodeProc::start("0..10", None, &["--price", "1"]);
+    let _b = NodeProc::start("10..20", Some(&a.addr), &["--price", "2"]);
+    let _c = NodeProc::start("20..30", Some(&a.addr), &["--price", "3"]);
+    let gateway = serve(&[
+        "gateway",
+        "--join",
+        &a.addr,
+        "--listen",
+        "127.0.0.1:0",
+        "--api-keys",
+        keys.to_str().expect("utf-8"),
+        "--init-store",
+        "--ledger",
+        store,
+        "--fee",
+        "0.5",
+        "--session-log",
+        log.to_str().expect("utf-8"),
+        "--no-audits",
+        "-t",
+        "1",
+    ]);
+    let url = &gateway.base_url;
+    let chat = serde_json::json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8});
+    let (status, answer) = post(url, "/chat/completions", "sk-alice", &chat);
+    assert_eq!(status, 200, "{answer}");
+    let completions = serde_json::json!({"model": "smollm2-135m", "prompt": ["Once upon a time", "The sky is"], "max_tokens": 6, "n": 2, "temperature": 0.7});
+    let (status, answer) = post(url, "/completions", "sk-alice", &completions);
+    assert_eq!(status, 200, "{answer}");
+    // A key whose credits cannot cover a request's most is refused before anything runs.
+    let (status, answer) = post(url, "/chat/completions", "sk-bob", &chat);
+    assert_eq!((status, answer["error"]["code"].as_str()), (429, Some("insufficient_quota")), "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap_or_default().contains("credits"), "{answer}");
+
+    // What the sessions did, as the gateway recorded them.
+    std::thread::sleep(Duration::from_millis(500));
+    let records: Vec<Value> = std::fs::read_to_string(&log).expect("session log").lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    assert_eq!(records.len(), 5, "1 chat + 2 prompts × 2 choices");
+    let mut paid: HashMap<String, i128> = HashMap::new();
+    let mut fees = 0;
+    for record in &records {
+        let route = record["route"].as_array().expect("route");
+        assert_eq!(route.len(), 3, "{record}");
+        for stage in route {
+            let peer = stage["peer"].as_str().expect("peer").to_string();
+            let (price, positions) = (stage["price_per_1k"].as_i64().expect("price") as i128, stage["positions"].as_i64().expect("positions") as i128);
+            *paid.entry(peer).or_default() += cost(price, positions);
+        }
+        let positions = route.iter().map(|s| s["positions"].as_i64().expect("positions") as i128).max().expect("stages");
+        fees += cost(micros(0.5), positions);
+    }
+    drop(gateway);
+
+    let out = hotpot(&["ledger", "--store", store, "--json"], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let books: Value = serde_json::from_str(&text(&out.stdout)).expect("json");
+    let balances: HashMap<String, i128> = books["accounts"]
+        .as_array()
+        .expect("accounts")
+        .iter()
+        .map(|a| (a["account"].as_str().expect("name").to_string(), a["micro_credits"].as_i64().expect("micros") as i128))
+        .collect();
+    println!("books: {balances:?}");
+    assert_eq!(paid.len(), 3);
+    for (peer, expected) in &paid {
+        assert_eq!(balances.get(&format!("node:{peer}")).copied().unwrap_or(0), *expected, "node {peer}");
+    }
+    // Every node computed every position: the one priced 1 got a third of
+    // what the one priced 3 got (up to rounding each session up).
+    let (cheap, dear) = (paid[&a.peer_id], paid.iter().map(|(_, v)| *v).max().expect("paid"));
+    assert!(cheap > 0 && (dear - 3 * cheap).abs() <= 3 * records.len() as i128, "{paid:?}");
+    let total: i128 = paid.values().sum::<i128>() + fees;
+    assert_eq!(balances.get("fees").copied().unwrap_or(0), fees);
+    assert_eq!(balances.get("key:alice").copied().unwrap_or(0), micros(100.0) - total, "alice paid exactly the nodes and the fee");
+    assert_eq!(balances.get("key:bob").copied().unwrap_or(0), 1, "bob's refused request cost nothing");
+    assert!(!balances.keys().any(|a| a.starts_with("held:")), "every hold was released: {balances:?}");
+    let out = hotpot(&["ledger", "--store", store, "check"], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
