@@ -124,3 +124,90 @@ fn nodes_are_paid_their_price_for_the_positions_they_computed() {
     let out = hotpot(&["ledger", "--store", store, "check"], Duration::from_secs(30));
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// Acceptance 3: the gateway is killed (SIGKILL) while 20 paid requests
+/// run; after a restart the books open, balance, hold nothing for the dead
+/// requests, and the key has paid exactly what its nodes and the fee got.
+#[test]
+fn a_gateway_killed_mid_requests_loses_and_doubles_nothing() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (keys, ledger) = (dir.path().join("keys.json"), dir.path().join("ledger.sqlite"));
+    std::fs::write(&keys, r#"{"keys": [{"key": "sk-alice", "name": "alice", "prepaid": true}]}"#).expect("keys");
+    let store = ledger.to_str().expect("utf-8");
+    let out = hotpot(&["ledger", "--store", store, "--init-store", "deposit", "alice", "100"], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let a = NodeProc::start("0..10", None, &["--price", "1"]);
+    let _b = NodeProc::start("10..20", Some(&a.addr), &["--price", "2"]);
+    let _c = NodeProc::start("20..30", Some(&a.addr), &["--price", "3"]);
+    let args = [
+        "gateway",
+        "--join",
+        &a.addr,
+        "--listen",
+        "127.0.0.1:0",
+        "--api-keys",
+        keys.to_str().expect("utf-8"),
+        "--init-store",
+        "--ledger",
+        store,
+        "--fee",
+        "0.5",
+        "--no-audits",
+        "-t",
+        "1",
+    ];
+    let mut gateway = serve(&args);
+    let url = format!("{}/chat/completions", gateway.base_url);
+    // Short requests (settled before the kill) and long ones (cut by it).
+    let clients: Vec<std::process::Child> = (0..20)
+        .map(|i| {
+            let chat = serde_json::json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": if i % 2 == 0 { 2 } else { 200 }});
+            Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-H", "Content-Type: application/json", "-H", "Authorization: Bearer sk-alice", "-d", &chat.to_string(), &url])
+                .spawn()
+                .expect("curl starts")
+        })
+        .collect();
+    // Kill it while the requests run: some sessions settled, others not.
+    std::thread::sleep(Duration::from_millis(3000));
+    gateway.child.kill().expect("SIGKILL");
+    let _ = gateway.child.wait();
+    for mut client in clients {
+        let _ = client.wait();
+    }
+    let balances = |store: &str| -> HashMap<String, i128> {
+        let out = hotpot(&["ledger", "--store", store, "--json"], Duration::from_secs(30));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let books: Value = serde_json::from_str(&text(&out.stdout)).expect("json");
+        books["accounts"]
+            .as_array()
+            .expect("accounts")
+            .iter()
+            .map(|a| (a["account"].as_str().expect("name").to_string(), a["micro_credits"].as_i64().expect("micros") as i128))
+            .collect()
+    };
+    let killed = balances(store);
+    println!("books after the kill: {killed:?}");
+    assert!(killed.keys().any(|a| a.starts_with("held:")), "the kill left requests holding credits (or the test killed too late): {killed:?}");
+    assert!(killed.keys().any(|a| a.starts_with("node:")), "some sessions were paid before the kill (or the test killed too early): {killed:?}");
+
+    // The restarted gateway releases the dead requests' holds, and serves.
+    let gateway = serve(&args);
+    let (status, answer) = post(
+        &gateway.base_url,
+        "/chat/completions",
+        "sk-alice",
+        &serde_json::json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    drop(gateway);
+    let after = balances(store);
+    println!("books after the restart: {after:?}");
+    assert!(!after.keys().any(|a| a.starts_with("held:")), "a dead request still holds credits: {after:?}");
+    let earned: i128 = after.iter().filter(|(a, _)| a.starts_with("node:") || a.as_str() == "fees").map(|(_, b)| *b).sum();
+    assert!(earned > 0, "some sessions were paid: {after:?}");
+    assert_eq!(after.get("key:alice").copied().unwrap_or(0) + earned, micros(100.0), "the key paid exactly what the nodes and the fee got: {after:?}");
+    let out = hotpot(&["ledger", "--store", store, "check"], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
