@@ -23,6 +23,22 @@ fn post(base_url: &str, path: &str, key: &str, body: &Value) -> (u16, Value) {
     (status.trim().parse().expect("status"), serde_json::from_str(json).unwrap_or(Value::Null))
 }
 
+/// Waits until `key` holds no credits: an answer is out before its
+/// sessions are settled and its hold released.
+fn holds_released(base_url: &str, key: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out =
+            Command::new("curl").args(["-s", "-H", &format!("Authorization: Bearer {key}"), &format!("{base_url}/hotpot/key")]).output().expect("curl runs");
+        let status: Value = serde_json::from_str(&text(&out.stdout)).unwrap_or(Value::Null);
+        if status["credits_held"] == "0" {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the requests' holds were never released: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn micros(credits: f64) -> i128 {
     (credits * 1e6).round() as i128
 }
@@ -79,8 +95,9 @@ fn nodes_are_paid_their_price_for_the_positions_they_computed() {
     assert_eq!((status, answer["error"]["code"].as_str()), (429, Some("insufficient_quota")), "{answer}");
     assert!(answer["error"]["message"].as_str().unwrap_or_default().contains("credits"), "{answer}");
 
-    // What the sessions did, as the gateway recorded them.
-    std::thread::sleep(Duration::from_millis(500));
+    // What the sessions did, as the gateway recorded them (every session
+    // is recorded before its request's hold is released).
+    holds_released(url, "sk-alice");
     let records: Vec<Value> = std::fs::read_to_string(&log).expect("session log").lines().map(|l| serde_json::from_str(l).expect("json")).collect();
     assert_eq!(records.len(), 5, "1 chat + 2 prompts × 2 choices");
     let mut paid: HashMap<String, i128> = HashMap::new();
@@ -201,6 +218,18 @@ fn a_gateway_killed_mid_requests_loses_and_doubles_nothing() {
         &serde_json::json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
     );
     assert_eq!(status, 200, "{answer}");
+    // The answer is out before its session is settled and its hold released.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out =
+            Command::new("curl").args(["-s", "-H", "Authorization: Bearer sk-alice", &format!("{}/hotpot/key", gateway.base_url)]).output().expect("curl runs");
+        let key: Value = serde_json::from_str(&text(&out.stdout)).unwrap_or(Value::Null);
+        if key["credits_held"] == "0" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the request's hold was never released: {key}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     drop(gateway);
     let after = balances(store);
     println!("books after the restart: {after:?}");
