@@ -2,6 +2,7 @@
 
 mod bench;
 mod ledger;
+mod receipts;
 mod run;
 mod store;
 mod swarm;
@@ -51,6 +52,9 @@ enum Command {
     /// The books of this machine's gateway: every account's balance;
     /// prepay keys, stake nodes, unbond and withdraw stake.
     Ledger(ledger::LedgerArgs),
+    /// The receipts this machine's nodes countersigned and its gateway
+    /// signed; `verify FILE` checks an exported set offline.
+    Receipts(receipts::ReceiptsArgs),
     /// Re-check an evidence file of cheating, with the model.
     Verify(verify::VerifyArgs),
     /// Measure honest differences between kernel variants, thread counts,
@@ -81,6 +85,7 @@ fn main() -> ExitCode {
         Command::Gateway(args) => swarm::gateway(&args),
         Command::Swarm(SwarmCommand::Status(args)) => swarm::status(&args),
         Command::Ledger(args) => ledger::ledger(&args),
+        Command::Receipts(args) => receipts::receipts(&args),
         Command::Verify(args) => verify::verify(&args),
         Command::Calibrate(args) => verify::calibrate(&args),
     };

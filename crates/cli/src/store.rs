@@ -158,6 +158,11 @@ impl Store {
         self.home.join("ledger.sqlite")
     }
 
+    /// Where this machine's nodes keep the receipts they countersigned.
+    pub fn receipts_path(&self) -> PathBuf {
+        self.home.join("receipts.sqlite")
+    }
+
     /// Where gateways write evidence of cheating.
     pub fn evidence_dir(&self) -> PathBuf {
         self.home.join("evidence")

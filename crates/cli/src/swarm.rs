@@ -63,6 +63,11 @@ pub struct NodeArgs {
     /// heartbeats.
     #[arg(long, default_value = "0")]
     pub price: hotpot_core::Credits,
+    /// Refuse new sessions from a gateway that closed this many sessions
+    /// here without a receipt in the last hour (0: never) [default: 64 for
+    /// a priced node — two crashes of a busy gateway —, 0 for a free one].
+    #[arg(long)]
+    pub max_owed_receipts: Option<usize>,
     /// File with the node's 32-byte secret key (created if missing); without
     /// it, the node gets a fresh identity each start.
     #[arg(long)]
@@ -264,6 +269,8 @@ pub fn node(args: &NodeArgs) -> Result<()> {
             idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
             heartbeat: Duration::from_secs(args.heartbeat.max(1)),
             price_per_1k: args.price.micros(),
+            max_owed_receipts: args.max_owed_receipts.unwrap_or(if args.price.is_zero() { 0 } else { 64 }),
+            receipts: Some(Store::from_env()?.receipts_path()),
             device: None,
             sketches: !args.no_sketches,
             cheat,
@@ -393,8 +400,16 @@ pub fn run_remote(args: &RunArgs) -> Result<()> {
         directory.refresh(&network, &entry.id, config.n_blocks, Duration::from_secs(3)).await;
         let max_len = job.prompt.len() + job.params.max_tokens;
         let chain_config = ChainConfig { max_len: max_len + 1, push: !args.latency.no_push, ..ChainConfig::default() };
-        let context =
-            ChainContext { network: network.clone(), directory, model: entry.id, n_blocks: config.n_blocks, dim: config.dim, observer: None, selector: None };
+        let context = ChainContext {
+            network: network.clone(),
+            directory,
+            model: entry.id,
+            n_blocks: config.n_blocks,
+            dim: config.dim,
+            observer: None,
+            selector: None,
+            eligible: None,
+        };
         let mut chain = RemoteChain::open(context, chain_config).await.with_context(|| format!("the swarm cannot serve {}", entry.name))?;
         if args.show_route {
             eprintln!("route: {}{}", describe_route(&chain.route()), if chain.pushed() { " (pushed node to node)" } else { " (relayed through this process)" });
@@ -402,7 +417,8 @@ pub fn run_remote(args: &RunArgs) -> Result<()> {
         let mut printer = crate::run::Printer::new();
         let outcome = hotpot_gateway::drive(&client, &mut chain, &job, &session, &mut printer).await;
         let label = format!("swarm, {} hops, {} failovers", chain.route().len(), chain.failovers());
-        chain.close().await;
+        // Nodes get their receipts (nothing is paid: no books here).
+        chain.close_with_receipts(hotpot_gateway::market::receipts_for(network.key(), &outcome.record)).await;
         network.shutdown().await;
         printer.report(args, &label, &job, outcome)
     })
@@ -515,6 +531,14 @@ pub struct ServingArgs {
     /// credits, charged to prepaid keys beside the nodes' prices.
     #[arg(long, default_value = "0")]
     pub fee: hotpot_core::Credits,
+    /// Keep nodes with less than this many credits at stake (`hotpot
+    /// ledger stake`) out of routes (needs --ledger).
+    #[arg(long, default_value = "0", requires = "ledger")]
+    pub min_stake: hotpot_core::Credits,
+    /// Percent of a convicted node's slashed stake that goes to this
+    /// gateway (whose audit convicted it); the rest is burned.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub accuser_share: u32,
 }
 
 impl ServingArgs {
@@ -528,14 +552,22 @@ impl ServingArgs {
         };
         config.chain.queue_timeout = Duration::from_secs(self.queue_timeout);
         config.metrics_per_key = self.metrics_per_key;
-        config.fee_per_1k = self.fee;
     }
 
-    /// The books, when `--ledger` asks for them.
-    fn books(&self) -> Result<Option<hotpot_ledger::Books>> {
+    /// The books and the receipts (beside them), when `--ledger` asks for
+    /// them, with the fee and the stake rules.
+    fn market(&self) -> Result<Option<Arc<hotpot_gateway::Market>>> {
         let Some(path) = &self.ledger else { return Ok(None) };
         let ledger = crate::ledger::open(Some(path), self.init_store)?;
-        Ok(Some(hotpot_ledger::Books::new(ledger, Duration::from_secs(crate::ledger::DEFAULT_UNBONDING_SECS))))
+        let receipts_path = path.parent().unwrap_or(std::path::Path::new(".")).join("receipts.sqlite");
+        let receipts = hotpot_ledger::ReceiptBook::open(&receipts_path).with_context(|| format!("opening the receipts {}", receipts_path.display()))?;
+        Ok(Some(Arc::new(hotpot_gateway::Market {
+            books: hotpot_ledger::Books::new(ledger, Duration::from_secs(crate::ledger::DEFAULT_UNBONDING_SECS)),
+            receipts: Some(Arc::new(receipts)),
+            fee_per_1k: self.fee,
+            min_stake: self.min_stake,
+            accuser_ppm: self.accuser_share * 10_000,
+        })))
     }
 }
 
@@ -635,7 +667,7 @@ async fn serve_http(
     config.record_sinks = record_sinks;
     config.speculation = model.speculation.clone();
     config.chain.push = model.push;
-    config.books = serving.books()?;
+    config.market = serving.market()?;
     if let Some(path) = keys {
         let ledger = if serving.init_store { hotpot_gateway::Ledger::Create } else { hotpot_gateway::Ledger::Existing };
         config.keys = Some(Arc::new(hotpot_gateway::KeyStore::load(path, ledger)?));
@@ -704,6 +736,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
                 model_name: model.name.clone(),
                 blocks: BlockChoice::Fixed(*span),
                 device: Some(device.clone()),
+                receipts: Some(Store::from_env()?.receipts_path()),
                 ..NodeConfig::default()
             };
             let node = hotpot_node::start(config, network.clone()).await?;

@@ -140,6 +140,59 @@ fn nodes_are_paid_their_price_for_the_positions_they_computed() {
     assert!(!balances.keys().any(|a| a.starts_with("held:")), "every hold was released: {balances:?}");
     let out = hotpot(&["ledger", "--store", store, "check"], Duration::from_secs(30));
     assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // The receipts: every stage of every session has one, countersigned by
+    // its node, kept by the node and by the gateway; the sums the nodes
+    // hold are what the books paid them.
+    let node_of: HashMap<String, String> = records
+        .iter()
+        .flat_map(|r| r["route"].as_array().expect("route").iter())
+        .map(|s| (s["node"].as_str().expect("node").to_string(), s["peer"].as_str().expect("peer").to_string()))
+        .collect();
+    let export = |args: &[&str]| -> Value {
+        let out = hotpot(&[&["receipts", "--json"], args].concat(), Duration::from_secs(30));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_str(&text(&out.stdout)).expect("json")
+    };
+    let gateway_receipts = dir.path().join("receipts.sqlite");
+    let kept = export(&["--store", gateway_receipts.to_str().expect("utf-8")]);
+    let receipts = kept["receipts"].as_array().expect("receipts");
+    assert_eq!(receipts.len(), 15, "5 sessions × 3 stages");
+    assert!(receipts.iter().all(|r| r["holder"] == "gateway" && r["node_signature"].is_string()), "all countersigned: {kept}");
+    // What the nodes themselves kept (their default store, shared by every node of this machine).
+    let on_nodes = export(&[]);
+    for (node, peer) in &node_of {
+        let held: i128 = on_nodes["receipts"]
+            .as_array()
+            .expect("receipts")
+            .iter()
+            .filter(|r| r["holder"] == "node" && r["node"] == node.as_str())
+            .map(|r| r["amount"].as_i64().expect("amount") as i128)
+            .sum();
+        assert_eq!(held, balances[&format!("node:{peer}")], "node {peer}: its receipts sum to what the books paid it");
+        assert_eq!(kept["totals"][node].as_i64().map(i128::from), Some(held), "the gateway's receipts say the same");
+    }
+    // Offline: the export verifies against the session log; a changed amount does not.
+    let file = dir.path().join("receipts.json");
+    std::fs::write(&file, kept.to_string()).expect("writes");
+    let verify = |file: &std::path::Path| {
+        hotpot(
+            &["receipts", "verify", file.to_str().expect("utf-8"), "--session-log", log.to_str().expect("utf-8"), "--countersigned"],
+            Duration::from_secs(30),
+        )
+    };
+    let out = verify(&file);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    let mut forged = kept.clone();
+    forged["receipts"][0]["positions"] = Value::from(forged["receipts"][0]["positions"].as_i64().expect("positions") + 1000);
+    std::fs::write(&file, forged.to_string()).expect("writes");
+    let out = verify(&file);
+    assert!(!out.status.success(), "a changed receipt verifies: {}", text(&out.stdout));
+    let mut unsigned = kept.clone();
+    unsigned["receipts"][1]["node_signature"] = Value::Null;
+    std::fs::write(&file, unsigned.to_string()).expect("writes");
+    let out = verify(&file);
+    assert!(!out.status.success() && text(&out.stdout).contains("not countersigned"), "{}", text(&out.stdout));
 }
 
 /// Acceptance 3: the gateway is killed (SIGKILL) while 20 paid requests
@@ -237,6 +290,57 @@ fn a_gateway_killed_mid_requests_loses_and_doubles_nothing() {
     let earned: i128 = after.iter().filter(|(a, _)| a.starts_with("node:") || a.as_str() == "fees").map(|(_, b)| *b).sum();
     assert!(earned > 0, "some sessions were paid: {after:?}");
     assert_eq!(after.get("key:alice").copied().unwrap_or(0) + earned, micros(100.0), "the key paid exactly what the nodes and the fee got: {after:?}");
+    // No receipt was settled twice or lost: the nodes earned exactly what
+    // the receipts the gateway kept say.
+    let out = hotpot(&["receipts", "--json", "--store", dir.path().join("receipts.sqlite").to_str().expect("utf-8")], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let kept: Value = serde_json::from_str(&text(&out.stdout)).expect("json");
+    let nodes: i128 = after.iter().filter(|(a, _)| a.starts_with("node:")).map(|(_, b)| *b).sum();
+    assert_eq!(kept["total"].as_i64().map(i128::from), Some(nodes), "receipts {kept}");
     let out = hotpot(&["ledger", "--store", store, "check"], Duration::from_secs(30));
     assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// A node can refuse a gateway that owes it receipts: a gateway killed
+/// while its sessions ran never handed their receipts over; restarted with
+/// the same identity, it is refused by the node (and says why), while
+/// another gateway is served.
+#[test]
+fn a_node_refuses_a_gateway_that_owes_it_receipts() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = NodeProc::start("0..15", None, &["--price", "1", "--max-owed-receipts", "2"]);
+    let _b = NodeProc::start("15..30", Some(&a.addr), &["--price", "1"]);
+    let key = dir.path().join("gateway.key");
+    let args = ["gateway", "--join", &a.addr, "--listen", "127.0.0.1:0", "--key", key.to_str().expect("utf-8"), "--no-audits", "-t", "1"];
+    let mut gateway = serve(&args);
+    let url = format!("{}/chat/completions", gateway.base_url);
+    let clients: Vec<std::process::Child> = (0..3)
+        .map(|_| {
+            let chat = serde_json::json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 300});
+            Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-H", "Content-Type: application/json", "-d", &chat.to_string(), &url])
+                .spawn()
+                .expect("curl starts")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(2500));
+    gateway.child.kill().expect("SIGKILL");
+    let _ = gateway.child.wait();
+    for mut client in clients {
+        let _ = client.wait();
+    }
+    let chat = serde_json::json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+    let gateway = serve(&args);
+    let (status, answer) = post(&gateway.base_url, "/chat/completions", "none", &chat);
+    let message = answer["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(status == 429 || status == 503, "the owing gateway was served: {status} {answer}");
+    assert!(message.contains("receipt"), "the refusal says why: {answer}");
+    drop(gateway);
+    // Another gateway owes nothing and is served.
+    let other = dir.path().join("other.key");
+    let fresh = ["gateway", "--join", &a.addr, "--listen", "127.0.0.1:0", "--key", other.to_str().expect("utf-8"), "--no-audits", "-t", "1"];
+    let gateway = serve(&fresh);
+    let (status, answer) = post(&gateway.base_url, "/chat/completions", "none", &chat);
+    assert_eq!(status, 200, "{answer}");
 }

@@ -268,7 +268,16 @@ fn speculative_sampling_keeps_the_distribution() {
         let n_blocks = file.config().n_blocks;
         let directory = hotpot_gateway::SharedDirectory::follow(&network, model_id).await;
         directory.refresh(&network, &model_id, n_blocks, Duration::from_secs(3)).await;
-        let context = ChainContext { network: network.clone(), directory, model: model_id, n_blocks, dim: file.config().dim, observer: None, selector: None };
+        let context = ChainContext {
+            network: network.clone(),
+            directory,
+            model: model_id,
+            n_blocks,
+            dim: file.config().dim,
+            observer: None,
+            selector: None,
+            eligible: None,
+        };
         let mut chain = RemoteChain::open(context, ChainConfig { max_len: prompt.len() + 16, ..ChainConfig::default() }).await.expect("route");
         assert!(chain.route().len() == 3 && chain.pushed(), "a pushed chain of three nodes");
         let out = chain.forward(client.embed(&prompt).expect("embeds"), 0).await.expect("prefill");

@@ -273,7 +273,16 @@ fn remote_chains_roll_back_on_every_node() {
         .expect("joins");
         let directory = SharedDirectory::follow(&network, model).await;
         directory.refresh(&network, &model, config.n_blocks, Duration::from_secs(3)).await;
-        let context = ChainContext { network: network.clone(), directory, model, n_blocks: config.n_blocks, dim: config.dim, observer: None, selector: None };
+        let context = ChainContext {
+            network: network.clone(),
+            directory,
+            model,
+            n_blocks: config.n_blocks,
+            dim: config.dim,
+            observer: None,
+            selector: None,
+            eligible: None,
+        };
         // Relayed (each node told by `Truncate`) and pushed (the rollback
         // rides on the next step, which every node forwards).
         for push in [false, true] {

@@ -12,10 +12,12 @@ pub mod fsutil;
 mod keys;
 mod model_id;
 pub mod placement;
+mod receipt;
 mod span;
 
 pub use commitment::{Commitment, CommitmentError, SessionId, StepRecord, hash};
 pub use credits::{Credits, MICROS_PER_CREDIT, ParseCreditsError};
 pub use keys::{KeyError, NodeId, NodeKey, Signature};
 pub use model_id::{ModelId, ParseModelIdError};
+pub use receipt::{Receipt, ReceiptError, RootBuilder, commitments_root, hex, unhex};
 pub use span::{LayerSpan, ParseSpanError};

@@ -119,34 +119,26 @@ async fn key_status(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> 
     let keys = gateway.config.keys.as_ref().ok_or_else(|| ApiError::NotFound { message: "this gateway has no API keys".into(), code: "not_found" })?;
     let caller = keys.admit(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))?;
     let mut status = keys.status(&caller).ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
-    if let Some(books) = &gateway.config.books
+    if let Some(market) = &gateway.config.market
         && keys.prepaid(&caller)
     {
-        let unavailable = |e: hotpot_ledger::LedgerError| {
-            tracing::error!(error = %e, "cannot read the books");
-            ApiError::Internal("the books are unavailable".into())
-        };
-        let credits = books.balance(&hotpot_ledger::Account::Key(caller.name.clone())).map_err(unavailable)?;
-        let held: i128 = books
-            .ledger()
-            .balances()
-            .map_err(unavailable)?
-            .iter()
-            .filter(|(a, _)| matches!(a, hotpot_ledger::Account::Held { key, .. } if *key == caller.name))
-            .map(|(_, b)| *b)
-            .sum();
+        let (credits, held) = market.credits_of(&caller.name)?;
         status.credits = Some(credits.to_string());
-        status.credits_held = Some(hotpot_core::Credits::from_micros(u64::try_from(held).unwrap_or(0)).to_string());
+        status.credits_held = Some(held.to_string());
     }
     Ok(Json(status))
 }
 
 async fn models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<ModelList>, ApiError> {
     gateway.authorize(&headers)?;
-    let data = if gateway.missing_blocks().is_empty() {
-        vec![ModelCard { id: gateway.model.name.clone(), object: "model", created: 0, owned_by: "hotpot" }]
-    } else {
-        Vec::new()
+    let data = match gateway.cheapest_route_price() {
+        Some(nodes) => {
+            let fee = gateway.config.market.as_ref().map_or(hotpot_core::Credits::ZERO, |m| m.fee_per_1k);
+            let hotpot =
+                ModelPrice { price_per_1k: nodes.checked_add(fee).unwrap_or(nodes).to_string(), nodes_per_1k: nodes.to_string(), fee_per_1k: fee.to_string() };
+            vec![ModelCard { id: gateway.model.name.clone(), object: "model", created: 0, owned_by: "hotpot", hotpot }]
+        }
+        None => Vec::new(),
     };
     Ok(Json(ModelList { object: "list", data }))
 }

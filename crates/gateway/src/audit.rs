@@ -218,6 +218,8 @@ pub struct Auditor {
     /// One accusation is checked at a time, so that a flood of them cannot
     /// take the gateway's compute.
     checks: tokio::sync::Semaphore,
+    /// Where a conviction voids receipts and slashes stakes.
+    market: Option<Arc<crate::market::Market>>,
 }
 
 /// Evidence requests served at once.
@@ -230,7 +232,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Auditor {
     /// An auditor that also serves its evidence to other gateways and checks
     /// theirs (tasks on the current Tokio runtime).
-    pub fn new(network: Network, directory: SharedDirectory, model: ServedModel, config: AuditConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        network: Network,
+        directory: SharedDirectory,
+        model: ServedModel,
+        config: AuditConfig,
+        metrics: Arc<Metrics>,
+        market: Option<Arc<crate::market::Market>>,
+    ) -> Arc<Self> {
         let auditor = Arc::new(Self {
             network,
             directory,
@@ -242,6 +251,7 @@ impl Auditor {
             accusations: Mutex::default(),
             convictions: Mutex::default(),
             checks: tokio::sync::Semaphore::new(1),
+            market,
         });
         auditor.listen();
         auditor.remember_convictions();
@@ -498,7 +508,6 @@ impl Auditor {
         if !self.config.keep_cheats {
             self.directory.with(|d| d.mark_cheat(stage.peer));
         }
-        self.metrics.cheats.inc();
         // Every step as it was sent, in order (rolled-back rows included:
         // the node signed them).
         let mut offset = 0;
@@ -526,6 +535,21 @@ impl Auditor {
             "CHEAT: the node's signed outputs are not its blocks' function of their inputs; banned from routing"
         );
         let hash = lock(&self.evidence).insert(bytes);
+        if let Some(market) = &self.market {
+            let session = stage.commitments.first().map(|c| c.session);
+            let penalty = market.punish(&stage.peer, &stage.node, session, &hotpot_core::hex(&hash));
+            if let Some(path) = &path {
+                let written = serde_json::to_vec_pretty(&penalty)
+                    .map_err(std::io::Error::other)
+                    .and_then(|bytes| hotpot_core::fsutil::write_atomic(&crate::market::penalty_path(path), &bytes));
+                if let Err(e) = written {
+                    tracing::error!(error = %e, "cannot write the penalty beside the evidence");
+                }
+            }
+        }
+        // Counted once the evidence (and the penalty) are on disk, so
+        // whoever reads the counter finds the files.
+        self.metrics.cheats.inc();
         let conviction = Conviction { node: stage.node, span: stage.span, evidence: hash };
         lock(&self.convictions).insert(stage.peer, conviction);
         let accusation = conviction.accusation(self.model.id, &self.network.listen_addrs().await.unwrap_or_default());
@@ -678,7 +702,8 @@ impl Auditor {
 fn read_convictions(dir: &std::path::Path, model: &ModelId) -> Vec<(Evidence, Vec<u8>)> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut newest: HashMap<NodeId, (Evidence, Vec<u8>)> = HashMap::new();
-    for path in entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")) {
+    let evidence_file = |p: &std::path::Path| p.extension().is_some_and(|e| e == "json") && !p.to_string_lossy().ends_with(".penalty.json");
+    for path in entries.flatten().map(|e| e.path()).filter(|p| evidence_file(p)) {
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) => {

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId, SessionId, StepRecord};
+use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId, Receipt, SessionId, StepRecord};
 use hotpot_engine::{ForwardError, HiddenStates};
 use hotpot_net::{Framed, Network, PeerId, node_id_of};
 use hotpot_wire::{ClientMessage, DType, Downstream, ErrorCode, NodeInfo, NodeMessage, Open, PROTOCOL_INFER, Priority, PushLinks, Step, Tensor, features};
@@ -28,7 +28,7 @@ use tokio::time::Instant;
 const WIRE_DTYPE: DType = DType::F32;
 
 use crate::directory::SharedDirectory;
-use crate::route::{Candidate, Hop, MissingBlocks, plan};
+use crate::route::{Candidate, Hop, MissingBlocks, NoRoute, plan, plan_within};
 
 /// How often a request waiting for capacity looks again by itself
 /// (besides being woken when a route closes), plus up to 1 s of jitter.
@@ -64,6 +64,9 @@ pub struct ChainConfig {
     pub discovery_timeout: Duration,
     /// Node-to-node push when every node of the route supports it.
     pub push: bool,
+    /// Most the nodes of the route may ask together per 1,000 positions
+    /// (micro-credits; `None`: no cap).
+    pub max_price_per_1k: Option<u64>,
 }
 
 impl Default for ChainConfig {
@@ -79,6 +82,7 @@ impl Default for ChainConfig {
             max_failovers: 8,
             discovery_timeout: Duration::from_secs(3),
             push: true,
+            max_price_per_1k: None,
         }
     }
 }
@@ -87,6 +91,8 @@ impl Default for ChainConfig {
 pub enum ChainError {
     #[error(transparent)]
     Missing(#[from] MissingBlocks),
+    #[error(transparent)]
+    OverPrice(#[from] crate::route::OverPrice),
     /// Every node that could serve is busy, and stayed busy past the
     /// request's queue deadline.
     #[error("{reason}")]
@@ -247,6 +253,7 @@ struct Connector {
     config: ChainConfig,
     observer: Option<Observer>,
     selector: Option<AuditSelector>,
+    eligible: Option<Eligible>,
 }
 
 /// Where a chain finds its nodes and how it reports and audits.
@@ -259,7 +266,13 @@ pub struct ChainContext {
     pub dim: usize,
     pub observer: Option<Observer>,
     pub selector: Option<AuditSelector>,
+    /// Which nodes may be on a route at all (`None`: every usable one);
+    /// the gateway keeps out nodes with too little at stake.
+    pub eligible: Option<Eligible>,
 }
+
+/// Decides whether a node may be routed through.
+pub type Eligible = Arc<dyn Fn(&PeerId) -> bool + Send + Sync>;
 
 /// A pipeline of remote sessions covering all of a model's blocks.
 pub struct RemoteChain {
@@ -282,8 +295,8 @@ impl std::fmt::Debug for RemoteChain {
 impl RemoteChain {
     /// Plans a route over the swarm and opens a session on every hop.
     pub async fn open(context: ChainContext, config: ChainConfig) -> Result<Self, ChainError> {
-        let ChainContext { network, directory, model, n_blocks, dim, observer, selector } = context;
-        let connector = Connector { network, directory, model, n_blocks, config, observer, selector };
+        let ChainContext { network, directory, model, n_blocks, dim, observer, selector, eligible } = context;
+        let connector = Connector { network, directory, model, n_blocks, config, observer, selector, eligible };
         let full = LayerSpan::full(n_blocks).map_err(|e| ChainError::Internal(e.to_string()))?;
         let mut failures = 0;
         let deadline = Instant::now() + connector.config.queue_timeout;
@@ -438,14 +451,29 @@ impl RemoteChain {
 
     /// Closes every session (best effort).
     pub async fn close(&mut self) {
-        for mut stage in std::mem::take(&mut self.stages) {
-            let close = ClientMessage::Close { session: stage.conn.session }.encode();
-            let _ = stage.conn.framed.send(&close, Duration::from_secs(1)).await;
-            stage.conn.framed.close().await;
-            self.emit(ChainEvent::SessionClosed(&stage.conn.hop.peer));
+        self.close_with_receipts(Vec::new()).await;
+    }
+
+    /// Closes every session (best effort, all stages at once), handing
+    /// each node its receipt first: the node checks it against its own
+    /// count and commitments and countersigns it. Returns the receipts,
+    /// countersigned where the node did (a rollback the node was not told
+    /// of yet is sent first, so that both count the same positions).
+    pub async fn close_with_receipts(&mut self, mut receipts: Vec<Receipt>) -> Vec<Receipt> {
+        let stages = std::mem::take(&mut self.stages);
+        let mut closing = Vec::with_capacity(stages.len());
+        for stage in stages {
+            let receipt = receipts.iter().position(|r| r.session == stage.conn.session).map(|i| receipts.swap_remove(i));
+            closing.push(close_stage(stage, receipt));
+        }
+        let closed = futures::future::join_all(closing).await;
+        for (peer, _) in &closed {
+            self.emit(ChainEvent::SessionClosed(peer));
         }
         // A route's worth of slots is free: one waiting request may take it.
         self.connector.directory.session_closed();
+        // Receipts of stages no longer in the route (none today) go back unsigned.
+        closed.into_iter().filter_map(|(_, r)| r).chain(receipts).collect()
     }
 
     fn emit(&self, event: ChainEvent<'_>) {
@@ -659,22 +687,28 @@ impl Connector {
         let mut refreshed = false;
         // After a wake, busy nodes are tried once more (a slot may be free).
         let mut woken = false;
+        // A node refused this gateway for the receipts it owes.
+        let mut owed: Option<String> = None;
         let freed = self.directory.freed();
         loop {
             let notified = freed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let hops = match plan(range, &self.candidates(std::mem::take(&mut woken))) {
+            let hops = match plan_within(range, &self.candidates(std::mem::take(&mut woken)), self.config.max_price_per_1k) {
                 Ok(hops) => hops,
+                Err(NoRoute::OverPrice(over)) => return Err(over.into()),
                 // Blocks missing even counting busy nodes: ask the swarm
                 // (busy nodes are load, not a reason to search the DHT).
-                Err(missing) if !refreshed && plan(range, &self.candidates(true)).is_err() => {
+                Err(NoRoute::Missing(missing)) if !refreshed && plan(range, &self.candidates(true)).is_err() => {
                     tracing::debug!(%missing, "looking for more nodes");
                     self.directory.refresh(&self.network, &self.model, self.n_blocks, self.config.discovery_timeout).await;
                     refreshed = true;
                     continue;
                 }
-                Err(missing) => {
+                Err(NoRoute::Missing(_)) if let Some(message) = owed.take() => {
+                    return Err(ChainError::Busy { retry_after: OWED_SKIP, reason: format!("a node this route needs refuses this gateway: {message}") });
+                }
+                Err(NoRoute::Missing(missing)) => {
                     let wake = self.wait_for_capacity(range, &missing, deadline)?;
                     tokio::select! {
                         () = &mut notified => {}
@@ -694,6 +728,15 @@ impl Connector {
                     Err(NodeFault::Busy { retry_after, message }) => {
                         self.busy(hop.peer, retry_after);
                         tracing::debug!(peer = %hop.peer, blocks = %hop.span, "node busy ({message}); trying another route");
+                        failed = true;
+                        break;
+                    }
+                    // An honest node this gateway owes receipts: skip it
+                    // (no ban: the debt is this gateway's).
+                    Err(NodeFault::Refused { code: ErrorCode::ReceiptsOwed, message }) => {
+                        self.busy(hop.peer, OWED_SKIP);
+                        tracing::warn!(peer = %hop.peer, blocks = %hop.span, "the node refuses this gateway: {message}");
+                        owed = Some(message);
                         failed = true;
                         break;
                     }
@@ -771,6 +814,8 @@ impl Connector {
             d.usable(&self.model)
                 .into_iter()
                 .filter(|r| r.info.n_blocks == self.n_blocks && (busy_ok || !d.is_busy(&r.peer)))
+                .filter(|r| self.config.max_price_per_1k.is_none_or(|cap| r.info.price_per_1k <= cap))
+                .filter(|r| self.eligible.as_ref().is_none_or(|eligible| eligible(&r.peer)))
                 .map(|r| Candidate {
                     peer: r.peer,
                     span: r.info.span,
@@ -778,6 +823,7 @@ impl Connector {
                     queue: r.info.queue + if r.info.free_slots == 0 { r.info.max_sessions } else { 0 },
                     rtt: r.rtt.unwrap_or_default(),
                     penalty: d.penalty(&r.peer),
+                    price_per_1k: r.info.price_per_1k,
                 })
                 .collect()
         })
@@ -865,6 +911,58 @@ impl Drop for RemoteChain {
             self.connector.directory.session_closed();
         }
     }
+}
+
+/// How long a node that refuses this gateway for owed receipts is skipped.
+const OWED_SKIP: Duration = Duration::from_secs(60);
+
+/// How long a node has to answer a receipt.
+const RECEIPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Ends one stage's session: its pending rollback, its receipt, `Close`.
+async fn close_stage(mut stage: Stage, receipt: Option<Receipt>) -> (PeerId, Option<Receipt>) {
+    let conn = &mut stage.conn;
+    let receipt = match receipt {
+        Some(receipt) => Some(countersigned(conn, stage.rollback.take(), receipt).await),
+        None => None,
+    };
+    let _ = conn.framed.send(&ClientMessage::Close { session: conn.session }.encode(), Duration::from_secs(1)).await;
+    conn.framed.close().await;
+    (conn.hop.peer, receipt)
+}
+
+/// `receipt`, countersigned by the stage's node if it agrees with it.
+async fn countersigned(conn: &mut Conn, rollback: Option<usize>, mut receipt: Receipt) -> Receipt {
+    let exchange = async {
+        if let Some(len) = rollback {
+            conn.framed.send(&ClientMessage::Truncate { session: conn.session, pos: len as u32 }.encode(), RECEIPT_TIMEOUT).await?;
+        }
+        conn.framed.send(&ClientMessage::Receipt(Box::new(receipt.clone())).encode(), RECEIPT_TIMEOUT).await?;
+        loop {
+            let Some(reply) = conn.framed.recv(RECEIPT_TIMEOUT).await? else { return Ok(None) };
+            match NodeMessage::decode(&reply) {
+                Ok(NodeMessage::Truncated { .. }) => continue,
+                Ok(NodeMessage::Countersigned { signature }) => return Ok(Some(signature)),
+                Ok(other) => {
+                    tracing::warn!(peer = %conn.hop.peer, answer = ?other, "a node did not countersign its receipt");
+                    return Ok(None);
+                }
+                Err(e) => return Err(hotpot_net::NetError::Wire(e.to_string())),
+            }
+        }
+    };
+    match exchange.await {
+        Ok(Some(signature)) => {
+            receipt.node_signature = Some(signature);
+            if let Err(e) = receipt.check() {
+                tracing::warn!(peer = %conn.hop.peer, error = %e, "a node's countersignature does not hold");
+                receipt.node_signature = None;
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::debug!(peer = %conn.hop.peer, error = %e, "no countersignature"),
+    }
+    receipt
 }
 
 /// One step on one node, checking everything about the answer: `rows` hidden states at `pos`, after rolling the

@@ -107,6 +107,11 @@ impl From<crate::chain::ChainError> for ApiError {
         use crate::chain::ChainError;
         match e {
             ChainError::Missing(missing) => Self::Unavailable(format!("the swarm cannot serve this model right now: {missing}")),
+            ChainError::OverPrice(over) => Self::BadRequest {
+                message: format!("no route fits this request's price cap: {over}"),
+                param: Some("hotpot.max_price".into()),
+                code: Some("max_price_too_low"),
+            },
             ChainError::Busy { retry_after, reason } => Self::Overloaded { message: reason, retry_after_s: retry_after.as_secs_f64().ceil().max(1.0) as u64 },
             ChainError::GaveUp { failures, last } => Self::Unavailable(format!("the swarm failed {failures} times on this request; the last failure: {last}")),
             ChainError::Forward(e) => e.into(),

@@ -17,6 +17,7 @@ pub mod directory;
 mod error;
 pub mod http;
 pub mod keys;
+pub mod market;
 pub mod metrics;
 pub mod openai;
 mod plan;
@@ -29,11 +30,14 @@ pub mod speculate;
 
 pub use api::router;
 pub use audit::{AuditConfig, Auditor, LocalExecutor};
-pub use chain::{AuditSelector, ChainConfig, ChainContext, ChainError, ChainEvent, Observer, RemoteChain, StageRecord, StageTranscript, describe_route};
+pub use chain::{
+    AuditSelector, ChainConfig, ChainContext, ChainError, ChainEvent, Eligible, Observer, RemoteChain, StageRecord, StageTranscript, describe_route,
+};
 pub use directory::{Directory, NodeRecord, SharedDirectory};
 pub use error::ApiError;
 pub use http::{HttpLimits, serve};
 pub use keys::{Caller, KeyStatus, KeyStore, KeysError, Ledger, Reservation};
+pub use market::{Market, Penalty};
 pub use route::{Candidate, Hop, MissingBlocks, plan};
 pub use service::{Gateway, GatewayConfig, ServedModel};
 pub use session::{ChoiceJob, EventSink, Finish, LocalPipeline, Outcome, Pipeline, RecordSink, SessionContext, SessionEvent, SessionLog, SessionRecord, drive};

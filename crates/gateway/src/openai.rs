@@ -44,6 +44,28 @@ pub struct ChatMessageIn {
     pub name: Option<String>,
 }
 
+/// `"hotpot": {…}` in a request body: what Hotpot adds to OpenAI's API.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HotpotOptions {
+    /// Most this request may pay per 1,000 positions of a session, nodes
+    /// and the gateway's fee together, in credits (a number or a decimal
+    /// string).
+    #[serde(default, deserialize_with = "credits_opt")]
+    pub max_price: Option<hotpot_core::Credits>,
+}
+
+/// Credits written as a JSON number (`2.5`) or a decimal string (`"2.5"`).
+pub(crate) fn credits_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<hotpot_core::Credits>, D::Error> {
+    let text = match Option::<serde_json::Value>::deserialize(d)? {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        Some(serde_json::Value::String(s)) => s,
+        Some(other) => return Err(serde::de::Error::custom(format!("expected credits (a number or a decimal string), got {other}"))),
+    };
+    text.parse().map(Some).map_err(|e| serde::de::Error::custom(format!("{text:?} is not an amount of credits: {e}")))
+}
+
 /// `stop`: one string or several.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -103,6 +125,9 @@ pub struct ChatRequest {
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
     #[serde(default)]
     pub user: Option<String>,
+    /// Hotpot's own options.
+    #[serde(default)]
+    pub hotpot: Option<HotpotOptions>,
 }
 
 /// `prompt` of a completion: text, token ids, or a batch of either.
@@ -149,6 +174,9 @@ pub struct CompletionRequest {
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
     #[serde(default)]
     pub user: Option<String>,
+    /// Hotpot's own options.
+    #[serde(default)]
+    pub hotpot: Option<HotpotOptions>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -263,6 +291,16 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
+    /// Hotpot: what the cheapest full route asks now, plus this gateway's
+    /// fee, in credits per 1,000 positions (prompt and generated alike).
+    pub hotpot: ModelPrice,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelPrice {
+    pub price_per_1k: String,
+    pub nodes_per_1k: String,
+    pub fee_per_1k: String,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -193,7 +193,7 @@ pub(crate) fn chat(gateway: &Gateway, caller: Option<Caller>, request: ChatReque
         include_usage: request.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs: request.logprobs,
     };
-    Ok((RequestPlan { id: shape.id.clone(), caller, jobs, reserve }, shape))
+    Ok((RequestPlan { id: shape.id.clone(), caller, jobs, reserve, max_price: request.hotpot.and_then(|h| h.max_price) }, shape))
 }
 
 /// What rendering a completion needs besides the events.
@@ -308,5 +308,5 @@ pub(crate) fn completions(gateway: &Gateway, caller: Option<Caller>, request: Co
         echo: request.echo,
         logprobs: top,
     };
-    Ok((RequestPlan { id: shape.id.clone(), caller, jobs, reserve }, shape))
+    Ok((RequestPlan { id: shape.id.clone(), caller, jobs, reserve, max_price: request.hotpot.and_then(|h| h.max_price) }, shape))
 }

@@ -1,7 +1,10 @@
 //! Route planning: the cheapest chain of nodes that covers a range of
 //! blocks. Each node can run any part of its span; the cost of a hop is its
 //! round trip, plus the compute time of the blocks it runs, plus a penalty
-//! for its queue. Shortest path over block boundaries (Dijkstra).
+//! for its queue, plus its price weighed as time ([`SECONDS_PER_CREDIT`]).
+//! Shortest path over block boundaries (Dijkstra). A route capped in price
+//! ([`plan_within`]) that the fastest route exceeds is planned again by
+//! price alone.
 
 use std::time::Duration;
 
@@ -20,6 +23,55 @@ pub struct Candidate {
     pub rtt: Duration,
     /// Cost multiplier from the node's audit history (1: clean).
     pub penalty: f64,
+    /// What the node asks per 1,000 positions (micro-credits).
+    pub price_per_1k: u64,
+}
+
+/// How much one credit per 1,000 positions weighs in a route's cost, in
+/// seconds per token: a node that asks one credit more must be a
+/// millisecond per token faster to be chosen.
+pub const SECONDS_PER_CREDIT: f64 = 1e-3;
+
+/// The cheapest route within a price cap costs more than the cap.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the cheapest route costs {cheapest} credits per 1,000 positions, above the cap of {cap}")]
+pub struct OverPrice {
+    pub cheapest: hotpot_core::Credits,
+    pub cap: hotpot_core::Credits,
+}
+
+/// Why no route was planned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoRoute {
+    #[error(transparent)]
+    Missing(#[from] MissingBlocks),
+    #[error(transparent)]
+    OverPrice(#[from] OverPrice),
+}
+
+/// What the nodes of `route` ask together per 1,000 positions (each node
+/// is paid its price once, whatever part of its span it runs).
+pub fn route_price(route: &[Hop], candidates: &[Candidate]) -> u64 {
+    route.iter().filter_map(|h| candidates.iter().find(|c| c.peer == h.peer)).map(|c| c.price_per_1k).fold(0, u64::saturating_add)
+}
+
+/// [`plan`], with the route's price capped at `cap` micro-credits per
+/// 1,000 positions: nodes dearer than the cap alone are left out, and a
+/// fastest route over the cap gives way to the cheapest one.
+pub fn plan_within(range: LayerSpan, candidates: &[Candidate], cap: Option<u64>) -> Result<Vec<Hop>, NoRoute> {
+    let Some(cap) = cap else { return Ok(plan(range, candidates)?) };
+    let affordable: Vec<Candidate> = candidates.iter().filter(|c| c.price_per_1k <= cap).cloned().collect();
+    let fastest = plan(range, &affordable)?;
+    if route_price(&fastest, &affordable) <= cap {
+        return Ok(fastest);
+    }
+    let cheapest = plan_by(range, &affordable, |c, blocks| c.price_per_1k as f64 + 1e-6 * hop_cost(c, blocks))?;
+    let price = route_price(&cheapest, &affordable);
+    if price <= cap {
+        Ok(cheapest)
+    } else {
+        Err(OverPrice { cheapest: hotpot_core::Credits::from_micros(price), cap: hotpot_core::Credits::from_micros(cap) }.into())
+    }
 }
 
 /// One hop of a route: `peer` runs blocks `span`.
@@ -41,11 +93,17 @@ fn hop_cost(c: &Candidate, blocks: u32) -> f64 {
     let per_block = 1.0 / (f64::from(c.throughput.max(1e-3)) * f64::from(c.span.len()));
     let compute = per_block * f64::from(blocks);
     let rtt = if c.rtt.is_zero() { DEFAULT_RTT } else { c.rtt }.as_secs_f64();
-    (rtt + compute * (1.0 + f64::from(c.queue))) * c.penalty.max(1.0)
+    let price = c.price_per_1k as f64 / hotpot_core::MICROS_PER_CREDIT as f64 * SECONDS_PER_CREDIT;
+    (rtt + compute * (1.0 + f64::from(c.queue)) + price) * c.penalty.max(1.0)
 }
 
 /// The cheapest chain of hops covering `range` exactly, in order.
 pub fn plan(range: LayerSpan, candidates: &[Candidate]) -> Result<Vec<Hop>, MissingBlocks> {
+    plan_by(range, candidates, hop_cost)
+}
+
+/// The chain of hops covering `range` of least total `cost(candidate, blocks)`.
+fn plan_by(range: LayerSpan, candidates: &[Candidate], cost: impl Fn(&Candidate, u32) -> f64) -> Result<Vec<Hop>, MissingBlocks> {
     let (start, end) = (range.start(), range.end());
     let n = (end - start) as usize;
     let mut best = vec![f64::INFINITY; n + 1];
@@ -65,7 +123,7 @@ pub fn plan(range: LayerSpan, candidates: &[Candidate]) -> Result<Vec<Hop>, Miss
             }
             for stop in (at + 1)..=c.span.end().min(end) {
                 let v = (stop - start) as usize;
-                let cost = best[u] + hop_cost(c, stop - at);
+                let cost = best[u] + cost(c, stop - at);
                 if cost < best[v] {
                     best[v] = cost;
                     came_from[v] = Some((u, Hop { peer: c.peer, span: LayerSpan::new(at, stop).expect("non-empty") }));
@@ -99,7 +157,36 @@ mod tests {
     use super::*;
 
     fn c(peer: PeerId, a: u32, b: u32, throughput: f32) -> Candidate {
-        Candidate { peer, span: LayerSpan::new(a, b).expect("span"), throughput, queue: 0, rtt: Duration::from_millis(1), penalty: 1.0 }
+        Candidate { peer, span: LayerSpan::new(a, b).expect("span"), throughput, queue: 0, rtt: Duration::from_millis(1), penalty: 1.0, price_per_1k: 0 }
+    }
+
+    #[test]
+    fn price_weighs_and_caps() {
+        let (fast, cheap) = (PeerId::random(), PeerId::random());
+        let mut dear = c(fast, 0, 30, 100.0);
+        dear.price_per_1k = 3_000_000;
+        let mut thrifty = c(cheap, 0, 30, 80.0);
+        thrifty.price_per_1k = 1_000_000;
+        // 100 vs 80 tok/s is 2.5 ms a token: worth more than 2 credits.
+        assert_eq!(plan(span(0, 30), &[dear.clone(), thrifty.clone()]).expect("covered")[0].peer, fast);
+        // Capped at 2 credits, the dear node is out.
+        assert_eq!(plan_within(span(0, 30), &[dear.clone(), thrifty.clone()], Some(2_000_000)).expect("within")[0].peer, cheap);
+        let over = plan_within(span(0, 30), &[dear, thrifty], Some(500_000)).expect_err("too cheap a cap");
+        assert!(matches!(over, NoRoute::Missing(_)), "no node fits a cap below every price: {over:?}");
+        // Two cheap halves together over the cap; a dearer whole one under it.
+        let (a, b, whole) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let mut halves = [c(a, 0, 15, 1000.0), c(b, 15, 30, 1000.0)];
+        halves.iter_mut().for_each(|h| h.price_per_1k = 1_500_000);
+        let mut one = c(whole, 0, 30, 10.0);
+        one.price_per_1k = 2_000_000;
+        let candidates = [halves[0].clone(), halves[1].clone(), one];
+        assert_eq!(plan(span(0, 30), &candidates).expect("covered").len(), 2, "the fast halves");
+        let capped = plan_within(span(0, 30), &candidates, Some(2_500_000)).expect("the whole node fits");
+        assert_eq!(capped, vec![Hop { peer: whole, span: span(0, 30) }]);
+        assert_eq!(route_price(&capped, &candidates), 2_000_000);
+        let err = plan_within(span(0, 30), &candidates, Some(1_900_000)).expect_err("over");
+        assert!(matches!(err, NoRoute::OverPrice(OverPrice { .. })), "{err:?}");
+        assert_eq!(err.to_string(), "the cheapest route costs 3 credits per 1,000 positions, above the cap of 1.9");
     }
 
     fn span(a: u32, b: u32) -> LayerSpan {

@@ -16,6 +16,7 @@ use crate::chain::{ChainConfig, ChainContext, ChainEvent, Observer, RemoteChain}
 use crate::directory::SharedDirectory;
 use crate::error::ApiError;
 use crate::keys::{Caller, KeyStore, Reservation};
+use crate::market::{CreditHold, Market};
 use crate::metrics::{KeyLabels, Metrics};
 use crate::session::{ChoiceJob, EventSink, Finish, RecordSink, SessionContext, SessionEvent, SessionRecord, drive};
 use crate::speculate::Speculation;
@@ -46,10 +47,9 @@ pub struct GatewayConfig {
     pub record_sinks: Vec<Arc<dyn RecordSink>>,
     /// Speculative decoding for every session (`--draft`).
     pub speculation: Option<Speculation>,
-    /// The books prepaid keys pay from and nodes are paid into (`--ledger`).
-    pub books: Option<hotpot_ledger::Books>,
-    /// The gateway's own price per 1,000 positions of a session (`--fee`).
-    pub fee_per_1k: hotpot_core::Credits,
+    /// The books prepaid keys pay from and nodes are paid into, the
+    /// receipts, the fee and the stakes (`--ledger`).
+    pub market: Option<Arc<Market>>,
 }
 
 impl GatewayConfig {
@@ -67,8 +67,7 @@ impl GatewayConfig {
             http: crate::http::HttpLimits::default(),
             record_sinks: Vec::new(),
             speculation: None,
-            books: None,
-            fee_per_1k: hotpot_core::Credits::ZERO,
+            market: None,
         }
     }
 }
@@ -105,6 +104,8 @@ pub(crate) struct RequestPlan {
     pub caller: Option<Caller>,
     pub jobs: Vec<ChoiceJob>,
     pub reserve: u64,
+    /// Most the request pays per 1,000 positions, nodes and fee together.
+    pub max_price: Option<hotpot_core::Credits>,
 }
 
 /// What a request's sessions report, in the order they report it.
@@ -120,14 +121,12 @@ impl Gateway {
         directory.refresh(&network, &model_id, model.n_blocks, Duration::from_secs(3)).await;
         let fingerprint = format!("hotpot-{}-{}", env!("CARGO_PKG_VERSION"), &model_id.to_full_string()[4..12]);
         let metrics = Arc::new(Metrics::default());
-        let auditor = config.audit.clone().map(|audit| Auditor::new(network.clone(), directory.clone(), model.clone(), audit, Arc::clone(&metrics)));
-        if let Some(books) = &config.books {
-            // Holds left by requests that died with a previous process.
-            match books.release_all_holds() {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(holds = n, "released the credit holds of requests that did not finish before the last stop"),
-                Err(e) => tracing::error!(error = %e, "cannot release old credit holds"),
-            }
+        let auditor = config
+            .audit
+            .clone()
+            .map(|audit| Auditor::new(network.clone(), directory.clone(), model.clone(), audit, Arc::clone(&metrics), config.market.clone()));
+        if let Some(market) = &config.market {
+            market.recover();
         }
         Arc::new(Self { model, client, network, directory, metrics, config, fingerprint, auditor, prep: crate::prep::Prep::start() })
     }
@@ -154,6 +153,20 @@ impl Gateway {
             .map(|r| Served { span: r.info.span, throughput: r.info.throughput })
             .collect();
         gaps(self.model.n_blocks, &served)
+    }
+
+    /// What the cheapest route over every block asks per 1,000 positions
+    /// now (`None`: some block is not served).
+    pub fn cheapest_route_price(&self) -> Option<hotpot_core::Credits> {
+        let priced: Vec<(hotpot_core::LayerSpan, u64)> = self.directory.with(|d| {
+            d.usable(&self.model.id)
+                .iter()
+                .filter(|r| r.info.n_blocks == self.model.n_blocks)
+                .filter(|r| self.config.market.as_ref().is_none_or(|m| m.staked_enough(&r.peer)))
+                .map(|r| (r.info.span, r.info.price_per_1k))
+                .collect()
+        });
+        hotpot_core::placement::cheapest_route_price(self.model.n_blocks, &priced).map(hotpot_core::Credits::from_micros)
     }
 
     /// Whether `name` names the served model (its alias or its id).
@@ -184,7 +197,7 @@ impl Gateway {
     }
 
     /// Opens a route over the swarm for one session of `max_len` positions.
-    async fn open_chain(&self, max_len: usize, admitted: bool) -> Result<RemoteChain, ApiError> {
+    async fn open_chain(&self, max_len: usize, admitted: bool, node_price_cap: Option<u64>) -> Result<RemoteChain, ApiError> {
         let context = ChainContext {
             network: self.network.clone(),
             directory: self.directory.clone(),
@@ -193,8 +206,12 @@ impl Gateway {
             dim: self.model.dim,
             observer: Some(self.observer()),
             selector: self.auditor.as_ref().map(Auditor::selector),
+            eligible: self.config.market.as_ref().filter(|m| !m.min_stake.is_zero()).map(|m| {
+                let market = Arc::clone(m);
+                Arc::new(move |peer: &hotpot_net::PeerId| market.staked_enough(peer)) as crate::chain::Eligible
+            }),
         };
-        let mut config = ChainConfig { max_len: max_len + 1, ..self.config.chain.clone() };
+        let mut config = ChainConfig { max_len: max_len + 1, max_price_per_1k: node_price_cap, ..self.config.chain.clone() };
         if admitted {
             // A later session of a request already being answered waits
             // its turn rather than fail the answer part-way.
@@ -215,11 +232,12 @@ impl Gateway {
             (Some(caller), Some(keys)) => Some(keys.reserve(caller, plan.reserve)?),
             _ => None,
         };
-        let credits = self.hold_credits(&plan)?;
+        let cap = self.node_price_cap(&plan)?;
+        let credits = self.hold_credits(&plan, cap)?;
         let slots = Arc::new(tokio::sync::Semaphore::new(self.config.parallel_sessions.max(1)));
         let mut jobs = plan.jobs.into_iter();
         let first: Vec<ChoiceJob> = jobs.by_ref().take(self.config.parallel_sessions.max(1)).collect();
-        let opened = futures::future::join_all(first.iter().map(|job| self.open_chain(self.session_len(job), false))).await;
+        let opened = futures::future::join_all(first.iter().map(|job| self.open_chain(self.session_len(job), false, cap))).await;
         let chains = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
         let request = Arc::new(RequestRun { id: plan.id, caller: plan.caller, reservation, credits, started });
         // Small buffers: a listener that leaves is noticed within a token or two.
@@ -238,7 +256,7 @@ impl Gateway {
                     if tx.is_closed() {
                         return;
                     }
-                    match gateway.open_chain(gateway.session_len(&job), true).await {
+                    match gateway.open_chain(gateway.session_len(&job), true, cap).await {
                         Ok(chain) => {
                             let (gateway, tx, request) = (Arc::clone(&gateway), tx.clone(), Arc::clone(&request));
                             tokio::spawn(async move { gateway.run_session(job, chain, &request, tx, permit).await });
@@ -254,54 +272,38 @@ impl Gateway {
         Ok(rx)
     }
 
+    /// What the nodes of a route may ask together per 1,000 positions:
+    /// the request's price cap less the gateway's fee.
+    fn node_price_cap(&self, plan: &RequestPlan) -> Result<Option<u64>, ApiError> {
+        let Some(cap) = plan.max_price else { return Ok(None) };
+        let fee = self.config.market.as_ref().map_or(hotpot_core::Credits::ZERO, |m| m.fee_per_1k);
+        match cap.checked_sub(fee) {
+            Some(left) => Ok(Some(left.micros())),
+            None => Err(ApiError::BadRequest {
+                message: format!("max_price {cap} is below this gateway's own fee of {fee} per 1,000 positions"),
+                param: Some("hotpot.max_price".into()),
+                code: Some("max_price_too_low"),
+            }),
+        }
+    }
+
     /// A prepaid key's request holds, in the books, the most it may cost:
     /// every session's prompt plus `max_tokens` through every node that
-    /// could be on its route (a route uses each node at most once), plus
-    /// the gateway's fee; refused (429 `insufficient_quota`) when the key
+    /// could be on its route (a route uses each node at most once; at most
+    /// the request's price cap), plus the gateway's fee; refused (429 `insufficient_quota`) when the key
     /// does not have it.
-    fn hold_credits(&self, plan: &RequestPlan) -> Result<Option<CreditHold>, ApiError> {
-        let (Some(caller), Some(books), Some(keys)) = (&plan.caller, &self.config.books, &self.config.keys) else { return Ok(None) };
+    fn hold_credits(&self, plan: &RequestPlan, node_price_cap: Option<u64>) -> Result<Option<CreditHold>, ApiError> {
+        let (Some(caller), Some(market), Some(keys)) = (&plan.caller, &self.config.market, &self.config.keys) else { return Ok(None) };
         if !keys.prepaid(caller) {
             return Ok(None);
         }
         let positions: u64 = plan.jobs.iter().map(|j| (j.prompt.len() + j.params.max_tokens) as u64).sum();
         let prices: u64 = self.directory.with(|d| d.usable(&self.model.id).iter().map(|r| r.info.price_per_1k).fold(0u64, u64::saturating_add));
-        let per_1k = hotpot_core::Credits::from_micros(prices.saturating_add(self.config.fee_per_1k.micros()));
+        let prices = node_price_cap.map_or(prices, |cap| prices.min(cap));
+        let per_1k = hotpot_core::Credits::from_micros(prices.saturating_add(market.fee_per_1k.micros()));
         let most =
             per_1k.per(1000, positions).ok_or_else(|| ApiError::BadRequest { message: "this request's cost overflows".into(), param: None, code: None })?;
-        match books.hold(&caller.name, &plan.id, most) {
-            Ok(_) => Ok(Some(CreditHold { books: books.clone(), key: caller.name.clone(), request: plan.id.clone() })),
-            Err(hotpot_ledger::LedgerError::Insufficient { balance, .. }) => Err(ApiError::RateLimited {
-                message: format!("this request may cost up to {most} credits and this key has {balance} (lower max_tokens or n, or deposit credits)"),
-                code: "insufficient_quota",
-            }),
-            Err(e) => {
-                tracing::error!(error = %e, "the books refused a hold");
-                Err(ApiError::Internal("the books are unavailable".into()))
-            }
-        }
-    }
-
-    /// Pays a prepaid key's finished session: each node its price for the
-    /// positions it computed, the gateway its fee; once per session.
-    fn settle_credits(&self, record: &SessionRecord, hold: &CreditHold) {
-        let per = |price: hotpot_core::Credits, positions: usize| price.per(1000, positions as u64).unwrap_or(hotpot_core::Credits::ZERO);
-        let payments: Vec<hotpot_ledger::Payment> = record
-            .route
-            .iter()
-            .filter_map(|s| Some(hotpot_ledger::Payment { node: s.peer.clone()?, amount: per(hotpot_core::Credits::from_micros(s.price_per_1k), s.positions) }))
-            .collect();
-        let positions = record.route.iter().map(|s| s.positions).max().unwrap_or(0);
-        let settlement = hotpot_ledger::Settlement {
-            receipt: format!("session:{}", record.id),
-            key: hold.key.clone(),
-            request: hold.request.clone(),
-            payments,
-            fee: per(self.config.fee_per_1k, positions),
-        };
-        if let Err(e) = hold.books.settle(&settlement) {
-            tracing::error!(session = %record.id, error = %e, "cannot settle a session in the books");
-        }
+        market.hold(&caller.name, &plan.id, most).map(Some)
     }
 
     /// Positions a session's route must hold.
@@ -329,12 +331,14 @@ impl Gateway {
         job.speculation.clone_from(&self.config.speculation);
         let outcome = drive(&self.client, &mut chain, &job, &context, &mut sink).await;
         let transcripts = self.auditor.as_ref().map(|_| chain.transcripts());
-        chain.close().await;
         if let Some(e) = outcome.error {
             let _ = tx.send(Err(e.into())).await;
         }
-        if let Some(hold) = &request.credits {
-            self.settle_credits(&outcome.record, hold);
+        // The answer is complete: the nodes' receipts need not hold it up.
+        drop((sink, tx));
+        let receipts = chain.close_with_receipts(crate::market::receipts_for(self.network.key(), &outcome.record)).await;
+        if let Some(market) = &self.config.market {
+            market.settle(&outcome.record, &receipts, request.credits.as_ref());
         }
         self.on_record(&outcome.record, reservation);
         if let (Some(auditor), Some(transcripts)) = (&self.auditor, transcripts) {
@@ -380,22 +384,6 @@ struct RequestRun {
     /// A prepaid key's credits held for the request.
     credits: Option<CreditHold>,
     started: Instant,
-}
-
-/// Credits a request holds in the books; what is left when the request's
-/// last session ends goes back to the key.
-pub(crate) struct CreditHold {
-    books: hotpot_ledger::Books,
-    key: String,
-    request: String,
-}
-
-impl Drop for CreditHold {
-    fn drop(&mut self) {
-        if let Err(e) = self.books.release(&self.key, &self.request) {
-            tracing::error!(key = %self.key, error = %e, "cannot release a credit hold (it is released at the next start)");
-        }
-    }
 }
 
 /// A session's events on their way to the request, timed for metrics.

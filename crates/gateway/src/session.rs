@@ -212,10 +212,6 @@ pub struct RouteStage {
 
 impl From<StageRecord> for RouteStage {
     fn from(s: StageRecord) -> Self {
-        let mut hasher = blake3::Hasher::new();
-        for c in &s.commitments {
-            hasher.update(&c.signature.0);
-        }
         Self {
             peer: s.peer.map(|p| p.to_string()),
             node: s.node,
@@ -223,7 +219,7 @@ impl From<StageRecord> for RouteStage {
             positions: s.positions,
             price_per_1k: s.price_per_1k,
             steps: s.commitments.len(),
-            commitments_root: hasher.finalize().to_hex().to_string(),
+            commitments_root: hotpot_core::hex(&hotpot_core::commitments_root(&s.commitments)),
             commitments: s.commitments,
         }
     }

@@ -123,6 +123,38 @@ impl Books {
         Ok(released)
     }
 
+    /// What the running requests of `key` hold.
+    pub fn held_by(&self, key: &str) -> Result<Credits, LedgerError> {
+        let held: i128 = self.ledger.balances()?.iter().filter(|(a, _)| matches!(a, Account::Held { key: k, .. } if k == key)).map(|(_, b)| *b).sum();
+        Ok(credits(held))
+    }
+
+    /// Voids the settlement posted as `receipt` for `node` (a conviction
+    /// proved the work false): what the node was paid goes back to the
+    /// key that paid it, from the node's earnings and, where those no
+    /// longer hold it, from its stake; once per receipt. Returns what went
+    /// back.
+    pub fn void(&self, receipt: &str, node: &str) -> Result<Credits, LedgerError> {
+        let Some(entries) = self.ledger.entries(receipt)? else { return Ok(Credits::ZERO) };
+        let paid = entries.iter().filter(|(a, _)| *a == Account::Node(node.into())).map(|(_, b)| *b).sum::<i128>();
+        let payer = entries.iter().find_map(|(a, b)| match a {
+            Account::Held { key, .. } | Account::Key(key) if *b < 0 => Some(key.clone()),
+            _ => None,
+        });
+        let (Some(key), true) = (payer, paid > 0) else { return Ok(Credits::ZERO) };
+        let paid = credits(paid);
+        let from_earnings = self.balance(&Account::Node(node.into()))?.min(paid);
+        let from_stake = self.balance(&Account::Stake(node.into()))?.min(paid.saturating_sub(from_earnings));
+        let back = from_earnings.checked_add(from_stake).ok_or(LedgerError::Overflow)?;
+        let tx = Transaction::new(Kind::Void, Some(format!("void:{receipt}")))
+            .transfer(Account::Node(node.into()), Account::Key(key.clone()), from_earnings)
+            .transfer(Account::Stake(node.into()), Account::Key(key), from_stake);
+        match self.post(tx)? {
+            Posted::Already(_) => Ok(Credits::ZERO),
+            _ => Ok(back),
+        }
+    }
+
     /// Locks `amount` against `node`'s honesty: deposited by its operator
     /// (`from_earnings: false`) or taken from what it earned.
     pub fn stake(&self, node: &str, amount: Credits, from_earnings: bool) -> Result<Posted, LedgerError> {

@@ -23,6 +23,7 @@
 //! on top of any backend.
 
 mod books;
+mod receipts;
 mod sqlite;
 
 use std::fmt;
@@ -30,6 +31,7 @@ use std::str::FromStr;
 
 pub use books::{Books, Payment, Settlement};
 pub use hotpot_core::Credits;
+pub use receipts::{Holder, Kept, RECEIPTS_SCHEMA_VERSION, ReceiptBook};
 pub use sqlite::SqliteLedger;
 
 /// One account of the books.
@@ -118,6 +120,8 @@ pub enum Kind {
     Unbond,
     Withdraw,
     Slash,
+    /// A convicted session's pay goes back to the key that paid it.
+    Void,
 }
 
 impl Kind {
@@ -131,6 +135,7 @@ impl Kind {
             Self::Unbond => "unbond",
             Self::Withdraw => "withdraw",
             Self::Slash => "slash",
+            Self::Void => "void",
         }
     }
 }
@@ -221,4 +226,7 @@ pub trait Ledger: Send + Sync {
 
     /// Whether a transaction with this reference was posted.
     fn posted(&self, reference: &str) -> Result<bool, LedgerError>;
+
+    /// The entries of the transaction posted with this reference.
+    fn entries(&self, reference: &str) -> Result<Option<Vec<(Account, i128)>>, LedgerError>;
 }

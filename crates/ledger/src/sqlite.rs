@@ -180,6 +180,21 @@ impl Ledger for SqliteLedger {
     fn posted(&self, reference: &str) -> Result<bool, LedgerError> {
         Ok(self.conn().query_row("SELECT count(*) FROM transactions WHERE reference = ?1", [reference], |r| r.get::<_, i64>(0))? > 0)
     }
+
+    fn entries(&self, reference: &str) -> Result<Option<Vec<(Account, i128)>>, LedgerError> {
+        let conn = self.conn();
+        let Some(id) = conn.query_row("SELECT id FROM transactions WHERE reference = ?1", [reference], |r| r.get::<_, i64>(0)).optional()? else {
+            return Ok(None);
+        };
+        let mut query = conn.prepare("SELECT account, amount FROM entries WHERE tx = ?1 ORDER BY rowid")?;
+        let rows = query.query_map([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (account, amount) = row?;
+            out.push((account.parse()?, i128::from(amount)));
+        }
+        Ok(Some(out))
+    }
 }
 
 fn schema_version(conn: &Connection) -> Result<Option<i64>, LedgerError> {

@@ -22,6 +22,7 @@ enum Op {
     Withdraw { node: usize, advance_ms: u64 },
     WithdrawEarnings { node: usize, micros: u64 },
     Slash { node: usize, conviction: u8, ppm: u32 },
+    Void { receipt: u8, node: usize },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -42,6 +43,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0..3usize, 0..2_000u64).prop_map(|(node, advance_ms)| Op::Withdraw { node, advance_ms }),
         (0..3usize, amount).prop_map(|(node, micros)| Op::WithdrawEarnings { node, micros }),
         (0..3usize, 0..3u8, 0..=1_000_000u32).prop_map(|(node, conviction, ppm)| Op::Slash { node, conviction, ppm }),
+        (0..6u8, 0..3usize).prop_map(|(receipt, node)| Op::Void { receipt, node }),
     ]
 }
 
@@ -94,6 +96,18 @@ proptest! {
                         prop_assert_eq!(books.stake_of(NODES[*node]).expect("stake"), Credits::ZERO);
                     }
                     slashed.map(drop)
+                }
+                Op::Void { receipt, node } => {
+                    // What goes back never exceeds what the receipt paid the node.
+                    let reference = format!("receipt-{receipt}");
+                    let paid: i128 = ledger.entries(&reference).expect("entries").unwrap_or_default().iter()
+                        .filter(|(a, _)| *a == Account::Node(NODES[*node].into())).map(|(_, b)| *b).sum();
+                    let back = books.void(&reference, NODES[*node]);
+                    if let Ok(back) = &back {
+                        prop_assert!(i128::from(back.micros()) <= paid.max(0), "voided {} of a receipt that paid {}", back, paid);
+                        prop_assert_eq!(books.void(&reference, NODES[*node]).expect("again"), Credits::ZERO, "a receipt is voided once");
+                    }
+                    back.map(drop)
                 }
             };
             match result {

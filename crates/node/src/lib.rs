@@ -105,6 +105,11 @@ pub struct NodeConfig {
     pub idle_timeout: Duration,
     pub heartbeat: Duration,
     pub price_per_1k: u64,
+    /// Refuse new sessions from a gateway that closed this many sessions
+    /// without a receipt in the last hour (0: never).
+    pub max_owed_receipts: usize,
+    /// Where countersigned receipts are kept (`None`: not kept).
+    pub receipts: Option<PathBuf>,
     /// Put TOPLOC-style output sketches in commitments.
     pub sketches: bool,
     /// Red-team only: cheat this way.
@@ -124,6 +129,8 @@ impl Default for NodeConfig {
             idle_timeout: Duration::from_secs(120),
             heartbeat: Duration::from_secs(10),
             price_per_1k: 0,
+            max_owed_receipts: 0,
+            receipts: None,
             sketches: true,
             cheat: None,
         }
@@ -298,6 +305,8 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
             idle_timeout: config.idle_timeout,
             sketches: config.sketches,
             cheat: runtime_cheat,
+            price_per_1k: hotpot_core::Credits::from_micros(config.price_per_1k),
+            max_owed_receipts: config.max_owed_receipts,
         },
     )?;
     let state = Arc::new(State {
@@ -327,8 +336,15 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
     let sessions = network.accept(PROTOCOL_INFER)?;
     let push_table = push::PushTable::new(network.clone(), limits.write);
     let (session_jobs, session_stop, session_limits, session_push) = (jobs.clone(), stop.clone(), limits.clone(), Arc::clone(&push_table));
+    let receipts = match &config.receipts {
+        Some(path) => {
+            Some(Arc::new(hotpot_ledger::ReceiptBook::open(path).map_err(|e| NodeError::Config(format!("cannot keep receipts in {}: {e}", path.display())))?))
+        }
+        None => None,
+    };
     tasks.spawn(accept_streams(sessions, session_gate, "session", stop.clone(), move |peer, stream| {
-        serve::serve_session(peer, stream, session_jobs.clone(), Arc::clone(&session_push), session_limits.clone(), session_stop.clone())
+        let services = serve::Services { jobs: session_jobs.clone(), push: Arc::clone(&session_push), receipts: receipts.clone() };
+        serve::serve_session(peer, stream, services, session_limits.clone(), session_stop.clone())
     }));
     // Steps forwarded by the previous node of pushed chains.
     let pushes = network.accept(PROTOCOL_PUSH)?;

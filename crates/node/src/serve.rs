@@ -82,7 +82,16 @@ impl Drop for StreamPass {
     }
 }
 
-pub(crate) async fn serve_session(peer: PeerId, stream: Stream, jobs: Jobs, push: Arc<PushTable>, limits: StreamLimits, stop: CancellationToken) {
+/// What a session stream's messages are served with.
+pub(crate) struct Services {
+    pub jobs: Jobs,
+    pub push: Arc<PushTable>,
+    /// Where countersigned receipts are kept.
+    pub receipts: Option<Arc<hotpot_ledger::ReceiptBook>>,
+}
+
+pub(crate) async fn serve_session(peer: PeerId, stream: Stream, services: Services, limits: StreamLimits, stop: CancellationToken) {
+    let Services { jobs, push, .. } = &services;
     let mut framed = Framed::new(peer, stream);
     let mut session: Option<SessionId> = None;
     let shutting_down = || NodeMessage::error(ErrorCode::ShuttingDown, "the node is shutting down").encode();
@@ -113,7 +122,7 @@ pub(crate) async fn serve_session(peer: PeerId, stream: Stream, jobs: Jobs, push
             }
         };
         let (answer, fatal) = tokio::select! {
-            handled = handle(peer, message, &mut session, &jobs, &push, &limits) => handled,
+            handled = handle(peer, message, &mut session, &services, &limits) => handled,
             () = stop.cancelled() => (Some(NodeMessage::error(ErrorCode::ShuttingDown, "the node is shutting down")), true),
         };
         let Some(answer) = answer else { break };
@@ -147,10 +156,10 @@ async fn handle(
     peer: PeerId,
     message: ClientMessage,
     session: &mut Option<SessionId>,
-    jobs: &Jobs,
-    push: &Arc<PushTable>,
+    services: &Services,
     limits: &StreamLimits,
 ) -> (Option<NodeMessage>, bool) {
+    let Services { jobs, push, receipts } = services;
     let mine = |id: SessionId, session: &Option<SessionId>| session.is_some_and(|s| s == id);
     let not_mine = || (Some(NodeMessage::error(ErrorCode::NotYourSession, "this stream carries another session")), false);
     match message {
@@ -214,6 +223,28 @@ async fn handle(
                 *session = None;
             }
             (None, true)
+        }
+        ClientMessage::Receipt(receipt) => {
+            if !mine(receipt.session, session) {
+                return not_mine();
+            }
+            match jobs.ask_receipt(peer, receipt).await {
+                Ok(receipt) => {
+                    let signature = receipt.node_signature.expect("countersigned");
+                    if let Some(book) = receipts {
+                        let book = Arc::clone(book);
+                        let kept = tokio::task::spawn_blocking(move || book.keep(hotpot_ledger::Holder::Node, &receipt)).await;
+                        if !matches!(kept, Ok(Ok(_))) {
+                            tracing::error!(?kept, "cannot keep a countersigned receipt");
+                        }
+                    }
+                    (Some(NodeMessage::Countersigned { signature }), false)
+                }
+                Err(refusal) => {
+                    tracing::warn!(%peer, answer = ?refusal, "refused a receipt");
+                    (Some(refusal), false)
+                }
+            }
         }
         ClientMessage::Audit { .. } => (Some(NodeMessage::error(ErrorCode::BadRequest, "audits go over /hotpot/audit/1")), true),
     }

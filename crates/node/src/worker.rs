@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use hotpot_core::{Commitment, LayerSpan, ModelId, NodeKey, SessionId, StepRecord};
+use hotpot_core::{Commitment, Credits, LayerSpan, ModelId, NodeKey, Receipt, RootBuilder, SessionId, StepRecord};
 use hotpot_engine::{BatchItem, ForwardError, HiddenStates, KvCache, Span};
 use hotpot_net::PeerId;
 use hotpot_verify::{Sketch, SketchBuilder};
@@ -56,6 +56,13 @@ pub(crate) enum Job {
         owner: PeerId,
         session: SessionId,
     },
+    /// The opener's receipt for a session: checked against this node's own
+    /// count and commitments, countersigned when it matches.
+    Receipt {
+        owner: PeerId,
+        receipt: Box<Receipt>,
+        reply: oneshot::Sender<Result<Receipt, NodeMessage>>,
+    },
     /// Recompute `span` over `inputs` on a fresh cache (an audit).
     Audit {
         span: LayerSpan,
@@ -77,6 +84,10 @@ struct Session {
     stepped: bool,
     last_used: Instant,
     sketches: SketchBuilder,
+    /// The root of every commitment signed in the session (receipts name it).
+    root: RootBuilder,
+    /// The opener's receipt for the session was countersigned.
+    receipted: bool,
     /// The previous decode output (the red-team's replay cheat).
     last_output: Option<Vec<f32>>,
 }
@@ -142,7 +153,15 @@ pub(crate) struct WorkerConfig {
     pub sketches: bool,
     /// Misbehave at run time (red-team tests only).
     pub cheat: RuntimeCheat,
+    /// What the node asks per 1,000 positions (receipts must say it).
+    pub price_per_1k: Credits,
+    /// Refuse new sessions from a peer that closed this many sessions
+    /// without a receipt within [`OWED_MEMORY`] (0: never refuse).
+    pub max_owed_receipts: usize,
 }
+
+/// How long a session closed without a receipt counts as owed.
+pub(crate) const OWED_MEMORY: Duration = Duration::from_secs(3600);
 
 /// Run-time misbehaviour of a red-team node (weights-level cheats change
 /// the span it loads instead).
@@ -178,16 +197,30 @@ pub(crate) struct Jobs {
 impl Jobs {
     /// Submits a job and waits for the answer; a full queue is `Busy` at once.
     pub async fn ask(&self, make: impl FnOnce(oneshot::Sender<NodeMessage>) -> Job) -> NodeMessage {
+        self.request(make, |refusal| refusal).await
+    }
+
+    /// Asks the engine to check and countersign `receipt`.
+    pub async fn ask_receipt(&self, owner: PeerId, receipt: Box<Receipt>) -> Result<Receipt, NodeMessage> {
+        self.request(|reply| Job::Receipt { owner, receipt, reply }, Err).await
+    }
+
+    /// Submits a job and waits for its answer; a job that cannot be queued
+    /// or is never answered gets `refused` of why.
+    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Job, refused: impl FnOnce(NodeMessage) -> T) -> T {
         let (tx, rx) = oneshot::channel();
         self.load.queue.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.tx.try_send(make(tx)) {
             self.load.queue.fetch_sub(1, Ordering::Relaxed);
-            return match e {
+            return refused(match e {
                 mpsc::TrySendError::Full(_) => NodeMessage::busy(Duration::from_millis(100), "the node's queue is full"),
                 mpsc::TrySendError::Disconnected(_) => NodeMessage::error(ErrorCode::ShuttingDown, "the engine has stopped"),
-            };
+            });
         }
-        rx.await.unwrap_or_else(|_| NodeMessage::error(ErrorCode::ShuttingDown, "the engine stopped before answering"))
+        match rx.await {
+            Ok(answer) => answer,
+            Err(_) => refused(NodeMessage::error(ErrorCode::ShuttingDown, "the engine stopped before answering")),
+        }
     }
 
     /// Submits a job that has no answer.
@@ -218,6 +251,7 @@ pub(crate) fn spawn(span: Span, config: WorkerConfig) -> std::io::Result<(Jobs, 
         load: Arc::clone(&load),
         last_interactive: Instant::now(),
         chunk: 4 * MIN_CHUNK,
+        owed: HashMap::new(),
     };
     let handle = std::thread::Builder::new().name("hotpot-engine".into()).spawn(move || worker.run(rx))?;
     Ok((Jobs { tx, load }, handle))
@@ -246,6 +280,8 @@ struct Worker {
     last_interactive: Instant,
     /// Positions of the next prefill chunk (adapted to [`CHUNK_TARGET`]).
     chunk: usize,
+    /// When each peer closed a session with positions but no receipt.
+    owed: HashMap<PeerId, VecDeque<Instant>>,
 }
 
 impl Worker {
@@ -339,6 +375,9 @@ impl Worker {
                 if self.sessions.get(&session).is_some_and(|s| s.owner == owner) {
                     self.remove(session);
                 }
+            }
+            Job::Receipt { owner, receipt, reply } => {
+                let _ = reply.send(self.countersign(owner, *receipt));
             }
             Job::Audit { span, inputs, reply } => self.audits.push_back((span, inputs, reply)),
             Job::Expire => self.expire(),
@@ -581,9 +620,58 @@ impl Worker {
     }
 
     fn remove(&mut self, session: SessionId) {
-        if self.sessions.remove(&session).is_some() {
+        if let Some(s) = self.sessions.remove(&session) {
             tracing::debug!(%session, "session closed");
+            if !s.cache.is_empty() && !s.receipted {
+                self.owed.entry(s.owner).or_default().push_back(Instant::now());
+            }
         }
+    }
+
+    /// Sessions `peer` closed without a receipt lately.
+    fn owed_by(&mut self, peer: PeerId) -> usize {
+        let Some(owed) = self.owed.get_mut(&peer) else { return 0 };
+        while owed.front().is_some_and(|t| t.elapsed() > OWED_MEMORY) {
+            owed.pop_front();
+        }
+        let n = owed.len();
+        if n == 0 {
+            self.owed.remove(&peer);
+        }
+        n
+    }
+
+    /// Checks the opener's receipt against the session as this node ran
+    /// it and countersigns it.
+    fn countersign(&mut self, owner: PeerId, mut receipt: Receipt) -> Result<Receipt, NodeMessage> {
+        let bad = |why: String| NodeMessage::error(ErrorCode::BadReceipt, why);
+        let Some(s) = self.sessions.get_mut(&receipt.session) else {
+            return Err(NodeMessage::error(ErrorCode::UnknownSession, "no such session"));
+        };
+        if s.owner != owner {
+            return Err(NodeMessage::error(ErrorCode::NotYourSession, "this session belongs to another peer"));
+        }
+        receipt.check().map_err(|e| bad(e.to_string()))?;
+        if hotpot_net::peer_id_of(&receipt.gateway) != Some(owner) {
+            return Err(bad("the receipt is signed by another key than the session's opener".into()));
+        }
+        let checks = [
+            (receipt.node == self.config.key.id(), "names another node".to_string()),
+            (receipt.model == self.config.model, "names another model".to_string()),
+            (receipt.span == s.cache.span(), format!("names blocks {}, the session ran {}", receipt.span, s.cache.span())),
+            (receipt.positions == s.cache.len() as u64, format!("counts {} positions, the session holds {}", receipt.positions, s.cache.len())),
+            (
+                receipt.price_per_1k == self.config.price_per_1k,
+                format!("prices {} per 1,000, this node asks {}", receipt.price_per_1k, self.config.price_per_1k),
+            ),
+            (receipt.commitments_root == s.root.finish(), "names other commitments than this node signed".to_string()),
+        ];
+        if let Some((_, why)) = checks.into_iter().find(|(ok, _)| !ok) {
+            return Err(bad(format!("the receipt {why}")));
+        }
+        receipt.countersign(&self.config.key);
+        s.receipted = true;
+        Ok(receipt)
     }
 
     fn open(&mut self, owner: PeerId, open: Open) -> NodeMessage {
@@ -592,6 +680,13 @@ impl Worker {
         }
         if self.sessions.contains_key(&open.session) {
             return NodeMessage::error(ErrorCode::BadRequest, "a session with this id is already open");
+        }
+        let owed = self.owed_by(owner);
+        if self.config.max_owed_receipts > 0 && owed >= self.config.max_owed_receipts {
+            return NodeMessage::error(
+                ErrorCode::ReceiptsOwed,
+                format!("you closed {owed} sessions on this node without a receipt; it takes no new ones from you"),
+            );
         }
         let max_len = (open.max_len as usize).clamp(1, self.span.config().context_length);
         let cache = match self.span.cache_for(open.span, max_len) {
@@ -644,6 +739,8 @@ impl Worker {
             stepped: false,
             last_used: now,
             sketches: SketchBuilder::default(),
+            root: RootBuilder::default(),
+            receipted: false,
             last_output: None,
         };
         self.sessions.insert(open.session, session);
@@ -677,6 +774,7 @@ impl Worker {
             },
             sketches,
         );
+        session.root.add(&commitment.signature);
         NodeMessage::Output { session: step.session, hidden: out, commitment: Box::new(commitment) }
     }
 

@@ -1,6 +1,6 @@
 //! The messages of `/hotpot/infer/1` and `/hotpot/info/1`, and their bytes.
 
-use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId, SessionId, Signature};
+use hotpot_core::{Commitment, Credits, LayerSpan, ModelId, NodeId, Receipt, SessionId, Signature};
 
 use crate::codec::{Reader, Writer};
 use crate::tensor::Tensor;
@@ -104,6 +104,10 @@ pub enum ClientMessage {
         session: SessionId,
         pos: u32,
     },
+    /// The gateway's receipt for this stream's session, sent before
+    /// `Close`: answered `Countersigned` when it matches the node's own
+    /// count of positions and commitments, `Error` otherwise.
+    Receipt(Box<Receipt>),
     /// `/hotpot/audit/1`: recompute `span` over `inputs` (positions 0..),
     /// in one prefill, on a fresh cache.
     Audit {
@@ -127,10 +131,14 @@ pub enum ErrorCode {
     Internal,
     /// The node is stopping: its sessions end now, go elsewhere.
     ShuttingDown,
+    /// The opener owes this node receipts for sessions it closed.
+    ReceiptsOwed,
+    /// A receipt does not match the node's own count.
+    BadReceipt,
 }
 
 impl ErrorCode {
-    const ALL: [ErrorCode; 10] = [
+    const ALL: [ErrorCode; 12] = [
         Self::BadRequest,
         Self::WrongModel,
         Self::SpanNotServed,
@@ -141,6 +149,8 @@ impl ErrorCode {
         Self::ContextFull,
         Self::Internal,
         Self::ShuttingDown,
+        Self::ReceiptsOwed,
+        Self::BadReceipt,
     ];
 
     fn tag(self) -> u8 {
@@ -184,6 +194,10 @@ pub enum NodeMessage {
     Audited {
         outputs: Tensor,
     },
+    /// The node's countersignature of a `Receipt`.
+    Countersigned {
+        signature: Signature,
+    },
 }
 
 /// Asks a node to describe itself.
@@ -222,12 +236,14 @@ const TAG_CLOSE: u8 = 4;
 const TAG_AUDIT: u8 = 5;
 const TAG_PUSH_STEP: u8 = 6;
 const TAG_COLLECT: u8 = 7;
+const TAG_RECEIPT: u8 = 8;
 const TAG_OPENED: u8 = 16;
 const TAG_OUTPUT: u8 = 17;
 const TAG_TRUNCATED: u8 = 18;
 const TAG_ERROR: u8 = 19;
 const TAG_AUDITED: u8 = 20;
 const TAG_BUSY: u8 = 21;
+const TAG_COUNTERSIGNED: u8 = 22;
 const TAG_INFO_REQUEST: u8 = 32;
 const TAG_INFO: u8 = 33;
 const TAG_ACCUSATION: u8 = 48;
@@ -338,6 +354,29 @@ fn read_commitment(r: &mut Reader<'_>) -> Result<Commitment, WireError> {
     Ok(Commitment { session, model, span, start_pos, rows, input_hash, output_hash, node, sketches, signature: Signature(r.array()?) })
 }
 
+fn write_receipt(w: &mut Writer, r: &Receipt) {
+    w.fixed(&r.session.0).fixed(r.model.as_bytes()).fixed(r.node.as_bytes());
+    write_span(w, r.span);
+    w.u64(r.positions).u64(r.price_per_1k.micros()).u64(r.amount.micros()).fixed(&r.commitments_root);
+    w.fixed(r.gateway.as_bytes()).u64(r.time_ms).fixed(&r.gateway_signature.0);
+    match &r.node_signature {
+        Some(s) => w.u8(1).fixed(&s.0),
+        None => w.u8(0),
+    };
+}
+
+fn read_receipt(r: &mut Reader<'_>) -> Result<Receipt, WireError> {
+    let (session, model, node, span) = (session(r)?, ModelId::from_bytes(r.array()?), NodeId::from_bytes(r.array()?), span(r)?);
+    let (positions, price_per_1k, amount) = (r.u64()?, Credits::from_micros(r.u64()?), Credits::from_micros(r.u64()?));
+    let (commitments_root, gateway, time_ms, gateway_signature) = (r.array()?, NodeId::from_bytes(r.array()?), r.u64()?, Signature(r.array()?));
+    let node_signature = match r.u8()? {
+        0 => None,
+        1 => Some(Signature(r.array()?)),
+        _ => return Err(WireError::Invalid("receipt countersignature flag")),
+    };
+    Ok(Receipt { session, model, node, span, positions, price_per_1k, amount, commitments_root, gateway, time_ms, gateway_signature, node_signature })
+}
+
 impl ClientMessage {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
@@ -369,6 +408,10 @@ impl ClientMessage {
                 header(&mut w, TAG_CLOSE);
                 w.fixed(&session.0);
             }
+            Self::Receipt(receipt) => {
+                header(&mut w, TAG_RECEIPT);
+                write_receipt(&mut w, receipt);
+            }
             Self::Audit { model, span, inputs } => {
                 header(&mut w, TAG_AUDIT);
                 w.fixed(model.as_bytes());
@@ -395,6 +438,7 @@ impl ClientMessage {
             TAG_COLLECT => Self::Collect { session: session(&mut r)?, pos: r.u32()? },
             TAG_TRUNCATE => Self::Truncate { session: session(&mut r)?, pos: r.u32()? },
             TAG_CLOSE => Self::Close { session: session(&mut r)? },
+            TAG_RECEIPT => Self::Receipt(Box::new(read_receipt(&mut r)?)),
             TAG_AUDIT => Self::Audit { model: ModelId::from_bytes(r.array()?), span: span(&mut r)?, inputs: Tensor::read(&mut r)? },
             tag => return Err(WireError::Tag(tag)),
         };
@@ -455,6 +499,10 @@ impl NodeMessage {
                 header(&mut w, TAG_AUDITED);
                 outputs.write(&mut w);
             }
+            Self::Countersigned { signature } => {
+                header(&mut w, TAG_COUNTERSIGNED);
+                w.fixed(&signature.0);
+            }
         }
         w.buf
     }
@@ -468,6 +516,7 @@ impl NodeMessage {
             TAG_ERROR => Self::Error { code: ErrorCode::from_tag(r.u8()?), message: r.str(MAX_TEXT)? },
             TAG_BUSY => Self::Busy { retry_after_ms: r.u32()?, message: r.str(MAX_TEXT)? },
             TAG_AUDITED => Self::Audited { outputs: Tensor::read(&mut r)? },
+            TAG_COUNTERSIGNED => Self::Countersigned { signature: Signature(r.array()?) },
             tag => return Err(WireError::Tag(tag)),
         };
         r.finish()?;

@@ -1,6 +1,6 @@
 //! Round-trip properties and byte snapshots of the wire format.
 
-use hotpot_core::{Commitment, LayerSpan, ModelId, NodeId, NodeKey, SessionId, StepRecord};
+use hotpot_core::{Commitment, Credits, LayerSpan, ModelId, NodeId, NodeKey, Receipt, SessionId, Signature, StepRecord};
 use hotpot_wire::{
     Accusation, ClientMessage, DType, Downstream, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Priority, PushLinks, Step, Tensor,
     WireError,
@@ -47,6 +47,16 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         (session(), any::<u32>()).prop_map(|(session, pos)| ClientMessage::Collect { session, pos }),
         (session(), any::<u32>()).prop_map(|(session, pos)| ClientMessage::Truncate { session, pos }),
         session().prop_map(|session| ClientMessage::Close { session }),
+        (session(), span(), any::<u32>(), 0u64..10_000_000, any::<bool>()).prop_map(|(session, span, positions, price, signed)| {
+            let (gateway, node) = (NodeKey::from_secret_bytes(&[4; 32]).expect("key"), NodeKey::from_secret_bytes(&[5; 32]).expect("key"));
+            let price = Credits::from_micros(price);
+            let mut r =
+                Receipt::sign(&gateway, session, ModelId::from_bytes([3; 32]), node.id(), span, u64::from(positions), price, [6; 32], 1_700_000_000_000);
+            if signed {
+                r.countersign(&node);
+            }
+            ClientMessage::Receipt(Box::new(r))
+        }),
         (any::<[u8; 32]>(), span(), tensor()).prop_map(|(m, span, inputs)| ClientMessage::Audit { model: ModelId::from_bytes(m), span, inputs }),
     ]
 }
@@ -77,7 +87,8 @@ fn node_message() -> impl Strategy<Value = NodeMessage> {
         }),
         (session(), any::<u32>()).prop_map(|(session, len)| NodeMessage::Truncated { session, len }),
         (any::<u32>(), ".{0,50}").prop_map(|(retry_after_ms, message)| NodeMessage::Busy { retry_after_ms, message }),
-        (0usize..10, ".{0,50}").prop_map(|(i, message)| {
+        any::<[u8; 32]>().prop_map(|half| NodeMessage::Countersigned { signature: Signature([half, half].concat().try_into().expect("64 bytes")) }),
+        (0usize..12, ".{0,50}").prop_map(|(i, message)| {
             let codes = [
                 ErrorCode::BadRequest,
                 ErrorCode::WrongModel,
@@ -89,6 +100,8 @@ fn node_message() -> impl Strategy<Value = NodeMessage> {
                 ErrorCode::BadTensor,
                 ErrorCode::ContextFull,
                 ErrorCode::Internal,
+                ErrorCode::ReceiptsOwed,
+                ErrorCode::BadReceipt,
             ];
             NodeMessage::Error { code: codes[i], message }
         }),

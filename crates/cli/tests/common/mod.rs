@@ -128,15 +128,27 @@ pub fn hotpot(args: &[&str], limit: Duration) -> Output {
 /// the test if it runs past `limit`.
 pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("the command starts");
+    // Read both pipes while waiting, so that a large output never blocks the child.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
     let started = Instant::now();
     loop {
-        if child.try_wait().expect("waits").is_some() {
-            return child.wait_with_output().expect("output");
+        if let Some(status) = child.try_wait().expect("waits") {
+            return Output { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() };
         }
         if started.elapsed() > limit {
             let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!("{cmd:?} ran past {limit:?}; stderr: {}", String::from_utf8_lossy(&out.stderr));
+            let _ = child.wait();
+            panic!("{cmd:?} ran past {limit:?}; stderr: {}", String::from_utf8_lossy(&stderr.join().unwrap_or_default()));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
