@@ -55,6 +55,9 @@ struct Export {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct ExportedReceipt {
+    /// The receipt's id (hex), as the books reference its settlement.
+    #[serde(default)]
+    id: Option<String>,
     holder: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     void: Option<String>,
@@ -90,8 +93,10 @@ pub fn receipts(args: &ReceiptsArgs) -> Result<()> {
     }
     let book = ReceiptBook::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let kept = book.all()?;
-    let receipts: Vec<ExportedReceipt> =
-        kept.into_iter().map(|Kept { holder, receipt, void }| ExportedReceipt { holder: holder.to_string(), void, receipt }).collect();
+    let receipts: Vec<ExportedReceipt> = kept
+        .into_iter()
+        .map(|Kept { holder, receipt, void }| ExportedReceipt { id: Some(receipt.id_hex()), holder: holder.to_string(), void, receipt })
+        .collect();
     let (by_node, total) = totals(receipts.iter());
     if args.json {
         println!("{}", serde_json::to_string_pretty(&Export { receipts, totals: by_node, total })?);
@@ -157,6 +162,9 @@ fn verify(file: &std::path::Path, session_log: Option<&std::path::Path>, counter
         let checked = if countersigned { r.receipt.check_countersigned() } else { r.receipt.check() };
         if let Err(e) = checked {
             problems.push(format!("{name}: {e}"));
+        }
+        if r.id.as_ref().is_some_and(|id| *id != r.receipt.id_hex()) {
+            problems.push(format!("{name}: its id is not the hash of what it says"));
         }
         if !ids.insert((r.receipt.id(), r.holder.clone())) {
             problems.push(format!("{name}: appears twice"));

@@ -309,3 +309,81 @@ fn speculative_sessions_are_audited() {
     let verdict = text(&check.stdout);
     assert!(check.status.success() && verdict.contains("verdict: CHEAT"), "{verdict}{}", text(&check.stderr));
 }
+
+/// Issue 13, acceptance 4: a red-team node with a stake is convicted; its
+/// stake is slashed (half to the gateway whose audit convicted it, half
+/// burned), the convicted session's receipts are void and what they paid
+/// goes back to the key, the penalty is written beside the evidence; and
+/// under `--min-stake` an unstaked node is kept out of routes until it stakes.
+#[test]
+fn a_convicted_node_loses_its_stake_and_its_receipts() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (keys, ledger, evidence) = (dir.path().join("keys.json"), dir.path().join("ledger.sqlite"), dir.path().join("evidence"));
+    std::fs::write(&keys, r#"{"keys": [{"key": "sk-alice", "name": "alice", "prepaid": true}]}"#).expect("keys");
+    let store = ledger.to_str().expect("utf-8");
+    let ledger_cmd = |args: &[&str]| {
+        let out = hotpot(&[&["ledger", "--store", store], args].concat(), Duration::from_secs(30));
+        assert!(out.status.success(), "ledger {args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    ledger_cmd(&["--init-store", "deposit", "alice", "100"]);
+    let cheater = NodeProc::start("0..15", None, &["--redteam", "noise", "--price", "1"]);
+    let _honest = NodeProc::start("15..30", Some(&cheater.addr), &["--price", "1"]);
+    let spare = NodeProc::start("0..15", Some(&cheater.addr), &["--price", "1"]);
+    ledger_cmd(&["stake", &cheater.peer_id, "20"]);
+    ledger_cmd(&["stake", &_honest.peer_id, "20"]);
+    let gw = gateway_with(
+        &cheater.addr,
+        &evidence,
+        &["--api-keys", keys.to_str().expect("utf-8"), "--init-store", "--ledger", store, "--min-stake", "10", "--fee", "0.5"],
+    );
+    let ask = || {
+        let body = serde_json::json!({"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}).to_string();
+        let url = format!("{}/v1/completions", gw.url);
+        curl(&["-s", &url, "-H", "Content-Type: application/json", "-H", "Authorization: Bearer sk-alice", "-d", &body])
+    };
+    // The unstaked spare is kept out: the route runs through the staked cheater.
+    let answer = ask();
+    assert!(answer.contains("\"choices\""), "{answer}");
+    assert!(wait_for(&gw, "hotpot_cheats_total", "", 1), "the cheat was not caught");
+
+    let files: Vec<std::path::PathBuf> = std::fs::read_dir(&evidence).expect("evidence dir").filter_map(Result::ok).map(|e| e.path()).collect();
+    let penalty = files.iter().find(|p| p.to_string_lossy().ends_with(".penalty.json")).expect("a penalty beside the evidence");
+    let penalty: serde_json::Value = serde_json::from_slice(&std::fs::read(penalty).expect("reads")).expect("json");
+    println!("penalty: {penalty}");
+    assert_eq!(penalty["node"], cheater.peer_id.as_str());
+    assert_eq!((penalty["slashed"].as_str(), penalty["accuser_share"].as_str(), penalty["burned"].as_str()), (Some("20"), Some("10"), Some("10")));
+    let voided: Vec<&str> = penalty["voided_receipts"].as_array().expect("receipts").iter().filter_map(|v| v.as_str()).collect();
+    assert_eq!(voided.len(), 1, "the convicted session's receipt for the cheater: {penalty}");
+
+    let books: serde_json::Value = serde_json::from_str(&ledger_cmd(&["--json"])).expect("json");
+    let balance = |account: &str| {
+        books["accounts"].as_array().expect("accounts").iter().find(|a| a["account"] == account).map_or(0, |a| a["micro_credits"].as_i64().expect("micros"))
+    };
+    assert_eq!(balance(&format!("stake:{}", cheater.peer_id)), 0, "the stake is gone: {books}");
+    assert_eq!(balance("burned"), 10_000_000, "{books}");
+    assert_eq!(balance(&format!("node:{}", cheater.peer_id)), 0, "the void took back what the cheater earned: {books}");
+    assert_eq!(balance(&format!("stake:{}", _honest.peer_id)), 20_000_000, "the honest node keeps its stake");
+    let honest_earned = balance(&format!("node:{}", _honest.peer_id));
+    assert!(honest_earned > 0);
+    // The key paid the honest node and the fee only.
+    let fee = balance("fees") - 10_000_000;
+    assert_eq!(balance("key:alice"), 100_000_000 - honest_earned - fee, "{books}");
+
+    let out = hotpot(&["receipts", "--json", "--store", dir.path().join("receipts.sqlite").to_str().expect("utf-8")], Duration::from_secs(30));
+    let kept: serde_json::Value = serde_json::from_str(&text(&out.stdout)).expect("json");
+    let void: Vec<&str> = kept["receipts"].as_array().expect("receipts").iter().filter(|r| r["void"].is_string()).filter_map(|r| r["id"].as_str()).collect();
+    assert_eq!(void, voided, "the gateway's copy of the receipt is void: {kept}");
+    assert_eq!(kept["total"].as_i64(), Some(honest_earned), "the valid receipts are what the books paid");
+
+    // The spare, once staked, serves (the cheater is out of routes).
+    ledger_cmd(&["stake", &spare.peer_id, "20"]);
+    let answer = ask();
+    assert!(answer.contains("\"choices\""), "{answer}");
+    let books: serde_json::Value = serde_json::from_str(&ledger_cmd(&["--json"])).expect("json");
+    let spare_earned = books["accounts"].as_array().expect("accounts").iter().any(|a| a["account"] == format!("node:{}", spare.peer_id).as_str());
+    assert!(spare_earned, "the staked spare served the next request: {books}");
+    let check = ledger_cmd(&["check"]);
+    assert!(!check.is_empty());
+}
