@@ -4,6 +4,7 @@ mod bench;
 mod ledger;
 mod receipts;
 mod run;
+mod spend;
 mod store;
 mod swarm;
 mod verify;
@@ -55,6 +56,8 @@ enum Command {
     /// The receipts this machine's nodes countersigned and its gateway
     /// signed; `verify FILE` checks an exported set offline.
     Receipts(receipts::ReceiptsArgs),
+    /// Check a key's spend log (GET /v1/hotpot/spend) offline.
+    Spend(spend::SpendArgs),
     /// Re-check an evidence file of cheating, with the model.
     Verify(verify::VerifyArgs),
     /// Measure honest differences between kernel variants, thread counts,
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         Command::Swarm(SwarmCommand::Status(args)) => swarm::status(&args),
         Command::Ledger(args) => ledger::ledger(&args),
         Command::Receipts(args) => receipts::receipts(&args),
+        Command::Spend(args) => spend::spend(&args),
         Command::Verify(args) => verify::verify(&args),
         Command::Calibrate(args) => verify::calibrate(&args),
     };

@@ -344,3 +344,43 @@ fn a_node_refuses_a_gateway_that_owes_it_receipts() {
     let (status, answer) = post(&gateway.base_url, "/chat/completions", "none", &chat);
     assert_eq!(status, 200, "{answer}");
 }
+
+/// Acceptance 5 and 6, with the official openai client (agent_keys.py): a
+/// prepaid root key mints children and grandchildren; none spends past its
+/// own or an ancestor's limit; a model outside a key's list is 403;
+/// revoking a parent stops its children at once; a child's spend log
+/// verifies offline and fails once changed, cut, or reordered.
+#[test]
+fn keys_an_agent_can_carry() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (keys, ledger) = (dir.path().join("keys.json"), dir.path().join("ledger.sqlite"));
+    std::fs::write(&keys, r#"{"keys": [{"key": "sk-root", "name": "root", "prepaid": true}]}"#).expect("keys");
+    let store = ledger.to_str().expect("utf-8");
+    let out = hotpot(&["ledger", "--store", store, "--init-store", "deposit", "root", "100"], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let a = NodeProc::start("0..15", None, &["--price", "0.1"]);
+    let _b = NodeProc::start("15..30", Some(&a.addr), &["--price", "0.1"]);
+    let gateway = serve(&[
+        "gateway",
+        "--join",
+        &a.addr,
+        "--listen",
+        "127.0.0.1:0",
+        "--api-keys",
+        keys.to_str().expect("utf-8"),
+        "--init-store",
+        "--ledger",
+        store,
+        "--key",
+        dir.path().join("gateway.key").to_str().expect("utf-8"),
+        "--no-audits",
+        "-t",
+        "1",
+    ]);
+    let peer = gateway.stdout.iter().find_map(|l| l.strip_prefix("gateway peer id: ")).expect("the gateway prints its peer id").to_string();
+    let out = python("agent_keys.py", &[&format!("{}", gateway.base_url), "sk-root", &peer, HOTPOT, dir.path().to_str().expect("utf-8")]);
+    let stdout = text(&out.stdout);
+    println!("{stdout}");
+    assert!(out.status.success() && stdout.contains("all agent key checks passed"), "{stdout}{}", text(&out.stderr));
+}

@@ -8,7 +8,7 @@
 //! gateway settles it in its books once, by its id. A receipt carries
 //! everything needed to check it offline: both public keys, both
 //! signatures, and `amount = price_per_1k × positions / 1000` (rounded
-//! down to the micro-credit).
+//! up to the micro-credit).
 
 use std::fmt;
 

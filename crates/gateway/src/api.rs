@@ -29,6 +29,9 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/hotpot/key", get(key_status))
+        .route("/v1/hotpot/keys", post(mint_key))
+        .route("/v1/hotpot/keys/{name}", axum::routing::delete(revoke_key))
+        .route("/v1/hotpot/spend", get(spend_log))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound { message: "no such route".into(), code: "not_found" } })
@@ -116,17 +119,61 @@ async fn completions(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Bo
 
 /// `GET /v1/hotpot/key`: the calling key's budget, spending and holds.
 async fn key_status(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<KeyStatus>, ApiError> {
-    let keys = gateway.config.keys.as_ref().ok_or_else(|| ApiError::NotFound { message: "this gateway has no API keys".into(), code: "not_found" })?;
-    let caller = keys.admit(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))?;
+    let (keys, caller) = key_caller(&gateway, &headers)?;
     let mut status = keys.status(&caller).ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
     if let Some(market) = &gateway.config.market
-        && keys.prepaid(&caller)
+        && let Some(payer) = keys.payer(&caller)
     {
-        let (credits, held) = market.credits_of(&caller.name)?;
+        let (credits, held) = market.credits_of(&payer)?;
         status.credits = Some(credits.to_string());
         status.credits_held = Some(held.to_string());
+        status.pays_from = Some(payer);
     }
     Ok(Json(status))
+}
+
+/// The key store and the calling key, for the key routes.
+fn key_caller<'a>(gateway: &'a Gateway, headers: &HeaderMap) -> Result<(&'a Arc<crate::keys::KeyStore>, Caller), ApiError> {
+    let keys = gateway.config.keys.as_ref().ok_or_else(|| ApiError::NotFound { message: "this gateway has no API keys".into(), code: "not_found" })?;
+    let caller = keys.admit(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))?;
+    Ok((keys, caller))
+}
+
+/// `POST /v1/hotpot/keys`: the calling key mints a child key whose limits
+/// fit inside its own (the body: `name`, `credits`, `daily_limit`,
+/// `models`, `max_price`, `expires_at`, `token_budget`,
+/// `requests_per_minute`, all optional).
+async fn mint_key(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Body(spec, _): Body<crate::keys::KeySpec>) -> Result<Response, ApiError> {
+    let (keys, caller) = key_caller(&gateway, &headers)?;
+    if !spec.key.is_empty() || spec.prepaid {
+        return Err(ApiError::bad("a child key gets its key from the gateway and pays from its root's account: leave out `key` and `prepaid`"));
+    }
+    let (key, status) = keys.mint(&caller, spec)?;
+    tracing::info!(parent = %caller.name, child = %status.name, "minted a child key");
+    let body = serde_json::json!({"key": key, "status": status});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// `DELETE /v1/hotpot/keys/{name}`: revokes that key (the caller's own or
+/// a descendant's), and with it every key below it.
+async fn revoke_key(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (keys, caller) = key_caller(&gateway, &headers)?;
+    keys.revoke(&caller, &name)?;
+    tracing::info!(by = %caller.name, key = %name, "revoked a key and its descendants");
+    Ok(Json(serde_json::json!({"revoked": name})))
+}
+
+/// `GET /v1/hotpot/spend`: the calling key's spend log, hash-chained and
+/// signed by this gateway (check it with `hotpot spend verify`).
+async fn spend_log(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<crate::spend::SpendLog>, ApiError> {
+    let (keys, caller) = key_caller(&gateway, &headers)?;
+    let mut log = keys.spend_log(&caller)?;
+    log.gateway = gateway.peer_id();
+    Ok(Json(log))
 }
 
 async fn models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<ModelList>, ApiError> {

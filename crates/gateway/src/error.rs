@@ -19,6 +19,10 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     Unauthorized(String),
+    /// The key may not do this (a model outside its list, a child key
+    /// beyond its parent's limits).
+    #[error("{message}")]
+    Forbidden { message: String, code: &'static str },
     #[error("{message}")]
     NotFound { message: String, code: &'static str },
     #[error("{message}")]
@@ -49,6 +53,7 @@ impl ApiError {
             Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::RateLimited { .. } | Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -64,6 +69,7 @@ impl ApiError {
             Self::Timeout(_) => ("invalid_request_error", None, Some("request_timeout".to_string())),
             Self::MethodNotAllowed(_) => ("invalid_request_error", None, Some("method_not_allowed".to_string())),
             Self::Unauthorized(_) => ("authentication_error", None, Some("invalid_api_key".to_string())),
+            Self::Forbidden { code, .. } => ("permission_error", None, Some(code.to_string())),
             Self::NotFound { code, .. } => ("invalid_request_error", Some("model".to_string()), Some(code.to_string())),
             Self::RateLimited { code, .. } => (if *code == "insufficient_quota" { "insufficient_quota" } else { "requests" }, None, Some(code.to_string())),
             Self::Unavailable(_) => ("server_error", None, Some("model_not_covered".to_string())),

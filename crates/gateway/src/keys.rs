@@ -1,9 +1,19 @@
-//! API keys: who may call the gateway, how many tokens each may spend, and
-//! how many requests per minute.
+//! API keys: who may call the gateway, and within which limits.
 //!
 //! The keys file is JSON:
-//! `{"keys": [{"key": "sk-…", "name": "alice", "token_budget": 100000, "requests_per_minute": 60}]}`
-//! (`token_budget` and `requests_per_minute` are optional: no limit).
+//! `{"keys": [{"key": "sk-…", "name": "alice", "token_budget": 100000, "requests_per_minute": 60}]}`.
+//! Every limit is optional (absent: no limit): `token_budget`,
+//! `requests_per_minute`, `credits` (most credits spent in all), `daily_limit`
+//! (most credits spent per UTC day), `models` (the only models it may use),
+//! `max_price` (most credits per 1,000 positions a request may pay),
+//! `expires_at` (Unix seconds); `prepaid: true` makes it pay in credits
+//! from its account in the books.
+//!
+//! A key can mint **child keys** (`POST /v1/hotpot/keys`) whose limits fit
+//! inside its own: what a child spends counts against every ancestor, a
+//! child pays from its root's account, and revoking a key (or letting it
+//! expire) stops its descendants at once. Children live in the store only
+//! (by the hash of their key, like every key there).
 //!
 //! A request reserves what it may use (its prompts plus `max_tokens` for
 //! every choice) before anything is generated, so concurrent requests can
@@ -20,27 +30,64 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use hotpot_core::{Credits, NodeKey};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::spend::{Charge, SpendEntry, SpendHead, SpendLog};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct KeySpec {
+    /// The key itself (only in the keys file; children are kept by hash).
+    #[serde(default, skip_serializing)]
     pub key: String,
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_budget: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u32>,
     /// The key pays in credits from its account in the books (topped up
     /// with `hotpot ledger deposit NAME CREDITS`).
     #[serde(default)]
     pub prepaid: bool,
+    /// Most credits the key may spend in all (its children's included).
+    #[serde(default, with = "credits_text", skip_serializing_if = "Option::is_none")]
+    pub credits: Option<Credits>,
+    /// Most credits the key may spend per UTC day (its children's included).
+    #[serde(default, with = "credits_text", skip_serializing_if = "Option::is_none")]
+    pub daily_limit: Option<Credits>,
+    /// The only models the key may use (aliases or ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    /// Most credits per 1,000 positions a request of the key may pay.
+    #[serde(default, with = "credits_text", skip_serializing_if = "Option::is_none")]
+    pub max_price: Option<Credits>,
+    /// When the key stops working (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+/// Credits as a decimal string, read from a number or a string.
+mod credits_text {
+    use hotpot_core::Credits;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &Option<Credits>, s: S) -> Result<S::Ok, S::Error> {
+        match c {
+            Some(c) => s.serialize_str(&c.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Credits>, D::Error> {
+        crate::openai::credits_opt(d)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,12 +99,62 @@ struct KeysFile {
 struct Account {
     spec: KeySpec,
     name: String,
+    /// The parent's key hash (none: a key of the keys file).
+    parent: Option<String>,
+    revoked: bool,
+    /// Tokens spent and held by requests in flight (descendants' included).
     spent: u64,
-    /// Held by requests in flight.
     reserved: u64,
+    /// Micro-credits spent and held (descendants' included).
+    credits_spent: u64,
+    credits_reserved: u64,
+    /// The UTC day `day_spent` counts (days since the epoch).
+    day: u64,
+    day_spent: u64,
     /// Token bucket for the request rate: tokens left and when last filled.
     bucket: f64,
     filled: Instant,
+    /// The last entry of the key's spend log.
+    tail: Option<SpendEntry>,
+}
+
+impl Account {
+    fn new(spec: KeySpec, name: String, parent: Option<String>) -> Self {
+        let bucket = f64::from(spec.requests_per_minute.unwrap_or(0));
+        Self {
+            spec,
+            name,
+            parent,
+            revoked: false,
+            spent: 0,
+            reserved: 0,
+            credits_spent: 0,
+            credits_reserved: 0,
+            day: today(),
+            day_spent: 0,
+            bucket,
+            filled: Instant::now(),
+            tail: None,
+        }
+    }
+
+    /// Credits spent today (0 once the day has turned).
+    fn spent_today(&mut self) -> u64 {
+        let day = today();
+        if self.day != day {
+            self.day = day;
+            self.day_spent = 0;
+        }
+        self.day_spent
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn today() -> u64 {
+    now_secs() / 86_400
 }
 
 /// Why a keys file or its spending store cannot be used.
@@ -75,7 +172,7 @@ pub enum KeysError {
     Empty,
     #[error("the key named {0:?} appears twice")]
     Duplicate(String),
-    #[error("the prepaid key named {0:?} needs a name without ':' or spaces (it names the key's account in the books)")]
+    #[error("the key named {0:?} needs a name without ':', '/' or spaces (it names the key's account in the books and its spend log)")]
     PrepaidName(String),
     #[error("cannot use the spending store {path}: {source}")]
     Store {
@@ -102,32 +199,67 @@ pub enum Ledger {
     Create,
 }
 
-/// The configured keys and what each has spent and holds.
+/// The configured keys, their children, and what each has spent and holds.
 #[derive(Debug)]
 pub struct KeyStore {
+    /// By the BLAKE3 hash of the key.
     accounts: Mutex<HashMap<String, Account>>,
     /// Where spending is kept across restarts (none for a parsed store).
     ledger: Option<Mutex<Connection>>,
+    /// Spend logs of a store without a file.
+    memory_logs: Mutex<HashMap<String, Vec<SpendEntry>>>,
+    /// The gateway's key, which signs spend logs (none: no logs).
+    signer: OnceLock<NodeKey>,
 }
 
-/// Who is calling (the key's name, for metrics and logs).
+/// Who is calling: the key's hash and name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub key: String,
     pub name: String,
 }
 
+/// A key's limits, as `GET /v1/hotpot/key` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_limit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_price: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u32>,
+}
+
 /// A key's state, as `GET /v1/hotpot/key` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KeyStatus {
     pub name: String,
+    /// The parent key's name (a child key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     pub token_budget: Option<u64>,
     pub spent: u64,
     pub reserved: u64,
     /// Budget minus spent and reserved (`None`: no budget).
     pub remaining: Option<u64>,
-    /// A prepaid key's credits in the books, and what its running
-    /// requests hold of them (decimal strings; absent for other keys).
+    /// Credits spent, held by running requests, and left under the
+    /// key's own `credits` limit (decimal strings).
+    pub credits_spent: String,
+    pub credits_reserved: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits_remaining: Option<String>,
+    pub spent_today: String,
+    pub limits: Limits,
+    /// The account the key pays from in the books (its root's name), its
+    /// credits there and what running requests hold of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pays_from: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credits: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -135,8 +267,22 @@ pub struct KeyStatus {
 }
 
 /// The version of the spending store's schema. 1: the `spending` table
-/// alone (no version recorded); 2: adds the `meta` table that records it.
-pub const SCHEMA_VERSION: i64 = 2;
+/// alone (no version recorded); 2: adds the `meta` table that records it;
+/// 3: credits spent per key, child keys and spend logs.
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// A valid key name: it names accounts in the books and spend logs.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && !name.contains([':', ' ', '/']) && !name.chars().any(char::is_control)
+}
+
+fn quota(message: String) -> ApiError {
+    ApiError::RateLimited { message, code: "insufficient_quota" }
+}
+
+fn exceeds(message: String) -> ApiError {
+    ApiError::Forbidden { message, code: "limits_exceed_parent" }
+}
 
 impl KeyStore {
     pub fn parse(text: &str) -> Result<Self, KeysError> {
@@ -144,25 +290,23 @@ impl KeyStore {
         if file.keys.is_empty() {
             return Err(KeysError::Empty);
         }
-        let mut accounts = HashMap::new();
+        let mut accounts: HashMap<String, Account> = HashMap::new();
         for spec in file.keys {
-            let bucket = f64::from(spec.requests_per_minute.unwrap_or(0));
             let name = spec.name.clone().unwrap_or_else(|| format!("key-{}", spec.key.chars().take(6).collect::<String>()));
-            if accounts.contains_key(&spec.key) {
+            let hash = key_hash(&spec.key);
+            if accounts.contains_key(&hash) {
                 return Err(KeysError::Duplicate(name));
             }
             // A prepaid key's name is its account in the books.
-            if spec.prepaid {
-                if name.is_empty() || name.contains([':', ' ']) {
-                    return Err(KeysError::PrepaidName(name));
-                }
-                if accounts.values().any(|a: &Account| a.spec.prepaid && a.name == name) {
-                    return Err(KeysError::Duplicate(name));
-                }
+            if spec.prepaid && !valid_name(&name) {
+                return Err(KeysError::PrepaidName(name));
             }
-            accounts.insert(spec.key.clone(), Account { spec, name, spent: 0, reserved: 0, bucket, filled: Instant::now() });
+            if accounts.values().any(|a| a.name == name) {
+                return Err(KeysError::Duplicate(name));
+            }
+            accounts.insert(hash, Account::new(spec, name, None));
         }
-        Ok(Self { accounts: Mutex::new(accounts), ledger: None })
+        Ok(Self { accounts: Mutex::new(accounts), ledger: None, memory_logs: Mutex::default(), signer: OnceLock::new() })
     }
 
     /// The keys of `path`, with what they spent before (see the module docs).
@@ -173,7 +317,7 @@ impl KeyStore {
 
     /// Keeps spending in the SQLite file `path` (created only with
     /// [`Ledger::Create`], migrated if older) and starts each key from what
-    /// that file says it spent.
+    /// that file says it spent; takes up the child keys and spend logs.
     pub fn with_ledger(mut self, path: &Path, ledger: Ledger) -> Result<Self, KeysError> {
         let fail = |source: rusqlite::Error| match source {
             rusqlite::Error::SqliteFailure(e, _) if matches!(e.code, rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
@@ -200,36 +344,92 @@ impl KeyStore {
         migrate(&conn, path)?;
         {
             let accounts = self.accounts.get_mut().unwrap_or_else(|e| e.into_inner());
-            let mut query = conn.prepare("SELECT spent FROM spending WHERE key_hash = ?1").map_err(fail)?;
-            for (key, account) in accounts.iter_mut() {
-                let spent: Option<i64> = query.query_row(params![key_hash(key)], |row| row.get(0)).optional().map_err(fail)?;
-                account.spent = match spent {
-                    None => 0,
-                    Some(s) => u64::try_from(s).map_err(|_| corrupt(&format!("key {:?} has spent {s} tokens", account.name)))?,
-                };
+            // Child keys first: they are accounts like the others.
+            let mut children = conn.prepare("SELECT key_hash, parent_hash, name, spec, revoked FROM children ORDER BY rowid").map_err(fail)?;
+            let rows = children
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, i64>(4)?)))
+                .map_err(fail)?;
+            for row in rows {
+                let (hash, parent, name, spec, revoked) = row.map_err(fail)?;
+                let spec: KeySpec = serde_json::from_str(&spec).map_err(|e| corrupt(&format!("child key {name:?}: {e}")))?;
+                let mut account = Account::new(spec, name, Some(parent));
+                account.revoked = revoked != 0;
+                accounts.insert(hash, account);
+            }
+            let mut query = conn.prepare("SELECT spent, credits_spent FROM spending WHERE key_hash = ?1").map_err(fail)?;
+            let mut tails = conn.prepare("SELECT entry FROM spend_log WHERE key_hash = ?1 ORDER BY seq DESC LIMIT 1").map_err(fail)?;
+            for (hash, account) in accounts.iter_mut() {
+                let row: Option<(i64, i64)> = query.query_row(params![hash], |row| Ok((row.get(0)?, row.get(1)?))).optional().map_err(fail)?;
+                let (spent, credits) = row.unwrap_or((0, 0));
+                account.spent = u64::try_from(spent).map_err(|_| corrupt(&format!("key {:?} has spent {spent} tokens", account.name)))?;
+                account.credits_spent = u64::try_from(credits).map_err(|_| corrupt(&format!("key {:?} has spent {credits} micro-credits", account.name)))?;
+                let tail: Option<String> = tails.query_row(params![hash], |row| row.get(0)).optional().map_err(fail)?;
+                account.tail = tail.map(|t| serde_json::from_str(&t)).transpose().map_err(|e| corrupt(&format!("a spend log entry: {e}")))?;
+            }
+            // What each key and its descendants spent today, from the logs.
+            let since_ms = today() * 86_400_000;
+            let mut today_query = conn.prepare("SELECT key_hash, entry FROM spend_log WHERE time_ms >= ?1").map_err(fail)?;
+            let rows = today_query.query_map(params![since_ms as i64], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(fail)?;
+            for row in rows {
+                let (hash, entry) = row.map_err(fail)?;
+                let entry: SpendEntry = serde_json::from_str(&entry).map_err(|e| corrupt(&format!("a spend log entry: {e}")))?;
+                for h in chain_of(accounts, &hash) {
+                    if let Some(a) = accounts.get_mut(&h) {
+                        a.day_spent += entry.amount.micros();
+                    }
+                }
             }
         }
         self.ledger = Some(Mutex::new(conn));
         Ok(self)
     }
 
+    /// Sets the key that signs spend logs (the gateway's).
+    pub fn set_signer(&self, key: NodeKey) {
+        let _ = self.signer.set(key);
+    }
+
     fn accounts(&self) -> std::sync::MutexGuard<'_, HashMap<String, Account>> {
         self.accounts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Checks the `Authorization` header and the key's rate; counts the
-    /// request. (The budget is checked when the request reserves tokens.)
+    fn db(&self, write: impl FnOnce(&Connection) -> rusqlite::Result<()>) {
+        if let Some(ledger) = &self.ledger
+            && let Err(e) = write(&ledger.lock().unwrap_or_else(|e| e.into_inner()))
+        {
+            tracing::warn!(error = %e, "cannot write to the keys' store");
+        }
+    }
+
+    /// Checks the `Authorization` header, that neither the key nor an
+    /// ancestor is revoked or expired, and the key's rate; counts the
+    /// request. (Budgets are checked when the request reserves.)
     pub fn admit(&self, authorization: Option<&str>) -> Result<Caller, ApiError> {
         let token = authorization
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
             .ok_or_else(|| ApiError::Unauthorized("missing API key: send `Authorization: Bearer KEY`".into()))?;
+        let hash = key_hash(token);
         let mut accounts = self.accounts();
-        let account = accounts.get_mut(token).ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
+        if !accounts.contains_key(&hash) {
+            return Err(ApiError::Unauthorized("invalid API key".into()));
+        }
+        let now = now_secs();
+        for (i, h) in chain_of(&accounts, &hash).iter().enumerate() {
+            let a = &accounts[h];
+            let whose = if i == 0 { "this API key".to_string() } else { format!("its parent key {:?}", a.name) };
+            if a.revoked {
+                return Err(ApiError::Unauthorized(format!("{whose} was revoked")));
+            }
+            if a.spec.expires_at.is_some_and(|t| t <= now) {
+                return Err(ApiError::Unauthorized(format!("{whose} has expired")));
+            }
+        }
+        let account = accounts.get_mut(&hash).expect("checked above");
         if let Some(budget) = account.spec.token_budget
             && account.spent >= budget
         {
-            return Err(ApiError::RateLimited { message: format!("this key has spent its budget of {budget} tokens"), code: "insufficient_quota" });
+            return Err(quota(format!("this key has spent its budget of {budget} tokens")));
         }
         if let Some(rpm) = account.spec.requests_per_minute {
             let rpm = f64::from(rpm);
@@ -241,72 +441,322 @@ impl KeyStore {
             }
             account.bucket -= 1.0;
         }
-        Ok(Caller { key: token.to_string(), name: account.name.clone() })
+        Ok(Caller { key: hash, name: account.name.clone() })
+    }
+
+    /// Whether `caller` and its ancestors may use the model named by any
+    /// of `names` (its alias, its id); 403 `model_not_allowed` otherwise.
+    pub fn check_model(&self, caller: &Caller, names: &[&str]) -> Result<(), ApiError> {
+        let accounts = self.accounts();
+        for h in chain_of(&accounts, &caller.key) {
+            if let Some(models) = &accounts[&h].spec.models
+                && !models.iter().any(|m| names.iter().any(|n| n == m))
+            {
+                return Err(ApiError::Forbidden {
+                    message: format!("this key may use only {}", models.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")),
+                    code: "model_not_allowed",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The lowest `max_price` of `caller` and its ancestors.
+    pub fn max_price(&self, caller: &Caller) -> Option<Credits> {
+        let accounts = self.accounts();
+        chain_of(&accounts, &caller.key).iter().filter_map(|h| accounts[h].spec.max_price).min()
+    }
+
+    /// The account `caller` pays from in the books: its root's name, when
+    /// the root is prepaid.
+    pub fn payer(&self, caller: &Caller) -> Option<String> {
+        let accounts = self.accounts();
+        let root = chain_of(&accounts, &caller.key).pop()?;
+        let root = &accounts[&root];
+        root.spec.prepaid.then(|| root.name.clone())
+    }
+
+    /// Whether `caller`'s key pays in credits.
+    pub fn prepaid(&self, caller: &Caller) -> bool {
+        self.payer(caller).is_some()
     }
 
     /// Tokens `caller` may still reserve (`None`: no budget).
     pub fn available(&self, caller: &Caller) -> Option<u64> {
         let accounts = self.accounts();
-        let account = accounts.get(&caller.key)?;
-        account.spec.token_budget.map(|b| b.saturating_sub(account.spent + account.reserved))
+        chain_of(&accounts, &caller.key)
+            .iter()
+            .filter_map(|h| {
+                let a = &accounts[h];
+                a.spec.token_budget.map(|b| b.saturating_sub(a.spent + a.reserved))
+            })
+            .min()
     }
 
-    /// Holds `tokens` of `caller`'s budget for one request, or refuses with
-    /// 429 `insufficient_quota` when they are not left.
+    /// Holds `tokens` of `caller`'s budget (and every ancestor's) for one
+    /// request, or refuses with 429 `insufficient_quota`.
     pub fn reserve(self: &Arc<Self>, caller: &Caller, tokens: u64) -> Result<Reservation, ApiError> {
         let mut accounts = self.accounts();
-        let account = accounts.get_mut(&caller.key).ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
-        if let Some(budget) = account.spec.token_budget {
-            let left = budget.saturating_sub(account.spent + account.reserved);
-            if tokens > left {
-                return Err(ApiError::RateLimited {
-                    message: format!(
-                        "this request may use up to {tokens} tokens and this key has {left} left of its budget of {budget} (lower max_tokens or n)"
-                    ),
-                    code: "insufficient_quota",
-                });
+        let chain = chain_of(&accounts, &caller.key);
+        if chain.is_empty() {
+            return Err(ApiError::Unauthorized("invalid API key".into()));
+        }
+        for (i, h) in chain.iter().enumerate() {
+            let a = &accounts[h];
+            if let Some(budget) = a.spec.token_budget {
+                let left = budget.saturating_sub(a.spent + a.reserved);
+                if tokens > left {
+                    let whose = if i == 0 { "this key".to_string() } else { format!("its parent key {:?}", a.name) };
+                    return Err(quota(format!(
+                        "this request may use up to {tokens} tokens and {whose} has {left} left of its budget of {budget} (lower max_tokens or n)"
+                    )));
+                }
             }
         }
-        account.reserved += tokens;
-        Ok(Reservation { store: Arc::clone(self), caller: caller.clone(), held: Mutex::new(tokens) })
+        for h in &chain {
+            if let Some(a) = accounts.get_mut(h) {
+                a.reserved += tokens;
+            }
+        }
+        Ok(Reservation { store: Arc::clone(self), caller: caller.clone(), chain, held: Mutex::new(tokens) })
     }
 
-    /// Adds `tokens` to what `caller` spent (and to the store, if any).
-    fn charge(&self, caller: &Caller, tokens: u64) {
-        if let Some(account) = self.accounts().get_mut(&caller.key) {
-            account.spent += tokens;
-        }
-        if let Some(ledger) = &self.ledger {
-            let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
-            let written = ledger.lock().unwrap_or_else(|e| e.into_inner()).execute(
-                "INSERT INTO spending (key_hash, name, spent) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (key_hash) DO UPDATE SET spent = spent + excluded.spent, name = excluded.name",
-                params![key_hash(&caller.key), caller.name, tokens],
-            );
-            if let Err(e) = written {
-                tracing::warn!(key = %caller.name, error = %e, "cannot record spending in the store");
+    /// Holds `amount` of `caller`'s credit limits (its own and every
+    /// ancestor's, in all and today) for one request, or refuses with 429
+    /// `insufficient_quota`.
+    pub fn reserve_credits(self: &Arc<Self>, caller: &Caller, amount: Credits) -> Result<CreditReservation, ApiError> {
+        let mut accounts = self.accounts();
+        let chain = chain_of(&accounts, &caller.key);
+        let micros = amount.micros();
+        for (i, h) in chain.iter().enumerate() {
+            let a = accounts.get_mut(h).expect("in the chain");
+            let whose = if i == 0 { "this key".to_string() } else { format!("its parent key {:?}", a.name) };
+            let busy = a.credits_reserved;
+            if let Some(cap) = a.spec.credits {
+                let left = cap.micros().saturating_sub(a.credits_spent + busy);
+                if micros > left {
+                    return Err(quota(format!(
+                        "this request may cost up to {amount} credits and {whose} has {} left of its {cap}",
+                        Credits::from_micros(left)
+                    )));
+                }
+            }
+            if let Some(daily) = a.spec.daily_limit {
+                let left = daily.micros().saturating_sub(a.spent_today() + busy);
+                if micros > left {
+                    return Err(quota(format!(
+                        "this request may cost up to {amount} credits and {whose} has {} left of its daily limit of {daily}",
+                        Credits::from_micros(left)
+                    )));
+                }
             }
         }
+        for h in &chain {
+            if let Some(a) = accounts.get_mut(h) {
+                a.credits_reserved += micros;
+            }
+        }
+        Ok(CreditReservation { store: Arc::clone(self), chain, held: Mutex::new(micros) })
+    }
+
+    /// Adds `tokens` to what `chain` spent (and to the store, if any).
+    fn charge(&self, chain: &[String], tokens: u64, micros: u64) {
+        let mut rows = Vec::new();
+        {
+            let mut accounts = self.accounts();
+            for h in chain {
+                if let Some(a) = accounts.get_mut(h) {
+                    a.spent += tokens;
+                    a.credits_spent += micros;
+                    a.spent_today();
+                    a.day_spent += micros;
+                    rows.push((h.clone(), a.name.clone()));
+                }
+            }
+        }
+        let (tokens, micros) = (i64::try_from(tokens).unwrap_or(i64::MAX), i64::try_from(micros).unwrap_or(i64::MAX));
+        self.db(|db| {
+            for (hash, name) in &rows {
+                db.execute(
+                    "INSERT INTO spending (key_hash, name, spent, credits_spent) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (key_hash) DO UPDATE SET spent = spent + excluded.spent, credits_spent = credits_spent + excluded.credits_spent, name = excluded.name",
+                    params![hash, name, tokens, micros],
+                )?;
+            }
+            Ok(())
+        });
+    }
+
+    /// Appends a charge to `caller`'s spend log (signed by the gateway's
+    /// key; nothing without one).
+    pub fn log_charge(&self, caller: &Caller, mut charge: Charge) {
+        let Some(signer) = self.signer.get() else { return };
+        let mut accounts = self.accounts();
+        let Some(account) = accounts.get_mut(&caller.key) else { return };
+        if charge.balance_after.is_none()
+            && let Some(cap) = account.spec.credits
+        {
+            charge.balance_after = Some(cap.saturating_sub(Credits::from_micros(account.credits_spent)));
+        }
+        let entry =
+            SpendEntry::sign(signer, &account.name, account.tail.as_ref(), (now_secs() * 1000).max(account.tail.as_ref().map_or(0, |t| t.time_ms)), charge);
+        account.tail = Some(entry.clone());
+        drop(accounts);
+        match &self.ledger {
+            Some(_) => self.db(|db| {
+                let json = serde_json::to_string(&entry).unwrap_or_default();
+                db.execute(
+                    "INSERT INTO spend_log (key_hash, seq, time_ms, entry) VALUES (?1, ?2, ?3, ?4)",
+                    params![caller.key, entry.seq as i64, entry.time_ms as i64, json],
+                )
+                .map(drop)
+            }),
+            None => self.memory_logs.lock().unwrap_or_else(|e| e.into_inner()).entry(caller.key.clone()).or_default().push(entry),
+        }
+    }
+
+    /// `caller`'s spend log with a freshly signed head.
+    pub fn spend_log(&self, caller: &Caller) -> Result<SpendLog, ApiError> {
+        let signer = self.signer.get().ok_or_else(|| ApiError::Internal("this gateway keeps no spend logs".into()))?;
+        let entries: Vec<SpendEntry> = match &self.ledger {
+            Some(ledger) => {
+                let db = ledger.lock().unwrap_or_else(|e| e.into_inner());
+                let read = || -> rusqlite::Result<Vec<String>> {
+                    let mut query = db.prepare("SELECT entry FROM spend_log WHERE key_hash = ?1 ORDER BY seq")?;
+                    query.query_map(params![caller.key], |r| r.get::<_, String>(0))?.collect()
+                };
+                let rows = read().map_err(|e| ApiError::Internal(format!("cannot read the spend log: {e}")))?;
+                rows.iter().map(|j| serde_json::from_str(j)).collect::<Result<_, _>>().map_err(|e| ApiError::Internal(format!("a spend log entry: {e}")))?
+            }
+            None => self.memory_logs.lock().unwrap_or_else(|e| e.into_inner()).get(&caller.key).cloned().unwrap_or_default(),
+        };
+        let head = SpendHead::sign(signer, &caller.name, &entries);
+        Ok(SpendLog { gateway: String::new(), entries, head })
+    }
+
+    /// Mints a child of `parent` with `spec`'s limits, each within the
+    /// parent's (a limit left out is the parent's); returns the new key.
+    pub fn mint(&self, parent: &Caller, mut spec: KeySpec) -> Result<(String, KeyStatus), ApiError> {
+        let key = format!("sk-hp-{}", hotpot_core::hex(&rand::random::<[u8; 24]>()));
+        let hash = key_hash(&key);
+        let name = {
+            let mut accounts = self.accounts();
+            let p = accounts.get_mut(&parent.key).ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
+            let name = spec.name.clone().unwrap_or_else(|| format!("{}.{}", p.name, &hash[..6]));
+            if !valid_name(&name) {
+                return Err(ApiError::bad_param("name", "a key's name is 1 to 64 characters without ':', '/', spaces or control characters"));
+            }
+            let ps = &p.spec;
+            if let Some(cap) = ps.credits {
+                let left = Credits::from_micros(cap.micros().saturating_sub(p.credits_spent + p.credits_reserved));
+                match spec.credits {
+                    Some(c) if c > left => return Err(exceeds(format!("credits {c} is more than the {left} this key has left"))),
+                    None => spec.credits = Some(left),
+                    _ => {}
+                }
+            }
+            fn within<T: PartialOrd + Copy + std::fmt::Display>(what: &str, child: &mut Option<T>, parent: Option<T>) -> Result<(), ApiError> {
+                match (*child, parent) {
+                    (Some(c), Some(p)) if c > p => Err(exceeds(format!("{what} {c} is more than this key's {p}"))),
+                    (None, Some(p)) => {
+                        *child = Some(p);
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            }
+            within("daily_limit", &mut spec.daily_limit, ps.daily_limit)?;
+            within("max_price", &mut spec.max_price, ps.max_price)?;
+            within("expires_at", &mut spec.expires_at, ps.expires_at)?;
+            within("requests_per_minute", &mut spec.requests_per_minute, ps.requests_per_minute)?;
+            let tokens_left = ps.token_budget.map(|b| b.saturating_sub(p.spent + p.reserved));
+            within("token_budget", &mut spec.token_budget, tokens_left)?;
+            match (&spec.models, &ps.models) {
+                (Some(child), Some(parent)) if !child.iter().all(|m| parent.contains(m)) => {
+                    return Err(exceeds(format!("models {child:?} are not all among this key's {parent:?}")));
+                }
+                (None, Some(parent)) => spec.models = Some(parent.clone()),
+                _ => {}
+            }
+            if spec.expires_at.is_some_and(|t| t <= now_secs()) {
+                return Err(ApiError::bad_param("expires_at", "expires_at is in the past"));
+            }
+            // The root pays; a child is never prepaid itself.
+            spec.prepaid = false;
+            spec.key = String::new();
+            spec.name = Some(name.clone());
+            if accounts.values().any(|a| a.name == name) {
+                return Err(ApiError::bad_param("name", format!("a key named {name:?} exists already")));
+            }
+            accounts.insert(hash.clone(), Account::new(spec.clone(), name.clone(), Some(parent.key.clone())));
+            name
+        };
+        let json = serde_json::to_string(&spec).unwrap_or_default();
+        self.db(|db| {
+            db.execute(
+                "INSERT INTO children (key_hash, parent_hash, name, spec, revoked, created_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+                params![hash, parent.key, name, json, (now_secs() * 1000) as i64],
+            )
+            .map(drop)
+        });
+        let caller = Caller { key: hash, name };
+        let status = self.status(&caller).ok_or_else(|| ApiError::Internal("the new key vanished".into()))?;
+        Ok((key, status))
+    }
+
+    /// Revokes the key named `name` (and with it its descendants): `caller`
+    /// must be that key or one of its ancestors.
+    pub fn revoke(&self, caller: &Caller, name: &str) -> Result<(), ApiError> {
+        let hash = {
+            let mut accounts = self.accounts();
+            let target = accounts.iter().find(|(_, a)| a.name == name).map(|(h, _)| h.clone());
+            let allowed = target.as_ref().is_some_and(|t| chain_of(&accounts, t).contains(&caller.key));
+            let (Some(target), true) = (target, allowed) else {
+                return Err(ApiError::NotFound { message: format!("this key has no descendant named {name:?}"), code: "key_not_found" });
+            };
+            if let Some(a) = accounts.get_mut(&target) {
+                a.revoked = true;
+            }
+            target
+        };
+        self.db(|db| db.execute("UPDATE children SET revoked = 1 WHERE key_hash = ?1", params![hash]).map(drop));
+        if self.accounts().get(&hash).is_some_and(|a| a.parent.is_none()) {
+            tracing::warn!(key = name, "a key of the keys file was revoked until the gateway restarts (remove it from the file to revoke it for good)");
+        }
+        Ok(())
     }
 
     /// The state of `caller`'s key.
     pub fn status(&self, caller: &Caller) -> Option<KeyStatus> {
-        let accounts = self.accounts();
-        let a = accounts.get(&caller.key)?;
+        let mut accounts = self.accounts();
+        let parent = accounts.get(&caller.key)?.parent.as_ref().and_then(|p| accounts.get(p)).map(|p| p.name.clone());
+        let a = accounts.get_mut(&caller.key)?;
+        let today = a.spent_today();
+        let c = |m: u64| Credits::from_micros(m).to_string();
+        let s = &a.spec;
         Some(KeyStatus {
             name: a.name.clone(),
-            token_budget: a.spec.token_budget,
+            parent,
+            token_budget: s.token_budget,
             spent: a.spent,
             reserved: a.reserved,
-            remaining: a.spec.token_budget.map(|b| b.saturating_sub(a.spent + a.reserved)),
+            remaining: s.token_budget.map(|b| b.saturating_sub(a.spent + a.reserved)),
+            credits_spent: c(a.credits_spent),
+            credits_reserved: c(a.credits_reserved),
+            credits_remaining: s.credits.map(|cap| c(cap.micros().saturating_sub(a.credits_spent + a.credits_reserved))),
+            spent_today: c(today),
+            limits: Limits {
+                credits: s.credits.map(|x| x.to_string()),
+                daily_limit: s.daily_limit.map(|x| x.to_string()),
+                models: s.models.clone(),
+                max_price: s.max_price.map(|x| x.to_string()),
+                expires_at: s.expires_at,
+                requests_per_minute: s.requests_per_minute,
+            },
+            pays_from: None,
             credits: None,
             credits_held: None,
         })
-    }
-
-    /// Whether `caller`'s key pays in credits.
-    pub fn prepaid(&self, caller: &Caller) -> bool {
-        self.accounts().get(&caller.key).is_some_and(|a| a.spec.prepaid)
     }
 
     /// `(name, spent)` for every key.
@@ -317,13 +767,28 @@ impl KeyStore {
     }
 }
 
-/// Tokens a request holds against a key's budget. Sessions settle what they
-/// used with [`Reservation::settle`]; whatever is still held when the last
-/// session lets go of it is released.
+/// `hash` and its ancestors, nearest first (empty for an unknown key).
+fn chain_of(accounts: &HashMap<String, Account>, hash: &str) -> Vec<String> {
+    let mut chain = Vec::new();
+    let mut at = accounts.get(hash).map(|_| hash.to_string());
+    while let Some(h) = at {
+        if chain.contains(&h) {
+            break;
+        }
+        at = accounts.get(&h).and_then(|a| a.parent.clone());
+        chain.push(h);
+    }
+    chain
+}
+
+/// Tokens a request holds against a key's budget (and its ancestors').
+/// Sessions settle what they used with [`Reservation::settle`]; whatever
+/// is still held when the last session lets go of it is released.
 #[derive(Debug)]
 pub struct Reservation {
     store: Arc<KeyStore>,
     caller: Caller,
+    chain: Vec<String>,
     held: Mutex<u64>,
 }
 
@@ -336,10 +801,15 @@ impl Reservation {
             *held -= released;
             released
         };
-        if let Some(account) = self.store.accounts().get_mut(&self.caller.key) {
-            account.reserved -= released.min(account.reserved);
+        {
+            let mut accounts = self.store.accounts();
+            for h in &self.chain {
+                if let Some(a) = accounts.get_mut(h) {
+                    a.reserved -= released.min(a.reserved);
+                }
+            }
         }
-        self.store.charge(&self.caller, tokens);
+        self.store.charge(&self.chain, tokens, 0);
     }
 
     pub fn caller(&self) -> &Caller {
@@ -350,8 +820,54 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         let held = *self.held.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Some(account) = self.store.accounts().get_mut(&self.caller.key) {
-            account.reserved -= held.min(account.reserved);
+        let mut accounts = self.store.accounts();
+        for h in &self.chain {
+            if let Some(a) = accounts.get_mut(h) {
+                a.reserved -= held.min(a.reserved);
+            }
+        }
+    }
+}
+
+/// Credits a request holds against its key's credit limits (and its
+/// ancestors'); released like [`Reservation`].
+#[derive(Debug)]
+pub struct CreditReservation {
+    store: Arc<KeyStore>,
+    chain: Vec<String>,
+    held: Mutex<u64>,
+}
+
+impl CreditReservation {
+    /// Charges `amount` to the key and its ancestors.
+    pub fn settle(&self, amount: Credits) {
+        let micros = amount.micros();
+        let released = {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            let released = micros.min(*held);
+            *held -= released;
+            released
+        };
+        {
+            let mut accounts = self.store.accounts();
+            for h in &self.chain {
+                if let Some(a) = accounts.get_mut(h) {
+                    a.credits_reserved -= released.min(a.credits_reserved);
+                }
+            }
+        }
+        self.store.charge(&self.chain, 0, micros);
+    }
+}
+
+impl Drop for CreditReservation {
+    fn drop(&mut self) {
+        let held = *self.held.get_mut().unwrap_or_else(|e| e.into_inner());
+        let mut accounts = self.store.accounts();
+        for h in &self.chain {
+            if let Some(a) = accounts.get_mut(h) {
+                a.credits_reserved -= held.min(a.credits_reserved);
+            }
         }
     }
 }
@@ -379,15 +895,21 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), KeysError> {
     if version > SCHEMA_VERSION {
         return Err(KeysError::Version { path: path.to_path_buf(), found: version });
     }
-    conn.execute_batch(
+    let add_credits = if version >= 1 && version < 3 { "ALTER TABLE spending ADD COLUMN credits_spent INTEGER NOT NULL DEFAULT 0;" } else { "" };
+    conn.execute_batch(&format!(
         "BEGIN;
-         CREATE TABLE IF NOT EXISTS spending (key_hash TEXT PRIMARY KEY, name TEXT NOT NULL, spent INTEGER NOT NULL);
-         INSERT INTO meta (key, value) VALUES ('schema_version', 2) ON CONFLICT (key) DO UPDATE SET value = 2;
-         COMMIT;",
-    )
+         CREATE TABLE IF NOT EXISTS spending (key_hash TEXT PRIMARY KEY, name TEXT NOT NULL, spent INTEGER NOT NULL, credits_spent INTEGER NOT NULL DEFAULT 0);
+         {add_credits}
+         CREATE TABLE IF NOT EXISTS children (key_hash TEXT PRIMARY KEY, parent_hash TEXT NOT NULL, name TEXT NOT NULL UNIQUE, spec TEXT NOT NULL,
+             revoked INTEGER NOT NULL DEFAULT 0, created_ms INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS spend_log (key_hash TEXT NOT NULL, seq INTEGER NOT NULL, time_ms INTEGER NOT NULL, entry TEXT NOT NULL,
+             PRIMARY KEY (key_hash, seq));
+         INSERT INTO meta (key, value) VALUES ('schema_version', 3) ON CONFLICT (key) DO UPDATE SET value = 3;
+         COMMIT;"
+    ))
     .map_err(fail)?;
-    if version == 1 {
-        tracing::info!(store = %path.display(), "migrated the spending store from schema version 1 to 2");
+    if (1..SCHEMA_VERSION).contains(&version) {
+        tracing::info!(store = %path.display(), from = version, to = SCHEMA_VERSION, "migrated the spending store");
     }
     Ok(())
 }

@@ -27,6 +27,7 @@ pub mod route;
 mod service;
 pub mod session;
 pub mod speculate;
+pub mod spend;
 
 pub use api::router;
 pub use audit::{AuditConfig, Auditor, LocalExecutor};
@@ -36,7 +37,7 @@ pub use chain::{
 pub use directory::{Directory, NodeRecord, SharedDirectory};
 pub use error::ApiError;
 pub use http::{HttpLimits, serve};
-pub use keys::{Caller, KeyStatus, KeyStore, KeysError, Ledger, Reservation};
+pub use keys::{Caller, CreditReservation, KeySpec, KeyStatus, KeyStore, KeysError, Ledger, Limits, Reservation};
 pub use market::{Market, Penalty};
 pub use route::{Candidate, Hop, MissingBlocks, plan};
 pub use service::{Gateway, GatewayConfig, ServedModel};

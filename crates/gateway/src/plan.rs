@@ -118,6 +118,9 @@ pub(crate) struct ChatShape {
 /// Plans a chat completion.
 pub(crate) fn chat(gateway: &Gateway, caller: Option<Caller>, request: ChatRequest) -> Result<(RequestPlan, ChatShape), ApiError> {
     gateway.check_model(&request.model)?;
+    if let (Some(caller), Some(keys)) = (&caller, &gateway.config.keys) {
+        keys.check_model(caller, &[&request.model, &gateway.model.name, &gateway.model.id.to_full_string()])?;
+    }
     if request.messages.is_empty() {
         return Err(ApiError::bad_param("messages", "messages must not be empty"));
     }
@@ -233,6 +236,9 @@ fn too_long(param: &str, context: usize, what: &str) -> ApiError {
 /// Plans a (legacy) completion: one or more prompts, `n` choices each.
 pub(crate) fn completions(gateway: &Gateway, caller: Option<Caller>, request: CompletionRequest) -> Result<(RequestPlan, CompletionShape), ApiError> {
     gateway.check_model(&request.model)?;
+    if let (Some(caller), Some(keys)) = (&caller, &gateway.config.keys) {
+        keys.check_model(caller, &[&request.model, &gateway.model.name, &gateway.model.id.to_full_string()])?;
+    }
     let tokenizer = gateway.client.tokenizer();
     let context = gateway.model.context;
     let max_tokens = request.max_tokens.unwrap_or(16) as usize;

@@ -15,7 +15,7 @@ use crate::audit::{AuditConfig, Auditor};
 use crate::chain::{ChainConfig, ChainContext, ChainEvent, Observer, RemoteChain};
 use crate::directory::SharedDirectory;
 use crate::error::ApiError;
-use crate::keys::{Caller, KeyStore, Reservation};
+use crate::keys::{Caller, CreditReservation, KeyStore, Reservation};
 use crate::market::{CreditHold, Market};
 use crate::metrics::{KeyLabels, Metrics};
 use crate::session::{ChoiceJob, EventSink, Finish, RecordSink, SessionContext, SessionEvent, SessionRecord, drive};
@@ -128,7 +128,15 @@ impl Gateway {
         if let Some(market) = &config.market {
             market.recover();
         }
+        if let Some(keys) = &config.keys {
+            keys.set_signer(network.key().clone());
+        }
         Arc::new(Self { model, client, network, directory, metrics, config, fingerprint, auditor, prep: crate::prep::Prep::start() })
+    }
+
+    /// This gateway's peer id (its public key).
+    pub fn peer_id(&self) -> String {
+        self.network.peer_id().to_string()
     }
 
     pub fn config(&self) -> &GatewayConfig {
@@ -233,13 +241,13 @@ impl Gateway {
             _ => None,
         };
         let cap = self.node_price_cap(&plan)?;
-        let credits = self.hold_credits(&plan, cap)?;
+        let (credits, credit_limits) = self.hold_credits(&plan, cap)?.unzip();
         let slots = Arc::new(tokio::sync::Semaphore::new(self.config.parallel_sessions.max(1)));
         let mut jobs = plan.jobs.into_iter();
         let first: Vec<ChoiceJob> = jobs.by_ref().take(self.config.parallel_sessions.max(1)).collect();
         let opened = futures::future::join_all(first.iter().map(|job| self.open_chain(self.session_len(job), false, cap))).await;
         let chains = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
-        let request = Arc::new(RequestRun { id: plan.id, caller: plan.caller, reservation, credits, started });
+        let request = Arc::new(RequestRun { id: plan.id, caller: plan.caller, reservation, credits, credit_limits, started });
         // Small buffers: a listener that leaves is noticed within a token or two.
         let (tx, rx) = mpsc::channel(4);
         for (job, chain) in first.into_iter().zip(chains) {
@@ -273,14 +281,16 @@ impl Gateway {
     }
 
     /// What the nodes of a route may ask together per 1,000 positions:
-    /// the request's price cap less the gateway's fee.
+    /// the lower of the request's and its key's price caps, less the
+    /// gateway's fee.
     fn node_price_cap(&self, plan: &RequestPlan) -> Result<Option<u64>, ApiError> {
-        let Some(cap) = plan.max_price else { return Ok(None) };
+        let key_cap = plan.caller.as_ref().zip(self.config.keys.as_ref()).and_then(|(c, keys)| keys.max_price(c));
+        let Some(cap) = [plan.max_price, key_cap].into_iter().flatten().min() else { return Ok(None) };
         let fee = self.config.market.as_ref().map_or(hotpot_core::Credits::ZERO, |m| m.fee_per_1k);
         match cap.checked_sub(fee) {
             Some(left) => Ok(Some(left.micros())),
             None => Err(ApiError::BadRequest {
-                message: format!("max_price {cap} is below this gateway's own fee of {fee} per 1,000 positions"),
+                message: format!("the price cap {cap} is below this gateway's own fee of {fee} per 1,000 positions"),
                 param: Some("hotpot.max_price".into()),
                 code: Some("max_price_too_low"),
             }),
@@ -290,20 +300,21 @@ impl Gateway {
     /// A prepaid key's request holds, in the books, the most it may cost:
     /// every session's prompt plus `max_tokens` through every node that
     /// could be on its route (a route uses each node at most once; at most
-    /// the request's price cap), plus the gateway's fee; refused (429 `insufficient_quota`) when the key
-    /// does not have it.
-    fn hold_credits(&self, plan: &RequestPlan, node_price_cap: Option<u64>) -> Result<Option<CreditHold>, ApiError> {
+    /// the request's price cap), plus the gateway's fee; refused (429
+    /// `insufficient_quota`) when the account it pays from (its root key's)
+    /// does not have it, or the key's credit limits (or an ancestor's) do
+    /// not allow it.
+    fn hold_credits(&self, plan: &RequestPlan, node_price_cap: Option<u64>) -> Result<Option<(CreditHold, CreditReservation)>, ApiError> {
         let (Some(caller), Some(market), Some(keys)) = (&plan.caller, &self.config.market, &self.config.keys) else { return Ok(None) };
-        if !keys.prepaid(caller) {
-            return Ok(None);
-        }
+        let Some(payer) = keys.payer(caller) else { return Ok(None) };
         let positions: u64 = plan.jobs.iter().map(|j| (j.prompt.len() + j.params.max_tokens) as u64).sum();
         let prices: u64 = self.directory.with(|d| d.usable(&self.model.id).iter().map(|r| r.info.price_per_1k).fold(0u64, u64::saturating_add));
         let prices = node_price_cap.map_or(prices, |cap| prices.min(cap));
         let per_1k = hotpot_core::Credits::from_micros(prices.saturating_add(market.fee_per_1k.micros()));
         let most =
             per_1k.per(1000, positions).ok_or_else(|| ApiError::BadRequest { message: "this request's cost overflows".into(), param: None, code: None })?;
-        market.hold(&caller.name, &plan.id, most).map(Some)
+        let limits = keys.reserve_credits(caller, most)?;
+        Ok(Some((market.hold(&payer, &plan.id, most)?, limits)))
     }
 
     /// Positions a session's route must hold.
@@ -337,13 +348,31 @@ impl Gateway {
         // The answer is complete: the nodes' receipts need not hold it up.
         drop((sink, tx));
         let receipts = chain.close_with_receipts(crate::market::receipts_for(self.network.key(), &outcome.record)).await;
-        if let Some(market) = &self.config.market {
-            market.settle(&outcome.record, &receipts, request.credits.as_ref());
+        let cost = self.config.market.as_ref().map_or(hotpot_core::Credits::ZERO, |m| m.settle(&outcome.record, &receipts, request.credits.as_ref()));
+        if let Some(limits) = &request.credit_limits {
+            limits.settle(cost);
         }
+        self.log_charge(request, &outcome.record, cost);
         self.on_record(&outcome.record, reservation);
         if let (Some(auditor), Some(transcripts)) = (&self.auditor, transcripts) {
             auditor.after_session(transcripts);
         }
+    }
+
+    /// Appends a finished session's charge to its key's spend log.
+    fn log_charge(&self, request: &RequestRun, record: &SessionRecord, cost: hotpot_core::Credits) {
+        let (Some(caller), Some(keys)) = (&request.caller, &self.config.keys) else { return };
+        let balance_after =
+            keys.payer(caller).zip(self.config.market.as_ref()).and_then(|(payer, market)| market.books.balance(&hotpot_ledger::Account::Key(payer)).ok());
+        let charge = crate::spend::Charge {
+            session: record.id.clone(),
+            model: record.model.clone(),
+            positions: record.route.iter().map(|s| s.positions as u64).max().unwrap_or(0),
+            tokens: record.billed_tokens(),
+            amount: cost,
+            balance_after,
+        };
+        keys.log_charge(caller, charge);
     }
 
     /// A finished session's record: billing, metrics, the other sinks.
@@ -381,8 +410,10 @@ struct RequestRun {
     id: String,
     caller: Option<Caller>,
     reservation: Option<Reservation>,
-    /// A prepaid key's credits held for the request.
+    /// A prepaid key's credits held for the request in the books.
     credits: Option<CreditHold>,
+    /// The same amount held against the key's credit limits.
+    credit_limits: Option<CreditReservation>,
     started: Instant,
 }
 
