@@ -591,3 +591,64 @@ fn an_accusation_flood_with_rotating_ids_is_capped() {
     );
     assert!(text(&out.stdout).contains("Paris"), "{}", text(&out.stdout));
 }
+
+/// Receipts (issue 13): a node countersigns only the receipt that matches
+/// the session as it ran it, signed by the session's opener; a forged,
+/// miscounted, mispriced or foreign one gets a clear error and the session
+/// stays usable.
+#[test]
+fn receipts_are_countersigned_only_when_they_match() {
+    use hotpot_core::{Credits, Receipt, commitments_root};
+    let _serial = serial();
+    let node = NodeProc::start("0..20", None, &["--price", "2"]);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let gateway = client(&node.addr).await;
+        let stranger = client(&node.addr).await;
+        let peer: PeerId = node.peer_id.parse().expect("peer id");
+        let model = gateway.query_info(peer, T).await.expect("info").model;
+        let (id, span) = (SessionId::random(), LayerSpan::new(0, 20).expect("span"));
+        let mut s = stream(&gateway, peer).await;
+        assert!(matches!(ask(&mut s, open(id, model, (0, 20))).await, Some(NodeMessage::Opened { .. })));
+        let answer = ask(&mut s, step(id, 0, 3, DIM)).await;
+        let Some(NodeMessage::Output { commitment, .. }) = answer else { panic!("no output: {answer:?}") };
+        let root = commitments_root([commitment.as_ref()]);
+        let node_id = node_id_of(&peer).expect("node id");
+        let receipt = |key: &NodeKey, positions: u64, price: Credits, root: [u8; 32]| {
+            Receipt::sign(key, id, model, node_id, span, positions, price, root, 1_700_000_000_000)
+        };
+        let two = Credits::from_credits(2).expect("fits");
+        let send = |r: Receipt| ClientMessage::Receipt(Box::new(r));
+        let refused = [
+            ("signed by another key than the opener", receipt(stranger.key(), 3, two, root)),
+            ("one position too many", receipt(gateway.key(), 4, two, root)),
+            ("another price", receipt(gateway.key(), 3, Credits::from_credits(1).expect("fits"), root)),
+            ("other commitments", receipt(gateway.key(), 3, two, [0; 32])),
+            ("an amount changed after signing", {
+                let mut r = receipt(gateway.key(), 3, two, root);
+                r.amount = Credits::from_micros(r.amount.micros() + 1);
+                r
+            }),
+        ];
+        for (what, r) in refused {
+            assert_eq!(code(ask(&mut s, send(r)).await), Some(ErrorCode::BadReceipt), "{what}");
+        }
+        let mut other_session = receipt(gateway.key(), 3, two, root);
+        other_session.session = SessionId::random();
+        assert_eq!(code(ask(&mut s, send(other_session)).await), Some(ErrorCode::NotYourSession));
+        // The session still works, and the receipt that matches it (every
+        // commitment the node signed, in order) is countersigned.
+        let answer = ask(&mut s, step(id, 3, 1, DIM)).await;
+        let Some(NodeMessage::Output { commitment: second, .. }) = answer else { panic!("no output: {answer:?}") };
+        let stale = receipt(gateway.key(), 4, two, root);
+        assert_eq!(code(ask(&mut s, send(stale)).await), Some(ErrorCode::BadReceipt), "the root must cover both commitments");
+        let mut right = receipt(gateway.key(), 4, two, commitments_root([commitment.as_ref(), second.as_ref()]));
+        let answer = ask(&mut s, send(right.clone())).await;
+        let Some(NodeMessage::Countersigned { signature }) = answer else { panic!("not countersigned: {answer:?}") };
+        right.node_signature = Some(signature);
+        right.check_countersigned().expect("the countersignature is the node's");
+        assert_eq!(right.amount, Credits::from_micros(8_000), "4 positions at 2 credits per 1,000: 0.008");
+        gateway.shutdown().await;
+        stranger.shutdown().await;
+    });
+}

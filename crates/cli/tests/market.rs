@@ -94,12 +94,31 @@ fn nodes_are_paid_their_price_for_the_positions_they_computed() {
     let (status, answer) = post(url, "/chat/completions", "sk-bob", &chat);
     assert_eq!((status, answer["error"]["code"].as_str()), (429, Some("insufficient_quota")), "{answer}");
     assert!(answer["error"]["message"].as_str().unwrap_or_default().contains("credits"), "{answer}");
+    // Prices: /v1/models shows the cheapest full route plus the fee (1 + 2
+    // + 3 + 0.5); a request capped below it is refused before anything
+    // runs, one capped above it is served; a malformed cap is a 400.
+    let out = Command::new("curl").args(["-s", "-H", "Authorization: Bearer sk-alice", &format!("{url}/models")]).output().expect("curl runs");
+    let models: Value = serde_json::from_str(&text(&out.stdout)).expect("json");
+    assert_eq!(models["data"][0]["hotpot"]["price_per_1k"], "6.5", "{models}");
+    let capped = |cap: Value| {
+        let mut body = chat.clone();
+        body["hotpot"] = serde_json::json!({"max_price": cap});
+        post(url, "/chat/completions", "sk-alice", &body)
+    };
+    let (status, answer) = capped(Value::from(5));
+    assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("max_price_too_low")), "{answer}");
+    for bad in [Value::from("lots"), Value::from(-1), serde_json::json!([1])] {
+        let (status, answer) = capped(bad.clone());
+        assert_eq!(status, 400, "max_price {bad}: {answer}");
+    }
+    let (status, answer) = capped(Value::from("7"));
+    assert_eq!(status, 200, "{answer}");
 
     // What the sessions did, as the gateway recorded them (every session
     // is recorded before its request's hold is released).
     holds_released(url, "sk-alice");
     let records: Vec<Value> = std::fs::read_to_string(&log).expect("session log").lines().map(|l| serde_json::from_str(l).expect("json")).collect();
-    assert_eq!(records.len(), 5, "1 chat + 2 prompts × 2 choices");
+    assert_eq!(records.len(), 6, "2 chats + 2 prompts × 2 choices");
     let mut paid: HashMap<String, i128> = HashMap::new();
     let mut fees = 0;
     for record in &records {
@@ -157,7 +176,7 @@ fn nodes_are_paid_their_price_for_the_positions_they_computed() {
     let gateway_receipts = dir.path().join("receipts.sqlite");
     let kept = export(&["--store", gateway_receipts.to_str().expect("utf-8")]);
     let receipts = kept["receipts"].as_array().expect("receipts");
-    assert_eq!(receipts.len(), 15, "5 sessions × 3 stages");
+    assert_eq!(receipts.len(), 18, "6 sessions × 3 stages");
     assert!(receipts.iter().all(|r| r["holder"] == "gateway" && r["node_signature"].is_string()), "all countersigned: {kept}");
     // What the nodes themselves kept (their default store, shared by every node of this machine).
     let on_nodes = export(&[]);
