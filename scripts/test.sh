@@ -16,7 +16,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${missing[@]}"
 fi
 # The gateway tests use the official OpenAI client.
-python3 -m pip install -q --disable-pip-version-check openai
+python3 -m pip install -q --disable-pip-version-check openai jsonschema
 
 # One build for everything, with the red team's cheating nodes (feature
 # `redteam`) that the verification tests need.

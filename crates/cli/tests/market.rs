@@ -398,7 +398,7 @@ fn keys_an_agent_can_carry() {
         "1",
     ]);
     let peer = gateway.stdout.iter().find_map(|l| l.strip_prefix("gateway peer id: ")).expect("the gateway prints its peer id").to_string();
-    let out = python("agent_keys.py", &[&format!("{}", gateway.base_url), "sk-root", &peer, HOTPOT, dir.path().to_str().expect("utf-8")]);
+    let out = python("agent_keys.py", &[&gateway.base_url, "sk-root", &peer, HOTPOT, dir.path().to_str().expect("utf-8")]);
     let stdout = text(&out.stdout);
     println!("{stdout}");
     assert!(out.status.success() && stdout.contains("all agent key checks passed"), "{stdout}{}", text(&out.stderr));

@@ -381,7 +381,16 @@ fn a_convicted_node_loses_its_stake_and_its_receipts() {
     ledger_cmd(&["stake", &spare.peer_id, "20"]);
     let answer = ask();
     assert!(answer.contains("\"choices\""), "{answer}");
-    let books: serde_json::Value = serde_json::from_str(&ledger_cmd(&["--json"])).expect("json");
+    // The answer is out before its receipts are settled and its hold released.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let books = loop {
+        let books: serde_json::Value = serde_json::from_str(&ledger_cmd(&["--json"])).expect("json");
+        let holding = books["accounts"].as_array().expect("accounts").iter().any(|a| a["account"].as_str().is_some_and(|n| n.starts_with("held:")));
+        if !holding || Instant::now() > deadline {
+            break books;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let spare_earned = books["accounts"].as_array().expect("accounts").iter().any(|a| a["account"] == format!("node:{}", spare.peer_id).as_str());
     assert!(spare_earned, "the staked spare served the next request: {books}");
     let check = ledger_cmd(&["check"]);

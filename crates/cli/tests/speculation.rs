@@ -226,7 +226,8 @@ fn speculative_sampling_keeps_the_distribution() {
             stop: Vec::new(),
             logprobs: None,
         };
-        let job = ChoiceJob { index: 0, prompt: prompt.clone(), params, prompt_logprobs: None, bills_prompt: true, speculation: speculation.clone() };
+        let job =
+            ChoiceJob { index: 0, prompt: prompt.clone(), params, prompt_logprobs: None, bills_prompt: true, speculation: speculation.clone(), grammar: None };
         (job, SessionContext { id: format!("s{seed}"), caller: None, model: "smollm2-135m".into(), model_id })
     };
     // Sessions of `seeds` seeds in this process, or through `chain`.

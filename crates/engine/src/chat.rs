@@ -32,11 +32,20 @@ pub struct ChatPrompt {
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant's tool calls, as templates read them: `[{id, type,
+    /// function: {name, arguments}}]` with `arguments` a JSON object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool message's call id, and the tool's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self { role: role.into(), content: content.into(), tool_calls: None, tool_call_id: None, name: None }
     }
 }
 
@@ -45,6 +54,8 @@ pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// The template reads `tools` (it can offer functions to the model).
+    tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -71,7 +82,8 @@ impl ChatTemplate {
             strftime_date(&format, days as i64)
         });
         env.add_template_owned(NAME, source.to_string()).map_err(|e| ModelError::Template(e.to_string()))?;
-        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        let tools = source.contains("tools");
+        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string(), tools })
     }
 
     /// The template stored in `file`, if it has one.
@@ -82,15 +94,27 @@ impl ChatTemplate {
             .transpose()
     }
 
+    /// Whether the template can offer tools (it reads `tools`).
+    pub fn supports_tools(&self) -> bool {
+        self.tools
+    }
+
     /// Renders `messages`; with `add_generation_prompt` the text ends where
     /// the assistant's reply begins. A template that runs too long or
     /// writes far more than the messages hold is an error.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ModelError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`], offering `tools` (OpenAI's `tools` list).
+    pub fn render_with_tools(&self, messages: &[ChatMessage], tools: Option<&serde_json::Value>, add_generation_prompt: bool) -> Result<String, ModelError> {
         let template = self.env.get_template(NAME).map_err(|e| ModelError::Template(e.to_string()))?;
-        let content: usize = messages.iter().map(|m| m.content.len() + m.role.len()).sum();
+        let calls = |m: &ChatMessage| m.tool_calls.as_ref().map_or(0, |c| c.to_string().len());
+        let content: usize = messages.iter().map(|m| m.content.len() + m.role.len() + calls(m)).sum::<usize>() + tools.map_or(0, |t| t.to_string().len());
         let mut out = Capped { bytes: Vec::new(), cap: 2 * content + OUTPUT_SLACK };
         let context = minijinja::context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
@@ -110,15 +134,26 @@ impl ChatTemplate {
     /// time with every control token inside a message masked, and control
     /// tokens are recognised only where that rendering still has them.
     pub fn prompt(&self, tokenizer: &Tokenizer, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<ChatPrompt, ModelError> {
-        let text = self.render(messages, add_generation_prompt)?;
+        self.prompt_with_tools(tokenizer, messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::prompt`], offering `tools`.
+    pub fn prompt_with_tools(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<ChatPrompt, ModelError> {
+        let text = self.render_with_tools(messages, tools, add_generation_prompt)?;
         let masked: Vec<Option<String>> = messages.iter().map(|m| tokenizer.mask_control_tokens(&m.content)).collect();
         if masked.iter().all(Option::is_none) {
             let tokens = tokenizer.encode(&text)?;
             return Ok(ChatPrompt { text, tokens });
         }
         let shadow: Vec<ChatMessage> =
-            messages.iter().zip(masked).map(|(m, masked)| ChatMessage { role: m.role.clone(), content: masked.unwrap_or_else(|| m.content.clone()) }).collect();
-        let shadow = self.render(&shadow, add_generation_prompt)?;
+            messages.iter().zip(masked).map(|(m, masked)| ChatMessage { content: masked.unwrap_or_else(|| m.content.clone()), ..m.clone() }).collect();
+        let shadow = self.render_with_tools(&shadow, tools, add_generation_prompt)?;
         if shadow.len() != text.len() {
             return Err(ModelError::Template(
                 "a message contains a control token's text, and this model's chat template changes messages in a way that cannot keep it as plain text; remove it".into(),

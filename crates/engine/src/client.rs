@@ -7,6 +7,7 @@ use crate::error::{ForwardError, ModelError};
 use crate::kernels::{MatmulInput, Matrix, matmul, ops};
 use crate::model::{ModelConfig, ModelFile};
 use crate::profile::{self, Phase};
+use crate::sampling::SamplingParams;
 use crate::span::{Device, HiddenStates};
 use crate::tokenizer::Tokenizer;
 
@@ -19,6 +20,8 @@ pub struct ClientParts {
     /// `None` when the head is tied to the embedding table.
     output: Option<Matrix>,
     device: Device,
+    /// What the model file recommends for sampling.
+    sampling: SamplingParams,
 }
 
 impl std::fmt::Debug for ClientParts {
@@ -40,6 +43,7 @@ impl ClientParts {
             output,
             tokenizer,
             template,
+            sampling: SamplingParams::recommended(file.metadata()),
             config: c,
             device: device.clone(),
         })
@@ -47,6 +51,12 @@ impl ClientParts {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The sampling the model file recommends (`general.sampling.*`), else
+    /// llama.cpp's defaults.
+    pub fn recommended_sampling(&self) -> &SamplingParams {
+        &self.sampling
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -61,8 +71,19 @@ impl ClientParts {
     /// where the assistant's reply begins, and its tokens (control tokens
     /// only from the template).
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<ChatPrompt, ModelError> {
+        self.chat_prompt_with_tools(messages, None)
+    }
+
+    /// [`ClientParts::chat_prompt`], offering `tools` (OpenAI's list) to
+    /// a model whose template supports them.
+    pub fn chat_prompt_with_tools(&self, messages: &[ChatMessage], tools: Option<&serde_json::Value>) -> Result<ChatPrompt, ModelError> {
         let template = self.template.as_ref().ok_or_else(|| ModelError::Template("the model file has no chat template".into()))?;
-        template.prompt(&self.tokenizer, messages, true)
+        template.prompt_with_tools(&self.tokenizer, messages, tools, true)
+    }
+
+    /// Whether the model's chat template can offer tools.
+    pub fn supports_tools(&self) -> bool {
+        self.template.as_ref().is_some_and(ChatTemplate::supports_tools)
     }
 
     /// The embedding rows of `tokens`: the input of block 0.

@@ -50,6 +50,40 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// The sampling a GGUF file recommends (`general.sampling.temp`,
+    /// `top_k`, `top_p`, `min_p`, `penalty_repeat`, `penalty_last_n`, as
+    /// llama.cpp writes them), llama.cpp's defaults for what it leaves out
+    /// (or holds out of range).
+    pub fn recommended(metadata: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>) -> Self {
+        use candle_core::quantized::gguf_file::Value;
+        let number = |key: &str| -> Option<f64> {
+            match metadata.get(&format!("general.sampling.{key}"))? {
+                Value::F32(v) => Some(f64::from(*v)),
+                Value::F64(v) => Some(*v),
+                Value::U8(v) => Some(f64::from(*v)),
+                Value::I8(v) => Some(f64::from(*v)),
+                Value::U16(v) => Some(f64::from(*v)),
+                Value::I16(v) => Some(f64::from(*v)),
+                Value::U32(v) => Some(f64::from(*v)),
+                Value::I32(v) => Some(f64::from(*v)),
+                Value::U64(v) => Some(*v as f64),
+                Value::I64(v) => Some(*v as f64),
+                _ => None,
+            }
+        };
+        let d = Self::default();
+        let within = |key: &str, lo: f64, hi: f64| number(key).filter(|v| v.is_finite() && (lo..=hi).contains(v));
+        Self {
+            temperature: within("temp", 0.0, 2.0).map_or(d.temperature, |v| v as f32),
+            top_k: within("top_k", 0.0, 1e9).map_or(d.top_k, |v| v as usize),
+            top_p: within("top_p", 1e-6, 1.0).map_or(d.top_p, |v| v as f32),
+            min_p: within("min_p", 0.0, 1.0).map_or(d.min_p, |v| v as f32),
+            repeat_penalty: within("penalty_repeat", 1e-6, 10.0).map_or(d.repeat_penalty, |v| v as f32),
+            penalty_last_n: within("penalty_last_n", 0.0, 1e9).map_or(d.penalty_last_n, |v| v as usize),
+            ..d
+        }
+    }
+
     /// Always the most likely token.
     pub fn greedy() -> Self {
         Self { temperature: 0.0, ..Self::default() }
@@ -325,6 +359,20 @@ pub fn top_logprobs(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recommended_sampling_comes_from_the_file_or_llama_cpp() {
+        use candle_core::quantized::gguf_file::Value;
+        let mut meta = std::collections::HashMap::new();
+        assert_eq!(SamplingParams::recommended(&meta), SamplingParams::default());
+        meta.insert("general.sampling.temp".to_string(), Value::F32(0.6));
+        meta.insert("general.sampling.top_k".to_string(), Value::I32(20));
+        meta.insert("general.sampling.top_p".to_string(), Value::F32(7.0));
+        meta.insert("general.sampling.min_p".to_string(), Value::String("x".into()));
+        let r = SamplingParams::recommended(&meta);
+        assert_eq!((r.temperature, r.top_k), (0.6, 20));
+        assert_eq!((r.top_p, r.min_p), (0.95, 0.05), "out of range or not a number: llama.cpp's");
+    }
 
     fn random_logits(seed: u64, n: usize) -> Vec<f32> {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);

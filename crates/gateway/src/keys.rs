@@ -895,7 +895,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), KeysError> {
     if version > SCHEMA_VERSION {
         return Err(KeysError::Version { path: path.to_path_buf(), found: version });
     }
-    let add_credits = if version >= 1 && version < 3 { "ALTER TABLE spending ADD COLUMN credits_spent INTEGER NOT NULL DEFAULT 0;" } else { "" };
+    let add_credits = if (1..3).contains(&version) { "ALTER TABLE spending ADD COLUMN credits_spent INTEGER NOT NULL DEFAULT 0;" } else { "" };
     conn.execute_batch(&format!(
         "BEGIN;
          CREATE TABLE IF NOT EXISTS spending (key_hash TEXT PRIMARY KEY, name TEXT NOT NULL, spent INTEGER NOT NULL, credits_spent INTEGER NOT NULL DEFAULT 0);

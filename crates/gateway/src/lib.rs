@@ -13,6 +13,7 @@
 pub mod api;
 pub mod audit;
 pub mod chain;
+pub mod constrain;
 pub mod directory;
 mod error;
 pub mod http;
@@ -28,6 +29,7 @@ mod service;
 pub mod session;
 pub mod speculate;
 pub mod spend;
+pub mod tools;
 
 pub use api::router;
 pub use audit::{AuditConfig, Auditor, LocalExecutor};

@@ -42,6 +42,83 @@ pub struct ChatMessageIn {
     pub content: Option<MessageContent>,
     #[serde(default)]
     pub name: Option<String>,
+    /// An assistant's earlier tool calls.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    /// A `tool` message answers this call.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+/// A tool call in the history.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ToolCallIn {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub function: FunctionCall,
+}
+
+/// A function call: its name and its arguments as a JSON text.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// `tools[]`: a function the model may call.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Tool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionDef,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct FunctionDef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON schema of the arguments (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: `"auto"`, `"none"`, `"required"` or one named function.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    Mode(String),
+    Named { function: NamedFunction },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NamedFunction {
+    pub name: String,
+}
+
+/// `response_format`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+/// `response_format.json_schema`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The schema (absent: any JSON value).
+    #[serde(default)]
+    pub schema: Option<serde_json::Value>,
+    /// Hotpot always enforces the schema; `strict` is accepted as OpenAI's.
+    #[serde(default)]
+    pub strict: Option<bool>,
 }
 
 /// `"hotpot": {…}` in a request body: what Hotpot adds to OpenAI's API.
@@ -120,6 +197,13 @@ pub struct ChatRequest {
     pub presence_penalty: Option<f32>,
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
+    /// llama-server's sampling extensions.
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    #[serde(default)]
+    pub repeat_penalty: Option<f32>,
     /// Token id (as a string) → bias in [-100, 100].
     #[serde(default)]
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
@@ -128,6 +212,16 @@ pub struct ChatRequest {
     /// Hotpot's own options.
     #[serde(default)]
     pub hotpot: Option<HotpotOptions>,
+    /// `{"type": "text" | "json_object" | "json_schema", …}`: enforced by
+    /// constrained decoding.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
+    #[serde(default)]
+    pub tools: Option<Vec<Tool>>,
+    #[serde(default)]
+    pub tool_choice: Option<ToolChoice>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// `prompt` of a completion: text, token ids, or a batch of either.
@@ -169,6 +263,13 @@ pub struct CompletionRequest {
     pub presence_penalty: Option<f32>,
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
+    /// llama-server's sampling extensions.
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    #[serde(default)]
+    pub repeat_penalty: Option<f32>,
     /// Token id (as a string) → bias in [-100, 100].
     #[serde(default)]
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
@@ -177,6 +278,10 @@ pub struct CompletionRequest {
     /// Hotpot's own options.
     #[serde(default)]
     pub hotpot: Option<HotpotOptions>,
+    /// `{"type": "text" | "json_object" | "json_schema", …}`: enforced by
+    /// constrained decoding.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -215,7 +320,21 @@ pub struct ChoiceLogprobs {
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// A tool call the model made.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallOut {
+    /// Its place in the list (streamed deltas only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -258,6 +377,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -6,7 +6,7 @@ use hotpot_engine::{ChatMessage, GenerationParams, SamplingParams};
 
 use crate::error::ApiError;
 use crate::keys::Caller;
-use crate::openai::{ChatRequest, CompletionRequest, Prompt, Stop};
+use crate::openai::{ChatRequest, CompletionRequest, Prompt, ResponseFormat, Stop};
 use crate::service::{Gateway, RequestPlan};
 use crate::session::ChoiceJob;
 
@@ -19,6 +19,26 @@ struct Sampling<'a> {
     frequency_penalty: Option<f32>,
     n: Option<u32>,
     logit_bias: Option<&'a std::collections::HashMap<String, f32>>,
+    /// llama-server's extensions.
+    top_k: Option<usize>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+}
+
+/// The grammar a `response_format` asks for (none for text).
+fn response_grammar(gateway: &Gateway, format: Option<&ResponseFormat>) -> Result<Option<crate::constrain::Grammar>, ApiError> {
+    let (schema, strict) = match format {
+        None | Some(ResponseFormat::Text) => return Ok(None),
+        Some(ResponseFormat::JsonObject) => (serde_json::json!({"type": "object"}), false),
+        Some(ResponseFormat::JsonSchema { json_schema }) => {
+            if json_schema.name.is_empty() || json_schema.name.len() > 64 {
+                return Err(ApiError::bad_param("response_format.json_schema.name", "the schema's name must be 1 to 64 characters"));
+            }
+            (json_schema.schema.clone().unwrap_or_else(|| serde_json::json!({})), json_schema.strict.unwrap_or(false))
+        }
+    };
+    let grammars = gateway.grammars().map_err(|e| ApiError::Internal(format!("constrained decoding is unavailable for this model: {e}")))?;
+    grammars.json_schema(schema, strict).map(Some).map_err(|e| ApiError::bad_param("response_format", format!("the schema cannot be enforced: {e}")))
 }
 
 /// Most `logit_bias` entries a request may carry.
@@ -45,16 +65,26 @@ fn logit_bias(map: Option<&std::collections::HashMap<String, f32>>, vocab: usize
     Ok(out)
 }
 
-/// OpenAI's sampling defaults (temperature 1, no top-k, no min-p), checked;
-/// and the number of choices.
-fn sampling(s: &Sampling<'_>, max_choices: u32, vocab: usize) -> Result<(SamplingParams, u32), ApiError> {
-    let temperature = s.temperature.unwrap_or(1.0);
+/// The sampling a request asks for, checked, and the number of choices.
+/// What it leaves out is the model's recommended value (its GGUF's
+/// `general.sampling.*`), else llama-server's default (temperature 0.8,
+/// top-k 40, top-p 0.95, min-p 0.05); what it sets is used as set.
+fn sampling(s: &Sampling<'_>, defaults: &SamplingParams, max_choices: u32, vocab: usize) -> Result<(SamplingParams, u32), ApiError> {
+    let temperature = s.temperature.unwrap_or(defaults.temperature);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::bad_param("temperature", format!("temperature must be in [0, 2], got {temperature}")));
     }
-    let top_p = s.top_p.unwrap_or(1.0);
+    let top_p = s.top_p.unwrap_or(defaults.top_p);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::bad_param("top_p", format!("top_p must be in (0, 1], got {top_p}")));
+    }
+    let min_p = s.min_p.unwrap_or(defaults.min_p);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::bad_param("min_p", format!("min_p must be in [0, 1], got {min_p}")));
+    }
+    let repeat_penalty = s.repeat_penalty.unwrap_or(defaults.repeat_penalty);
+    if !(repeat_penalty > 0.0 && repeat_penalty <= 10.0) {
+        return Err(ApiError::bad_param("repeat_penalty", format!("repeat_penalty must be in (0, 10], got {repeat_penalty}")));
     }
     for (name, value) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
         if let Some(v) = value
@@ -67,16 +97,18 @@ fn sampling(s: &Sampling<'_>, max_choices: u32, vocab: usize) -> Result<(Samplin
     if n == 0 || n > max_choices {
         return Err(ApiError::bad_param("n", format!("n must be between 1 and {max_choices}, got {n}")));
     }
+    // OpenAI's presence and frequency penalties count the whole text.
+    let openai_penalties = s.presence_penalty.is_some() || s.frequency_penalty.is_some();
     let params = SamplingParams {
         temperature,
-        top_k: 0,
+        top_k: s.top_k.unwrap_or(defaults.top_k),
         top_p,
-        min_p: 0.0,
+        min_p,
         seed: s.seed,
-        repeat_penalty: 1.0,
+        repeat_penalty,
         presence_penalty: s.presence_penalty.unwrap_or(0.0),
         frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
-        penalty_last_n: usize::MAX,
+        penalty_last_n: if openai_penalties { usize::MAX } else { defaults.penalty_last_n },
         logit_bias: logit_bias(s.logit_bias, vocab)?,
     };
     Ok((params, n))
@@ -89,7 +121,7 @@ fn choice_jobs(prompt: &[u32], params: &GenerationParams, n: u32, first_index: u
         .map(|i| {
             let mut params = params.clone();
             params.sampling.seed = params.sampling.seed.map(|s| s.wrapping_add(u64::from(i)));
-            ChoiceJob { index: first_index + i, prompt: prompt.to_vec(), params, prompt_logprobs, bills_prompt: i == 0, speculation: None }
+            ChoiceJob { index: first_index + i, prompt: prompt.to_vec(), params, prompt_logprobs, bills_prompt: i == 0, speculation: None, grammar: None }
         })
         .collect()
 }
@@ -113,6 +145,66 @@ pub(crate) struct ChatShape {
     pub stream: bool,
     pub include_usage: bool,
     pub logprobs: bool,
+    /// Tool calls are read out of the answers (the offered tools' names).
+    pub tools: Option<Vec<String>>,
+}
+
+/// How a chat request uses tools.
+struct ToolPlan {
+    /// The tools rendered into the prompt.
+    offered: Option<Vec<crate::openai::Tool>>,
+    /// A grammar that forces a call (`tool_choice` required or named).
+    grammar: Option<crate::constrain::Grammar>,
+}
+
+/// Most tools one request may offer.
+const MAX_TOOLS: usize = 128;
+
+/// Checks `tools` and `tool_choice` against the model's template.
+fn tool_plan(gateway: &Gateway, request: &ChatRequest) -> Result<ToolPlan, ApiError> {
+    use crate::openai::ToolChoice;
+    let tools = request.tools.as_deref().unwrap_or_default();
+    let none = ToolPlan { offered: None, grammar: None };
+    if tools.is_empty() {
+        return match &request.tool_choice {
+            Some(ToolChoice::Mode(m)) if m == "none" || m == "auto" => Ok(none),
+            None => Ok(none),
+            Some(_) => Err(ApiError::bad_param("tool_choice", "tool_choice needs tools")),
+        };
+    }
+    if tools.len() > MAX_TOOLS {
+        return Err(ApiError::bad_param("tools", format!("at most {MAX_TOOLS} tools")));
+    }
+    for (i, t) in tools.iter().enumerate() {
+        let name_ok =
+            !t.function.name.is_empty() && t.function.name.len() <= 64 && t.function.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if t.kind != "function" || !name_ok {
+            return Err(ApiError::bad_param(&format!("tools[{i}]"), "a tool is {\"type\": \"function\", \"function\": {\"name\": [a-zA-Z0-9_-]{1,64}, …}}"));
+        }
+    }
+    let forced: Option<Vec<&crate::openai::Tool>> = match &request.tool_choice {
+        None => None,
+        Some(ToolChoice::Mode(m)) if m == "auto" => None,
+        Some(ToolChoice::Mode(m)) if m == "none" => return Ok(none),
+        Some(ToolChoice::Mode(m)) if m == "required" => Some(tools.iter().collect()),
+        Some(ToolChoice::Mode(m)) => return Err(ApiError::bad_param("tool_choice", format!("unknown tool_choice `{m}`"))),
+        Some(ToolChoice::Named { function }) => match tools.iter().find(|t| t.function.name == function.name) {
+            Some(t) => Some(vec![t]),
+            None => return Err(ApiError::bad_param("tool_choice", format!("no tool is named `{}`", function.name))),
+        },
+    };
+    if !gateway.client.supports_tools() {
+        return Err(ApiError::bad_param("tools", format!("the chat template of `{}` has no tool support", gateway.model.name)));
+    }
+    let grammar = match forced {
+        None => None,
+        Some(forced) => {
+            let grammars = gateway.grammars().map_err(|e| ApiError::Internal(format!("constrained decoding is unavailable for this model: {e}")))?;
+            let lark = crate::tools::required_grammar(&forced, request.parallel_tool_calls.unwrap_or(true));
+            Some(grammars.lark(&lark).map_err(|e| ApiError::bad_param("tools", format!("the tools' parameters cannot be enforced: {e}")))?)
+        }
+    };
+    Ok(ToolPlan { offered: Some(tools.to_vec()), grammar })
 }
 
 /// Plans a chat completion.
@@ -130,11 +222,29 @@ pub(crate) fn chat(gateway: &Gateway, caller: Option<Caller>, request: ChatReque
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
+            "tool" => "tool",
             other => return Err(ApiError::bad_param(&format!("messages[{i}].role"), format!("unsupported role `{other}`"))),
         };
         let content = m.content.as_ref().map(|c| c.text()).transpose().map_err(|e| ApiError::bad_param(&format!("messages[{i}].content"), e))?;
-        messages.push(ChatMessage::new(role, content.unwrap_or_default()));
+        let mut message = ChatMessage::new(role, content.unwrap_or_default());
+        // Templates read a call's arguments as an object (OpenAI sends a JSON text).
+        message.tool_calls = m.tool_calls.as_ref().map(|calls| {
+            serde_json::Value::Array(
+                calls
+                    .iter()
+                    .map(|c| {
+                        let arguments =
+                            serde_json::from_str::<serde_json::Value>(&c.function.arguments).unwrap_or_else(|_| c.function.arguments.clone().into());
+                        serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": arguments}})
+                    })
+                    .collect(),
+            )
+        });
+        message.tool_call_id.clone_from(&m.tool_call_id);
+        message.name.clone_from(&m.name);
+        messages.push(message);
     }
+    let tools = tool_plan(gateway, &request)?;
     let client = &gateway.client;
     let context = gateway.model.context;
     let requested = request.max_completion_tokens.or(request.max_tokens).map(|n| n as usize);
@@ -149,7 +259,9 @@ pub(crate) fn chat(gateway: &Gateway, caller: Option<Caller>, request: ChatReque
         return Err(too_long("messages", context, &format!("the messages take at least {fewest} tokens")));
     }
     // Control tokens only where the template puts them: message content is text.
-    let prompt = client.chat_prompt(&messages).map_err(|e| ApiError::bad_param("messages", e.to_string()))?.tokens;
+    let offered = tools.offered.as_ref().map(|t| serde_json::to_value(t).unwrap_or_default());
+    let tool_names: Option<Vec<String>> = tools.offered.as_ref().map(|t| t.iter().map(|t| t.function.name.clone()).collect());
+    let prompt = client.chat_prompt_with_tools(&messages, offered.as_ref()).map_err(|e| ApiError::bad_param("messages", e.to_string()))?.tokens;
     if prompt.len() + requested.unwrap_or(1) > context {
         return Err(too_long("messages", context, &format!("the messages take {} tokens and {} more were requested", prompt.len(), requested.unwrap_or(1))));
     }
@@ -162,7 +274,11 @@ pub(crate) fn chat(gateway: &Gateway, caller: Option<Caller>, request: ChatReque
             frequency_penalty: request.frequency_penalty,
             n: request.n,
             logit_bias: request.logit_bias.as_ref(),
+            top_k: request.top_k,
+            min_p: request.min_p,
+            repeat_penalty: request.repeat_penalty,
         },
+        gateway.client.recommended_sampling(),
         gateway.config.max_choices,
         gateway.client.config().vocab_size,
     )?;
@@ -186,7 +302,14 @@ pub(crate) fn chat(gateway: &Gateway, caller: Option<Caller>, request: ChatReque
         stop: request.stop.clone().map(Stop::into_vec).unwrap_or_default(),
         logprobs: request.logprobs.then_some(top as usize),
     };
-    let jobs = choice_jobs(&prompt, &params, n, 0, None);
+    let mut jobs = choice_jobs(&prompt, &params, n, 0, None);
+    let grammar = match tools.grammar {
+        Some(grammar) => Some(grammar),
+        None => response_grammar(gateway, request.response_format.as_ref())?,
+    };
+    for job in &mut jobs {
+        job.grammar.clone_from(&grammar);
+    }
     let reserve = reservation(&jobs, context);
     let shape = ChatShape {
         id: request_id("chatcmpl"),
@@ -195,6 +318,7 @@ pub(crate) fn chat(gateway: &Gateway, caller: Option<Caller>, request: ChatReque
         stream: request.stream,
         include_usage: request.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs: request.logprobs,
+        tools: tool_names,
     };
     Ok((RequestPlan { id: shape.id.clone(), caller, jobs, reserve, max_price: request.hotpot.and_then(|h| h.max_price) }, shape))
 }
@@ -297,13 +421,21 @@ pub(crate) fn completions(gateway: &Gateway, caller: Option<Caller>, request: Co
             frequency_penalty: request.frequency_penalty,
             n: request.n,
             logit_bias: request.logit_bias.as_ref(),
+            top_k: request.top_k,
+            min_p: request.min_p,
+            repeat_penalty: request.repeat_penalty,
         },
+        gateway.client.recommended_sampling(),
         gateway.config.max_choices,
         gateway.client.config().vocab_size,
     )?;
     let params = GenerationParams { sampling: sampling_params, max_tokens, stop: request.stop.clone().map(Stop::into_vec).unwrap_or_default(), logprobs: top };
     let echo_logprobs = if request.echo { top } else { None };
-    let jobs: Vec<ChoiceJob> = prompts.iter().enumerate().flat_map(|(pi, p)| choice_jobs(p, &params, n, pi as u32 * n, echo_logprobs)).collect();
+    let mut jobs: Vec<ChoiceJob> = prompts.iter().enumerate().flat_map(|(pi, p)| choice_jobs(p, &params, n, pi as u32 * n, echo_logprobs)).collect();
+    let grammar = response_grammar(gateway, request.response_format.as_ref())?;
+    for job in &mut jobs {
+        job.grammar.clone_from(&grammar);
+    }
     let reserve = reservation(&jobs, context);
     let shape = CompletionShape {
         id: request_id("cmpl"),

@@ -116,20 +116,42 @@ pub(crate) async fn chat(gateway: Arc<Gateway>, shape: ChatShape, mut events: Re
         let out = ChunkStream { tx, head: ChatChunk::new("chat.completion.chunk", shape.id, created, model, gateway.fingerprint.clone()) };
         tokio::spawn(async move {
             for index in 0..n {
-                let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
+                let delta = Delta { role: Some("assistant"), content: Some(String::new()), tool_calls: None };
                 if !out.send(vec![ChatChunkChoice { index, delta, logprobs: None, finish_reason: None }]).await {
                     return;
                 }
             }
+            // With tools, text that may be a call is held back until the end.
+            let mut splitters: Vec<Option<crate::tools::Splitter>> =
+                (0..n).map(|_| shape.tools.as_ref().map(|names| crate::tools::Splitter::new(names.clone()))).collect();
             let relayed = out
                 .relay(&mut events, n as usize, |event| match event {
                     SessionEvent::Token { index, token, text, logprob } => {
                         let logprobs = logprob.map(|lp| ChoiceLogprobs { content: vec![chat_logprob(&gateway, token, &lp)] });
+                        let text = match &mut splitters[index as usize] {
+                            Some(splitter) => splitter.push(&text),
+                            None => text,
+                        };
                         let shown = !text.is_empty() || logprobs.is_some();
-                        shown.then_some(ChatChunkChoice { index, delta: Delta { role: None, content: Some(text) }, logprobs, finish_reason: None })
+                        shown.then_some(ChatChunkChoice {
+                            index,
+                            delta: Delta { role: None, content: Some(text), tool_calls: None },
+                            logprobs,
+                            finish_reason: None,
+                        })
                     }
                     SessionEvent::Done { index, finish, .. } => {
-                        Some(ChatChunkChoice { index, delta: Delta::default(), logprobs: None, finish_reason: Some(finish.as_str()) })
+                        let mut finish_reason = finish.as_str();
+                        let mut delta = Delta::default();
+                        if let Some(splitter) = splitters[index as usize].take() {
+                            let parsed = splitter.finish();
+                            delta.content = parsed.content;
+                            if !parsed.calls.is_empty() {
+                                delta.tool_calls = Some(crate::tools::outs(parsed.calls, true));
+                                finish_reason = "tool_calls";
+                            }
+                        }
+                        Some(ChatChunkChoice { index, delta, logprobs: None, finish_reason: Some(finish_reason) })
                     }
                     SessionEvent::Prompt { .. } => None,
                 })
@@ -164,11 +186,20 @@ pub(crate) async fn chat(gateway: Arc<Gateway>, shape: ChatShape, mut events: Re
         }
     }
     let choices = (0..n as usize)
-        .map(|i| ChatChoice {
-            index: i as u32,
-            message: ChatMessageOut { role: "assistant", content: std::mem::take(&mut texts[i]) },
-            logprobs: logprobs[i].take().map(|content| ChoiceLogprobs { content }),
-            finish_reason: finishes[i].as_str(),
+        .map(|i| {
+            let text = std::mem::take(&mut texts[i]);
+            let mut finish_reason = finishes[i].as_str();
+            let message = if let Some(names) = &shape.tools {
+                let parsed = crate::tools::parse(&text, names);
+                let calls = (!parsed.calls.is_empty()).then(|| crate::tools::outs(parsed.calls, false));
+                if calls.is_some() {
+                    finish_reason = "tool_calls";
+                }
+                ChatMessageOut { role: "assistant", content: parsed.content, tool_calls: calls }
+            } else {
+                ChatMessageOut { role: "assistant", content: Some(text), tool_calls: None }
+            };
+            ChatChoice { index: i as u32, message, logprobs: logprobs[i].take().map(|content| ChoiceLogprobs { content }), finish_reason }
         })
         .collect();
     let usage = Usage::new(shape.prompt_tokens, tokens);

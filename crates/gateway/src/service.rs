@@ -95,6 +95,8 @@ pub struct Gateway {
     pub(crate) fingerprint: String,
     auditor: Option<Arc<Auditor>>,
     pub(crate) prep: crate::prep::Prep,
+    /// The model's vocabulary for constrained decoding, built on first use.
+    grammars: std::sync::OnceLock<Result<crate::constrain::Grammars, String>>,
 }
 
 /// A request, planned: who pays, the sessions to run, and the most tokens
@@ -131,7 +133,23 @@ impl Gateway {
         if let Some(keys) = &config.keys {
             keys.set_signer(network.key().clone());
         }
-        Arc::new(Self { model, client, network, directory, metrics, config, fingerprint, auditor, prep: crate::prep::Prep::start() })
+        Arc::new(Self {
+            model,
+            client,
+            network,
+            directory,
+            metrics,
+            config,
+            fingerprint,
+            auditor,
+            prep: crate::prep::Prep::start(),
+            grammars: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Grammars over the model's vocabulary (built on first use).
+    pub(crate) fn grammars(&self) -> Result<&crate::constrain::Grammars, String> {
+        self.grammars.get_or_init(|| crate::constrain::Grammars::new(&self.client)).as_ref().map_err(Clone::clone)
     }
 
     /// This gateway's peer id (its public key).

@@ -135,6 +135,9 @@ pub struct ChoiceJob {
     pub bills_prompt: bool,
     /// Speculative decoding, when the session drafts.
     pub speculation: Option<Speculation>,
+    /// A grammar every generated token must follow (structured outputs);
+    /// a constrained session does not speculate.
+    pub grammar: Option<crate::constrain::Grammar>,
 }
 
 /// What a running session reports to whoever listens.
@@ -282,9 +285,16 @@ pub async fn drive<P: Pipeline>(client: &Arc<ClientParts>, pipeline: &mut P, job
     let mut first_token: Option<Duration> = None;
     let mut completion = 0usize;
     let context_len = client.config().context_length;
-    let mut speculator = job.speculation.as_ref().map(|s| Speculator::new(s, &job.params.sampling, context_len));
+    let mut speculator = job.speculation.as_ref().filter(|_| job.grammar.is_none()).map(|s| Speculator::new(s, &job.params.sampling, context_len));
+
     let result = async {
         let mut generation = Generation::new(job.prompt.clone(), job.params.clone(), context_len)?;
+        let mut constraint = job
+            .grammar
+            .as_ref()
+            .map(crate::constrain::Grammar::start)
+            .transpose()
+            .map_err(|e| ChainError::Internal(format!("the response format's grammar: {e}")))?;
         // Prompt log-probabilities need the prefill even when nothing is generated.
         let mut prompt_pending = job.prompt_logprobs.is_some();
         // The next window, when it was drafted while the last was checked.
@@ -338,8 +348,14 @@ pub async fn drive<P: Pipeline>(client: &Arc<ClientParts>, pipeline: &mut P, job
             let vocab = logits.len() / rows.rows();
             let mut kept = 0;
             for (i, row) in logits.chunks_exact(vocab).enumerate() {
-                let (step, kept_draft) = match (drafts.get(i), &speculator) {
-                    (Some((draft, proposal)), Some(speculator)) => generation.accept_draft(row, *draft, proposal, speculator.rule, client),
+                let (step, kept_draft) = match (drafts.get(i), &speculator, &mut constraint) {
+                    (Some((draft, proposal)), Some(speculator), _) => generation.accept_draft(row, *draft, proposal, speculator.rule, client),
+                    (_, _, Some(constraint)) => {
+                        let masked = compute(|| constraint.mask(row)).map_err(|e| ChainError::Internal(format!("constrained decoding: {e}")))?;
+                        let step = generation.accept(&masked, client);
+                        constraint.commit(step.token).map_err(|e| ChainError::Internal(format!("constrained decoding: {e}")))?;
+                        (step, false)
+                    }
                     _ => (generation.accept(row, client), false),
                 };
                 kept += usize::from(kept_draft);
