@@ -158,6 +158,11 @@ impl Store {
         self.home.join("ledger.sqlite")
     }
 
+    /// The directory everything of this machine lives in.
+    pub fn home(&self) -> &std::path::Path {
+        &self.home
+    }
+
     /// Where this machine's nodes keep the receipts they countersigned.
     pub fn receipts_path(&self) -> PathBuf {
         self.home.join("receipts.sqlite")

@@ -668,6 +668,8 @@ async fn serve_http(
     config.speculation = model.speculation.clone();
     config.chain.push = model.push;
     config.market = serving.market()?;
+    let files_dir = Store::from_env()?.home().join("files");
+    config.files = Some(Arc::new(hotpot_gateway::files::FileStore::open(&files_dir).map_err(|e| anyhow::anyhow!(e))?));
     if let Some(path) = keys {
         let ledger = if serving.init_store { hotpot_gateway::Ledger::Create } else { hotpot_gateway::Ledger::Existing };
         config.keys = Some(Arc::new(hotpot_gateway::KeyStore::load(path, ledger)?));

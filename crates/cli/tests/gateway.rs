@@ -190,7 +190,7 @@ fn qwen_from_hotpot_up() {
     assert!(out.status.success(), "qwen client checks failed:\n{stdout}\n{stderr}");
 }
 
-/// Issue 14: structured outputs (20 JSON schemas on SmolLM2, 6 on Qwen,
+/// Issue 14: structured outputs (20 JSON schemas on SmolLM2 and on Qwen,
 /// every output parses and validates) and tools on Qwen2.5-Coder 1.5B
 /// (a weather call, streamed and not; the tool's answer back; a forced
 /// call), with the official openai client; `tools` on SmolLM2 (no tool
@@ -203,9 +203,14 @@ fn structured_outputs_and_tools() {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     println!("{stdout}");
     assert!(out.status.success() && stdout.contains("all structured output checks passed"), "SmolLM2:\n{stdout}\n{stderr}");
+    // The Files API on the same gateway.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = python("files.py", &[&up.base_url, dir.path().to_str().expect("utf-8")]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success() && stdout.contains("all file checks passed"), "files:\n{stdout}\n{stderr}");
     drop(up);
     let up = serve(&["up", "--model", "qwen2.5-coder-1.5b", "--nodes", "3", "--port", "0", "--no-audits"]);
-    let out = python("structured.py", &[&up.base_url, "qwen2.5-coder-1.5b", "6", "tools"]);
+    let out = python("structured.py", &[&up.base_url, "qwen2.5-coder-1.5b", "20", "tools"]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     println!("{stdout}");
     assert!(out.status.success() && stdout.contains("all structured output checks passed"), "Qwen:\n{stdout}\n{stderr}");

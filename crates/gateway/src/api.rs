@@ -32,6 +32,9 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/hotpot/keys", post(mint_key))
         .route("/v1/hotpot/keys/{name}", axum::routing::delete(revoke_key))
         .route("/v1/hotpot/spend", get(spend_log))
+        .route("/v1/files", post(upload_file).get(list_files).layer(DefaultBodyLimit::max(crate::files::MAX_FILE_BYTES + (64 << 10))))
+        .route("/v1/files/{id}", get(get_file).delete(delete_file))
+        .route("/v1/files/{id}/content", get(file_content))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound { message: "no such route".into(), code: "not_found" } })
@@ -174,6 +177,102 @@ async fn spend_log(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> R
     let mut log = keys.spend_log(&caller)?;
     log.gateway = gateway.peer_id();
     Ok(Json(log))
+}
+
+/// The file store and who owns the caller's files (the key's hash; one
+/// shared owner on a gateway without keys).
+fn file_owner<'a>(gateway: &'a Gateway, headers: &HeaderMap) -> Result<(&'a Arc<crate::files::FileStore>, String), ApiError> {
+    let caller = gateway.authorize(headers)?;
+    let files = gateway.config.files.as_ref().ok_or_else(|| ApiError::NotFound { message: "this gateway keeps no files".into(), code: "not_found" })?;
+    Ok((files, caller.map_or_else(|| "open".to_string(), |c| c.key)))
+}
+
+/// Runs a file store operation off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
+/// `POST /v1/files` (multipart: `file`, `purpose`).
+async fn upload_file(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    mut form: axum::extract::Multipart,
+) -> Result<Json<crate::files::FileObject>, ApiError> {
+    let (files, owner) = file_owner(&gateway, &headers)?;
+    let failed = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!("a file may hold at most {} MiB", crate::files::MAX_FILE_BYTES >> 20))
+        } else {
+            ApiError::bad(format!("invalid multipart body: {}", e.body_text()))
+        }
+    };
+    let read = async {
+        let (mut purpose, mut file) = (None, None);
+        while let Some(field) = form.next_field().await.map_err(failed)? {
+            match field.name() {
+                Some("purpose") => purpose = Some(field.text().await.map_err(failed)?),
+                Some("file") => {
+                    let name = field.file_name().unwrap_or("upload.jsonl").to_string();
+                    file = Some((name, field.bytes().await.map_err(failed)?));
+                }
+                _ => {}
+            }
+        }
+        Ok::<_, ApiError>((purpose, file))
+    };
+    let (purpose, file) = tokio::time::timeout(std::time::Duration::from_secs(300), read)
+        .await
+        .map_err(|_| ApiError::Timeout("the file did not arrive within 300 s".into()))??;
+    let purpose = purpose.ok_or_else(|| ApiError::bad_param("purpose", "purpose is required"))?;
+    let (name, bytes) = file.ok_or_else(|| ApiError::bad_param("file", "file is required"))?;
+    if bytes.len() > crate::files::MAX_FILE_BYTES {
+        return Err(ApiError::PayloadTooLarge(format!("a file may hold at most {} MiB", crate::files::MAX_FILE_BYTES >> 20)));
+    }
+    let files = Arc::clone(files);
+    Ok(Json(blocking(move || files.create(&owner, &name, &purpose, &bytes)).await?))
+}
+
+/// `GET /v1/files`.
+async fn list_files(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+    let (files, owner) = file_owner(&gateway, &headers)?;
+    let files = Arc::clone(files);
+    let data = blocking(move || files.list(&owner)).await?;
+    Ok(Json(serde_json::json!({"object": "list", "data": data, "has_more": false})))
+}
+
+/// `GET /v1/files/{id}`.
+async fn get_file(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<crate::files::FileObject>, ApiError> {
+    let (files, owner) = file_owner(&gateway, &headers)?;
+    let files = Arc::clone(files);
+    Ok(Json(blocking(move || files.get(&owner, &id)).await?))
+}
+
+/// `GET /v1/files/{id}/content`.
+async fn file_content(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let (files, owner) = file_owner(&gateway, &headers)?;
+    let files = Arc::clone(files);
+    let bytes = blocking(move || files.content(&owner, &id)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// `DELETE /v1/files/{id}`.
+async fn delete_file(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (files, owner) = file_owner(&gateway, &headers)?;
+    let (store, gone) = (Arc::clone(files), id.clone());
+    blocking(move || store.delete(&owner, &gone)).await?;
+    Ok(Json(serde_json::json!({"id": id, "object": "file", "deleted": true})))
 }
 
 async fn models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<ModelList>, ApiError> {

@@ -16,6 +16,7 @@ pub mod chain;
 pub mod constrain;
 pub mod directory;
 mod error;
+pub mod files;
 pub mod http;
 pub mod keys;
 pub mod market;

@@ -50,6 +50,8 @@ pub struct GatewayConfig {
     /// The books prepaid keys pay from and nodes are paid into, the
     /// receipts, the fee and the stakes (`--ledger`).
     pub market: Option<Arc<Market>>,
+    /// Uploaded files (`/v1/files`; `None`: no file routes).
+    pub files: Option<Arc<crate::files::FileStore>>,
 }
 
 impl GatewayConfig {
@@ -68,6 +70,7 @@ impl GatewayConfig {
             record_sinks: Vec::new(),
             speculation: None,
             market: None,
+            files: None,
         }
     }
 }
