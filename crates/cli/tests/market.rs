@@ -39,6 +39,17 @@ fn holds_released(base_url: &str, key: &str) {
     }
 }
 
+/// A gateway's arguments, with prepaid keys and books, joined at `join`,
+/// plus `extra`.
+fn paid_gateway(join: &str, keys: &std::path::Path, store: &str, extra: &[&str]) -> Vec<String> {
+    let base = ["gateway", "--join", join, "--listen", "127.0.0.1:0", "--api-keys", keys.to_str().expect("utf-8"), "--init-store", "--ledger", store];
+    base.iter().chain(extra).chain(&["--no-audits", "-t", "1"]).map(|s| s.to_string()).collect()
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 fn micros(credits: f64) -> i128 {
     (credits * 1e6).round() as i128
 }
@@ -64,25 +75,7 @@ fn nodes_are_paid_their_price_for_the_positions_they_computed() {
     let a = NodeProc::start("0..10", None, &["--price", "1"]);
     let _b = NodeProc::start("10..20", Some(&a.addr), &["--price", "2"]);
     let _c = NodeProc::start("20..30", Some(&a.addr), &["--price", "3"]);
-    let gateway = serve(&[
-        "gateway",
-        "--join",
-        &a.addr,
-        "--listen",
-        "127.0.0.1:0",
-        "--api-keys",
-        keys.to_str().expect("utf-8"),
-        "--init-store",
-        "--ledger",
-        store,
-        "--fee",
-        "0.5",
-        "--session-log",
-        log.to_str().expect("utf-8"),
-        "--no-audits",
-        "-t",
-        "1",
-    ]);
+    let gateway = serve(&strs(&paid_gateway(&a.addr, &keys, store, &["--fee", "0.5", "--session-log", log.to_str().expect("utf-8")])));
     let url = &gateway.base_url;
     let chat = serde_json::json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8});
     let (status, answer) = post(url, "/chat/completions", "sk-alice", &chat);
@@ -229,23 +222,8 @@ fn a_gateway_killed_mid_requests_loses_and_doubles_nothing() {
     let a = NodeProc::start("0..10", None, &["--price", "1"]);
     let _b = NodeProc::start("10..20", Some(&a.addr), &["--price", "2"]);
     let _c = NodeProc::start("20..30", Some(&a.addr), &["--price", "3"]);
-    let args = [
-        "gateway",
-        "--join",
-        &a.addr,
-        "--listen",
-        "127.0.0.1:0",
-        "--api-keys",
-        keys.to_str().expect("utf-8"),
-        "--init-store",
-        "--ledger",
-        store,
-        "--fee",
-        "0.5",
-        "--no-audits",
-        "-t",
-        "1",
-    ];
+    let args = paid_gateway(&a.addr, &keys, store, &["--fee", "0.5"]);
+    let args = strs(&args);
     let mut gateway = serve(&args);
     let url = format!("{}/chat/completions", gateway.base_url);
     // Short requests (settled before the kill) and long ones (cut by it).
@@ -380,23 +358,8 @@ fn keys_an_agent_can_carry() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let a = NodeProc::start("0..15", None, &["--price", "0.1"]);
     let _b = NodeProc::start("15..30", Some(&a.addr), &["--price", "0.1"]);
-    let gateway = serve(&[
-        "gateway",
-        "--join",
-        &a.addr,
-        "--listen",
-        "127.0.0.1:0",
-        "--api-keys",
-        keys.to_str().expect("utf-8"),
-        "--init-store",
-        "--ledger",
-        store,
-        "--key",
-        dir.path().join("gateway.key").to_str().expect("utf-8"),
-        "--no-audits",
-        "-t",
-        "1",
-    ]);
+    let key = dir.path().join("gateway.key");
+    let gateway = serve(&strs(&paid_gateway(&a.addr, &keys, store, &["--key", key.to_str().expect("utf-8")])));
     let peer = gateway.stdout.iter().find_map(|l| l.strip_prefix("gateway peer id: ")).expect("the gateway prints its peer id").to_string();
     let out = python("agent_keys.py", &[&gateway.base_url, "sk-root", &peer, HOTPOT, dir.path().to_str().expect("utf-8")]);
     let stdout = text(&out.stdout);
