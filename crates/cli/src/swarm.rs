@@ -539,6 +539,14 @@ pub struct ServingArgs {
     /// gateway (whose audit convicted it); the rest is burned.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub accuser_share: u32,
+    /// Batch requests (`/v1/batches`) run at once, at batch priority on the
+    /// nodes (interactive requests go first there).
+    #[arg(long, default_value_t = 8)]
+    pub batch_parallel: usize,
+    /// Where uploaded files (`files/`) and batches (`batches.sqlite`) are
+    /// kept [default: $HOTPOT_HOME].
+    #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl ServingArgs {
@@ -668,8 +676,14 @@ async fn serve_http(
     config.speculation = model.speculation.clone();
     config.chain.push = model.push;
     config.market = serving.market()?;
-    let files_dir = Store::from_env()?.home().join("files");
+    let data = match &serving.data_dir {
+        Some(dir) => dir.clone(),
+        None => Store::from_env()?.home().to_path_buf(),
+    };
+    let files_dir = data.join("files");
     config.files = Some(Arc::new(hotpot_gateway::files::FileStore::open(&files_dir).map_err(|e| anyhow::anyhow!(e))?));
+    let batches = data.join("batches.sqlite");
+    config.batches = Some(Arc::new(hotpot_gateway::batch::BatchStore::open(&batches, serving.batch_parallel).map_err(|e| anyhow::anyhow!(e))?));
     if let Some(path) = keys {
         let ledger = if serving.init_store { hotpot_gateway::Ledger::Create } else { hotpot_gateway::Ledger::Existing };
         config.keys = Some(Arc::new(hotpot_gateway::KeyStore::load(path, ledger)?));

@@ -215,3 +215,50 @@ fn structured_outputs_and_tools() {
     println!("{stdout}");
     assert!(out.status.success() && stdout.contains("all structured output checks passed"), "Qwen:\n{stdout}\n{stderr}");
 }
+
+/// The Batch API (issue 14, acceptance 3 and 5): 200 chat requests and
+/// three bad lines from an uploaded file; the gateway is killed with
+/// SIGKILL half-way and started again, and the batch still completes with
+/// exactly one answer per request, the key charged once for each; bad
+/// lines land in the error file alone; a second batch is cancelled
+/// mid-way.
+#[test]
+fn batches_survive_a_killed_gateway() {
+    let _serial = serial();
+    let a = NodeProc::start("0..15", None, &[]);
+    let _b = NodeProc::start("15..30", Some(&a.addr), &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys.json");
+    std::fs::write(&keys, r#"{"keys": [{"key": "sk-batch", "name": "batcher"}]}"#).expect("writes keys");
+    let (key_file, work) = (dir.path().join("gateway.key"), dir.path().to_str().expect("utf-8"));
+    let args = [
+        "gateway",
+        "--join",
+        &a.addr,
+        "--listen",
+        "127.0.0.1:0",
+        "--api-keys",
+        keys.to_str().expect("utf-8"),
+        "--init-store",
+        "--data-dir",
+        work,
+        "--key",
+        key_file.to_str().expect("utf-8"),
+        "--no-audits",
+        "-t",
+        "1",
+    ];
+    let run = |phase: &str, url: &str| {
+        let out = python("batch.py", &[phase, url, "sk-batch", work, "200"]);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        println!("{stdout}");
+        assert!(out.status.success() && stdout.contains(&format!("batch {phase} passed")), "{phase}:\n{stdout}\n{stderr}");
+    };
+    let gateway = serve(&args);
+    run("submit", &gateway.base_url);
+    drop(gateway); // SIGKILL, mid-batch
+    let gateway = serve(&args);
+    run("finish", &gateway.base_url);
+    run("cancel", &gateway.base_url);
+    assert!(!gateway.warnings().contains("panicked"), "{}", gateway.warnings());
+}

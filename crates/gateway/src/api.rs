@@ -35,6 +35,9 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/files", post(upload_file).get(list_files).layer(DefaultBodyLimit::max(crate::files::MAX_FILE_BYTES + (64 << 10))))
         .route("/v1/files/{id}", get(get_file).delete(delete_file))
         .route("/v1/files/{id}/content", get(file_content))
+        .route("/v1/batches", post(create_batch).get(list_batches))
+        .route("/v1/batches/{id}", get(get_batch))
+        .route("/v1/batches/{id}/cancel", post(cancel_batch))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound { message: "no such route".into(), code: "not_found" } })
@@ -184,7 +187,7 @@ async fn spend_log(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> R
 fn file_owner<'a>(gateway: &'a Gateway, headers: &HeaderMap) -> Result<(&'a Arc<crate::files::FileStore>, String), ApiError> {
     let caller = gateway.authorize(headers)?;
     let files = gateway.config.files.as_ref().ok_or_else(|| ApiError::NotFound { message: "this gateway keeps no files".into(), code: "not_found" })?;
-    Ok((files, caller.map_or_else(|| "open".to_string(), |c| c.key)))
+    Ok((files, caller.map_or_else(|| crate::batch::OPEN_OWNER.to_string(), |c| c.key)))
 }
 
 /// Runs a file store operation off the async threads.
@@ -273,6 +276,71 @@ async fn delete_file(
     let (store, gone) = (Arc::clone(files), id.clone());
     blocking(move || store.delete(&owner, &gone)).await?;
     Ok(Json(serde_json::json!({"id": id, "object": "file", "deleted": true})))
+}
+
+/// The batch store and who owns the caller's batches (as for files).
+fn batch_owner(gateway: &Gateway, headers: &HeaderMap) -> Result<(Arc<crate::files::FileStore>, Arc<crate::batch::BatchStore>, String), ApiError> {
+    let (files, owner) = file_owner(gateway, headers)?;
+    let batches = gateway.config.batches.as_ref().ok_or_else(|| ApiError::NotFound { message: "this gateway runs no batches".into(), code: "not_found" })?;
+    Ok((Arc::clone(files), Arc::clone(batches), owner))
+}
+
+/// `POST /v1/batches`: a batch over an uploaded file of `purpose: batch`.
+async fn create_batch(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Body(spec, _): Body<crate::batch::CreateBatch>,
+) -> Result<Json<crate::batch::BatchObject>, ApiError> {
+    let (files, batches, owner) = batch_owner(&gateway, &headers)?;
+    Ok(Json(
+        blocking(move || {
+            let file = files.get(&owner, &spec.input_file_id)?;
+            if file.purpose != "batch" {
+                return Err(ApiError::bad_param("input_file_id", format!("file {} has purpose `{}`, not `batch`", file.id, file.purpose)));
+            }
+            batches.create(&owner, &spec)
+        })
+        .await?,
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/batches?after=ID&limit=N` (newest first, 20 by default, 100 at most).
+async fn list_batches(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<ListQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (_, batches, owner) = batch_owner(&gateway, &headers)?;
+    let limit = query.limit.unwrap_or(20).clamp(1, 100);
+    let (data, has_more) = blocking(move || batches.list(&owner, query.after.as_deref(), limit)).await?;
+    let (first_id, last_id) = (data.first().map(|b| b.id.clone()), data.last().map(|b| b.id.clone()));
+    Ok(Json(serde_json::json!({"object": "list", "data": data, "first_id": first_id, "last_id": last_id, "has_more": has_more})))
+}
+
+/// `GET /v1/batches/{id}`.
+async fn get_batch(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<crate::batch::BatchObject>, ApiError> {
+    let (_, batches, owner) = batch_owner(&gateway, &headers)?;
+    Ok(Json(blocking(move || batches.get(&owner, &id)).await?))
+}
+
+/// `POST /v1/batches/{id}/cancel`.
+async fn cancel_batch(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<crate::batch::BatchObject>, ApiError> {
+    let (_, batches, owner) = batch_owner(&gateway, &headers)?;
+    Ok(Json(blocking(move || batches.cancel(&owner, &id)).await?))
 }
 
 async fn models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<ModelList>, ApiError> {

@@ -88,11 +88,17 @@ impl FileStore {
             return Err(ApiError::bad_param("file", "the file needs a name of 1 to 255 characters"));
         }
         let id = format!("file-{}", hotpot_core::hex(&rand::random::<[u8; 12]>()));
+        self.put(id, owner, filename, purpose, bytes)
+    }
+
+    /// Keeps `bytes` as file `id` of `owner`'s (a batch's output: the same
+    /// id again replaces it, so finishing a batch twice leaves one file).
+    pub fn put(&self, id: String, owner: &str, filename: &str, purpose: &str, bytes: &[u8]) -> Result<FileObject, ApiError> {
         hotpot_core::fsutil::write_atomic(&self.path(&id), bytes).map_err(internal)?;
         let created_at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         self.db()
             .execute(
-                "INSERT INTO files (id, owner, filename, purpose, bytes, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR REPLACE INTO files (id, owner, filename, purpose, bytes, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![id, owner, filename, purpose, bytes.len() as i64, created_at as i64],
             )
             .map_err(internal)?;

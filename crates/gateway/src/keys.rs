@@ -411,20 +411,7 @@ impl KeyStore {
             .ok_or_else(|| ApiError::Unauthorized("missing API key: send `Authorization: Bearer KEY`".into()))?;
         let hash = key_hash(token);
         let mut accounts = self.accounts();
-        if !accounts.contains_key(&hash) {
-            return Err(ApiError::Unauthorized("invalid API key".into()));
-        }
-        let now = now_secs();
-        for (i, h) in chain_of(&accounts, &hash).iter().enumerate() {
-            let a = &accounts[h];
-            let whose = if i == 0 { "this API key".to_string() } else { format!("its parent key {:?}", a.name) };
-            if a.revoked {
-                return Err(ApiError::Unauthorized(format!("{whose} was revoked")));
-            }
-            if a.spec.expires_at.is_some_and(|t| t <= now) {
-                return Err(ApiError::Unauthorized(format!("{whose} has expired")));
-            }
-        }
+        check_standing(&accounts, &hash)?;
         let account = accounts.get_mut(&hash).expect("checked above");
         if let Some(budget) = account.spec.token_budget
             && account.spent >= budget
@@ -442,6 +429,29 @@ impl KeyStore {
             account.bucket -= 1.0;
         }
         Ok(Caller { key: hash, name: account.name.clone() })
+    }
+
+    /// The caller whose key hashes to `hash` (a batch created by that
+    /// key, resumed): refused like [`Self::admit`] when the key or an
+    /// ancestor is gone, revoked or expired; no rate limit applies.
+    pub fn caller_of(&self, hash: &str) -> Result<Caller, ApiError> {
+        let accounts = self.accounts();
+        check_standing(&accounts, hash)?;
+        Ok(Caller { key: hash.to_string(), name: accounts[hash].name.clone() })
+    }
+
+    /// Whether `caller`'s spend log holds a charge for `session`.
+    pub fn charged(&self, caller: &Caller, session: &str) -> Result<bool, ApiError> {
+        Ok(self.spend_log(caller)?.entries.iter().any(|e| e.session == session))
+    }
+
+    /// Charges `tokens` to `caller` and its ancestors outside any request
+    /// (a batch line whose charge a crash cut short), and logs it.
+    pub fn charge_tokens(&self, caller: &Caller, session: &str, model: &str, tokens: u64) {
+        let chain = chain_of(&self.accounts(), &caller.key);
+        self.charge(&chain, tokens, 0);
+        let charge = Charge { session: session.to_string(), model: model.to_string(), positions: tokens, tokens, amount: Credits::ZERO, balance_after: None };
+        self.log_charge(caller, charge);
     }
 
     /// Whether `caller` and its ancestors may use the model named by any
@@ -768,6 +778,26 @@ impl KeyStore {
 }
 
 /// `hash` and its ancestors, nearest first (empty for an unknown key).
+/// Refuses a key that is unknown, or that (or whose ancestor) is revoked
+/// or expired.
+fn check_standing(accounts: &HashMap<String, Account>, hash: &str) -> Result<(), ApiError> {
+    if !accounts.contains_key(hash) {
+        return Err(ApiError::Unauthorized("invalid API key".into()));
+    }
+    let now = now_secs();
+    for (i, h) in chain_of(accounts, hash).iter().enumerate() {
+        let a = &accounts[h];
+        let whose = if i == 0 { "this API key".to_string() } else { format!("its parent key {:?}", a.name) };
+        if a.revoked {
+            return Err(ApiError::Unauthorized(format!("{whose} was revoked")));
+        }
+        if a.spec.expires_at.is_some_and(|t| t <= now) {
+            return Err(ApiError::Unauthorized(format!("{whose} has expired")));
+        }
+    }
+    Ok(())
+}
+
 fn chain_of(accounts: &HashMap<String, Account>, hash: &str) -> Vec<String> {
     let mut chain = Vec::new();
     let mut at = accounts.get(hash).map(|_| hash.to_string());

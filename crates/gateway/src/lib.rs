@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod batch;
 pub mod chain;
 pub mod constrain;
 pub mod directory;

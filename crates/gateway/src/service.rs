@@ -52,6 +52,8 @@ pub struct GatewayConfig {
     pub market: Option<Arc<Market>>,
     /// Uploaded files (`/v1/files`; `None`: no file routes).
     pub files: Option<Arc<crate::files::FileStore>>,
+    /// Batches (`/v1/batches`; needs `files`).
+    pub batches: Option<Arc<crate::batch::BatchStore>>,
 }
 
 impl GatewayConfig {
@@ -71,6 +73,7 @@ impl GatewayConfig {
             speculation: None,
             market: None,
             files: None,
+            batches: None,
         }
     }
 }
@@ -111,6 +114,23 @@ pub(crate) struct RequestPlan {
     pub reserve: u64,
     /// Most the request pays per 1,000 positions, nodes and fee together.
     pub max_price: Option<hotpot_core::Credits>,
+    /// How nodes schedule its sessions (batch lines run behind interactive
+    /// requests).
+    pub priority: hotpot_wire::Priority,
+    /// Charges wait for this (a batch line's answer kept on disk first).
+    pub commit: Option<Commit>,
+}
+
+/// Holds a request's charges until its answer is kept: a batch line is
+/// charged only once its answer is on disk, so a crash in between loses
+/// no charge of an answer that is kept, and charges no answer that is lost
+/// (the line runs again).
+pub(crate) struct Commit {
+    /// Becomes true once the answer is kept; dropped without that, the
+    /// sessions close without charging.
+    pub kept: tokio::sync::watch::Receiver<bool>,
+    /// Dropped once every session of the request has been charged.
+    pub charged: tokio::sync::oneshot::Sender<()>,
 }
 
 /// What a request's sessions report, in the order they report it.
@@ -136,7 +156,7 @@ impl Gateway {
         if let Some(keys) = &config.keys {
             keys.set_signer(network.key().clone());
         }
-        Arc::new(Self {
+        let gateway = Arc::new(Self {
             model,
             client,
             network,
@@ -147,7 +167,11 @@ impl Gateway {
             auditor,
             prep: crate::prep::Prep::start(),
             grammars: std::sync::OnceLock::new(),
-        })
+        });
+        if let (Some(batches), Some(files)) = (&gateway.config.batches, &gateway.config.files) {
+            tokio::spawn(crate::batch::run(Arc::clone(&gateway), Arc::clone(batches), Arc::clone(files)));
+        }
+        gateway
     }
 
     /// Grammars over the model's vocabulary (built on first use).
@@ -226,7 +250,7 @@ impl Gateway {
     }
 
     /// Opens a route over the swarm for one session of `max_len` positions.
-    async fn open_chain(&self, max_len: usize, admitted: bool, node_price_cap: Option<u64>) -> Result<RemoteChain, ApiError> {
+    async fn open_chain(&self, max_len: usize, admitted: bool, node_price_cap: Option<u64>, priority: hotpot_wire::Priority) -> Result<RemoteChain, ApiError> {
         let context = ChainContext {
             network: self.network.clone(),
             directory: self.directory.clone(),
@@ -240,7 +264,7 @@ impl Gateway {
                 Arc::new(move |peer: &hotpot_net::PeerId| market.staked_enough(peer)) as crate::chain::Eligible
             }),
         };
-        let mut config = ChainConfig { max_len: max_len + 1, max_price_per_1k: node_price_cap, ..self.config.chain.clone() };
+        let mut config = ChainConfig { max_len: max_len + 1, max_price_per_1k: node_price_cap, priority, ..self.config.chain.clone() };
         if admitted {
             // A later session of a request already being answered waits
             // its turn rather than fail the answer part-way.
@@ -266,9 +290,11 @@ impl Gateway {
         let slots = Arc::new(tokio::sync::Semaphore::new(self.config.parallel_sessions.max(1)));
         let mut jobs = plan.jobs.into_iter();
         let first: Vec<ChoiceJob> = jobs.by_ref().take(self.config.parallel_sessions.max(1)).collect();
-        let opened = futures::future::join_all(first.iter().map(|job| self.open_chain(self.session_len(job), false, cap))).await;
+        let opened = futures::future::join_all(first.iter().map(|job| self.open_chain(self.session_len(job), false, cap, plan.priority))).await;
         let chains = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
-        let request = Arc::new(RequestRun { id: plan.id, caller: plan.caller, reservation, credits, credit_limits, started });
+        let priority = plan.priority;
+        let (kept, charged) = plan.commit.map(|c| (c.kept, c.charged)).unzip();
+        let request = Arc::new(RequestRun { id: plan.id, caller: plan.caller, reservation, credits, credit_limits, started, kept, _charged: charged });
         // Small buffers: a listener that leaves is noticed within a token or two.
         let (tx, rx) = mpsc::channel(4);
         for (job, chain) in first.into_iter().zip(chains) {
@@ -285,7 +311,7 @@ impl Gateway {
                     if tx.is_closed() {
                         return;
                     }
-                    match gateway.open_chain(gateway.session_len(&job), true, cap).await {
+                    match gateway.open_chain(gateway.session_len(&job), true, cap, priority).await {
                         Ok(chain) => {
                             let (gateway, tx, request) = (Arc::clone(&gateway), tx.clone(), Arc::clone(&request));
                             tokio::spawn(async move { gateway.run_session(job, chain, &request, tx, permit).await });
@@ -368,6 +394,14 @@ impl Gateway {
         }
         // The answer is complete: the nodes' receipts need not hold it up.
         drop((sink, tx));
+        if let Some(kept) = &request.kept
+            && kept.clone().wait_for(|kept| *kept).await.is_err()
+        {
+            // The answer was not kept: it will be asked for again, and
+            // charged then.
+            chain.close().await;
+            return;
+        }
         let receipts = chain.close_with_receipts(crate::market::receipts_for(self.network.key(), &outcome.record)).await;
         let cost = self.config.market.as_ref().map_or(hotpot_core::Credits::ZERO, |m| m.settle(&outcome.record, &receipts, request.credits.as_ref()));
         if let Some(limits) = &request.credit_limits {
@@ -436,6 +470,10 @@ struct RequestRun {
     /// The same amount held against the key's credit limits.
     credit_limits: Option<CreditReservation>,
     started: Instant,
+    /// A batch line's: charges wait until its answer is kept.
+    kept: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Dropped with the request, once its every session is charged.
+    _charged: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// A session's events on their way to the request, timed for metrics.
