@@ -214,6 +214,11 @@ fn structured_outputs_and_tools() {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     println!("{stdout}");
     assert!(out.status.success() && stdout.contains("all structured output checks passed"), "Qwen:\n{stdout}\n{stderr}");
+    // The Responses API: text, function tools, streamed and not.
+    let out = python("responses.py", &[&up.base_url, "qwen2.5-coder-1.5b"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    println!("{stdout}");
+    assert!(out.status.success() && stdout.contains("all responses checks passed"), "Responses:\n{stdout}\n{stderr}");
 }
 
 /// The Batch API (issue 14, acceptance 3 and 5): 200 chat requests and

@@ -27,6 +27,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(responses))
         .route("/v1/models", get(models))
         .route("/v1/hotpot/key", get(key_status))
         .route("/v1/hotpot/keys", post(mint_key))
@@ -121,6 +122,15 @@ async fn completions(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, Bo
     let (plan, shape) = gateway.prep.run(size, move || plan::completions(&prepared, caller, request)).await??;
     let events = gateway.start(plan).await?;
     render::completions(gateway, shape, events).await
+}
+
+async fn responses(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Body(request, size): Body<crate::responses::ResponsesRequest>,
+) -> Result<Response, ApiError> {
+    let caller = gateway.authorize(&headers)?;
+    crate::responses::respond(gateway, caller, request, size).await
 }
 
 /// `GET /v1/hotpot/key`: the calling key's budget, spending and holds.

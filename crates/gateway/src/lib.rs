@@ -26,6 +26,7 @@ pub mod openai;
 mod plan;
 mod prep;
 mod render;
+pub mod responses;
 pub mod route;
 mod service;
 pub mod session;
