@@ -223,7 +223,7 @@ pub fn session_job(client: &ClientParts, args: &RunArgs, entry: &ModelEntry) -> 
     }
     params.max_tokens = params.max_tokens.min(context - tokens.len());
     let job = ChoiceJob { index: 0, prompt: tokens, params, prompt_logprobs: None, bills_prompt: true, speculation: None, grammar: None };
-    let session = SessionContext { id: "run".into(), caller: None, model: entry.name.clone(), model_id: entry.id };
+    let session = SessionContext { id: "run".into(), caller: None, model: entry.name.clone(), model_id: entry.id, heads: None };
     Ok((job, (session, context)))
 }
 

@@ -541,7 +541,7 @@ pub struct ServingArgs {
     pub accuser_share: u32,
     /// Batch requests (`/v1/batches`) run at once, at batch priority on the
     /// nodes (interactive requests go first there).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     pub batch_parallel: usize,
     /// Where uploaded files (`files/`) and batches (`batches.sqlite`) are
     /// kept [default: $HOTPOT_HOME].

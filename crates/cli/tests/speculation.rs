@@ -228,7 +228,7 @@ fn speculative_sampling_keeps_the_distribution() {
         };
         let job =
             ChoiceJob { index: 0, prompt: prompt.clone(), params, prompt_logprobs: None, bills_prompt: true, speculation: speculation.clone(), grammar: None };
-        (job, SessionContext { id: format!("s{seed}"), caller: None, model: "smollm2-135m".into(), model_id })
+        (job, SessionContext { id: format!("s{seed}"), caller: None, model: "smollm2-135m".into(), model_id, heads: None })
     };
     // Sessions of `seeds` seeds in this process, or through `chain`.
     let sample = |speculation: Option<Speculation>, seeds: u64, mut chain: Option<&mut RemoteChain>| -> (HashMap<Vec<u32>, u64>, (usize, usize)) {

@@ -18,6 +18,7 @@ pub mod constrain;
 pub mod directory;
 mod error;
 pub mod files;
+pub mod heads;
 pub mod http;
 pub mod keys;
 pub mod market;

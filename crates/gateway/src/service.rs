@@ -2,7 +2,7 @@
 //! swarm — reserve the key's budget, open every choice's route, drive each
 //! session — and hands every session's record to its sinks.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hotpot_core::ModelId;
@@ -103,6 +103,11 @@ pub struct Gateway {
     pub(crate) prep: crate::prep::Prep,
     /// The model's vocabulary for constrained decoding, built on first use.
     grammars: std::sync::OnceLock<Result<crate::constrain::Grammars, String>>,
+    /// Interactive requests waiting for their first token (batch sessions
+    /// hold their steps meanwhile).
+    interactive: Arc<Yield>,
+    /// Every session's logits, computed together.
+    heads: Option<Arc<crate::heads::Heads>>,
 }
 
 /// A request, planned: who pays, the sessions to run, and the most tokens
@@ -158,7 +163,7 @@ impl Gateway {
         }
         let gateway = Arc::new(Self {
             model,
-            client,
+            client: Arc::clone(&client),
             network,
             directory,
             metrics,
@@ -167,6 +172,11 @@ impl Gateway {
             auditor,
             prep: crate::prep::Prep::start(),
             grammars: std::sync::OnceLock::new(),
+            interactive: Arc::default(),
+            heads: crate::heads::Heads::start(Arc::clone(&client))
+                .map(Arc::new)
+                .map_err(|e| tracing::warn!(error = %e, "no head thread; each session computes its own logits"))
+                .ok(),
         });
         if let (Some(batches), Some(files)) = (&gateway.config.batches, &gateway.config.files) {
             tokio::spawn(crate::batch::run(Arc::clone(&gateway), Arc::clone(batches), Arc::clone(files)));
@@ -281,6 +291,7 @@ impl Gateway {
     /// recorded — whether or not anyone still reads the events.
     pub(crate) async fn start(self: &Arc<Self>, plan: RequestPlan) -> Result<RequestEvents, ApiError> {
         let started = Instant::now();
+        let waiting = (plan.priority == hotpot_wire::Priority::Interactive).then(|| self.interactive.hold());
         let reservation = match (&plan.caller, &self.config.keys) {
             (Some(caller), Some(keys)) => Some(keys.reserve(caller, plan.reserve)?),
             _ => None,
@@ -294,7 +305,18 @@ impl Gateway {
         let chains = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
         let priority = plan.priority;
         let (kept, charged) = plan.commit.map(|c| (c.kept, c.charged)).unzip();
-        let request = Arc::new(RequestRun { id: plan.id, caller: plan.caller, reservation, credits, credit_limits, started, kept, _charged: charged });
+        let request = Arc::new(RequestRun {
+            id: plan.id,
+            caller: plan.caller,
+            reservation,
+            credits,
+            credit_limits,
+            started,
+            priority,
+            first_token: Arc::new(Mutex::new(waiting)),
+            kept,
+            _charged: charged,
+        });
         // Small buffers: a listener that leaves is noticed within a token or two.
         let (tx, rx) = mpsc::channel(4);
         for (job, chain) in first.into_iter().zip(chains) {
@@ -383,11 +405,18 @@ impl Gateway {
             caller: request.caller.as_ref().map(|c| c.name.clone()),
             model: self.model.name.clone(),
             model_id: self.model.id,
+            heads: self.heads.clone(),
         };
         let reservation = request.reservation.as_ref();
-        let mut sink = Metered { tx: tx.clone(), metrics: Arc::clone(&self.metrics), started: request.started, last: None };
+        let mut sink =
+            Metered { tx: tx.clone(), metrics: Arc::clone(&self.metrics), started: request.started, last: None, first_token: Arc::clone(&request.first_token) };
         job.speculation.clone_from(&self.config.speculation);
-        let outcome = drive(&self.client, &mut chain, &job, &context, &mut sink).await;
+        let outcome = if request.priority == hotpot_wire::Priority::Batch {
+            let mut background = Background { chain: &mut chain, interactive: Arc::clone(&self.interactive) };
+            drive(&self.client, &mut background, &job, &context, &mut sink).await
+        } else {
+            drive(&self.client, &mut chain, &job, &context, &mut sink).await
+        };
         let transcripts = self.auditor.as_ref().map(|_| chain.transcripts());
         if let Some(e) = outcome.error {
             let _ = tx.send(Err(e.into())).await;
@@ -470,6 +499,10 @@ struct RequestRun {
     /// The same amount held against the key's credit limits.
     credit_limits: Option<CreditReservation>,
     started: Instant,
+    priority: hotpot_wire::Priority,
+    /// An interactive request's place among those waiting for a first
+    /// token (let go at its first token, or when it ends).
+    first_token: Arc<Mutex<Option<YieldGuard>>>,
     /// A batch line's: charges wait until its answer is kept.
     kept: Option<tokio::sync::watch::Receiver<bool>>,
     /// Dropped with the request, once its every session is charged.
@@ -482,6 +515,7 @@ struct Metered {
     metrics: Arc<Metrics>,
     started: Instant,
     last: Option<Instant>,
+    first_token: Arc<Mutex<Option<YieldGuard>>>,
 }
 
 impl EventSink for Metered {
@@ -489,11 +523,93 @@ impl EventSink for Metered {
         if matches!(event, SessionEvent::Token { .. }) {
             let now = Instant::now();
             match self.last {
-                None => self.metrics.time_to_first_token.observe(now.duration_since(self.started).as_secs_f64()),
+                None => {
+                    self.metrics.time_to_first_token.observe(now.duration_since(self.started).as_secs_f64());
+                    self.first_token.lock().unwrap_or_else(|e| e.into_inner()).take();
+                }
                 Some(previous) => self.metrics.token_latency.observe(now.duration_since(previous).as_secs_f64()),
             }
             self.last = Some(now);
         }
         self.tx.send(Ok(event)).await.is_ok()
+    }
+}
+
+/// Longest a batch step waits for interactive requests to get their first
+/// token (so that a steady interactive load slows batches, never stops them).
+const MAX_YIELD: Duration = Duration::from_secs(2);
+
+/// Interactive requests waiting for their first token. Batch sessions
+/// step only while there are none: on a machine whose CPUs a batch keeps
+/// busy (the gateway's sampling, the nodes' passes), an interactive
+/// answer starts almost as fast as on an idle one.
+#[derive(Debug, Default)]
+pub(crate) struct Yield {
+    waiting: std::sync::atomic::AtomicUsize,
+    clear: tokio::sync::Notify,
+}
+
+impl Yield {
+    fn hold(self: &Arc<Self>) -> YieldGuard {
+        self.waiting.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        YieldGuard(Arc::clone(self))
+    }
+
+    /// Returns once no interactive request waits, or after [`MAX_YIELD`].
+    async fn wait(&self) {
+        let deadline = tokio::time::Instant::now() + MAX_YIELD;
+        loop {
+            let notified = self.clear.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.waiting.load(std::sync::atomic::Ordering::Acquire) == 0 || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct YieldGuard(Arc<Yield>);
+
+impl Drop for YieldGuard {
+    fn drop(&mut self) {
+        if self.0.waiting.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.0.clear.notify_waiters();
+        }
+    }
+}
+
+/// A batch session's route: each step first lets waiting interactive
+/// requests go ahead.
+struct Background<'a> {
+    chain: &'a mut RemoteChain,
+    interactive: Arc<Yield>,
+}
+
+impl crate::session::Pipeline for Background<'_> {
+    async fn forward(&mut self, hidden: hotpot_engine::HiddenStates, start: usize) -> Result<hotpot_engine::HiddenStates, crate::chain::ChainError> {
+        self.interactive.wait().await;
+        self.chain.forward(hidden, start).await
+    }
+
+    async fn truncate(&mut self, len: usize) -> Result<(), crate::chain::ChainError> {
+        self.chain.truncate(len).await
+    }
+
+    async fn close(&mut self) {
+        self.chain.close().await;
+    }
+
+    fn stages(&self) -> Vec<crate::chain::StageRecord> {
+        self.chain.stage_records()
+    }
+
+    fn transcripts(&self) -> Vec<crate::chain::StageTranscript> {
+        self.chain.transcripts()
+    }
+
+    fn failovers(&self) -> usize {
+        self.chain.failovers()
     }
 }

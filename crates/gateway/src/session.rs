@@ -274,6 +274,9 @@ pub struct SessionContext {
     pub caller: Option<String>,
     pub model: String,
     pub model_id: ModelId,
+    /// Where logits are computed together with other sessions' (a
+    /// gateway's); `None`: in place.
+    pub heads: Option<Arc<crate::heads::Heads>>,
 }
 
 /// Runs one session to its end through `pipeline`, sending its events to
@@ -344,8 +347,12 @@ pub async fn drive<P: Pipeline>(client: &Arc<ClientParts>, pipeline: &mut P, job
             let first = feed.len() - drafts.len() - 1;
             let dim = out.dim();
             let rows = HiddenStates::new(drafts.len() + 1, dim, out.as_slice()[first * dim..].to_vec())?;
-            let logits = compute(|| client.logits(&rows))?;
-            let vocab = logits.len() / rows.rows();
+            let n_rows = rows.rows();
+            let logits = match &context.heads {
+                Some(heads) => heads.logits(rows).await?,
+                None => compute(|| client.logits(&rows))?,
+            };
+            let vocab = logits.len() / n_rows;
             let mut kept = 0;
             for (i, row) in logits.chunks_exact(vocab).enumerate() {
                 let (step, kept_draft) = match (drafts.get(i), &speculator, &mut constraint) {

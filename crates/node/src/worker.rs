@@ -726,6 +726,11 @@ impl Worker {
                 None => return NodeMessage::busy(RETRY_FULL, format!("all {} session slots are taken", self.config.max_sessions)),
             }
         }
+        // Batch sessions leave a quarter of the slots to interactive ones.
+        let batch_slots = self.config.max_sessions - self.config.max_sessions / 4;
+        if open.priority == Priority::Batch && self.sessions.values().filter(|s| s.priority == Priority::Batch).count() >= batch_slots {
+            return NodeMessage::busy(RETRY_FULL, format!("batch sessions may take {batch_slots} of the {} session slots", self.config.max_sessions));
+        }
         // The cache grows with the session; opening needs room for its first chunk.
         if self.kv_bytes() + cache.memory_bytes_for(1) > self.config.kv_budget_bytes {
             return NodeMessage::busy(RETRY_FULL, "the node's KV-cache memory is in use");
