@@ -5,7 +5,7 @@ llama-server user does). Prints one JSON line: wall time, generated tokens,
 tokens/s, and interactive time to first token (median of 8 probes) when
 idle and while the work runs.
 
-  python3 bench/batch.py batch|direct BASE_URL MODEL N TOKENS
+  python3 bench/batch.py batch|direct BASE_URL MODEL|auto N TOKENS
 """
 
 import concurrent.futures
@@ -21,6 +21,8 @@ from openai import OpenAI
 
 mode, base_url, model, n, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 api = OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=3600)
+if model == "auto":
+    model = api.models.list().data[0].id
 TOPICS = ["the sea", "a cat", "bread", "rain", "a train", "music", "snow", "a garden", "coffee", "the moon"]
 
 

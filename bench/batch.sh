@@ -46,6 +46,6 @@ for p in $PARALLEL; do
     HOTPOT_HOME="$WORK/home" "$HOTPOT" up --model "$MODEL" --nodes 3 --port 8796 -t "$THREADS" --no-audits --batch-parallel "$p" --data-dir "$WORK/data" >"$WORK/up.log" 2>&1 &
     SERVER=$!
     wait_for http://127.0.0.1:8796/v1
-    row "$(python3 bench/batch.py batch http://127.0.0.1:8796/v1 smollm2-135m "$N" 128)" "hotpot up --nodes 3, Batch API (--batch-parallel $p)"
+    row "$(python3 bench/batch.py batch http://127.0.0.1:8796/v1 auto "$N" 128)" "hotpot up --nodes 3, Batch API (--batch-parallel $p)"
     stop
 done

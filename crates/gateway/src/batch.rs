@@ -776,19 +776,17 @@ impl LineRun {
             let mut request: crate::openai::ChatRequest = serde_json::from_str(body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))?;
             request.stream = false;
             let prepared = Arc::clone(gateway);
-            let (mut plan, mut shape) = gateway.prep.run(size, move || crate::plan::chat(&prepared, caller, request)).await??;
+            let (plan, mut shape) = gateway.prep.run(size, move || crate::plan::chat(&prepared, caller, request)).await??;
             shape.id = format!("chatcmpl-{request_id}");
-            (plan.id, plan.priority, plan.commit) = (request_id.to_string(), hotpot_wire::Priority::Batch, Some(commit));
-            let events = gateway.start(plan).await?;
+            let events = gateway.start(plan.batch_line(request_id, commit)).await?;
             crate::render::chat(Arc::clone(gateway), shape, events).await
         } else {
             let mut request: crate::openai::CompletionRequest = serde_json::from_str(body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))?;
             request.stream = false;
             let prepared = Arc::clone(gateway);
-            let (mut plan, mut shape) = gateway.prep.run(size, move || crate::plan::completions(&prepared, caller, request)).await??;
+            let (plan, mut shape) = gateway.prep.run(size, move || crate::plan::completions(&prepared, caller, request)).await??;
             shape.id = format!("cmpl-{request_id}");
-            (plan.id, plan.priority, plan.commit) = (request_id.to_string(), hotpot_wire::Priority::Batch, Some(commit));
-            let events = gateway.start(plan).await?;
+            let events = gateway.start(plan.batch_line(request_id, commit)).await?;
             crate::render::completions(Arc::clone(gateway), shape, events).await
         };
         let response = response.unwrap_or_else(axum::response::IntoResponse::into_response);

@@ -320,18 +320,7 @@ pub(crate) fn chat(gateway: &Gateway, caller: Option<Caller>, request: ChatReque
         logprobs: request.logprobs,
         tools: tool_names,
     };
-    Ok((
-        RequestPlan {
-            id: shape.id.clone(),
-            caller,
-            jobs,
-            reserve,
-            max_price: request.hotpot.and_then(|h| h.max_price),
-            priority: hotpot_wire::Priority::Interactive,
-            commit: None,
-        },
-        shape,
-    ))
+    Ok((RequestPlan::new(shape.id.clone(), caller, jobs, reserve, request.hotpot.and_then(|h| h.max_price)), shape))
 }
 
 /// What rendering a completion needs besides the events.
@@ -457,16 +446,5 @@ pub(crate) fn completions(gateway: &Gateway, caller: Option<Caller>, request: Co
         echo: request.echo,
         logprobs: top,
     };
-    Ok((
-        RequestPlan {
-            id: shape.id.clone(),
-            caller,
-            jobs,
-            reserve,
-            max_price: request.hotpot.and_then(|h| h.max_price),
-            priority: hotpot_wire::Priority::Interactive,
-            commit: None,
-        },
-        shape,
-    ))
+    Ok((RequestPlan::new(shape.id.clone(), caller, jobs, reserve, request.hotpot.and_then(|h| h.max_price)), shape))
 }

@@ -126,6 +126,19 @@ pub(crate) struct RequestPlan {
     pub commit: Option<Commit>,
 }
 
+impl RequestPlan {
+    /// An interactive request's plan.
+    pub(crate) fn new(id: String, caller: Option<Caller>, jobs: Vec<ChoiceJob>, reserve: u64, max_price: Option<hotpot_core::Credits>) -> Self {
+        Self { id, caller, jobs, reserve, max_price, priority: hotpot_wire::Priority::Interactive, commit: None }
+    }
+
+    /// The same plan as a batch line: its id, batch priority, charges held
+    /// until `commit`.
+    pub(crate) fn batch_line(self, id: &str, commit: Commit) -> Self {
+        Self { id: id.to_string(), priority: hotpot_wire::Priority::Batch, commit: Some(commit), ..self }
+    }
+}
+
 /// Holds a request's charges until its answer is kept: a batch line is
 /// charged only once its answer is on disk, so a crash in between loses
 /// no charge of an answer that is kept, and charges no answer that is lost
