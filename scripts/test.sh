@@ -17,6 +17,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 # The gateway tests use the official OpenAI client.
 python3 -m pip install -q --disable-pip-version-check openai jsonschema
+# The chain tests: the pinned Solidity compiler (solcjs) and a local chain
+# (anvil), both from npm, into contracts/node_modules.
+command -v npm >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nodejs npm; }
+npm ci --prefix contracts --no-audit --no-fund --loglevel=error
 
 # One build for everything, with the red team's cheating nodes (feature
 # `redteam`) that the verification tests need.
