@@ -14,17 +14,21 @@
 //! - [`Market`]: deploy, deposit, stake, unstake, withdraw, settle, claim,
 //!   slash and the views, with reverts decoded into [`ChainError`]s that
 //!   name the cause;
+//! - [`Outbox`]: signed receipts kept until seen settled, settled in
+//!   batches without sending any twice;
 //! - [`LocalChain`]: a local `anvil` (from the npm package
 //!   `@foundry-rs/anvil-linux-amd64`) for tests and `hotpot up --chain`.
 
 mod anvil;
 mod market;
+mod outbox;
 mod signed;
 mod wallet;
 
 pub use alloy::primitives::{Address, B256, U256};
 pub use anvil::{ANVIL_PACKAGE, LocalChain, find_anvil};
 pub use market::{Config, GatewayRow, Market, MarketView, NodeRow, Sent};
+pub use outbox::{MAX_BATCH, OUTBOX_SCHEMA_VERSION, Outbox, Settled};
 pub use signed::{ChainReceipt, Conviction, SignedConviction, sort_signatures};
 pub use wallet::{Wallet, WalletBinding};
 
@@ -34,6 +38,11 @@ alloy::sol!(
     HotpotMarket,
     "../../contracts/HotpotMarket.json"
 );
+
+/// An amount of the chain's coin ("1.5") in wei.
+pub fn parse_coin(text: &str) -> Result<U256, ChainError> {
+    alloy::primitives::utils::parse_ether(text.trim()).map_err(|e| ChainError::Invalid(format!("{text:?}: {e}")))
+}
 
 /// Why a chain operation failed.
 #[derive(Debug, thiserror::Error)]

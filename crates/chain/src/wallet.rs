@@ -54,6 +54,11 @@ impl Wallet {
         }
     }
 
+    /// A fresh random wallet, kept nowhere (for this run only).
+    pub fn random() -> Self {
+        Self { signer: PrivateKeySigner::random(), path: None }
+    }
+
     /// A wallet from a private key (hex, with or without 0x).
     pub fn from_hex(hex: &str) -> Result<Self, ChainError> {
         let bytes: B256 = hex

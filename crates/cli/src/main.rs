@@ -1,6 +1,7 @@
 //! `hotpot`: one binary for every role in a Hotpot network.
 
 mod bench;
+mod chain;
 mod ledger;
 mod receipts;
 mod run;
@@ -56,6 +57,9 @@ enum Command {
     /// The receipts this machine's nodes countersigned and its gateway
     /// signed; `verify FILE` checks an exported set offline.
     Receipts(receipts::ReceiptsArgs),
+    /// The market contract on an EVM chain: deploy, register gateways,
+    /// deposit, stake, unstake, withdraw, claim, settle, status.
+    Chain(chain::ChainCommandArgs),
     /// Check a key's spend log (GET /v1/hotpot/spend) offline.
     Spend(spend::SpendArgs),
     /// Re-check an evidence file of cheating, with the model.
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
         Command::Swarm(SwarmCommand::Status(args)) => swarm::status(&args),
         Command::Ledger(args) => ledger::ledger(&args),
         Command::Receipts(args) => receipts::receipts(&args),
+        Command::Chain(args) => chain::chain(&args),
         Command::Spend(args) => spend::spend(&args),
         Command::Verify(args) => verify::verify(&args),
         Command::Calibrate(args) => verify::calibrate(&args),

@@ -168,6 +168,18 @@ impl Store {
         self.home.join("receipts.sqlite")
     }
 
+    /// Where this machine's nodes keep the receipts gateways signed for
+    /// the market contract (`hotpot chain settle` reads them).
+    pub fn chain_receipts_path(&self) -> PathBuf {
+        self.home.join("chain-receipts.sqlite")
+    }
+
+    /// Where this machine's gateway keeps the receipts it signed for the
+    /// market contract until they are settled.
+    pub fn gateway_chain_receipts_path(&self) -> PathBuf {
+        self.home.join("gateway-chain-receipts.sqlite")
+    }
+
     /// Where gateways write evidence of cheating.
     pub fn evidence_dir(&self) -> PathBuf {
         self.home.join("evidence")

@@ -80,6 +80,8 @@ pub struct NodeArgs {
     /// attention-window, replay, other-span, alter-input, weights:FILE).
     #[arg(long, hide = true)]
     pub redteam: Option<String>,
+    #[command(flatten)]
+    pub chain: crate::chain::ChainArgs,
 }
 
 /// Audit options of the gateway.
@@ -246,7 +248,25 @@ pub fn node(args: &NodeArgs) -> Result<()> {
         Some(path) => Identity::load(path)?,
         None => Identity::ephemeral(),
     };
+    let chain = match args.chain.wallet()? {
+        Some(wallet) => Some((wallet.clone(), hotpot_node::NodeChain {
+            wallet: crate::chain::wallet_proof(&wallet, &identity.key)?,
+            receipts: match &args.chain.chain_receipts {
+                Some(path) => path.clone(),
+                None => Store::from_env()?.chain_receipts_path(),
+            },
+        })),
+        None => None,
+    };
     runtime()?.block_on(async {
+        if let (Some((wallet, _)), Some(rpc), Some(market)) = (&chain, &args.chain.chain_rpc, args.chain.market) {
+            let market = hotpot_chain::Market::connect(rpc, wallet, market).await?;
+            let stake = market.stake_of(wallet.address()).await?;
+            println!("stake on chain {}: {stake} wei (market {})", market.chain_id(), market.address());
+            if stake.is_zero() {
+                eprintln!("warning: this node has nothing at stake; gateways that ask for a stake will not route through it (hotpot chain stake)");
+            }
+        }
         let network = Network::start(NetworkConfig {
             key: identity.key.clone(),
             listen: args.listen.clone(),
@@ -274,6 +294,7 @@ pub fn node(args: &NodeArgs) -> Result<()> {
             device: None,
             sketches: !args.no_sketches,
             cheat,
+            chain: chain.map(|(_, c)| c),
         };
         let running = hotpot_node::start(config, network.clone()).await?;
         println!("serving blocks {} of {} ({}) at {:.1} tokens/s", running.span(), entry.name, running.model(), running.throughput());
@@ -418,7 +439,7 @@ pub fn run_remote(args: &RunArgs) -> Result<()> {
         let outcome = hotpot_gateway::drive(&client, &mut chain, &job, &session, &mut printer).await;
         let label = format!("swarm, {} hops, {} failovers", chain.route().len(), chain.failovers());
         // Nodes get their receipts (nothing is paid: no books here).
-        chain.close_with_receipts(hotpot_gateway::market::receipts_for(network.key(), &outcome.record)).await;
+        chain.close_with_receipts(hotpot_gateway::market::receipts_for(network.key(), &outcome.record).into_iter().map(|r| (r, None)).collect()).await;
         network.shutdown().await;
         printer.report(args, &label, &job, outcome)
     })
@@ -456,6 +477,10 @@ pub struct GatewayArgs {
     pub serving: ServingArgs,
     #[command(flatten)]
     pub latency: LatencyArgs,
+    #[command(flatten)]
+    pub chain: crate::chain::ChainArgs,
+    #[command(flatten)]
+    pub settle: crate::chain::SettleArgs,
 }
 
 /// How the pipeline hides network latency: node-to-node push (on unless
@@ -531,9 +556,10 @@ pub struct ServingArgs {
     /// credits, charged to prepaid keys beside the nodes' prices.
     #[arg(long, default_value = "0")]
     pub fee: hotpot_core::Credits,
-    /// Keep nodes with less than this many credits at stake (`hotpot
-    /// ledger stake`) out of routes (needs --ledger).
-    #[arg(long, default_value = "0", requires = "ledger")]
+    /// Keep nodes with less than this many credits at stake out of routes:
+    /// in the books (`hotpot ledger stake`, needs --ledger), or on the
+    /// chain with --chain-rpc (`hotpot chain stake`).
+    #[arg(long, default_value = "0")]
     pub min_stake: hotpot_core::Credits,
     /// Percent of a convicted node's slashed stake that goes to this
     /// gateway (whose audit convicted it); the rest is burned.
@@ -638,6 +664,50 @@ pub struct UpArgs {
     pub serving: ServingArgs,
     #[command(flatten)]
     pub latency: LatencyArgs,
+    /// Also start a local chain (anvil), deploy the market contract, fund
+    /// and stake the local nodes, and settle their receipts there.
+    #[arg(long)]
+    pub chain: bool,
+    /// The local nodes' price per 1,000 positions, in credits [default: 1
+    /// with --chain, else 0].
+    #[arg(long)]
+    pub price: Option<hotpot_core::Credits>,
+    #[command(flatten)]
+    pub settle: crate::chain::SettleArgs,
+}
+
+/// A local chain for `hotpot up --chain`: anvil, the market deployed by
+/// the gateway's wallet (its owner, registered, with a deposit), and a
+/// funded, staked wallet per local node.
+struct UpChain {
+    chain: hotpot_chain::LocalChain,
+    market: hotpot_chain::Market,
+    gateway: hotpot_chain::Wallet,
+}
+
+impl UpChain {
+    async fn start(store: &Store) -> Result<Self> {
+        let anvil = hotpot_chain::find_anvil(&store.home().join("tools"), true)?;
+        let chain = hotpot_chain::LocalChain::start(&anvil, 0, &store.home().join("anvil.log")).await?;
+        // A fresh chain each run, so a fresh owner: nothing from an earlier
+        // run's market can be taken for this one's.
+        let gateway = hotpot_chain::Wallet::random();
+        chain.fund(gateway.address(), hotpot_chain::parse_coin("10000")?).await?;
+        // One gateway here: its own audits are the quorum.
+        let config = hotpot_chain::Config { unbonding_delay_s: 3600, quorum: 1, ..hotpot_chain::Config::default() };
+        let (market, _) = hotpot_chain::Market::deploy(chain.rpc(), &gateway, &config).await?;
+        market.set_gateway(gateway.address(), true).await?;
+        market.deposit(hotpot_chain::parse_coin("100")?).await?;
+        Ok(Self { chain, market, gateway })
+    }
+
+    /// A funded wallet staking 1 coin, bound to `key`.
+    async fn node(&self, key: &NodeKey, receipts: std::path::PathBuf) -> Result<hotpot_node::NodeChain> {
+        let wallet = hotpot_chain::Wallet::random();
+        self.chain.fund(wallet.address(), hotpot_chain::parse_coin("10")?).await?;
+        hotpot_chain::Market::connect(self.chain.rpc(), &wallet, self.market.address()).await?.stake(hotpot_chain::parse_coin("1")?).await?;
+        Ok(hotpot_node::NodeChain { wallet: crate::chain::wallet_proof(&wallet, key)?, receipts })
+    }
 }
 
 struct GatewayModel {
@@ -666,9 +736,14 @@ async fn serve_http(
     audit: Option<hotpot_gateway::AuditConfig>,
     record_sinks: Vec<Arc<dyn hotpot_gateway::RecordSink>>,
     serving: &ServingArgs,
+    onchain: Option<Arc<hotpot_gateway::OnChain>>,
     listener: tokio::net::TcpListener,
 ) -> Result<()> {
+    if !serving.min_stake.is_zero() && serving.ledger.is_none() && onchain.is_none() {
+        bail!("--min-stake needs stakes to read: --ledger (the books) or --chain-rpc (the chain)");
+    }
     let mut config = hotpot_gateway::GatewayConfig::new(model.name.clone());
+    config.onchain = onchain;
     serving.apply(&mut config);
     config.max_body_bytes = max_body_mb << 20;
     config.audit = audit;
@@ -707,14 +782,33 @@ pub fn gateway(args: &GatewayArgs) -> Result<()> {
     let audit = args.audit.config(&path, Some(device))?;
     let identity = args.identity.identity()?;
     let sinks = args.identity.record_sinks()?;
+    let wallet = args.chain.wallet()?;
     runtime()?.block_on(async {
+        let onchain = match (&args.chain.chain_rpc, args.chain.market, wallet) {
+            (Some(rpc), Some(market), Some(wallet)) => {
+                let config = hotpot_gateway::OnChainConfig {
+                    rpc: rpc.clone(),
+                    market,
+                    wallet,
+                    receipts: match &args.chain.chain_receipts {
+                        Some(path) => path.clone(),
+                        None => Store::from_env()?.gateway_chain_receipts_path(),
+                    },
+                    settle_every: args.settle.settle_every,
+                    settle_after: args.settle.settle_after(),
+                    min_stake: args.serving.min_stake,
+                };
+                Some(hotpot_gateway::OnChain::start(config).await?)
+            }
+            _ => None,
+        };
         let network = join_as_client(&args.peers, args.p2p_listen.clone(), identity.key.clone()).await?;
         println!("gateway peer id: {}", network.peer_id());
         let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
         println!("OpenAI API for {} ({}) at http://{addr}/v1", model.name, model.id);
         let _ = std::io::stdout().flush();
-        serve_http(model, network.clone(), args.api_keys.as_deref(), args.max_body_mb, audit, sinks, &args.serving, listener).await?;
+        serve_http(model, network.clone(), args.api_keys.as_deref(), args.max_body_mb, audit, sinks, &args.serving, onchain, listener).await?;
         eprintln!("shutting down");
         network.shutdown().await;
         Ok(())
@@ -733,13 +827,31 @@ pub fn up(args: &UpArgs) -> Result<()> {
         LayerSpan::split_even(n_blocks, args.nodes).with_context(|| format!("--nodes {} must be between 1 and the model's {n_blocks} blocks", args.nodes))?;
     let identity = args.identity.identity()?;
     let sinks = args.identity.record_sinks()?;
+    let store = Store::from_env()?;
+    let price = args.price.unwrap_or(if args.chain { hotpot_core::Credits::from_micros(1_000_000) } else { hotpot_core::Credits::ZERO });
     runtime()?.block_on(async {
+        let up_chain = if args.chain { Some(UpChain::start(&store).await.context("starting the local chain")?) } else { None };
+        if let Some(c) = &up_chain {
+            println!(
+                "chain: anvil at {} (chain {}), market {} (see: hotpot chain status --rpc {} --market {})",
+                c.chain.rpc(),
+                c.market.chain_id(),
+                c.market.address(),
+                c.chain.rpc(),
+                c.market.address()
+            );
+        }
         let mut networks = Vec::new();
         let mut bootstrap: Option<Multiaddr> = None;
         println!("hotpot up: {} ({}) on {} local node(s) sharing {threads} compute thread(s)", model.name, model.id, spans.len());
         for (i, span) in spans.iter().enumerate() {
+            let key = NodeKey::generate();
+            let node_chain = match &up_chain {
+                Some(c) => Some(c.node(&key, store.chain_receipts_path()).await?),
+                None => None,
+            };
             let network = Network::start(NetworkConfig {
-                key: NodeKey::generate(),
+                key,
                 listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?],
                 join: bootstrap.iter().cloned().collect(),
                 dht_server: true,
@@ -752,7 +864,9 @@ pub fn up(args: &UpArgs) -> Result<()> {
                 model_name: model.name.clone(),
                 blocks: BlockChoice::Fixed(*span),
                 device: Some(device.clone()),
-                receipts: Some(Store::from_env()?.receipts_path()),
+                receipts: Some(store.receipts_path()),
+                price_per_1k: price.micros(),
+                chain: node_chain,
                 ..NodeConfig::default()
             };
             let node = hotpot_node::start(config, network.clone()).await?;
@@ -779,7 +893,22 @@ pub fn up(args: &UpArgs) -> Result<()> {
         println!("Ctrl-C stops everything.");
         let _ = std::io::stdout().flush();
         let audit = args.audit.config(&path, Some(device.clone()))?;
-        serve_http(model, gateway_net.clone(), args.api_keys.as_deref(), 4, audit, sinks, &args.serving, listener).await?;
+        let onchain = match &up_chain {
+            Some(c) => Some(
+                hotpot_gateway::OnChain::start(hotpot_gateway::OnChainConfig {
+                    rpc: c.chain.rpc().to_string(),
+                    market: c.market.address(),
+                    wallet: c.gateway.clone(),
+                    receipts: store.gateway_chain_receipts_path(),
+                    settle_every: args.settle.settle_every,
+                    settle_after: args.settle.settle_after(),
+                    min_stake: args.serving.min_stake,
+                })
+                .await?,
+            ),
+            None => None,
+        };
+        serve_http(model, gateway_net.clone(), args.api_keys.as_deref(), 4, audit, sinks, &args.serving, onchain, listener).await?;
         eprintln!("shutting down");
         gateway_net.shutdown().await;
         for (node, network) in networks.iter().rev() {

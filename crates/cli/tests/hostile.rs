@@ -618,7 +618,7 @@ fn receipts_are_countersigned_only_when_they_match() {
             Receipt::sign(key, id, model, node_id, span, positions, price, root, 1_700_000_000_000)
         };
         let two = Credits::from_credits(2).expect("fits");
-        let send = |r: Receipt| ClientMessage::Receipt(Box::new(r));
+        let send = |r: Receipt| ClientMessage::Receipt(Box::new(r), None);
         let refused = [
             ("signed by another key than the opener", receipt(stranger.key(), 3, two, root)),
             ("one position too many", receipt(gateway.key(), 4, two, root)),

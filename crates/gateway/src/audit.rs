@@ -220,6 +220,11 @@ pub struct Auditor {
     checks: tokio::sync::Semaphore,
     /// Where a conviction voids receipts and slashes stakes.
     market: Option<Arc<crate::market::Market>>,
+    /// The market on a chain, where convictions are co-signed and slashed.
+    onchain: Option<Arc<crate::onchain::OnChain>>,
+    /// This gateway's signatures on convictions (its own and those it
+    /// confirmed), gossiped again with its accusations.
+    cosigned: Mutex<Vec<hotpot_wire::ConvictionSignature>>,
 }
 
 /// Evidence requests served at once.
@@ -239,6 +244,7 @@ impl Auditor {
         config: AuditConfig,
         metrics: Arc<Metrics>,
         market: Option<Arc<crate::market::Market>>,
+        onchain: Option<Arc<crate::onchain::OnChain>>,
     ) -> Arc<Self> {
         let auditor = Arc::new(Self {
             network,
@@ -252,6 +258,8 @@ impl Auditor {
             convictions: Mutex::default(),
             checks: tokio::sync::Semaphore::new(1),
             market,
+            onchain,
+            cosigned: Mutex::default(),
         });
         auditor.listen();
         auditor.remember_convictions();
@@ -317,7 +325,14 @@ impl Auditor {
                             Ok(accusation) => {
                                 tokio::spawn(async move { auditor.on_accusation(accuser, accusation).await });
                             }
-                            Err(e) => tracing::debug!(%accuser, error = %e, "ignoring a malformed accusation"),
+                            Err(e) => match (hotpot_wire::ConvictionSignature::decode(&data), &auditor.onchain) {
+                                (Ok(signature), Some(onchain)) => {
+                                    let onchain = Arc::clone(onchain);
+                                    tokio::spawn(async move { onchain.on_signature(signature).await });
+                                }
+                                (Ok(_), None) => {}
+                                (Err(_), _) => tracing::debug!(%accuser, error = %e, "ignoring a malformed accusation"),
+                            },
                         }
                     }
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -547,6 +562,7 @@ impl Auditor {
                 }
             }
         }
+        self.cosign(&stage.node, hash, true).await;
         // Counted once the evidence (and the penalty) are on disk, so
         // whoever reads the counter finds the files.
         self.metrics.cheats.inc();
@@ -555,6 +571,25 @@ impl Auditor {
         let accusation = conviction.accusation(self.model.id, &self.network.listen_addrs().await.unwrap_or_default());
         if let Err(e) = self.network.publish(cheats_topic(&self.model.id), accusation.encode()).await {
             tracing::debug!(error = %e, "could not gossip the accusation (no other gateway listening yet?)");
+        }
+    }
+
+    /// With a market on a chain: signs the conviction of `node` on
+    /// `evidence` (as its accuser, or as an auditor that confirmed it) and
+    /// gossips the signature; the accuser slashes once the quorum signed.
+    async fn cosign(&self, node: &NodeId, evidence: [u8; 32], accuser: bool) {
+        let Some(onchain) = &self.onchain else { return };
+        let Some(wallet) = onchain.wallet_of(&self.directory, node) else {
+            tracing::warn!(%node, "the convicted node announced no verified wallet: nothing to slash on chain");
+            return;
+        };
+        let Some(signature) = onchain.sign_conviction(wallet, &self.model.id, evidence, accuser) else { return };
+        if let Err(e) = self.network.publish(cheats_topic(&self.model.id), signature.encode()).await {
+            tracing::debug!(error = %e, "could not gossip a conviction signature (no other gateway listening yet?)");
+        }
+        lock(&self.cosigned).push(signature);
+        if accuser {
+            onchain.try_slash((wallet, evidence)).await;
         }
     }
 
@@ -570,7 +605,11 @@ impl Auditor {
                 ticks.tick().await;
                 let Some(auditor) = auditor.upgrade() else { return };
                 let convictions: Vec<Conviction> = lock(&auditor.convictions).values().copied().collect();
+                let signatures = lock(&auditor.cosigned).clone();
                 drop(auditor);
+                for signature in signatures {
+                    let _ = network.publish(topic.clone(), signature.encode()).await;
+                }
                 if convictions.is_empty() {
                     continue;
                 }
@@ -614,6 +653,7 @@ impl Auditor {
         let result = match &finding {
             Finding::Confirmed => {
                 tracing::info!(%accuser, accused = %peer, "another gateway's accusation confirmed by our own audit");
+                self.cosign(&accusation.node, accusation.evidence, false).await;
                 "confirmed"
             }
             Finding::Rejected => {

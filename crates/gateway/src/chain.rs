@@ -459,11 +459,11 @@ impl RemoteChain {
     /// count and commitments and countersigns it. Returns the receipts,
     /// countersigned where the node did (a rollback the node was not told
     /// of yet is sent first, so that both count the same positions).
-    pub async fn close_with_receipts(&mut self, mut receipts: Vec<Receipt>) -> Vec<Receipt> {
+    pub async fn close_with_receipts(&mut self, mut receipts: Vec<(Receipt, Option<Box<hotpot_wire::ChainPayment>>)>) -> Vec<Receipt> {
         let stages = std::mem::take(&mut self.stages);
         let mut closing = Vec::with_capacity(stages.len());
         for stage in stages {
-            let receipt = receipts.iter().position(|r| r.session == stage.conn.session).map(|i| receipts.swap_remove(i));
+            let receipt = receipts.iter().position(|(r, _)| r.session == stage.conn.session).map(|i| receipts.swap_remove(i));
             closing.push(close_stage(stage, receipt));
         }
         let closed = futures::future::join_all(closing).await;
@@ -473,7 +473,7 @@ impl RemoteChain {
         // A route's worth of slots is free: one waiting request may take it.
         self.connector.directory.session_closed();
         // Receipts of stages no longer in the route (none today) go back unsigned.
-        closed.into_iter().filter_map(|(_, r)| r).chain(receipts).collect()
+        closed.into_iter().filter_map(|(_, r)| r).chain(receipts.into_iter().map(|(r, _)| r)).collect()
     }
 
     fn emit(&self, event: ChainEvent<'_>) {
@@ -920,10 +920,10 @@ const OWED_SKIP: Duration = Duration::from_secs(60);
 const RECEIPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Ends one stage's session: its pending rollback, its receipt, `Close`.
-async fn close_stage(mut stage: Stage, receipt: Option<Receipt>) -> (PeerId, Option<Receipt>) {
+async fn close_stage(mut stage: Stage, receipt: Option<(Receipt, Option<Box<hotpot_wire::ChainPayment>>)>) -> (PeerId, Option<Receipt>) {
     let conn = &mut stage.conn;
     let receipt = match receipt {
-        Some(receipt) => Some(countersigned(conn, stage.rollback.take(), receipt).await),
+        Some((receipt, payment)) => Some(countersigned(conn, stage.rollback.take(), receipt, payment).await),
         None => None,
     };
     let _ = conn.framed.send(&ClientMessage::Close { session: conn.session }.encode(), Duration::from_secs(1)).await;
@@ -932,12 +932,12 @@ async fn close_stage(mut stage: Stage, receipt: Option<Receipt>) -> (PeerId, Opt
 }
 
 /// `receipt`, countersigned by the stage's node if it agrees with it.
-async fn countersigned(conn: &mut Conn, rollback: Option<usize>, mut receipt: Receipt) -> Receipt {
+async fn countersigned(conn: &mut Conn, rollback: Option<usize>, mut receipt: Receipt, payment: Option<Box<hotpot_wire::ChainPayment>>) -> Receipt {
     let exchange = async {
         if let Some(len) = rollback {
             conn.framed.send(&ClientMessage::Truncate { session: conn.session, pos: len as u32 }.encode(), RECEIPT_TIMEOUT).await?;
         }
-        conn.framed.send(&ClientMessage::Receipt(Box::new(receipt.clone())).encode(), RECEIPT_TIMEOUT).await?;
+        conn.framed.send(&ClientMessage::Receipt(Box::new(receipt.clone()), payment).encode(), RECEIPT_TIMEOUT).await?;
         loop {
             let Some(reply) = conn.framed.recv(RECEIPT_TIMEOUT).await? else { return Ok(None) };
             match NodeMessage::decode(&reply) {

@@ -277,6 +277,7 @@ mod tests {
             addrs: vec![],
             timestamp_ms: 0,
             features: 0,
+            wallet: None,
         }
     }
 

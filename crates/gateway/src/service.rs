@@ -50,6 +50,9 @@ pub struct GatewayConfig {
     /// The books prepaid keys pay from and nodes are paid into, the
     /// receipts, the fee and the stakes (`--ledger`).
     pub market: Option<Arc<Market>>,
+    /// The market on a chain: node receipts settled there, stakes read
+    /// from there, convictions co-signed and slashed there.
+    pub onchain: Option<Arc<crate::onchain::OnChain>>,
     /// Uploaded files (`/v1/files`; `None`: no file routes).
     pub files: Option<Arc<crate::files::FileStore>>,
     /// Batches (`/v1/batches`; needs `files`).
@@ -72,6 +75,7 @@ impl GatewayConfig {
             record_sinks: Vec::new(),
             speculation: None,
             market: None,
+            onchain: None,
             files: None,
             batches: None,
         }
@@ -167,7 +171,10 @@ impl Gateway {
         let auditor = config
             .audit
             .clone()
-            .map(|audit| Auditor::new(network.clone(), directory.clone(), model.clone(), audit, Arc::clone(&metrics), config.market.clone()));
+            .map(|audit| Auditor::new(network.clone(), directory.clone(), model.clone(), audit, Arc::clone(&metrics), config.market.clone(), config.onchain.clone()));
+        if let Some(onchain) = &config.onchain {
+            onchain.follow(directory.clone());
+        }
         if let Some(market) = &config.market {
             market.recover();
         }
@@ -272,6 +279,21 @@ impl Gateway {
         })
     }
 
+    /// Which nodes have enough at stake to be routed through: on the chain
+    /// when there is one, else in the books (`None`: every node).
+    fn eligible(&self) -> Option<crate::chain::Eligible> {
+        if let Some(onchain) = &self.config.onchain {
+            let onchain = Arc::clone(onchain);
+            // Called while the directory is locked: reads only what the
+            // stake reader last found.
+            return onchain.needs_stake().then(|| Arc::new(move |peer: &hotpot_net::PeerId| onchain.staked_enough(peer)) as crate::chain::Eligible);
+        }
+        self.config.market.as_ref().filter(|m| !m.min_stake.is_zero()).map(|m| {
+            let market = Arc::clone(m);
+            Arc::new(move |peer: &hotpot_net::PeerId| market.staked_enough(peer)) as crate::chain::Eligible
+        })
+    }
+
     /// Opens a route over the swarm for one session of `max_len` positions.
     async fn open_chain(&self, max_len: usize, admitted: bool, node_price_cap: Option<u64>, priority: hotpot_wire::Priority) -> Result<RemoteChain, ApiError> {
         let context = ChainContext {
@@ -282,10 +304,7 @@ impl Gateway {
             dim: self.model.dim,
             observer: Some(self.observer()),
             selector: self.auditor.as_ref().map(Auditor::selector),
-            eligible: self.config.market.as_ref().filter(|m| !m.min_stake.is_zero()).map(|m| {
-                let market = Arc::clone(m);
-                Arc::new(move |peer: &hotpot_net::PeerId| market.staked_enough(peer)) as crate::chain::Eligible
-            }),
+            eligible: self.eligible(),
         };
         let mut config = ChainConfig { max_len: max_len + 1, max_price_per_1k: node_price_cap, priority, ..self.config.chain.clone() };
         if admitted {
@@ -444,7 +463,14 @@ impl Gateway {
             chain.close().await;
             return;
         }
-        let receipts = chain.close_with_receipts(crate::market::receipts_for(self.network.key(), &outcome.record)).await;
+        let receipts = crate::market::receipts_for(self.network.key(), &outcome.record)
+            .into_iter()
+            .map(|r| {
+                let payment = self.config.onchain.as_ref().and_then(|c| c.wallet_of(&self.directory, &r.node).and_then(|w| c.payment(&r, w)));
+                (r, payment.map(Box::new))
+            })
+            .collect();
+        let receipts = chain.close_with_receipts(receipts).await;
         let cost = self.config.market.as_ref().map_or(hotpot_core::Credits::ZERO, |m| m.settle(&outcome.record, &receipts, request.credits.as_ref()));
         if let Some(limits) = &request.credit_limits {
             limits.settle(cost);

@@ -110,10 +110,23 @@ pub struct NodeConfig {
     pub max_owed_receipts: usize,
     /// Where countersigned receipts are kept (`None`: not kept).
     pub receipts: Option<PathBuf>,
+    /// The node's wallet on the market's chain (announced) and where the
+    /// receipts gateways signed for the contract are kept.
+    pub chain: Option<NodeChain>,
     /// Put TOPLOC-style output sketches in commitments.
     pub sketches: bool,
     /// Red-team only: cheat this way.
     pub cheat: Option<Cheat>,
+}
+
+/// A node's side of a market on a chain.
+#[derive(Debug, Clone)]
+pub struct NodeChain {
+    /// Its payout address, bound to its key (announced in `NodeInfo`).
+    pub wallet: hotpot_wire::WalletProof,
+    /// Where the receipts signed for the contract are kept, for the node
+    /// to settle itself (`hotpot chain settle`) if its gateway does not.
+    pub receipts: PathBuf,
 }
 
 impl Default for NodeConfig {
@@ -131,6 +144,7 @@ impl Default for NodeConfig {
             price_per_1k: 0,
             max_owed_receipts: 0,
             receipts: None,
+            chain: None,
             sketches: true,
             cheat: None,
         }
@@ -175,6 +189,7 @@ struct State {
     price_per_1k: u64,
     network: Network,
     jobs: Jobs,
+    wallet: Option<hotpot_wire::WalletProof>,
 }
 
 impl State {
@@ -196,6 +211,7 @@ impl State {
             addrs: self.network.listen_addrs().await.unwrap_or_default().iter().map(ToString::to_string).collect(),
             timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             features: hotpot_wire::features::PUSH,
+            wallet: self.wallet.clone(),
         }
     }
 }
@@ -321,6 +337,7 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
         price_per_1k: config.price_per_1k,
         network: network.clone(),
         jobs: jobs.clone(),
+        wallet: config.chain.as_ref().map(|c| c.wallet.clone()),
     });
 
     // Every task below stops with `stop`; `RunningNode::shutdown` cancels it.
@@ -342,8 +359,17 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
         }
         None => None,
     };
+    let payments = match &config.chain {
+        Some(chain) => {
+            let outbox = hotpot_chain::Outbox::open(&chain.receipts)
+                .map_err(|e| NodeError::Config(format!("cannot keep chain receipts in {}: {e}", chain.receipts.display())))?;
+            Some(Arc::new(serve::Payments { outbox, address: chain.wallet.address }))
+        }
+        None => None,
+    };
     tasks.spawn(accept_streams(sessions, session_gate, "session", stop.clone(), move |peer, stream| {
-        let services = serve::Services { jobs: session_jobs.clone(), push: Arc::clone(&session_push), receipts: receipts.clone() };
+        let services =
+            serve::Services { jobs: session_jobs.clone(), push: Arc::clone(&session_push), receipts: receipts.clone(), payments: payments.clone() };
         serve::serve_session(peer, stream, services, session_limits.clone(), session_stop.clone())
     }));
     // Steps forwarded by the previous node of pushed chains.

@@ -88,6 +88,43 @@ pub(crate) struct Services {
     pub push: Arc<PushTable>,
     /// Where countersigned receipts are kept.
     pub receipts: Option<Arc<hotpot_ledger::ReceiptBook>>,
+    /// Where receipts signed for the market contract are kept.
+    pub payments: Option<Arc<Payments>>,
+}
+
+/// Receipts signed for the market contract, kept for this node's wallet.
+pub(crate) struct Payments {
+    pub outbox: hotpot_chain::Outbox,
+    pub address: [u8; 20],
+}
+
+impl Payments {
+    /// Keeps `payment` if it pays `receipt` to this node's wallet and its
+    /// gateway's signature holds (else it is worth nothing: logged).
+    fn keep(&self, receipt: &hotpot_core::Receipt, payment: &hotpot_wire::ChainPayment) {
+        use hotpot_chain::{Address, B256};
+        let chain_receipt = hotpot_chain::ChainReceipt {
+            id: B256::from(receipt.id()),
+            node: Address::from(payment.node),
+            gateway: Address::from(payment.gateway),
+            amount: receipt.amount.micros(),
+            signature: payment.signature.to_vec(),
+        };
+        let market = Address::from(payment.market);
+        let checked = if payment.node != self.address {
+            Err(format!("it pays {}, not this node's wallet", chain_receipt.node))
+        } else {
+            match chain_receipt.signer(payment.chain_id, market) {
+                Ok(signer) if signer == chain_receipt.gateway => Ok(()),
+                Ok(signer) => Err(format!("it is signed by {signer}, not by its gateway {}", chain_receipt.gateway)),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        match checked.and_then(|()| self.outbox.keep(payment.chain_id, market, &chain_receipt).map_err(|e| e.to_string())) {
+            Ok(_) => tracing::debug!(receipt = %chain_receipt.id, "kept a receipt signed for the chain"),
+            Err(e) => tracing::warn!(receipt = %chain_receipt.id, error = %e, "a receipt's chain payment is not usable"),
+        }
+    }
 }
 
 pub(crate) async fn serve_session(peer: PeerId, stream: Stream, services: Services, limits: StreamLimits, stop: CancellationToken) {
@@ -159,7 +196,7 @@ async fn handle(
     services: &Services,
     limits: &StreamLimits,
 ) -> (Option<NodeMessage>, bool) {
-    let Services { jobs, push, receipts } = services;
+    let Services { jobs, push, receipts, payments } = services;
     let mine = |id: SessionId, session: &Option<SessionId>| session.is_some_and(|s| s == id);
     let not_mine = || (Some(NodeMessage::error(ErrorCode::NotYourSession, "this stream carries another session")), false);
     match message {
@@ -224,13 +261,17 @@ async fn handle(
             }
             (None, true)
         }
-        ClientMessage::Receipt(receipt) => {
+        ClientMessage::Receipt(receipt, payment) => {
             if !mine(receipt.session, session) {
                 return not_mine();
             }
             match jobs.ask_receipt(peer, receipt).await {
                 Ok(receipt) => {
                     let signature = receipt.node_signature.expect("countersigned");
+                    if let (Some(payments), Some(payment)) = (payments, payment) {
+                        let (payments, receipt) = (Arc::clone(payments), receipt.clone());
+                        let _ = tokio::task::spawn_blocking(move || payments.keep(&receipt, &payment)).await;
+                    }
                     if let Some(book) = receipts {
                         let book = Arc::clone(book);
                         let kept = tokio::task::spawn_blocking(move || book.keep(hotpot_ledger::Holder::Node, &receipt)).await;

@@ -26,7 +26,8 @@ mod tensor;
 pub use codec::{Reader, Writer};
 pub use frame::{read_frame, read_frame_len, read_payload, write_frame};
 pub use message::{
-    Accusation, ClientMessage, Downstream, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Priority, PushLinks, Step,
+    Accusation, ChainPayment, ClientMessage, ConvictionSignature, Downstream, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open,
+    Priority, PushLinks, Step, WalletProof,
     commitment_wire_bytes, features,
 };
 pub use tensor::{DType, Tensor};

@@ -106,8 +106,10 @@ pub enum ClientMessage {
     },
     /// The gateway's receipt for this stream's session, sent before
     /// `Close`: answered `Countersigned` when it matches the node's own
-    /// count of positions and commitments, `Error` otherwise.
-    Receipt(Box<Receipt>),
+    /// count of positions and commitments, `Error` otherwise. With a
+    /// market on a chain, `payment` is the same receipt signed for the
+    /// contract, which the node keeps to settle it itself if need be.
+    Receipt(Box<Receipt>, Option<Box<ChainPayment>>),
     /// `/hotpot/audit/1`: recompute `span` over `inputs` (positions 0..),
     /// in one prefill, on a fresh cache.
     Audit {
@@ -227,6 +229,69 @@ pub struct NodeInfo {
     pub timestamp_ms: u64,
     /// What the node can do beyond the base protocol ([`features`]).
     pub features: u32,
+    /// The node's wallet on the market's chain, bound to its key.
+    pub wallet: Option<WalletProof>,
+}
+
+/// A node's payout address on a chain, signed both ways: by the node's
+/// ed25519 key (this address is mine) and by the wallet's secp256k1 key
+/// (this node is mine); `hotpot-chain` checks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalletProof {
+    pub address: [u8; 20],
+    pub node_signature: Signature,
+    pub wallet_signature: [u8; 65],
+}
+
+/// A receipt signed for the market contract (EIP-712): the contract on
+/// chain `chain_id` at `market` pays its amount from `gateway`'s deposit
+/// to `node` (addresses), once, under the receipt's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainPayment {
+    pub chain_id: u64,
+    pub market: [u8; 20],
+    pub node: [u8; 20],
+    pub gateway: [u8; 20],
+    pub signature: [u8; 65],
+}
+
+/// Gossiped by an auditor that confirmed a conviction (topic
+/// `hotpot/<model>/cosign`): its signature on (node, model, evidence) for
+/// the market contract, which slashes once a quorum of registered
+/// auditors signed the same conviction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvictionSignature {
+    pub chain_id: u64,
+    pub market: [u8; 20],
+    /// The convicted node's wallet address.
+    pub node: [u8; 20],
+    pub model: ModelId,
+    /// The evidence file's BLAKE3.
+    pub evidence: [u8; 32],
+    pub auditor: [u8; 20],
+    pub signature: [u8; 65],
+}
+
+impl ConvictionSignature {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        header(&mut w, TAG_CONVICTION_SIGNATURE);
+        w.u64(self.chain_id).fixed(&self.market).fixed(&self.node).fixed(self.model.as_bytes());
+        w.fixed(&self.evidence).fixed(&self.auditor).fixed(&self.signature);
+        w.buf
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(bytes);
+        let tag = read_header(&mut r)?;
+        if tag != TAG_CONVICTION_SIGNATURE {
+            return Err(WireError::Tag(tag));
+        }
+        let (chain_id, market, node, model) = (r.u64()?, r.array()?, r.array()?, ModelId::from_bytes(r.array()?));
+        let (evidence, auditor, signature) = (r.array()?, r.array()?, r.array()?);
+        r.finish()?;
+        Ok(Self { chain_id, market, node, model, evidence, auditor, signature })
+    }
 }
 
 const TAG_OPEN: u8 = 1;
@@ -249,6 +314,7 @@ const TAG_INFO: u8 = 33;
 const TAG_ACCUSATION: u8 = 48;
 const TAG_EVIDENCE_REQUEST: u8 = 49;
 const TAG_EVIDENCE: u8 = 50;
+const TAG_CONVICTION_SIGNATURE: u8 = 51;
 
 const MAX_TEXT: usize = 4096;
 const MAX_ADDRS: usize = 32;
@@ -408,9 +474,13 @@ impl ClientMessage {
                 header(&mut w, TAG_CLOSE);
                 w.fixed(&session.0);
             }
-            Self::Receipt(receipt) => {
+            Self::Receipt(receipt, payment) => {
                 header(&mut w, TAG_RECEIPT);
                 write_receipt(&mut w, receipt);
+                // An optional tail: nodes from before chains read the base.
+                if let Some(p) = payment {
+                    w.u64(p.chain_id).fixed(&p.market).fixed(&p.node).fixed(&p.gateway).fixed(&p.signature);
+                }
             }
             Self::Audit { model, span, inputs } => {
                 header(&mut w, TAG_AUDIT);
@@ -438,7 +508,15 @@ impl ClientMessage {
             TAG_COLLECT => Self::Collect { session: session(&mut r)?, pos: r.u32()? },
             TAG_TRUNCATE => Self::Truncate { session: session(&mut r)?, pos: r.u32()? },
             TAG_CLOSE => Self::Close { session: session(&mut r)? },
-            TAG_RECEIPT => Self::Receipt(Box::new(read_receipt(&mut r)?)),
+            TAG_RECEIPT => {
+                let receipt = Box::new(read_receipt(&mut r)?);
+                let payment = if r.remaining() > 0 {
+                    Some(Box::new(ChainPayment { chain_id: r.u64()?, market: r.array()?, node: r.array()?, gateway: r.array()?, signature: r.array()? }))
+                } else {
+                    None
+                };
+                Self::Receipt(receipt, payment)
+            }
             TAG_AUDIT => Self::Audit { model: ModelId::from_bytes(r.array()?), span: span(&mut r)?, inputs: Tensor::read(&mut r)? },
             tag => return Err(WireError::Tag(tag)),
         };
@@ -553,6 +631,10 @@ impl NodeInfo {
             w.str(addr);
         }
         w.u64(self.timestamp_ms).u32(self.features);
+        // An optional tail, like the features before it.
+        if let Some(p) = &self.wallet {
+            w.fixed(&p.address).fixed(&p.node_signature.0).fixed(&p.wallet_signature);
+        }
         w.buf
     }
 
@@ -580,8 +662,13 @@ impl NodeInfo {
         let timestamp_ms = r.u64()?;
         // Nodes from before features were announced have none.
         let features = if r.remaining() > 0 { r.u32()? } else { 0 };
+        let wallet = if r.remaining() > 0 {
+            Some(WalletProof { address: r.array()?, node_signature: Signature(r.array()?), wallet_signature: r.array()? })
+        } else {
+            None
+        };
         r.finish()?;
-        Ok(Self { node, model, model_name, n_blocks, span, throughput, free_slots, max_sessions, queue, price_per_1k, version, addrs, timestamp_ms, features })
+        Ok(Self { node, model, model_name, n_blocks, span, throughput, free_slots, max_sessions, queue, price_per_1k, version, addrs, timestamp_ms, features, wallet })
     }
 }
 

@@ -2,8 +2,8 @@
 
 use hotpot_core::{Commitment, Credits, LayerSpan, ModelId, NodeId, NodeKey, Receipt, SessionId, Signature, StepRecord};
 use hotpot_wire::{
-    Accusation, ClientMessage, DType, Downstream, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Priority, PushLinks, Step, Tensor,
-    WireError,
+    Accusation, ChainPayment, ClientMessage, ConvictionSignature, DType, Downstream, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open,
+    Priority, PushLinks, Step, Tensor, WalletProof, WireError,
 };
 use proptest::prelude::*;
 
@@ -47,7 +47,7 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         (session(), any::<u32>()).prop_map(|(session, pos)| ClientMessage::Collect { session, pos }),
         (session(), any::<u32>()).prop_map(|(session, pos)| ClientMessage::Truncate { session, pos }),
         session().prop_map(|session| ClientMessage::Close { session }),
-        (session(), span(), any::<u32>(), 0u64..10_000_000, any::<bool>()).prop_map(|(session, span, positions, price, signed)| {
+        (session(), span(), any::<u32>(), 0u64..10_000_000, any::<bool>(), any::<bool>()).prop_map(|(session, span, positions, price, signed, paid)| {
             let (gateway, node) = (NodeKey::from_secret_bytes(&[4; 32]).expect("key"), NodeKey::from_secret_bytes(&[5; 32]).expect("key"));
             let price = Credits::from_micros(price);
             let mut r =
@@ -55,7 +55,8 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
             if signed {
                 r.countersign(&node);
             }
-            ClientMessage::Receipt(Box::new(r))
+            let payment = paid.then(|| Box::new(ChainPayment { chain_id: 31337, market: [7; 20], node: [8; 20], gateway: [9; 20], signature: [10; 65] }));
+            ClientMessage::Receipt(Box::new(r), payment)
         }),
         (any::<[u8; 32]>(), span(), tensor()).prop_map(|(m, span, inputs)| ClientMessage::Audit { model: ModelId::from_bytes(m), span, inputs }),
     ]
@@ -110,8 +111,8 @@ fn node_message() -> impl Strategy<Value = NodeMessage> {
 }
 
 fn node_info() -> impl Strategy<Value = NodeInfo> {
-    (span(), 0u32..50, "[a-z0-9-]{0,20}", proptest::collection::vec("/ip4/127.0.0.1/udp/[0-9]{1,5}/quic-v1", 0..4), any::<u64>()).prop_map(
-        |(span, extra, model_name, addrs, timestamp_ms)| NodeInfo {
+    (span(), 0u32..50, "[a-z0-9-]{0,20}", proptest::collection::vec("/ip4/127.0.0.1/udp/[0-9]{1,5}/quic-v1", 0..4), any::<u64>(), any::<bool>()).prop_map(
+        |(span, extra, model_name, addrs, timestamp_ms, wallet)| NodeInfo {
             node: NodeKey::from_secret_bytes(&[1; 32]).expect("key").id(),
             model: ModelId::from_bytes([5; 32]),
             model_name,
@@ -126,6 +127,7 @@ fn node_info() -> impl Strategy<Value = NodeInfo> {
             addrs,
             timestamp_ms,
             features: hotpot_wire::features::PUSH,
+            wallet: wallet.then(|| WalletProof { address: [1; 20], node_signature: Signature([2; 64]), wallet_signature: [3; 65] }),
         },
     )
 }
@@ -152,6 +154,10 @@ proptest! {
                                            bytes in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..200))) {
         let a = Accusation { node: hotpot_core::NodeId::from_bytes(node), model: ModelId::from_bytes(model), span, evidence: hash, addrs };
         prop_assert_eq!(Accusation::decode(&a.encode()).expect("decodes"), a);
+        let c = ConvictionSignature { chain_id: 31337, market: [1; 20], node: [2; 20], model: ModelId::from_bytes(model), evidence: hash, auditor: [3; 20], signature: [4; 65] };
+        let encoded = c.encode();
+        prop_assert_eq!(ConvictionSignature::decode(&encoded).expect("decodes"), c);
+        prop_assert!(ConvictionSignature::decode(&encoded[..encoded.len() - 1]).is_err());
         for m in [EvidenceMessage::Request { evidence: hash }, EvidenceMessage::Evidence { bytes }] {
             let encoded = m.encode();
             prop_assert_eq!(EvidenceMessage::decode(&encoded).expect("decodes"), m);
@@ -171,6 +177,8 @@ proptest! {
             (Ok(ClientMessage::Open(short)), ClientMessage::Open(full)) if full.push.is_some() => {
                 prop_assert_eq!(short, Open { push: None, ..full.clone() });
             }
+            // The same for a receipt's chain payment.
+            (Ok(ClientMessage::Receipt(short, None)), ClientMessage::Receipt(full, Some(_))) => prop_assert_eq!(&short, full),
             (Ok(other), _) => prop_assert!(false, "a cut message decoded as {other:?}"),
         }
     }
@@ -183,6 +191,7 @@ proptest! {
         let _ = InfoRequest::decode(&bytes);
         let _ = Accusation::decode(&bytes);
         let _ = EvidenceMessage::decode(&bytes);
+        let _ = ConvictionSignature::decode(&bytes);
     }
 
     #[test]
