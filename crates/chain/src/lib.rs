@@ -23,12 +23,14 @@ mod anvil;
 mod market;
 mod outbox;
 mod signed;
+mod stakes;
 mod wallet;
 
 pub use alloy::primitives::{Address, B256, U256};
 pub use anvil::{ANVIL_PACKAGE, LocalChain, find_anvil};
 pub use market::{Config, GatewayRow, Market, MarketView, NodeRow, Sent};
 pub use outbox::{MAX_BATCH, OUTBOX_SCHEMA_VERSION, Outbox, Settled};
+pub use stakes::ChainStakes;
 pub use signed::{ChainReceipt, Conviction, SignedConviction, sort_signatures};
 pub use wallet::{Wallet, WalletBinding};
 

@@ -195,3 +195,21 @@ async fn a_wrong_rpc_or_address_is_a_clear_error() {
     let e = Market::connect("http://127.0.0.1:9", &w, hotpot_chain::Address::repeat_byte(7)).await.unwrap_err().to_string();
     assert!(e.contains("chain RPC"), "{e}");
 }
+
+/// The contract keeps the market operations the embedded books keep: the
+/// same conformance tests (`hotpot_ledger::conformance`) pass on both.
+#[tokio::test]
+async fn the_chain_keeps_the_shared_market_operations() {
+    use hotpot_chain::ChainStakes;
+    use hotpot_ledger::conformance;
+    let dir = tempfile::tempdir().unwrap();
+    let chain = chain(&dir).await;
+    let (gw, auditor) = (wallet(0x10), wallet(0x11));
+    let nodes: Vec<Wallet> = (0x20..0x25).map(wallet).collect();
+    let market = setup(&chain, 2, &[&gw, &auditor], &nodes.iter().collect::<Vec<_>>()).await;
+    as_(&chain, &market, &gw).await.deposit(eth(100)).await.unwrap();
+    let book = ChainStakes::new(chain.rpc(), market.address(), gw.clone(), vec![gw.clone(), auditor.clone()]).await.unwrap();
+    conformance::stakes_unbond_after_the_delay(&book, &nodes[0]).await;
+    conformance::receipts_are_paid_once_by_id(&book, &nodes[1], &nodes[2]).await;
+    conformance::a_slash_takes_everything_at_stake_once(&book, &nodes[3], &nodes[4]).await;
+}

@@ -20,11 +20,15 @@
 //! backend (one SQLite file, each transaction one SQLite transaction, so a
 //! process killed at any point leaves every transaction whole or absent).
 //! [`Books`] holds the operations (deposit, hold, settle, stake, slash, …)
-//! on top of any backend.
+//! on top of any backend. [`StakeBook`] is the interface of the market
+//! operations (stake, unbond, withdraw, settle receipts once, slash) that
+//! the chain backend (`hotpot-chain`) keeps too, with [`conformance`]
+//! tests both run.
 
 mod books;
 mod receipts;
 mod sqlite;
+mod stakes;
 
 use std::fmt;
 use std::str::FromStr;
@@ -33,6 +37,7 @@ pub use books::{Books, Payment, Settlement};
 pub use hotpot_core::Credits;
 pub use receipts::{Holder, Kept, RECEIPTS_SCHEMA_VERSION, ReceiptBook};
 pub use sqlite::SqliteLedger;
+pub use stakes::{BooksStakes, StakeBook, conformance};
 
 /// One account of the books.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -177,3 +177,18 @@ fn rusqlite_tamper(path: &std::path::Path) {
     let conn = rusqlite::Connection::open(path).expect("opens");
     conn.execute("UPDATE balances SET balance = balance + 5 WHERE account = 'key:alice'", []).expect("tampers");
 }
+
+/// The books keep the market operations both backends share
+/// (`hotpot_ledger::conformance`; the chain backend runs the same).
+#[tokio::test]
+async fn the_books_keep_the_shared_market_operations() {
+    use hotpot_ledger::{BooksStakes, conformance};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ledger: Arc<dyn Ledger> = Arc::new(SqliteLedger::open(&dir.path().join("l.sqlite"), true).expect("creates"));
+    let books = Books::new(ledger, Duration::from_secs(2));
+    books.deposit("gateway", Credits::from_credits(100).expect("fits"), None).expect("deposits");
+    let book = BooksStakes { books, payer: "gateway".into(), accuser_ppm: 500_000 };
+    conformance::stakes_unbond_after_the_delay(&book, &"n1".to_string()).await;
+    conformance::receipts_are_paid_once_by_id(&book, &"n2".to_string(), &"n3".to_string()).await;
+    conformance::a_slash_takes_everything_at_stake_once(&book, &"n4".to_string(), &"n5".to_string()).await;
+}
