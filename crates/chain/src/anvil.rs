@@ -101,9 +101,7 @@ impl LocalChain {
 
     /// Sets `who`'s balance to `wei` (anvil's `anvil_setBalance`).
     pub async fn fund(&self, who: Address, wei: U256) -> Result<(), ChainError> {
-        let provider = ProviderBuilder::new().connect_http(self.rpc.parse().map_err(ChainError::rpc)?);
-        let _: serde_json::Value = provider.raw_request("anvil_setBalance".into(), (who, wei)).await.map_err(ChainError::rpc)?;
-        Ok(())
+        fund_on_anvil(&self.rpc, who, wei).await
     }
 }
 
@@ -112,6 +110,14 @@ impl Drop for LocalChain {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sets `who`'s balance to `wei` on the anvil at `rpc` (`anvil_setBalance`:
+/// a development chain's faucet; a real chain refuses it).
+pub async fn fund_on_anvil(rpc: &str, who: Address, wei: U256) -> Result<(), ChainError> {
+    let provider = ProviderBuilder::new().connect_http(rpc.parse().map_err(ChainError::rpc)?);
+    let _: serde_json::Value = provider.raw_request("anvil_setBalance".into(), (who, wei)).await.map_err(ChainError::rpc)?;
+    Ok(())
 }
 
 fn free_port() -> Result<u16, ChainError> {

@@ -27,7 +27,7 @@ mod stakes;
 mod wallet;
 
 pub use alloy::primitives::{Address, B256, U256};
-pub use anvil::{ANVIL_PACKAGE, LocalChain, find_anvil};
+pub use anvil::{ANVIL_PACKAGE, LocalChain, find_anvil, fund_on_anvil};
 pub use market::{Config, GatewayRow, Market, MarketView, NodeRow, Sent};
 pub use outbox::{MAX_BATCH, OUTBOX_SCHEMA_VERSION, Outbox, Settled};
 pub use stakes::ChainStakes;

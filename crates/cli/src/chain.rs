@@ -155,6 +155,16 @@ pub enum ChainCommand {
         #[arg(long, default_value_t = 100)]
         batch: usize,
     },
+    /// Measure the contract on a local anvil (which funds the wallets it
+    /// makes): gas per settled receipt in batches of 1, 10 and 100, gas
+    /// per slash, and settlement latency. Prints a JSON line per figure.
+    Bench {
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8545")]
+        rpc: String,
+        /// Settlement rounds per batch size (latency is their median).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Stakes, deposits, earnings, settled receipts; with --store, the
     /// receipts kept there and not settled yet.
     Status {
@@ -265,6 +275,7 @@ pub fn chain(args: &ChainCommandArgs) -> Result<()> {
                 );
             }
             ChainCommand::Status { rpc, market, store, json } => status(rpc, *market, store.as_deref(), *json).await?,
+            ChainCommand::Bench { rpc, rounds } => bench(rpc, *rounds).await?,
         }
         Ok(())
     })
@@ -336,4 +347,57 @@ impl SettleArgs {
     pub fn settle_after(&self) -> Duration {
         Duration::from_secs(self.settle_after)
     }
+}
+
+/// `hotpot chain bench`: the contract's costs on a local anvil.
+async fn bench(rpc: &str, rounds: usize) -> Result<()> {
+    let funded = |w: &Wallet| {
+        let (rpc, address) = (rpc.to_string(), w.address());
+        async move { hotpot_chain::fund_on_anvil(&rpc, address, hotpot_chain::parse_coin("1000000")?).await }
+    };
+    let (owner, gateway, auditor, node) = (Wallet::random(), Wallet::random(), Wallet::random(), Wallet::random());
+    for w in [&owner, &gateway, &auditor, &node] {
+        funded(w).await?;
+    }
+    let config = Config { unbonding_delay_s: 3600, quorum: 2, ..Config::default() };
+    let (market, deployed) = Market::deploy(rpc, &owner, &config).await?;
+    println!("{}", serde_json::json!({"what": "deploy", "gas": deployed.gas_used}));
+    market.set_gateway(gateway.address(), true).await?;
+    market.set_gateway(auditor.address(), true).await?;
+    let gw = Market::connect(rpc, &gateway, market.address()).await?;
+    gw.deposit(hotpot_chain::parse_coin("100000")?).await?;
+    let mut next_id = 0u64;
+    for batch in [1usize, 10, 100] {
+        let mut gas = Vec::new();
+        let mut latency = Vec::new();
+        for _ in 0..rounds.max(1) {
+            let receipts = (0..batch)
+                .map(|_| {
+                    next_id += 1;
+                    let id = hotpot_chain::B256::from(U256::from(next_id));
+                    // A session of 1,000 positions at 0.5 credits per 1,000.
+                    gw.sign_receipt(&gateway, id, node.address(), 500_000)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let started = std::time::Instant::now();
+            let sent = gw.settle(&receipts).await?;
+            latency.push(started.elapsed().as_secs_f64() * 1000.0);
+            gas.push(sent.gas_used);
+        }
+        latency.sort_by(f64::total_cmp);
+        let total = gas.iter().sum::<u64>() as f64 / gas.len() as f64;
+        println!(
+            "{}",
+            serde_json::json!({"what": "settle", "batch": batch, "gas_per_tx": total, "gas_per_receipt": total / batch as f64, "latency_ms_median": latency[latency.len() / 2]})
+        );
+    }
+    let n = Market::connect(rpc, &node, market.address()).await?;
+    n.stake(hotpot_chain::parse_coin("1")?).await?;
+    let au = Market::connect(rpc, &auditor, market.address()).await?;
+    let (model, evidence) = (hotpot_chain::B256::repeat_byte(1), hotpot_chain::B256::repeat_byte(2));
+    let signed = vec![gw.sign_conviction(&gateway, node.address(), model, evidence)?, au.sign_conviction(&auditor, node.address(), model, evidence)?];
+    let started = std::time::Instant::now();
+    let slash = gw.slash(&signed).await?;
+    println!("{}", serde_json::json!({"what": "slash", "signatures": 2, "gas": slash.gas_used, "latency_ms": started.elapsed().as_secs_f64() * 1000.0}));
+    Ok(())
 }
