@@ -167,13 +167,8 @@ contract HotpotMarket {
     /// draw on it until `withdrawDeposit` (a gateway cannot run off with
     /// what it owes before its nodes had the delay to settle).
     function requestDepositWithdrawal(uint256 amount) external {
-        uint256 have = deposits[msg.sender];
-        if (amount == 0) revert Nothing();
-        if (amount > have) revert TooMuch(have, amount);
-        deposits[msg.sender] = have - amount;
         Pending storage p = withdrawing[msg.sender];
-        p.amount += amount;
-        p.readyAt = block.timestamp + unbondingDelay;
+        deposits[msg.sender] = _startLeaving(deposits[msg.sender], amount, p);
         emit DepositWithdrawalRequested(msg.sender, amount, p.readyAt);
     }
 
@@ -190,14 +185,19 @@ contract HotpotMarket {
     /// Starts taking `amount` of the caller's stake out; it stays slashable
     /// for `unbondingDelay` seconds (a new request restarts the delay).
     function requestUnstake(uint256 amount) external {
-        uint256 have = stakes[msg.sender];
+        Pending storage p = unstaking[msg.sender];
+        stakes[msg.sender] = _startLeaving(stakes[msg.sender], amount, p);
+        emit UnstakeRequested(msg.sender, amount, p.readyAt);
+    }
+
+    /// Moves `amount` of `have` into `p` (restarting its delay); returns
+    /// what is left of `have`.
+    function _startLeaving(uint256 have, uint256 amount, Pending storage p) private returns (uint256) {
         if (amount == 0) revert Nothing();
         if (amount > have) revert TooMuch(have, amount);
-        stakes[msg.sender] = have - amount;
-        Pending storage p = unstaking[msg.sender];
         p.amount += amount;
         p.readyAt = block.timestamp + unbondingDelay;
-        emit UnstakeRequested(msg.sender, amount, p.readyAt);
+        return have - amount;
     }
 
     /// Pays out the caller's unstaked amount once its delay has passed.
