@@ -314,7 +314,10 @@ fn a_node_refuses_a_gateway_that_owes_it_receipts() {
     let url = format!("{}/chat/completions", gateway.base_url);
     let clients: Vec<std::process::Child> = (0..3)
         .map(|_| {
-            let chat = serde_json::json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 300});
+            // Long enough on any machine to be cut by the kill below: the
+            // end tokens (<|endoftext|> 0, <|im_end|> 2) are banned.
+            let chat = serde_json::json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Tell me a long story."}],
+                                          "max_tokens": 3000, "logit_bias": {"0": -100, "2": -100}});
             Command::new("curl")
                 .args(["-s", "-o", "/dev/null", "-H", "Content-Type: application/json", "-d", &chat.to_string(), &url])
                 .spawn()
