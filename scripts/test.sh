@@ -37,7 +37,7 @@ done
 
 log "tests"
 export HOTPOT_TEST_THREADS="${HOTPOT_TEST_THREADS:-2}"
-cargo test --release --workspace --locked "${FEATURES[@]}" -- --nocapture 2>&1 | tee target/test-output.txt
+cargo test --release --workspace --locked --no-fail-fast "${FEATURES[@]}" -- --nocapture 2>&1 | tee target/test-output.txt
 
 log "figures"
 grep -E '^(accuracy vs|prefill vs|Q[0-9_K]+ |F32 )|bit-identical across' target/test-output.txt || true
