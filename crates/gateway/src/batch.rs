@@ -246,27 +246,18 @@ struct Row {
 impl BatchStore {
     /// The store at `path` (created when missing).
     pub fn open(path: &Path, parallel: usize) -> Result<Self, String> {
-        let db = Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        db.busy_timeout(Duration::from_secs(5)).map_err(|e| e.to_string())?;
-        db.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
-             BEGIN;
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-             INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', 1);
-             CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, endpoint TEXT NOT NULL, input_file_id TEXT NOT NULL,
+        let db = crate::files::open_versioned(
+            path,
+            "a batch store",
+            "CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, endpoint TEXT NOT NULL, input_file_id TEXT NOT NULL,
                  status TEXT NOT NULL, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, in_progress_at INTEGER, finalizing_at INTEGER,
                  completed_at INTEGER, failed_at INTEGER, expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER,
                  output_file_id TEXT, error_file_id TEXT, errors TEXT, metadata TEXT);
              CREATE TABLE IF NOT EXISTS lines (batch_id TEXT NOT NULL, idx INTEGER NOT NULL, custom_id TEXT, request TEXT,
                  state TEXT NOT NULL, output TEXT, tokens INTEGER NOT NULL DEFAULT 0, charged INTEGER NOT NULL DEFAULT 0,
-                 PRIMARY KEY (batch_id, idx));
-             COMMIT;",
-        )
-        .map_err(|e| format!("{} is not a batch store: {e}", path.display()))?;
-        let version: i64 = db.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).map_err(|e| e.to_string())?;
-        if version > BATCH_SCHEMA_VERSION {
-            return Err(format!("{} has schema version {version}; this gateway knows up to {BATCH_SCHEMA_VERSION}", path.display()));
-        }
+                 PRIMARY KEY (batch_id, idx));",
+            BATCH_SCHEMA_VERSION,
+        )?;
         Ok(Self { db: Mutex::new(db), wake: Notify::new(), parallel: parallel.max(1) })
     }
 

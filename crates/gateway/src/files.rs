@@ -46,27 +46,41 @@ fn not_found(id: &str) -> ApiError {
     ApiError::NotFound { message: format!("no file with id `{id}`"), code: "file_not_found" }
 }
 
+/// Opens (or creates) the SQLite store at `path` (`what` it is, for
+/// errors): WAL with full syncs, a `meta` table holding the schema version
+/// (`known` for a new store), then `tables`, all in one transaction;
+/// refuses a store of a newer schema. The batch store opens the same way.
+pub(crate) fn open_versioned(path: &Path, what: &str, tables: &str, known: i64) -> Result<Connection, String> {
+    let db = Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    db.busy_timeout(Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    db.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+         BEGIN;
+         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+         INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', {known});
+         {tables}
+         COMMIT;"
+    ))
+    .map_err(|e| format!("{} is not {what}: {e}", path.display()))?;
+    let version: i64 = db.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).map_err(|e| e.to_string())?;
+    if version > known {
+        return Err(format!("{} has schema version {version}; this gateway knows up to {known}", path.display()));
+    }
+    Ok(db)
+}
+
 impl FileStore {
     /// The store in `dir` (created when missing).
     pub fn open(dir: &Path) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let path = dir.join("files.sqlite");
-        let db = Connection::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        db.busy_timeout(Duration::from_secs(5)).map_err(|e| e.to_string())?;
-        db.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
-             BEGIN;
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-             INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', 1);
-             CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, owner TEXT NOT NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL,
-                 bytes INTEGER NOT NULL, created_at INTEGER NOT NULL);
-             COMMIT;",
-        )
-        .map_err(|e| format!("{} is not a file store: {e}", path.display()))?;
-        let version: i64 = db.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).map_err(|e| e.to_string())?;
-        if version > FILES_SCHEMA_VERSION {
-            return Err(format!("{} has schema version {version}; this gateway knows up to {FILES_SCHEMA_VERSION}", path.display()));
-        }
+        let db = open_versioned(
+            &path,
+            "a file store",
+            "CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, owner TEXT NOT NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL,
+                 bytes INTEGER NOT NULL, created_at INTEGER NOT NULL);",
+            FILES_SCHEMA_VERSION,
+        )?;
         Ok(Self { dir: dir.to_path_buf(), db: Mutex::new(db) })
     }
 
