@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: MIT
 pragma solidity 0.8.30;
 
-/// @title Hotpot's market: gateway deposits, node stakes, receipt
-/// settlement and k-of-n slashing on any EVM chain.
+/// @title Hotpot's market: gateway deposits, node stakes, settlement of what
+/// gateways owe nodes, and k-of-n slashing on any EVM chain.
 ///
 /// Who is who. A *gateway* sells inference to users and owes nodes for the
 /// work they did; it keeps a deposit here that backs what it owes. A *node*
@@ -16,16 +16,26 @@ pragma solidity 0.8.30;
 /// test coin on anvil). Why: every EVM chain has one, so there is no token
 /// contract to deploy, trust or approve, and a stake, a deposit and a payout
 /// are each one plain transfer. Off chain Hotpot counts micro-credits; one
-/// micro-credit is `weiPerMicroCredit` wei, fixed at deployment, so a receipt
+/// micro-credit is `weiPerMicroCredit` wei, fixed at deployment, so a voucher
 /// signed in credits means the same amount of coin to everyone.
+///
+/// What a gateway signs is a *voucher*: the running total of everything it
+/// owes one node, raised by each of Hotpot's off-chain receipts (one per
+/// session and node). The node keeps the latest; settling it pays the part
+/// of the total not paid yet on that (gateway, node) pair. So one
+/// settlement pays any number of receipts for the cost of one signature
+/// check and two storage writes, which is what keeps settling cheap next to
+/// what a node earns, and a voucher that is stale (its total already paid)
+/// is refused like a receipt settled twice.
 ///
 /// What is off chain: sessions, audits and evidence files. A conviction
 /// names the evidence by its hash; each auditor re-ran the evidence before
 /// signing.
 ///
 /// Money paid out is never pushed to an address inside another call:
-/// settlement and slashing credit `earningsOf`, which its owner claims
-/// (`claim`), so one receiver can never make a batch fail.
+/// settlement credits the (gateway, node) pair and slashing credits the
+/// accuser's `earningsOf`, which their owner claims (`claim`), so one
+/// receiver can never make a batch fail.
 contract HotpotMarket {
     // ------------------------------------------------------------------
     // Configuration, fixed at deployment
@@ -55,18 +65,33 @@ contract HotpotMarket {
         uint256 readyAt;
     }
 
-    mapping(address => bool) public isGateway;
+    /// A gateway's free deposit and whether it is registered: one storage
+    /// slot, since a settlement reads both.
+    struct Gateway {
+        uint128 deposit;
+        bool registered;
+    }
+
+    mapping(address => Gateway) private gateways;
     uint256 public gatewayCount;
-    mapping(address => uint256) private deposits;
     mapping(address => uint256) private stakes;
     /// Stake on its way out (still slashable).
     mapping(address => Pending) public unstaking;
-    /// Deposit on its way out (still pays receipts).
+    /// Deposit on its way out (still pays vouchers).
     mapping(address => Pending) public withdrawing;
-    /// Settled pay and accusers' shares, not yet claimed.
+    /// Accusers' shares of slashes, not yet claimed.
     mapping(address => uint256) public earningsOf;
-    /// Receipt ids already paid.
-    mapping(bytes32 => bool) public settled;
+
+    /// One (gateway, node) pair: the micro-credits paid so far (the total
+    /// of the last voucher settled) and the wei settled to the node and not
+    /// claimed yet. One storage slot, so settling a voucher writes one slot.
+    struct Pair {
+        uint64 paid;
+        uint192 unclaimed;
+    }
+
+    /// The pairs, by key (`pairKey`).
+    mapping(bytes24 => Pair) private pairs;
     /// Convictions already slashed (by their EIP-712 struct hash).
     mapping(bytes32 => bool) public slashed;
     /// Wei destroyed by slashing.
@@ -76,13 +101,13 @@ contract HotpotMarket {
     // Signed messages (EIP-712)
     // ------------------------------------------------------------------
 
-    /// What a gateway signs for a node: pay `amount` micro-credits of my
-    /// deposit to `node`, once, under Hotpot's receipt id `id`.
-    struct Receipt {
-        bytes32 id;
+    /// What a gateway signs for a node: "I have owed `node` `total`
+    /// micro-credits in all, from my deposit". Its id (`voucherId`) is the
+    /// pair's key followed by the total.
+    struct Voucher {
         address node;
         address gateway;
-        uint64 amount;
+        uint64 total;
     }
 
     /// An ECDSA signature (v is 27 or 28).
@@ -94,8 +119,7 @@ contract HotpotMarket {
 
     bytes32 private constant DOMAIN_TYPEHASH =
         keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)");
-    bytes32 private constant RECEIPT_TYPEHASH =
-        keccak256("Receipt(bytes32 id,address node,address gateway,uint64 amount)");
+    bytes32 private constant VOUCHER_TYPEHASH = keccak256("Voucher(address node,address gateway,uint64 total)");
     bytes32 private constant CONVICTION_TYPEHASH =
         keccak256("Conviction(address node,bytes32 model,bytes32 evidence)");
     /// secp256k1's order / 2: larger `s` values are the malleable twins.
@@ -145,8 +169,8 @@ contract HotpotMarket {
     /// Registers (or removes) a gateway, which also makes it an auditor.
     function setGateway(address gateway, bool registered) external {
         if (msg.sender != owner) revert NotOwner();
-        if (isGateway[gateway] != registered) {
-            isGateway[gateway] = registered;
+        if (gateways[gateway].registered != registered) {
+            gateways[gateway].registered = registered;
             if (registered) gatewayCount += 1;
             else gatewayCount -= 1;
         }
@@ -159,16 +183,20 @@ contract HotpotMarket {
 
     function deposit() external payable {
         if (msg.value == 0) revert Nothing();
-        deposits[msg.sender] += msg.value;
+        Gateway storage g = gateways[msg.sender];
+        uint256 total = g.deposit + msg.value;
+        if (total > type(uint128).max) revert TooMuch(type(uint128).max - g.deposit, msg.value);
+        g.deposit = uint128(total);
         emit Deposited(msg.sender, msg.value);
     }
 
-    /// Starts taking `amount` of the caller's deposit out. Receipts may still
+    /// Starts taking `amount` of the caller's deposit out. Vouchers may still
     /// draw on it until `withdrawDeposit` (a gateway cannot run off with
     /// what it owes before its nodes had the delay to settle).
     function requestDepositWithdrawal(uint256 amount) external {
         Pending storage p = withdrawing[msg.sender];
-        deposits[msg.sender] = _startLeaving(deposits[msg.sender], amount, p);
+        Gateway storage g = gateways[msg.sender];
+        g.deposit = uint128(_startLeaving(g.deposit, amount, p));
         emit DepositWithdrawalRequested(msg.sender, amount, p.readyAt);
     }
 
@@ -218,49 +246,75 @@ contract HotpotMarket {
     // Settlement
     // ------------------------------------------------------------------
 
-    /// Pays a batch of gateway-signed receipts: each from its gateway's
-    /// deposit to its node's earnings, each id once. Anyone may submit (the
-    /// node itself, without the gateway's goodwill). One bad receipt
-    /// reverts the whole batch, naming it.
-    function settle(Receipt[] calldata receipts, Sig[] calldata sigs) external {
-        if (receipts.length != sigs.length) revert LengthMismatch();
+    /// Pays a batch of gateway-signed vouchers: for each, what its total
+    /// adds to what was paid on its (gateway, node) pair, from the gateway's
+    /// deposit to the node (claimable from the pair). Anyone may submit (the node itself,
+    /// without the gateway's goodwill). A voucher whose total is already
+    /// paid (settled twice, or older than one settled), a signature that is
+    /// not its gateway's, or a gateway that is not registered reverts the
+    /// whole batch, naming the voucher. A gateway settling its own vouchers
+    /// needs no signatures on them (its transaction is signed): their
+    /// `Sig`s are not read.
+    function settle(Voucher[] calldata vouchers, Sig[] calldata sigs) external {
+        if (vouchers.length != sigs.length) revert LengthMismatch();
         bytes32 domain = _domainSeparator();
-        for (uint256 i = 0; i < receipts.length; i++) {
-            Receipt calldata r = receipts[i];
-            if (settled[r.id]) revert AlreadySettled(r.id);
-            bytes32 digest = _digest(domain, keccak256(abi.encode(RECEIPT_TYPEHASH, r.id, r.node, r.gateway, r.amount)));
-            address signer = _recover(digest, sigs[i]);
-            if (signer != r.gateway) revert BadSignature(r.id, signer);
-            if (!isGateway[signer]) revert NotGateway(signer);
-            settled[r.id] = true;
-            uint256 amount = uint256(r.amount) * weiPerMicroCredit;
-            _draw(r.gateway, amount);
-            earningsOf[r.node] += amount;
-            emit Settled(r.id, r.node, r.gateway, amount);
+        for (uint256 i = 0; i < vouchers.length; i++) {
+            Voucher calldata v = vouchers[i];
+            bytes24 pair = pairKey(v.gateway, v.node);
+            bytes32 id = _voucherId(pair, v.total);
+            Pair memory before = pairs[pair];
+            if (v.total <= before.paid) revert AlreadySettled(id);
+            if (msg.sender != v.gateway) {
+                bytes32 digest = _digest(domain, keccak256(abi.encode(VOUCHER_TYPEHASH, v.node, v.gateway, v.total)));
+                address signer = _recover(digest, sigs[i]);
+                if (signer != v.gateway) revert BadSignature(id, signer);
+            }
+            Gateway storage g = gateways[v.gateway];
+            if (!g.registered) revert NotGateway(v.gateway);
+            uint256 amount = uint256(v.total - before.paid) * weiPerMicroCredit;
+            uint256 unclaimed = before.unclaimed + amount;
+            if (unclaimed > type(uint192).max) revert TooMuch(type(uint192).max - before.unclaimed, amount);
+            pairs[pair] = Pair(v.total, uint192(unclaimed));
+            _draw(g, v.gateway, amount);
+            emit Settled(id, v.node, v.gateway, amount);
         }
     }
 
     /// Takes `amount` from the gateway's deposit, then from its deposit on
     /// the way out.
-    function _draw(address gateway, uint256 amount) private {
-        uint256 free = deposits[gateway];
+    function _draw(Gateway storage g, address gateway, uint256 amount) private {
+        uint256 free = g.deposit;
         if (free >= amount) {
-            deposits[gateway] = free - amount;
+            g.deposit = uint128(free - amount);
             return;
         }
         uint256 leaving = withdrawing[gateway].amount;
         if (free + leaving < amount) revert InsufficientDeposit(gateway, free + leaving, amount);
-        deposits[gateway] = 0;
+        g.deposit = 0;
         withdrawing[gateway].amount = leaving - (amount - free);
     }
 
-    /// Pays the caller what it earned.
-    function claim() external {
+    /// Pays the caller what it earned: what was settled to it by each of
+    /// `fromGateways`, and its shares as an accuser.
+    function claim(address[] calldata fromGateways) external {
         uint256 amount = earningsOf[msg.sender];
+        if (amount != 0) earningsOf[msg.sender] = 0;
+        for (uint256 i = 0; i < fromGateways.length; i++) {
+            Pair storage p = pairs[pairKey(fromGateways[i], msg.sender)];
+            amount += p.unclaimed;
+            p.unclaimed = 0;
+        }
         if (amount == 0) revert Nothing();
-        earningsOf[msg.sender] = 0;
         emit Claimed(msg.sender, amount);
         _send(msg.sender, amount);
+    }
+
+    /// What `claim(fromGateways)` would pay `who`.
+    function claimable(address who, address[] calldata fromGateways) external view returns (uint256 amount) {
+        amount = earningsOf[who];
+        for (uint256 i = 0; i < fromGateways.length; i++) {
+            amount += pairs[pairKey(fromGateways[i], who)].unclaimed;
+        }
     }
 
     // ------------------------------------------------------------------
@@ -273,7 +327,7 @@ contract HotpotMarket {
     /// so no auditor counts twice). The caller is the accuser and must be a
     /// registered auditor; it earns `accuserSharePpm` of the stake.
     function slash(address node, bytes32 model, bytes32 evidence, Sig[] calldata sigs) external {
-        if (!isGateway[msg.sender]) revert NotGateway(msg.sender);
+        if (!isGateway(msg.sender)) revert NotGateway(msg.sender);
         bytes32 conviction = keccak256(abi.encode(CONVICTION_TYPEHASH, node, model, evidence));
         if (slashed[conviction]) revert AlreadySlashed(conviction);
         bytes32 digest = _digest(_domainSeparator(), conviction);
@@ -282,7 +336,7 @@ contract HotpotMarket {
             address signer = _recover(digest, sigs[i]);
             if (signer == address(0)) revert BadSignature(conviction, signer);
             if (signer <= last) revert UnsortedSigners();
-            if (!isGateway[signer]) revert NotGateway(signer);
+            if (!isGateway(signer)) revert NotGateway(signer);
             last = signer;
         }
         if (sigs.length < quorum) revert TooFewSignatures(sigs.length, quorum);
@@ -301,15 +355,42 @@ contract HotpotMarket {
     // Views
     // ------------------------------------------------------------------
 
+    /// Whether `who` is a registered gateway (auditor).
+    function isGateway(address who) public view returns (bool) {
+        return gateways[who].registered;
+    }
+
     /// Wei `node` has at stake (unstaking amounts not counted).
     function stakeOf(address node) external view returns (uint256) {
         return stakes[node];
     }
 
-    /// Wei of `gateway`'s deposit free to pay receipts (amounts on their way
+    /// Wei of `gateway`'s deposit free to pay vouchers (amounts on their way
     /// out not counted).
     function depositOf(address gateway) external view returns (uint256) {
-        return deposits[gateway];
+        return gateways[gateway].deposit;
+    }
+
+    /// Whether the voucher `id` is paid: the total it names is, on its pair.
+    function settled(bytes32 id) external view returns (bool) {
+        return pairs[bytes24(id)].paid >= uint64(uint256(id));
+    }
+
+    /// Micro-credits paid so far from `gateway` to `node`.
+    function paidTo(address gateway, address node) external view returns (uint64) {
+        return pairs[pairKey(gateway, node)].paid;
+    }
+
+    /// The key of a (gateway, node) pair: the first 24 bytes of
+    /// keccak256(gateway, node).
+    function pairKey(address gateway, address node) public pure returns (bytes24) {
+        return bytes24(keccak256(abi.encodePacked(gateway, node)));
+    }
+
+    /// A voucher's id: its pair's key, then its total (8 bytes), so the id
+    /// alone says whether it is paid.
+    function voucherId(address gateway, address node, uint64 total) external pure returns (bytes32) {
+        return _voucherId(pairKey(gateway, node), total);
     }
 
     /// The EIP-712 domain separator signatures are made under.
@@ -325,6 +406,10 @@ contract HotpotMarket {
         return keccak256(
             abi.encode(DOMAIN_TYPEHASH, keccak256("Hotpot Market"), keccak256("1"), block.chainid, address(this))
         );
+    }
+
+    function _voucherId(bytes24 pair, uint64 total) private pure returns (bytes32) {
+        return bytes32(pair) | bytes32(uint256(total));
     }
 
     function _digest(bytes32 domain, bytes32 structHash) private pure returns (bytes32) {

@@ -3,19 +3,20 @@
 //! The `HotpotMarket` contract (`contracts/HotpotMarket.sol`, compiled by
 //! the pinned solcjs into `contracts/HotpotMarket.json`, which this crate
 //! embeds) holds gateway deposits and node stakes in the chain's native
-//! coin, pays gateway-signed receipts to nodes (each receipt id once), and
+//! coin, pays nodes what gateways signed they owe them (vouchers: a running
+//! total per gateway and node, each total once), and
 //! slashes a node's stake when `quorum` registered auditors sign the same
 //! conviction. This crate is the Rust side:
 //!
 //! - [`Wallet`]: a secp256k1 key in a file, created on first use, and its
 //!   binding to a node's ed25519 identity;
-//! - [`ChainReceipt`] / [`Conviction`]: what gateways and auditors sign
+//! - [`Voucher`] / [`Conviction`]: what gateways and auditors sign
 //!   (EIP-712 typed data under the deployed contract's domain);
 //! - [`Market`]: deploy, deposit, stake, unstake, withdraw, settle, claim,
 //!   slash and the views, with reverts decoded into [`ChainError`]s that
 //!   name the cause;
-//! - [`Outbox`]: signed receipts kept until seen settled, settled in
-//!   batches without sending any twice;
+//! - [`Outbox`]: vouchers kept until seen settled, settled in batches
+//!   without sending any twice;
 //! - [`LocalChain`]: a local `anvil` (from the npm package
 //!   `@foundry-rs/anvil-linux-amd64`) for tests and `hotpot up --chain`.
 
@@ -29,9 +30,9 @@ mod wallet;
 pub use alloy::primitives::{Address, B256, U256};
 pub use anvil::{ANVIL_PACKAGE, LocalChain, find_anvil, fund_on_anvil};
 pub use market::{Config, GatewayRow, Market, MarketView, NodeRow, Sent};
-pub use outbox::{MAX_BATCH, OUTBOX_SCHEMA_VERSION, Outbox, Settled};
+pub use outbox::{Kept, MAX_BATCH, OUTBOX_SCHEMA_VERSION, Outbox, Pending, Settled};
+pub use signed::{Conviction, SignedConviction, Voucher, pair_key, sort_signatures, voucher_id};
 pub use stakes::ChainStakes;
-pub use signed::{ChainReceipt, Conviction, SignedConviction, sort_signatures};
 pub use wallet::{Wallet, WalletBinding};
 
 alloy::sol!(
@@ -92,14 +93,14 @@ fn describe(e: &HotpotMarket::HotpotMarketErrors) -> String {
     match e {
         E::NotOwner(_) => "only the contract's owner may register gateways".into(),
         E::NotGateway(x) => format!("{} is not a registered gateway (auditor)", x.who),
-        E::AlreadySettled(x) => format!("receipt {} is already settled", x.id),
+        E::AlreadySettled(x) => format!("voucher {} is already settled (its total is paid)", x.id),
         E::BadSignature(x) => {
             format!("the signature on {} is not its gateway's (it recovers to {}): altered or forged", x.id, x.signer)
         }
         E::InsufficientDeposit(x) => {
             format!("gateway {} has {} wei of deposit, {} are needed", x.gateway, x.available, x.needed)
         }
-        E::LengthMismatch(_) => "receipts and signatures differ in number".into(),
+        E::LengthMismatch(_) => "vouchers and signatures differ in number".into(),
         E::NotReady(x) => format!("not withdrawable before Unix time {} (unbonding delay)", x.readyAt),
         E::Nothing(_) => "nothing to do (zero amount)".into(),
         E::TooMuch(x) => format!("asked for {} wei, only {} available", x.asked, x.available),

@@ -11,7 +11,7 @@ use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use serde::Serialize;
 
 use crate::HotpotMarket::{self, HotpotMarketInstance};
-use crate::signed::{ChainReceipt, SignedConviction, sort_signatures};
+use crate::signed::{SignedConviction, Voucher, sort_signatures};
 use crate::{ChainError, Wallet};
 
 /// How long one RPC exchange (sending, or waiting for a transaction to be
@@ -108,12 +108,7 @@ impl Market {
         if code.is_empty() {
             return Err(ChainError::Invalid(format!("no contract at {address} on chain {chain_id} ({rpc})")));
         }
-        Ok(Self {
-            contract: HotpotMarket::new(address, provider),
-            chain_id,
-            from: wallet.address(),
-            sending: Default::default(),
-        })
+        Ok(Self { contract: HotpotMarket::new(address, provider), chain_id, from: wallet.address(), sending: Default::default() })
     }
 
     /// Deploys a new market from `wallet` (its owner) and returns it.
@@ -132,10 +127,7 @@ impl Market {
         )
         .await?;
         let receipt = timed("waiting for the deployment", pending.get_receipt()).await?;
-        let address = receipt
-            .contract_address()
-            .filter(|_| receipt.status())
-            .ok_or_else(|| ChainError::Reverted("the deployment failed".into()))?;
+        let address = receipt.contract_address().filter(|_| receipt.status()).ok_or_else(|| ChainError::Reverted("the deployment failed".into()))?;
         Ok((Self::connect(rpc, wallet, address).await?, Sent::of(&receipt)))
     }
 
@@ -202,18 +194,25 @@ impl Market {
         self.send("withdraw", self.contract.withdraw()).await
     }
 
-    /// Pays this wallet its settled earnings.
+    /// Pays this wallet what it earned: what every gateway that paid it
+    /// settled, and its shares as an accuser.
     pub async fn claim(&self) -> Result<Sent, ChainError> {
-        self.send("claim", self.contract.claim()).await
+        let gateways = self.gateways_paying(self.from).await?;
+        self.send("claim", self.contract.claim(gateways)).await
     }
 
-    /// Settles a batch of gateway-signed receipts (all or none).
-    pub async fn settle(&self, receipts: &[ChainReceipt]) -> Result<Sent, ChainError> {
-        if receipts.is_empty() {
-            return Err(ChainError::Invalid("no receipts to settle".into()));
+    /// Settles a batch of gateway-signed vouchers (all or none).
+    pub async fn settle(&self, vouchers: &[Voucher]) -> Result<Sent, ChainError> {
+        if vouchers.is_empty() {
+            return Err(ChainError::Invalid("no vouchers to settle".into()));
         }
-        let bodies = receipts.iter().map(ChainReceipt::body).collect::<Vec<_>>();
-        let sigs = receipts.iter().map(ChainReceipt::sig).collect::<Result<Vec<_>, _>>()?;
+        let bodies = vouchers.iter().map(Voucher::body).collect::<Vec<_>>();
+        // The contract does not read the signatures on a gateway's own
+        // vouchers (its transaction is signed): zeros cost less calldata.
+        let sigs = vouchers
+            .iter()
+            .map(|v| if v.gateway == self.from { Ok(HotpotMarket::Sig { r: B256::ZERO, s: B256::ZERO, v: 0 }) } else { v.sig() })
+            .collect::<Result<Vec<_>, _>>()?;
         self.send("settle", self.contract.settle(bodies, sigs)).await
     }
 
@@ -228,9 +227,10 @@ impl Market {
         self.send("slash", self.contract.slash(first.node, first.model, first.evidence, sigs)).await
     }
 
-    /// Signs a receipt for `node` as this wallet's gateway.
-    pub fn sign_receipt(&self, wallet: &Wallet, id: B256, node: Address, amount: u64) -> Result<ChainReceipt, ChainError> {
-        ChainReceipt::sign(wallet, self.chain_id, self.address(), id, node, amount)
+    /// Signs, as gateway `wallet`, that it has owed `node` `total`
+    /// micro-credits in all.
+    pub fn sign_voucher(&self, wallet: &Wallet, node: Address, total: u64) -> Result<Voucher, ChainError> {
+        Voucher::sign(wallet, self.chain_id, self.address(), node, total)
     }
 
     /// Signs a conviction as an auditor.
@@ -238,9 +238,9 @@ impl Market {
         SignedConviction::sign(wallet, self.chain_id, self.address(), node, model, evidence)
     }
 
-    /// Who signed `receipt` under this market's domain.
-    pub fn receipt_signer(&self, receipt: &ChainReceipt) -> Result<Address, ChainError> {
-        receipt.signer(self.chain_id, self.address())
+    /// Who signed `voucher` under this market's domain.
+    pub fn voucher_signer(&self, voucher: &Voucher) -> Result<Address, ChainError> {
+        voucher.signer(self.chain_id, self.address())
     }
 
     pub fn domain_matches(&self, signed: &SignedConviction) -> Result<(), ChainError> {
@@ -257,12 +257,28 @@ impl Market {
         timed("depositOf", self.contract.depositOf(gateway).call()).await
     }
 
+    /// What `who` can claim: settled pay from every gateway that paid it,
+    /// and its shares as an accuser.
     pub async fn earnings_of(&self, who: Address) -> Result<U256, ChainError> {
-        timed("earningsOf", self.contract.earningsOf(who).call()).await
+        let gateways = self.gateways_paying(who).await?;
+        timed("claimable", self.contract.claimable(who, gateways).call()).await
     }
 
+    /// The gateways that ever settled a voucher to `node` (from the
+    /// contract's `Settled` events).
+    pub async fn gateways_paying(&self, node: Address) -> Result<Vec<Address>, ChainError> {
+        let events = timed("Settled events", self.contract.Settled_filter().topic2(node.into_word()).from_block(0u64).query()).await?;
+        Ok(events.into_iter().map(|(e, _)| e.gateway).collect::<BTreeSet<_>>().into_iter().collect())
+    }
+
+    /// Whether the voucher `id` is paid.
     pub async fn settled(&self, id: B256) -> Result<bool, ChainError> {
         timed("settled", self.contract.settled(id).call()).await
+    }
+
+    /// Micro-credits paid so far from `gateway` to `node`.
+    pub async fn paid_to(&self, gateway: Address, node: Address) -> Result<u64, ChainError> {
+        timed("paidTo", self.contract.paidTo(gateway, node).call()).await
     }
 
     pub async fn is_gateway(&self, who: Address) -> Result<bool, ChainError> {
@@ -314,11 +330,11 @@ impl Market {
         for (e, _) in timed("Staked events", c.Staked_filter().from_block(0u64).query()).await? {
             nodes.insert(e.node);
         }
-        let mut settled_receipts = 0u64;
+        let mut settlements = 0u64;
         let mut settled_wei = U256::ZERO;
         for (e, _) in timed("Settled events", c.Settled_filter().from_block(0u64).query()).await? {
             nodes.insert(e.node);
-            settled_receipts += 1;
+            settlements += 1;
             settled_wei += e.amount;
         }
         let mut gateway_rows = Vec::new();
@@ -347,7 +363,7 @@ impl Market {
             config: self.config().await?,
             gateways: gateway_rows,
             nodes: node_rows,
-            settled_receipts,
+            settlements,
             settled_wei,
             burned_wei: self.burned().await?,
         })
@@ -362,7 +378,8 @@ pub struct MarketView {
     pub config: Config,
     pub gateways: Vec<GatewayRow>,
     pub nodes: Vec<NodeRow>,
-    pub settled_receipts: u64,
+    /// Vouchers paid (each pays one pair what its total added).
+    pub settlements: u64,
     pub settled_wei: U256,
     pub burned_wei: U256,
 }

@@ -32,38 +32,71 @@ pub(crate) fn domain(chain_id: u64, market: Address) -> Eip712Domain {
     }
 }
 
-/// A receipt as the contract pays it: `amount` micro-credits of
-/// `gateway`'s deposit to `node`, once, under Hotpot's receipt id `id`,
-/// with the gateway's signature.
+/// What a gateway signs for a node: the running total, in micro-credits,
+/// of everything it has owed `node` on this market (each of Hotpot's
+/// receipts raises it). Settling it pays what the total adds to what the
+/// pair was paid before; a voucher whose total is already paid is refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChainReceipt {
-    pub id: B256,
+pub struct Voucher {
     pub node: Address,
     pub gateway: Address,
     /// Micro-credits (the contract converts at its `weiPerMicroCredit`).
-    pub amount: u64,
+    pub total: u64,
     /// 65 bytes: r, s, v.
     pub signature: Vec<u8>,
 }
 
-impl ChainReceipt {
-    /// Signs a receipt for `node` with the gateway's `wallet`.
-    pub fn sign(wallet: &Wallet, chain_id: u64, market: Address, id: B256, node: Address, amount: u64) -> Result<Self, ChainError> {
-        let body = HotpotMarket::Receipt { id, node, gateway: wallet.address(), amount };
+/// The key of a (gateway, node) pair, as the contract computes it: the
+/// first 24 bytes of keccak256(gateway ‖ node).
+pub fn pair_key(gateway: Address, node: Address) -> [u8; 24] {
+    let hash = alloy::primitives::keccak256([gateway.as_slice(), node.as_slice()].concat());
+    let mut key = [0u8; 24];
+    key.copy_from_slice(&hash[..24]);
+    key
+}
+
+/// A voucher's id, as the contract computes it: the pair's key, then the
+/// total (8 bytes, big-endian).
+pub fn voucher_id(gateway: Address, node: Address, total: u64) -> B256 {
+    let mut id = [0u8; 32];
+    id[..24].copy_from_slice(&pair_key(gateway, node));
+    id[24..].copy_from_slice(&total.to_be_bytes());
+    B256::from(id)
+}
+
+impl Voucher {
+    /// Signs, with the gateway's `wallet`, that it has owed `node` `total`
+    /// micro-credits in all.
+    pub fn sign(wallet: &Wallet, chain_id: u64, market: Address, node: Address, total: u64) -> Result<Self, ChainError> {
+        let body = HotpotMarket::Voucher { node, gateway: wallet.address(), total };
         let sig = wallet.sign_digest(&body.eip712_signing_hash(&domain(chain_id, market)))?;
-        Ok(Self { id, node, gateway: wallet.address(), amount, signature: sig.as_bytes().to_vec() })
+        Ok(Self { node, gateway: wallet.address(), total, signature: sig.as_bytes().to_vec() })
     }
 
-    /// Who signed it (checks nothing else): to report a forged receipt
+    /// The id the contract knows it by.
+    pub fn id(&self) -> B256 {
+        voucher_id(self.gateway, self.node, self.total)
+    }
+
+    /// Who signed it (checks nothing else): to report a forged voucher
     /// before sending it.
     pub fn signer(&self, chain_id: u64, market: Address) -> Result<Address, ChainError> {
         let sig = parse_signature(&self.signature)?;
         sig.recover_address_from_prehash(&self.body().eip712_signing_hash(&domain(chain_id, market)))
-            .map_err(|e| ChainError::Invalid(format!("receipt {}: {e}", self.id)))
+            .map_err(|e| ChainError::Invalid(format!("voucher {}: {e}", self.id())))
     }
 
-    pub(crate) fn body(&self) -> HotpotMarket::Receipt {
-        HotpotMarket::Receipt { id: self.id, node: self.node, gateway: self.gateway, amount: self.amount }
+    /// Checks it is signed by its own gateway (not that the gateway is
+    /// registered: the contract knows that).
+    pub fn verify(&self, chain_id: u64, market: Address) -> Result<(), ChainError> {
+        match self.signer(chain_id, market)? {
+            signer if signer == self.gateway => Ok(()),
+            signer => Err(ChainError::Invalid(format!("voucher {} is signed by {signer}, not by its gateway {}", self.id(), self.gateway))),
+        }
+    }
+
+    pub(crate) fn body(&self) -> HotpotMarket::Voucher {
+        HotpotMarket::Voucher { node: self.node, gateway: self.gateway, total: self.total }
     }
 
     pub(crate) fn sig(&self) -> Result<HotpotMarket::Sig, ChainError> {
@@ -117,9 +150,5 @@ fn parse_signature(bytes: &[u8]) -> Result<EcdsaSignature, ChainError> {
 }
 
 fn to_sig(sig: &EcdsaSignature) -> HotpotMarket::Sig {
-    HotpotMarket::Sig {
-        r: B256::from(sig.r().to_be_bytes::<32>()),
-        s: B256::from(sig.s().to_be_bytes::<32>()),
-        v: 27 + u8::from(sig.v()),
-    }
+    HotpotMarket::Sig { r: B256::from(sig.r().to_be_bytes::<32>()), s: B256::from(sig.s().to_be_bytes::<32>()), v: 27 + u8::from(sig.v()) }
 }

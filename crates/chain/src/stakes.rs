@@ -8,7 +8,7 @@ use alloy::primitives::{Address, B256, U256};
 use hotpot_core::Credits;
 use hotpot_ledger::StakeBook;
 
-use crate::{ChainError, ChainReceipt, Market, Wallet};
+use crate::{ChainError, Market, Outbox, Wallet};
 
 /// The market at `market` on the chain at `rpc`, operated by a registered
 /// gateway (which signs and pays receipts from its deposit) and a quorum
@@ -18,6 +18,8 @@ pub struct ChainStakes {
     gateway: Market,
     gateway_wallet: Wallet,
     auditors: Vec<(Wallet, Market)>,
+    /// The gateway's vouchers (receipt ids counted once into each total).
+    outbox: Outbox,
     wei_per_micro: U256,
     unbonding: Duration,
     accuser_ppm: u32,
@@ -40,6 +42,7 @@ impl ChainStakes {
             gateway: gateway_market,
             gateway_wallet: gateway,
             auditors: with_markets,
+            outbox: Outbox::in_memory()?,
             wei_per_micro: config.wei_per_micro_credit,
             unbonding: Duration::from_secs(config.unbonding_delay_s),
             accuser_ppm: config.accuser_share_ppm,
@@ -90,8 +93,10 @@ impl StakeBook for ChainStakes {
     }
 
     async fn settle(&self, id: [u8; 32], node: &Wallet, amount: Credits) -> Result<bool, ChainError> {
-        let receipt = ChainReceipt::sign(&self.gateway_wallet, self.gateway.chain_id(), self.gateway.address(), B256::from(id), node.address(), amount.micros())?;
-        tolerate(self.gateway.settle(&[receipt]).await.map(|_| true), &["already settled"], false)
+        let (chain_id, market, gateway) = (self.gateway.chain_id(), self.gateway.address(), self.gateway_wallet.address());
+        let paid = if self.outbox.has_pair(chain_id, market, gateway, node.address())? { 0 } else { self.gateway.paid_to(gateway, node.address()).await? };
+        let voucher = self.outbox.issue(&self.gateway, &self.gateway_wallet, B256::from(id), node.address(), amount.micros(), paid)?;
+        tolerate(self.gateway.settle(&[voucher]).await.map(|_| true), &["already settled"], false)
     }
 
     async fn earned(&self, node: &Wallet) -> Result<Credits, ChainError> {
@@ -100,11 +105,8 @@ impl StakeBook for ChainStakes {
 
     async fn slash(&self, node: &Wallet, conviction: [u8; 32]) -> Result<Credits, ChainError> {
         let at_stake = self.gateway.stake_of(node.address()).await? + self.gateway.unstaking(node.address()).await?.0;
-        let signed = self
-            .auditors
-            .iter()
-            .map(|(w, m)| m.sign_conviction(w, node.address(), B256::ZERO, B256::from(conviction)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let signed =
+            self.auditors.iter().map(|(w, m)| m.sign_conviction(w, node.address(), B256::ZERO, B256::from(conviction))).collect::<Result<Vec<_>, _>>()?;
         let accuser = &self.auditors[0].1;
         tolerate(accuser.slash(&signed).await.map(|_| self.credits(at_stake)), &["already slashed", "nothing to do"], Credits::ZERO)
     }

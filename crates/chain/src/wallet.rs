@@ -38,9 +38,7 @@ impl Wallet {
         match std::fs::read_to_string(path) {
             Ok(text) => {
                 let hex = text.trim().strip_prefix("0x").unwrap_or(text.trim());
-                let bytes: B256 = hex
-                    .parse()
-                    .map_err(|_| bad("is not a wallet (expected 0x and 64 hex digits: a secp256k1 private key)".into()))?;
+                let bytes: B256 = hex.parse().map_err(|_| bad("is not a wallet (expected 0x and 64 hex digits: a secp256k1 private key)".into()))?;
                 let signer = PrivateKeySigner::from_bytes(&bytes).map_err(|e| bad(format!("not a valid key: {e}")))?;
                 Ok((Self { signer, path: Some(path.to_path_buf()) }, false))
             }
@@ -61,11 +59,7 @@ impl Wallet {
 
     /// A wallet from a private key (hex, with or without 0x).
     pub fn from_hex(hex: &str) -> Result<Self, ChainError> {
-        let bytes: B256 = hex
-            .trim()
-            .trim_start_matches("0x")
-            .parse()
-            .map_err(|_| ChainError::Invalid("a private key is 64 hex digits".into()))?;
+        let bytes: B256 = hex.trim().trim_start_matches("0x").parse().map_err(|_| ChainError::Invalid("a private key is 64 hex digits".into()))?;
         let signer = PrivateKeySigner::from_bytes(&bytes).map_err(|e| ChainError::Invalid(e.to_string()))?;
         Ok(Self { signer, path: None })
     }
@@ -93,10 +87,7 @@ impl Wallet {
     pub fn bind(&self, node: &NodeKey) -> Result<WalletBinding, ChainError> {
         let address = self.address();
         let node_signature = node.sign(&binding_message(&address));
-        let wallet_signature = self
-            .signer
-            .sign_message_sync(node.id().as_bytes())
-            .map_err(|e| ChainError::Invalid(format!("signing: {e}")))?;
+        let wallet_signature = self.signer.sign_message_sync(node.id().as_bytes()).map_err(|e| ChainError::Invalid(format!("signing: {e}")))?;
         Ok(WalletBinding { address, node: node.id(), node_signature: node_signature.0.to_vec(), wallet_signature: wallet_signature.as_bytes().to_vec() })
     }
 }
@@ -122,19 +113,15 @@ pub struct WalletBinding {
 impl WalletBinding {
     /// Checks both signatures.
     pub fn verify(&self) -> Result<(), ChainError> {
-        let sig: [u8; 64] = self
-            .node_signature
-            .as_slice()
-            .try_into()
-            .map_err(|_| ChainError::Invalid("a wallet binding's node signature is 64 bytes".into()))?;
+        let sig: [u8; 64] =
+            self.node_signature.as_slice().try_into().map_err(|_| ChainError::Invalid("a wallet binding's node signature is 64 bytes".into()))?;
         self.node
             .verify(&binding_message(&self.address), &Signature(sig))
             .map_err(|e| ChainError::Invalid(format!("the node's signature on its wallet: {e}")))?;
-        let wallet = EcdsaSignature::try_from(self.wallet_signature.as_slice())
-            .map_err(|e| ChainError::Invalid(format!("a wallet binding's wallet signature: {e}")))?;
-        let signer = wallet
-            .recover_address_from_msg(self.node.as_bytes())
-            .map_err(|e| ChainError::Invalid(format!("the wallet's signature on its node: {e}")))?;
+        let wallet =
+            EcdsaSignature::try_from(self.wallet_signature.as_slice()).map_err(|e| ChainError::Invalid(format!("a wallet binding's wallet signature: {e}")))?;
+        let signer =
+            wallet.recover_address_from_msg(self.node.as_bytes()).map_err(|e| ChainError::Invalid(format!("the wallet's signature on its node: {e}")))?;
         if signer != self.address {
             return Err(ChainError::Invalid(format!("the wallet signature is {signer}'s, not {}'s", self.address)));
         }

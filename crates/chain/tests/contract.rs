@@ -7,10 +7,7 @@ use std::process::Command;
 #[test]
 fn the_committed_artifact_is_what_the_source_compiles_to() {
     let contracts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../contracts");
-    assert!(
-        contracts.join("node_modules/solc").is_dir(),
-        "the pinned solc is missing: bash scripts/test.sh installs it (npm ci --prefix contracts)"
-    );
+    assert!(contracts.join("node_modules/solc").is_dir(), "the pinned solc is missing: bash scripts/test.sh installs it (npm ci --prefix contracts)");
     let out = Command::new("node").arg(contracts.join("build.js")).arg("--check").output().expect("node runs");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{text}");

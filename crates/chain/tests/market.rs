@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hotpot_chain::{B256, ChainError, ChainReceipt, Config, LocalChain, Market, U256, Wallet, find_anvil};
+use hotpot_chain::{B256, ChainError, Config, Kept, LocalChain, Market, Outbox, U256, Voucher, Wallet, find_anvil};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -72,24 +72,39 @@ async fn a_node_stakes_is_paid_its_receipts_exactly_and_unbonds_after_the_delay(
     assert_eq!(n.stake_of(node.address()).await.unwrap(), eth(5));
     assert_eq!(n.deposit_of(gw.address()).await.unwrap(), eth(10));
 
-    // The gateway signs three receipts; the node settles them itself.
+    // Three receipts raise the gateway's running total for the node; each
+    // new total is a voucher. The node settles the first itself (the
+    // contract checks the gateway's signature), the gateway the last (its
+    // own transaction, no signature read): the node is paid exactly the
+    // receipts' sum, and every voucher up to the last is settled.
     let amounts = [1_234u64, 99_999, 1];
-    let receipts: Vec<ChainReceipt> =
-        amounts.iter().enumerate().map(|(i, a)| g.sign_receipt(&gw, id(i as u8 + 1), node.address(), *a).unwrap()).collect();
-    assert_eq!(n.receipt_signer(&receipts[0]).unwrap(), gw.address());
-    n.settle(&receipts).await.unwrap();
+    let mut total = 0;
+    let vouchers: Vec<Voucher> = amounts
+        .iter()
+        .map(|a| {
+            total += a;
+            g.sign_voucher(&gw, node.address(), total).unwrap()
+        })
+        .collect();
+    assert_eq!(n.voucher_signer(&vouchers[0]).unwrap(), gw.address());
+    n.settle(&vouchers[..1]).await.unwrap();
+    assert_eq!(n.paid_to(gw.address(), node.address()).await.unwrap(), 1_234);
+    assert!(!n.settled(vouchers[1].id()).await.unwrap());
+    g.settle(&vouchers[2..]).await.unwrap();
     let sum = U256::from(amounts.iter().sum::<u64>()) * U256::from(1_000_000u64);
     assert_eq!(n.earnings_of(node.address()).await.unwrap(), sum);
     assert_eq!(n.deposit_of(gw.address()).await.unwrap(), eth(10) - sum);
-    for r in &receipts {
-        assert!(n.settled(r.id).await.unwrap());
+    for v in &vouchers {
+        assert!(n.settled(v.id()).await.unwrap());
     }
+    assert_eq!(n.gateways_paying(node.address()).await.unwrap(), vec![gw.address()]);
     // Claiming moves exactly the sum to the node's wallet (less its gas).
     let before = n.balance(node.address()).await.unwrap();
     let claim = n.claim().await.unwrap();
     let after = n.balance(node.address()).await.unwrap();
     assert_eq!(after, before + sum - claim.fee_wei);
     assert_eq!(n.earnings_of(node.address()).await.unwrap(), U256::ZERO);
+    reverted(n.claim().await.unwrap_err(), "nothing to do");
 
     // Unbonding: not before the delay, and after it.
     n.request_unstake(eth(2)).await.unwrap();
@@ -114,35 +129,96 @@ async fn double_unregistered_and_altered_receipts_revert_with_their_reason() {
     g.deposit(eth(1)).await.unwrap();
     r.deposit(eth(1)).await.unwrap();
 
-    let good = g.sign_receipt(&gw, id(1), node.address(), 500).unwrap();
+    let good = g.sign_voucher(&gw, node.address(), 500).unwrap();
     n.settle(std::slice::from_ref(&good)).await.unwrap();
     // Settled twice: once alone, once inside a batch with a fresh one
-    // (the whole batch reverts, the fresh one stays unsettled).
+    // (the whole batch reverts, the fresh one stays unsettled); and an
+    // older voucher (a lower total) of the same pair.
     reverted(n.settle(std::slice::from_ref(&good)).await.unwrap_err(), "already settled");
-    let fresh = g.sign_receipt(&gw, id(2), node.address(), 7).unwrap();
+    let fresh = g.sign_voucher(&gw, node.address(), 507).unwrap();
     reverted(n.settle(&[fresh.clone(), good.clone()]).await.unwrap_err(), "already settled");
-    assert!(!n.settled(fresh.id).await.unwrap());
+    assert!(!n.settled(fresh.id()).await.unwrap());
+    let older = g.sign_voucher(&gw, node.address(), 300).unwrap();
+    reverted(n.settle(&[older]).await.unwrap_err(), "already settled");
 
-    // Signed by a wallet that is not a registered gateway.
-    let unregistered = r.sign_receipt(&rogue, id(3), node.address(), 500).unwrap();
-    reverted(n.settle(&[unregistered]).await.unwrap_err(), "is not a registered gateway");
+    // Signed by a wallet that is not a registered gateway, sent by the node
+    // or by that wallet itself; and a voucher naming its sender as gateway.
+    let unregistered = r.sign_voucher(&rogue, node.address(), 500).unwrap();
+    reverted(n.settle(std::slice::from_ref(&unregistered)).await.unwrap_err(), "is not a registered gateway");
+    reverted(r.settle(&[unregistered]).await.unwrap_err(), "is not a registered gateway");
+    let mut self_made = g.sign_voucher(&gw, node.address(), 900).unwrap();
+    self_made.gateway = node.address();
+    reverted(n.settle(&[self_made]).await.unwrap_err(), "is not a registered gateway");
 
     // An altered amount: the signature no longer recovers to the gateway.
-    let mut altered = g.sign_receipt(&gw, id(4), node.address(), 500).unwrap();
-    altered.amount = 500_000;
-    reverted(n.settle(&[altered.clone()]).await.unwrap_err(), "altered or forged");
+    let mut altered = g.sign_voucher(&gw, node.address(), 600).unwrap();
+    altered.total = 500_000;
+    reverted(n.settle(&[altered]).await.unwrap_err(), "altered or forged");
     // An altered payee, the same.
-    let mut redirected = g.sign_receipt(&gw, id(5), node.address(), 500).unwrap();
+    let mut redirected = g.sign_voucher(&gw, node.address(), 600).unwrap();
     redirected.node = rogue.address();
     reverted(n.settle(&[redirected]).await.unwrap_err(), "altered or forged");
     // More than the deposit holds.
-    let huge = g.sign_receipt(&gw, id(6), node.address(), u64::MAX).unwrap();
+    let huge = g.sign_voucher(&gw, node.address(), u64::MAX).unwrap();
     reverted(n.settle(&[huge]).await.unwrap_err(), "wei of deposit");
 
-    // Only the first receipt was ever paid.
+    // Only the first voucher was ever paid.
     assert_eq!(n.earnings_of(node.address()).await.unwrap(), U256::from(500u64 * 1_000_000));
     n.settle(&[fresh]).await.unwrap();
     assert_eq!(n.earnings_of(node.address()).await.unwrap(), U256::from(507u64 * 1_000_000));
+}
+
+/// The outbox counts each receipt once into its pair's running total,
+/// keeps the latest voucher, and a settling round neither loses nor sends
+/// twice: a voucher someone else settled meanwhile is only marked.
+#[tokio::test]
+async fn the_outbox_counts_receipts_once_and_settles_each_total_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let chain = chain(&dir).await;
+    let (gw, a, b) = (wallet(0x10), wallet(0x20), wallet(0x21));
+    let market = setup(&chain, 3, &[&gw], &[&a, &b]).await;
+    let g = as_(&chain, &market, &gw).await;
+    let na = as_(&chain, &market, &a).await;
+    g.deposit(eth(1)).await.unwrap();
+    let (cid, addr) = (g.chain_id(), g.address());
+    let gateway_box = Outbox::open(&dir.path().join("gateway.sqlite")).unwrap();
+    let node_box = Outbox::open(&dir.path().join("node.sqlite")).unwrap();
+
+    let v1 = gateway_box.issue(&g, &gw, id(1), a.address(), 100, 0).unwrap();
+    let v2 = gateway_box.issue(&g, &gw, id(2), a.address(), 20, 0).unwrap();
+    let again = gateway_box.issue(&g, &gw, id(2), a.address(), 20, 0).unwrap();
+    assert_eq!((v1.total, v2.total, again.total), (100, 120, 120), "a receipt id is counted once");
+    gateway_box.issue(&g, &gw, id(3), b.address(), 7, 0).unwrap();
+    // The node keeps the vouchers in whatever order they arrive.
+    assert_eq!(node_box.keep(cid, addr, &v2, id(2), 20).unwrap(), Kept { new: true, short: 0 });
+    assert_eq!(node_box.keep(cid, addr, &v1, id(1), 100).unwrap(), Kept { new: true, short: 0 });
+    assert!(!node_box.keep(cid, addr, &v1, id(1), 100).unwrap().new);
+    let pending = node_box.pending(cid, addr).unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].voucher, v2, "the node keeps the highest total");
+    // A gateway whose new voucher does not cover a receipt it handed over.
+    let stale = g.sign_voucher(&gw, a.address(), 120).unwrap();
+    assert_eq!(node_box.keep(cid, addr, &stale, id(4), 5).unwrap().short, 5);
+
+    // The node settles its voucher itself; the gateway's round then only
+    // marks that pair and sends b's.
+    let done = node_box.settle(&na, 10, node_box.pending(cid, addr).unwrap()).await.unwrap();
+    assert_eq!((done.sent.len(), done.already), (1, 0));
+    let pending = gateway_box.pending(cid, addr).unwrap();
+    assert_eq!(pending.iter().map(|p| p.unsettled_receipts).sum::<u64>(), 3);
+    let done = gateway_box.settle(&g, 10, pending).await.unwrap();
+    assert_eq!((done.sent.len(), done.already, done.receipts, done.micros), (1, 1, 1, 7));
+    assert!(gateway_box.pending(cid, addr).unwrap().is_empty());
+    assert_eq!(na.paid_to(gw.address(), a.address()).await.unwrap(), 120);
+    assert_eq!(na.paid_to(gw.address(), b.address()).await.unwrap(), 7);
+
+    // A new receipt after the settlement continues from the total.
+    let v5 = gateway_box.issue(&g, &gw, id(5), a.address(), 30, 0).unwrap();
+    assert_eq!(v5.total, 150);
+    // A gateway that lost its store starts a pair from what the chain paid.
+    let fresh_box = Outbox::in_memory().unwrap();
+    let paid = g.paid_to(gw.address(), a.address()).await.unwrap();
+    assert_eq!(fresh_box.issue(&g, &gw, id(6), a.address(), 1, paid).unwrap().total, 121);
 }
 
 #[tokio::test]

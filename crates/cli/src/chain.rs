@@ -142,7 +142,7 @@ pub enum ChainCommand {
         #[command(flatten)]
         on: OnMarket,
     },
-    /// Settle the receipts gateways signed for this node (kept in its
+    /// Settle the vouchers gateways signed for this node (kept in its
     /// chain receipts store) that are not settled yet: a node collects
     /// what it is owed without its gateway.
     Settle {
@@ -151,13 +151,14 @@ pub enum ChainCommand {
         /// The node's chain receipts [default: $HOTPOT_HOME/chain-receipts.sqlite].
         #[arg(long)]
         store: Option<PathBuf>,
-        /// Receipts per transaction.
+        /// Vouchers (one per gateway) per transaction.
         #[arg(long, default_value_t = 100)]
         batch: usize,
     },
     /// Measure the contract on a local anvil (which funds the wallets it
-    /// makes): gas per settled receipt in batches of 1, 10 and 100, gas
-    /// per slash, and settlement latency. Prints a JSON line per figure.
+    /// makes): gas per settled receipt in batches of 1, 10 and 100
+    /// receipts paid to 1 and to 3 nodes, gas per slash, and settlement
+    /// latency. Prints a JSON line per figure.
     Bench {
         #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8545")]
         rpc: String,
@@ -165,8 +166,8 @@ pub enum ChainCommand {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
-    /// Stakes, deposits, earnings, settled receipts; with --store, the
-    /// receipts kept there and not settled yet.
+    /// Stakes, deposits, earnings, settlements; with --store, the
+    /// vouchers kept there and not settled yet.
     Status {
         #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8545")]
         rpc: String,
@@ -251,25 +252,19 @@ pub fn chain(args: &ChainCommandArgs) -> Result<()> {
                     None => Store::from_env()?.chain_receipts_path(),
                 };
                 let outbox = outbox(&path)?;
-                let pending: Vec<_> =
-                    outbox.pending(market.chain_id(), market.address())?.into_iter().filter(|r| r.node == wallet.address()).collect();
+                let pending: Vec<_> = outbox.pending(market.chain_id(), market.address())?.into_iter().filter(|p| p.voucher.node == wallet.address()).collect();
                 if pending.is_empty() {
                     println!("nothing to settle for {}", wallet.address());
                     return Ok(());
                 }
-                let mut count = 0usize;
-                let mut micros = 0u64;
-                let done = outbox
-                    .settle(&market, *batch, |b| {
-                        count += b.len();
-                        micros = b.iter().fold(micros, |m, r| m.saturating_add(r.amount));
-                    })
-                    .await?;
+                let done = outbox.settle(&market, *batch, pending).await?;
                 for t in &done.sent {
                     sent("settled", t);
                 }
                 println!(
-                    "{count} receipt(s) settled now ({micros} micro-credits), {} already settled on chain; {} wei to claim",
+                    "{} receipt(s) settled now ({} micro-credits), {} voucher(s) already settled on chain; {} wei to claim",
+                    done.receipts,
+                    done.micros,
                     done.already,
                     market.earnings_of(wallet.address()).await?
                 );
@@ -293,14 +288,21 @@ async fn status(rpc: &str, address: Address, store: Option<&Path>, json: bool) -
     // What the store still holds as pending, less what someone settled meanwhile.
     let mut unsettled = Vec::new();
     if let Some(path) = store {
-        for r in outbox(path)?.pending(market.chain_id(), market.address())? {
-            if !market.settled(r.id).await? {
-                unsettled.push(r);
+        for p in outbox(path)?.pending(market.chain_id(), market.address())? {
+            if !market.settled(p.voucher.id()).await? {
+                unsettled.push(p);
             }
         }
     }
     if json {
-        let value = serde_json::json!({ "market": view, "unsettled_receipts": unsettled });
+        let unsettled: Vec<_> = unsettled
+            .iter()
+            .map(|p| {
+                serde_json::json!({"id": p.voucher.id(), "gateway": p.voucher.gateway, "node": p.voucher.node, "total": p.voucher.total,
+                    "receipts": p.unsettled_receipts, "micros": p.unsettled_micros})
+            })
+            .collect();
+        let value = serde_json::json!({ "market": view, "unsettled": unsettled });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
@@ -313,10 +315,16 @@ async fn status(rpc: &str, address: Address, store: Option<&Path>, json: bool) -
         c.accuser_share_ppm / 10_000,
         c.wei_per_micro_credit * U256::from(1_000_000u64)
     );
-    println!("  {} receipt(s) settled, {} wei paid; {} wei burned by slashing", view.settled_receipts, view.settled_wei, view.burned_wei);
+    println!("  {} settlement(s), {} wei paid; {} wei burned by slashing", view.settlements, view.settled_wei, view.burned_wei);
     println!("gateways:");
     for g in &view.gateways {
-        println!("  {} {:<12} deposit {} wei, to claim {} wei", g.address, if g.registered { "registered" } else { "unregistered" }, g.deposit_wei, g.earnings_wei);
+        println!(
+            "  {} {:<12} deposit {} wei, to claim {} wei",
+            g.address,
+            if g.registered { "registered" } else { "unregistered" },
+            g.deposit_wei,
+            g.earnings_wei
+        );
     }
     println!("nodes:");
     for n in &view.nodes {
@@ -326,8 +334,9 @@ async fn status(rpc: &str, address: Address, store: Option<&Path>, json: bool) -
         );
     }
     if store.is_some() {
-        let micros: u64 = unsettled.iter().map(|r| r.amount).sum();
-        println!("unsettled receipts in the store: {} ({micros} micro-credits)", unsettled.len());
+        let receipts: u64 = unsettled.iter().map(|p| p.unsettled_receipts).sum();
+        let micros: u64 = unsettled.iter().map(|p| p.unsettled_micros).sum();
+        println!("unsettled in the store: {receipts} receipt(s) in {} voucher(s) ({micros} micro-credits)", unsettled.len());
     }
     Ok(())
 }
@@ -335,10 +344,12 @@ async fn status(rpc: &str, address: Address, store: Option<&Path>, json: bool) -
 /// The settlement options of `gateway` and `up`.
 #[derive(Args, Debug, Clone)]
 pub struct SettleArgs {
-    /// Receipts per settlement transaction.
+    /// Settle a node's voucher once it covers this many receipts not
+    /// settled yet (every voucher due goes in one transaction).
     #[arg(long, default_value_t = 100)]
     pub settle_every: usize,
-    /// Settle pending receipts this old (seconds) even in a smaller batch.
+    /// Settle a voucher with a receipt this old (seconds) even if it
+    /// covers fewer.
     #[arg(long, default_value_t = 300)]
     pub settle_after: u64,
 }
@@ -349,14 +360,36 @@ impl SettleArgs {
     }
 }
 
+/// One line of `hotpot chain bench`: median gas and latency of settling
+/// `vouchers` vouchers of `per_voucher` receipts each.
+fn settle_row(by: &str, vouchers: usize, per_voucher: usize, gas: &[u64], latency: &mut [f64]) {
+    let mut gas = gas.to_vec();
+    gas.sort_unstable();
+    latency.sort_by(f64::total_cmp);
+    let median = gas[gas.len() / 2] as f64;
+    println!(
+        "{}",
+        serde_json::json!({"what": "settle", "by": by, "vouchers": vouchers, "receipts_per_voucher": per_voucher, "gas_per_tx": median,
+            "gas_per_receipt": median / (vouchers * per_voucher) as f64, "latency_ms_median": latency[latency.len() / 2]})
+    );
+}
+
 /// `hotpot chain bench`: the contract's costs on a local anvil.
+///
+/// Receipts go through the gateway's own path: each is counted into its
+/// node's running total and the new voucher signed (`Outbox::issue`);
+/// a settlement sends each node's latest voucher in one transaction. Each
+/// (gateway, node) pair is settled once before measuring (the first
+/// settlement of a pair also creates its storage: reported apart), so the
+/// figures are a node's steady state.
 async fn bench(rpc: &str, rounds: usize) -> Result<()> {
     let funded = |w: &Wallet| {
         let (rpc, address) = (rpc.to_string(), w.address());
         async move { hotpot_chain::fund_on_anvil(&rpc, address, hotpot_chain::parse_coin("1000000")?).await }
     };
-    let (owner, gateway, auditor, node) = (Wallet::random(), Wallet::random(), Wallet::random(), Wallet::random());
-    for w in [&owner, &gateway, &auditor, &node] {
+    let (owner, gateway, auditor) = (Wallet::random(), Wallet::random(), Wallet::random());
+    let nodes: Vec<Wallet> = (0..3).map(|_| Wallet::random()).collect();
+    for w in [&owner, &gateway, &auditor].into_iter().chain(&nodes) {
         funded(w).await?;
     }
     let config = Config { unbonding_delay_s: 3600, quorum: 2, ..Config::default() };
@@ -366,33 +399,60 @@ async fn bench(rpc: &str, rounds: usize) -> Result<()> {
     market.set_gateway(auditor.address(), true).await?;
     let gw = Market::connect(rpc, &gateway, market.address()).await?;
     gw.deposit(hotpot_chain::parse_coin("100000")?).await?;
+    let outbox = hotpot_chain::Outbox::in_memory()?;
     let mut next_id = 0u64;
-    for batch in [1usize, 10, 100] {
-        let mut gas = Vec::new();
-        let mut latency = Vec::new();
-        for _ in 0..rounds.max(1) {
-            let receipts = (0..batch)
-                .map(|_| {
-                    next_id += 1;
-                    let id = hotpot_chain::B256::from(U256::from(next_id));
-                    // A session of 1,000 positions at 0.5 credits per 1,000.
-                    gw.sign_receipt(&gateway, id, node.address(), 500_000)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let started = std::time::Instant::now();
-            let sent = gw.settle(&receipts).await?;
-            latency.push(started.elapsed().as_secs_f64() * 1000.0);
-            gas.push(sent.gas_used);
-        }
-        latency.sort_by(f64::total_cmp);
-        let total = gas.iter().sum::<u64>() as f64 / gas.len() as f64;
-        println!(
-            "{}",
-            serde_json::json!({"what": "settle", "batch": batch, "gas_per_tx": total, "gas_per_receipt": total / batch as f64, "latency_ms_median": latency[latency.len() / 2]})
-        );
+    // A session of 1,000 positions at 0.5 credits per 1,000.
+    let mut issue = |node: &Wallet| {
+        next_id += 1;
+        outbox.issue(&gw, &gateway, hotpot_chain::B256::from(U256::from(next_id)), node.address(), 500_000, 0)
+    };
+    for node in &nodes {
+        issue(node)?;
     }
-    let n = Market::connect(rpc, &node, market.address()).await?;
-    n.stake(hotpot_chain::parse_coin("1")?).await?;
+    let first = outbox.settle(&gw, hotpot_chain::MAX_BATCH, outbox.pending(gw.chain_id(), gw.address())?).await?;
+    let first_gas: u64 = first.sent.iter().map(|t| t.gas_used).sum();
+    println!("{}", serde_json::json!({"what": "first", "vouchers": nodes.len(), "gas_per_tx": first_gas}));
+    // `vouchers` nodes each owed `per_voucher` receipts, settled by the
+    // gateway in one transaction.
+    for vouchers in [1usize, 3] {
+        for per_voucher in [1usize, 10, 100] {
+            let mut gas = Vec::new();
+            let mut latency = Vec::new();
+            for _ in 0..rounds.max(1) {
+                for node in &nodes[..vouchers] {
+                    for _ in 0..per_voucher {
+                        issue(node)?;
+                    }
+                }
+                let pending = outbox.pending(gw.chain_id(), gw.address())?;
+                let started = std::time::Instant::now();
+                let done = outbox.settle(&gw, hotpot_chain::MAX_BATCH, pending).await?;
+                latency.push(started.elapsed().as_secs_f64() * 1000.0);
+                let receipts = (vouchers * per_voucher) as u64;
+                anyhow::ensure!(done.receipts == receipts, "settled {} receipts, not {receipts}", done.receipts);
+                gas.push(done.sent.iter().map(|t| t.gas_used).sum::<u64>());
+            }
+            settle_row("gateway", vouchers, per_voucher, &gas, &mut latency);
+        }
+    }
+    // A node settling its own voucher (the contract checks the gateway's
+    // signature): what it pays to collect without its gateway.
+    let node_market = Market::connect(rpc, &nodes[0], market.address()).await?;
+    let mut gas = Vec::new();
+    let mut latency = Vec::new();
+    for _ in 0..rounds.max(1) {
+        for _ in 0..100 {
+            issue(&nodes[0])?;
+        }
+        let pending = outbox.pending(gw.chain_id(), gw.address())?;
+        let started = std::time::Instant::now();
+        let done = outbox.settle(&node_market, hotpot_chain::MAX_BATCH, pending).await?;
+        latency.push(started.elapsed().as_secs_f64() * 1000.0);
+        gas.push(done.sent.iter().map(|t| t.gas_used).sum::<u64>());
+    }
+    settle_row("node", 1, 100, &gas, &mut latency);
+    let node = &nodes[0];
+    node_market.stake(hotpot_chain::parse_coin("1")?).await?;
     let au = Market::connect(rpc, &auditor, market.address()).await?;
     let (model, evidence) = (hotpot_chain::B256::repeat_byte(1), hotpot_chain::B256::repeat_byte(2));
     let signed = vec![gw.sign_conviction(&gateway, node.address(), model, evidence)?, au.sign_conviction(&auditor, node.address(), model, evidence)?];

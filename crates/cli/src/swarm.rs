@@ -249,13 +249,16 @@ pub fn node(args: &NodeArgs) -> Result<()> {
         None => Identity::ephemeral(),
     };
     let chain = match args.chain.wallet()? {
-        Some(wallet) => Some((wallet.clone(), hotpot_node::NodeChain {
-            wallet: crate::chain::wallet_proof(&wallet, &identity.key)?,
-            receipts: match &args.chain.chain_receipts {
-                Some(path) => path.clone(),
-                None => Store::from_env()?.chain_receipts_path(),
+        Some(wallet) => Some((
+            wallet.clone(),
+            hotpot_node::NodeChain {
+                wallet: crate::chain::wallet_proof(&wallet, &identity.key)?,
+                receipts: match &args.chain.chain_receipts {
+                    Some(path) => path.clone(),
+                    None => Store::from_env()?.chain_receipts_path(),
+                },
             },
-        })),
+        )),
         None => None,
     };
     runtime()?.block_on(async {
@@ -683,11 +686,19 @@ struct UpChain {
     chain: hotpot_chain::LocalChain,
     market: hotpot_chain::Market,
     gateway: hotpot_chain::Wallet,
+    /// This run's voucher stores (`$HOTPOT_HOME/up-chain/`), emptied at
+    /// start: the chain they were for is gone with its anvil.
+    stores: std::path::PathBuf,
 }
 
 impl UpChain {
     async fn start(store: &Store) -> Result<Self> {
         let anvil = hotpot_chain::find_anvil(&store.home().join("tools"), true)?;
+        let stores = store.home().join("up-chain");
+        if stores.exists() {
+            std::fs::remove_dir_all(&stores).with_context(|| format!("emptying {}", stores.display()))?;
+        }
+        std::fs::create_dir_all(&stores).with_context(|| format!("creating {}", stores.display()))?;
         let chain = hotpot_chain::LocalChain::start(&anvil, 0, &store.home().join("anvil.log")).await?;
         // A fresh chain each run, so a fresh owner: nothing from an earlier
         // run's market can be taken for this one's.
@@ -698,11 +709,12 @@ impl UpChain {
         let (market, _) = hotpot_chain::Market::deploy(chain.rpc(), &gateway, &config).await?;
         market.set_gateway(gateway.address(), true).await?;
         market.deposit(hotpot_chain::parse_coin("100")?).await?;
-        Ok(Self { chain, market, gateway })
+        Ok(Self { chain, market, gateway, stores })
     }
 
     /// A funded wallet staking 1 coin, bound to `key`.
-    async fn node(&self, key: &NodeKey, receipts: std::path::PathBuf) -> Result<hotpot_node::NodeChain> {
+    async fn node(&self, key: &NodeKey) -> Result<hotpot_node::NodeChain> {
+        let receipts = self.stores.join("chain-receipts.sqlite");
         let wallet = hotpot_chain::Wallet::random();
         self.chain.fund(wallet.address(), hotpot_chain::parse_coin("10")?).await?;
         hotpot_chain::Market::connect(self.chain.rpc(), &wallet, self.market.address()).await?.stake(hotpot_chain::parse_coin("1")?).await?;
@@ -833,12 +845,13 @@ pub fn up(args: &UpArgs) -> Result<()> {
         let up_chain = if args.chain { Some(UpChain::start(&store).await.context("starting the local chain")?) } else { None };
         if let Some(c) = &up_chain {
             println!(
-                "chain: anvil at {} (chain {}), market {} (see: hotpot chain status --rpc {} --market {})",
+                "chain: anvil at {} (chain {}), market {} (see: hotpot chain status --rpc {} --market {} --store {})",
                 c.chain.rpc(),
                 c.market.chain_id(),
                 c.market.address(),
                 c.chain.rpc(),
-                c.market.address()
+                c.market.address(),
+                c.stores.join("gateway-chain-receipts.sqlite").display()
             );
         }
         let mut networks = Vec::new();
@@ -847,7 +860,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
         for (i, span) in spans.iter().enumerate() {
             let key = NodeKey::generate();
             let node_chain = match &up_chain {
-                Some(c) => Some(c.node(&key, store.chain_receipts_path()).await?),
+                Some(c) => Some(c.node(&key).await?),
                 None => None,
             };
             let network = Network::start(NetworkConfig {
@@ -899,7 +912,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
                     rpc: c.chain.rpc().to_string(),
                     market: c.market.address(),
                     wallet: c.gateway.clone(),
-                    receipts: store.gateway_chain_receipts_path(),
+                    receipts: c.stores.join("gateway-chain-receipts.sqlite"),
                     settle_every: args.settle.settle_every,
                     settle_after: args.settle.settle_after(),
                     min_stake: args.serving.min_stake,

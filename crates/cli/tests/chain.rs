@@ -102,7 +102,11 @@ fn gateway(join: &str, dir: &Path, name: &str, extra: &[&str]) -> GatewayProc {
     let gw = GatewayProc { child, url: format!("http://{listen}") };
     let deadline = Instant::now() + Duration::from_secs(60);
     while curl(&["-sf", &format!("{}/health", gw.url)]).is_empty() {
-        assert!(Instant::now() < deadline, "the gateway {name} did not come up: {}", std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "the gateway {name} did not come up: {}",
+            std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     gw
@@ -174,56 +178,67 @@ fn a_node_is_paid_on_chain_exactly_its_receipts_and_unbonds_after_the_delay() {
     // The gateway dies before settling (it waits for 1,000 receipts or an hour).
     let _ = gw.child.kill();
     let _ = gw.child.wait();
-    let wait_pending = |store: &Path, n: usize| {
+    // Each store holds one voucher for the (gateway, node) pair: the
+    // running total of the three receipts.
+    let wait_pending = |store: &Path, receipts: u64| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let chain_market = chain.market(&node_wallet, market.parse().expect("address"));
             let pending = hotpot_chain::Outbox::open(store).expect("store").pending(chain_market.chain_id(), chain_market.address()).expect("pending");
-            if pending.len() >= n || Instant::now() > deadline {
+            if pending.iter().map(|p| p.unsettled_receipts).sum::<u64>() >= receipts || Instant::now() > deadline {
                 return pending;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
     };
     let kept_by_node = wait_pending(&node_store, 3);
-    assert_eq!(kept_by_node.len(), 3, "the node keeps each receipt signed for the chain");
-    assert_eq!(wait_pending(&gw_store, 3).len(), 3, "the gateway keeps what it owes");
-    let owed: u64 = kept_by_node.iter().map(|r| r.amount).sum();
+    assert_eq!(kept_by_node.len(), 1, "the node keeps the latest voucher of its one gateway");
+    assert_eq!(kept_by_node[0].unsettled_receipts, 3, "the voucher covers the three receipts");
+    let kept_by_gateway = wait_pending(&gw_store, 3);
+    assert_eq!(kept_by_gateway.len(), 1, "the gateway keeps what it owes");
+    assert_eq!(kept_by_gateway[0].voucher, kept_by_node[0].voucher, "both hold the same voucher");
+    let owed = kept_by_node[0].voucher.total;
     assert!(owed > 0);
-    assert!(kept_by_node.iter().all(|r| r.node == node_wallet.address() && r.gateway == gw_wallet.address()));
+    assert_eq!(kept_by_node[0].unsettled_micros, owed);
+    assert_eq!((kept_by_node[0].voucher.node, kept_by_node[0].voucher.gateway), (node_wallet.address(), gw_wallet.address()));
 
-    // A receipt with an altered amount: refused by the contract, and said so.
+    // A voucher with an altered total: refused by the contract, and said so.
     let forged = d.join("forged.sqlite");
     std::fs::copy(&node_store, &forged).expect("copy");
     let _ = std::fs::copy(node_store.with_extension("sqlite-wal"), forged.with_extension("sqlite-wal"));
     {
         let conn = rusqlite::Connection::open(&forged).expect("opens");
-        let changed = conn.execute("UPDATE receipts SET amount = amount * 1000 WHERE rowid = (SELECT MIN(rowid) FROM receipts)", []).expect("updates");
+        let changed = conn.execute("UPDATE pairs SET total = total * 1000", []).expect("updates");
         assert_eq!(changed, 1);
     }
     let err = chain_err(&[&["settle"], strs(&with(&node_path, &["--store", s(&forged)])).as_slice()].concat());
     assert!(err.contains("the market contract refused") && err.contains("altered or forged"), "{err}");
-    assert_eq!(status(&chain, &market)["market"]["settled_receipts"], 0, "the forged batch paid nothing");
+    assert_eq!(status(&chain, &market)["market"]["settlements"], 0, "the forged voucher paid nothing");
+    let unsettled =
+        serde_json::from_str::<serde_json::Value>(&chain_ok(&["status", "--rpc", chain.rpc(), "--market", &market, "--store", s(&gw_store), "--json"]))
+            .expect("status json");
+    assert_eq!(unsettled["unsettled"][0]["receipts"], 3, "status shows what the gateway still owes: {unsettled}");
 
     // Restarted, the gateway settles what it owed, once.
     let gw = gateway(&node.addr, d, "gw2", &strs(&gw_args("0")));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while status(&chain, &market)["market"]["settled_receipts"] != 3 {
+    while status(&chain, &market)["market"]["settlements"] != 1 {
         assert!(Instant::now() < deadline, "the restarted gateway did not settle: {}", status(&chain, &market));
         std::thread::sleep(Duration::from_millis(300));
     }
-    // The node's own settlement finds them settled and sends nothing.
+    // The node's own settlement finds it settled and sends nothing.
     let out = chain_ok(&[&["settle"], strs(&with(&node_path, &["--store", s(&node_store)])).as_slice()].concat());
-    assert!(out.contains("0 receipt(s) settled now") && out.contains("3 already settled"), "{out}");
+    assert!(out.contains("0 receipt(s) settled now") && out.contains("1 voucher(s) already settled"), "{out}");
     // A second restart sends nothing again either.
     drop(gw);
     let _gw = gateway(&node.addr, d, "gw3", &strs(&gw_args("0")));
     std::thread::sleep(Duration::from_secs(3));
     let view = status(&chain, &market);
-    assert_eq!(view["market"]["settled_receipts"], 3, "nothing settled twice: {view}");
+    assert_eq!(view["market"]["settlements"], 1, "nothing settled twice: {view}");
+    let m = chain.market(&node_wallet, market.parse().expect("address"));
+    assert_eq!(chain.rt.block_on(m.paid_to(gw_wallet.address(), node_wallet.address())).expect("paid"), owed);
 
     // The node is paid exactly the sum of its receipts.
-    let m = chain.market(&node_wallet, market.parse().expect("address"));
     let wei = U256::from(owed) * U256::from(1_000_000u64);
     assert_eq!(chain.rt.block_on(m.earnings_of(node_wallet.address())).expect("earnings"), wei);
     let before = chain.rt.block_on(m.balance(node_wallet.address())).expect("balance");
@@ -256,7 +271,8 @@ fn a_stake_is_slashed_on_chain_once_two_of_three_gateways_signed() {
     let (g2_path, g2) = chain.wallet(d, "g2");
     let (_, g3) = chain.wallet(d, "g3");
     let (cheater_path, cheater_wallet) = chain.wallet(d, "cheater");
-    let market = deploy(&chain, &owner, 3600, &[&g1, &g2, &g3]);
+    // The accuser (g1) is not registered at first.
+    let market = deploy(&chain, &owner, 3600, &[&g2, &g3]);
     chain_ok(&["stake", "--rpc", chain.rpc(), "--wallet", s(&cheater_path), "--market", &market, "2"]);
 
     let node_chain = |w: &Path, name: &str| {
@@ -286,9 +302,21 @@ fn a_stake_is_slashed_on_chain_once_two_of_three_gateways_signed() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(stake(), hotpot_chain::parse_coin("2").expect("amount"), "slashed on one signature");
 
-    // A second registered gateway hears the accusation, audits the evidence
-    // itself, co-signs; the accuser then has 2 of 3 and slashes.
+    // A registered gateway hears the accusation, audits the evidence
+    // itself and co-signs; but the accuser is not registered, so its slash
+    // is refused and the stake stays.
     let _second = gateway(&cheater.addr, d, "g2", &strs(&gw_chain(&g2_path)));
+    let log = || std::fs::read_to_string(d.join("g1.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !log().contains("is not a registered gateway") {
+        assert!(Instant::now() < deadline, "the unregistered accuser never tried to slash; its log:\n{}", log());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(stake(), hotpot_chain::parse_coin("2").expect("amount"), "slashed by an unregistered accuser");
+
+    // Once the owner registers it, the accuser tries again and slashes with
+    // 2 of the 3 registered gateways' signatures (its own and g2's).
+    chain_ok(&["register", "--rpc", chain.rpc(), "--wallet", s(&owner), "--market", &market, &g1.address().to_string()]);
     let deadline = Instant::now() + Duration::from_secs(90);
     while stake() != U256::ZERO {
         assert!(

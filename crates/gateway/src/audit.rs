@@ -606,7 +606,13 @@ impl Auditor {
                 let Some(auditor) = auditor.upgrade() else { return };
                 let convictions: Vec<Conviction> = lock(&auditor.convictions).values().copied().collect();
                 let signatures = lock(&auditor.cosigned).clone();
+                let onchain = auditor.onchain.clone();
                 drop(auditor);
+                // A slash the contract refused (this gateway not registered
+                // yet, the chain unreachable) is tried again.
+                if let Some(onchain) = onchain {
+                    onchain.retry_slashes().await;
+                }
                 for signature in signatures {
                     let _ = network.publish(topic.clone(), signature.encode()).await;
                 }

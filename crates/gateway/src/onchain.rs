@@ -5,10 +5,12 @@
 //! nodes, and what nodes stake, live on the chain:
 //!
 //! ```text
-//! session ends ─▶ receipt per stage ─▶ also signed for the contract (EIP-712), sent with
-//!                 the receipt to its node (which keeps it) and kept here (chain-receipts.sqlite)
-//!             ─▶ every --settle-every receipts (or --settle-after seconds): one settle() transaction,
-//!                 paid from this gateway's deposit to each node's earnings
+//! session ends ─▶ receipt per stage ─▶ counted into the node's running total; the new total
+//!                 signed for the contract (a voucher, EIP-712), sent with the receipt to its node
+//!                 (which keeps the latest) and kept here (gateway-chain-receipts.sqlite)
+//!             ─▶ once a node's voucher covers --settle-every receipts not settled (or one is
+//!                 --settle-after seconds old): one settle() transaction with every such voucher,
+//!                 paying what each total adds, from this gateway's deposit to the node
 //! routing     ─▶ a node's stake read from the contract (refreshed every few seconds)
 //! conviction  ─▶ signed (node wallet, model, evidence hash), gossiped; gateways that confirm it
 //!                 with their own audit sign too; the accuser submits slash() once the quorum signed
@@ -19,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use hotpot_chain::{Address, B256, ChainReceipt, Market, Outbox, SignedConviction, U256, Wallet, WalletBinding};
+use hotpot_chain::{Address, B256, Market, Outbox, SignedConviction, U256, Wallet, WalletBinding};
 use hotpot_core::{Credits, ModelId, NodeId, Receipt};
 use hotpot_wire::{ChainPayment, ConvictionSignature, WalletProof};
 
@@ -34,11 +36,13 @@ pub struct OnChainConfig {
     pub rpc: String,
     pub market: Address,
     pub wallet: Wallet,
-    /// Where receipts signed for the contract are kept until settled.
+    /// Where the vouchers signed for the contract are kept until settled.
     pub receipts: PathBuf,
-    /// Receipts per settlement transaction.
+    /// A node's voucher is settled once it covers this many receipts not
+    /// settled yet.
     pub settle_every: usize,
-    /// Pending receipts this old are settled even in a smaller batch.
+    /// A voucher with a receipt this old not settled is settled even if
+    /// it covers fewer.
     pub settle_after: Duration,
     /// Nodes with less at stake on chain are kept out of routes.
     pub min_stake: Credits,
@@ -94,7 +98,7 @@ impl OnChain {
             market,
             wallet: config.wallet,
             outbox,
-            settle_every: config.settle_every.clamp(1, hotpot_chain::MAX_BATCH),
+            settle_every: config.settle_every.max(1),
             settle_after: config.settle_after,
             stakes: Mutex::default(),
             wallets: Mutex::default(),
@@ -136,28 +140,28 @@ impl OnChain {
         }
     }
 
-    /// Signs `receipt` for the contract (to `node`'s wallet), keeps it
-    /// until settled, and returns it for the node.
-    pub fn payment(&self, receipt: &Receipt, node: Address) -> Option<ChainPayment> {
+    /// Counts `receipt` into what this gateway owes `node`'s wallet and
+    /// signs the new total for the contract (a voucher, kept until settled),
+    /// for the node. A pair this gateway has no voucher for starts from what
+    /// the chain says it was paid.
+    pub async fn payment(&self, receipt: &Receipt, node: Address) -> Option<ChainPayment> {
         if receipt.amount.is_zero() {
             return None;
         }
-        let signed = self.market.sign_receipt(&self.wallet, B256::from(receipt.id()), node, receipt.amount.micros());
-        let signed = match signed.and_then(|r| self.outbox.keep(self.market.chain_id(), self.market.address(), &r).map(|_| r)) {
-            Ok(r) => r,
+        let (chain_id, market, gateway) = (self.market.chain_id(), self.market.address(), self.wallet.address());
+        let issued = async {
+            let paid = if self.outbox.has_pair(chain_id, market, gateway, node)? { 0 } else { self.market.paid_to(gateway, node).await? };
+            self.outbox.issue(&self.market, &self.wallet, B256::from(receipt.id()), node, receipt.amount.micros(), paid)
+        };
+        let voucher = match issued.await {
+            Ok(v) => v,
             Err(e) => {
-                tracing::error!(receipt = %receipt.id_hex(), error = %e, "cannot sign or keep a receipt for the chain");
+                tracing::error!(receipt = %receipt.id_hex(), error = %e, "cannot sign or keep a voucher for the chain");
                 return None;
             }
         };
-        let signature: [u8; 65] = signed.signature.as_slice().try_into().ok()?;
-        Some(ChainPayment {
-            chain_id: self.market.chain_id(),
-            market: self.market.address().into_array(),
-            node: node.into_array(),
-            gateway: self.wallet.address().into_array(),
-            signature,
-        })
+        let signature: [u8; 65] = voucher.signature.as_slice().try_into().ok()?;
+        Some(ChainPayment { chain_id, market: market.into_array(), node: node.into_array(), gateway: gateway.into_array(), total: voucher.total, signature })
     }
 
     /// Whether routes need a stake at all.
@@ -171,26 +175,30 @@ impl OnChain {
         !self.needs_stake() || lock(&self.stakes).get(peer).is_some_and(|s| *s >= self.min_stake_wei)
     }
 
-    /// Settles what is due: a full batch, or anything older than
-    /// `settle_after` (`force`: everything pending). Returns the receipts
-    /// settled.
-    pub async fn settle_due(&self, force: bool) -> Result<usize, hotpot_chain::ChainError> {
+    /// Settles what is due: each node's latest voucher once it covers
+    /// `settle_every` receipts not settled yet, or one older than
+    /// `settle_after` (`force`: every voucher pending), all in one
+    /// transaction. Returns the receipts settled.
+    pub async fn settle_due(&self, force: bool) -> Result<u64, hotpot_chain::ChainError> {
         let _one = self.settling.lock().await;
-        let pending = self.outbox.pending(self.market.chain_id(), self.market.address())?;
-        let oldest = self.outbox.oldest_pending_ms(self.market.chain_id(), self.market.address())?;
-        let old = oldest.is_some_and(|ms| crate::market::now_ms().saturating_sub(ms) >= self.settle_after.as_millis() as u64);
-        if pending.is_empty() || !(force || old || pending.len() >= self.settle_every) {
+        let now = crate::market::now_ms();
+        let due: Vec<_> = self
+            .outbox
+            .pending(self.market.chain_id(), self.market.address())?
+            .into_iter()
+            .filter(|p| force || p.unsettled_receipts >= self.settle_every as u64 || now.saturating_sub(p.since_ms) >= self.settle_after.as_millis() as u64)
+            .collect();
+        if due.is_empty() {
             return Ok(0);
         }
-        let mut count = 0;
-        let done = self.outbox.settle(&self.market, self.settle_every, |batch| count += batch.len()).await?;
+        let done = self.outbox.settle(&self.market, hotpot_chain::MAX_BATCH, due).await?;
         for tx in &done.sent {
-            tracing::info!(tx = %tx.tx, gas = tx.gas_used, "settled receipts on chain");
+            tracing::info!(tx = %tx.tx, gas = tx.gas_used, receipts = done.receipts, micros = done.micros, "settled vouchers on chain");
         }
         if done.already > 0 {
-            tracing::info!(receipts = done.already, "receipts were already settled on chain (by their nodes, or just before a restart)");
+            tracing::info!(vouchers = done.already, "vouchers were already settled on chain (by their nodes, or just before a restart)");
         }
-        Ok(count)
+        Ok(done.receipts)
     }
 
     fn spawn_settler(self: &Arc<Self>) {
@@ -204,7 +212,7 @@ impl OnChain {
                     Ok(_) => failures = 0,
                     Err(e) => {
                         failures += 1;
-                        tracing::error!(error = %e, "settling receipts on chain failed; they stay pending and are tried again");
+                        tracing::error!(error = %e, "settling vouchers on chain failed; they stay pending and are tried again");
                     }
                 }
             }
@@ -293,6 +301,15 @@ impl OnChain {
         self.try_slash(key).await;
     }
 
+    /// Submits again every slash of this gateway's own convictions that
+    /// has the quorum's signatures and is not done.
+    pub async fn retry_slashes(&self) {
+        let due: Vec<_> = lock(&self.convictions).iter().filter(|(_, c)| !c.done && c.signatures.len() >= self.quorum).map(|(k, _)| *k).collect();
+        for key in due {
+            self.try_slash(key).await;
+        }
+    }
+
     /// Submits the slash of a conviction once it has the quorum's
     /// signatures.
     pub async fn try_slash(&self, key: (Address, [u8; 32])) {
@@ -322,10 +339,5 @@ impl OnChain {
     /// Credits as wei on this market.
     pub fn wei(&self, credits: Credits) -> U256 {
         self.wei_per_micro * U256::from(credits.micros())
-    }
-
-    /// Receipts signed for the chain not yet known settled.
-    pub fn pending(&self) -> Vec<ChainReceipt> {
-        self.outbox.pending(self.market.chain_id(), self.market.address()).unwrap_or_default()
     }
 }

@@ -168,10 +168,9 @@ impl Gateway {
         directory.refresh(&network, &model_id, model.n_blocks, Duration::from_secs(3)).await;
         let fingerprint = format!("hotpot-{}-{}", env!("CARGO_PKG_VERSION"), &model_id.to_full_string()[4..12]);
         let metrics = Arc::new(Metrics::default());
-        let auditor = config
-            .audit
-            .clone()
-            .map(|audit| Auditor::new(network.clone(), directory.clone(), model.clone(), audit, Arc::clone(&metrics), config.market.clone(), config.onchain.clone()));
+        let auditor = config.audit.clone().map(|audit| {
+            Auditor::new(network.clone(), directory.clone(), model.clone(), audit, Arc::clone(&metrics), config.market.clone(), config.onchain.clone())
+        });
         if let Some(onchain) = &config.onchain {
             onchain.follow(directory.clone());
         }
@@ -463,13 +462,14 @@ impl Gateway {
             chain.close().await;
             return;
         }
-        let receipts = crate::market::receipts_for(self.network.key(), &outcome.record)
-            .into_iter()
-            .map(|r| {
-                let payment = self.config.onchain.as_ref().and_then(|c| c.wallet_of(&self.directory, &r.node).and_then(|w| c.payment(&r, w)));
-                (r, payment.map(Box::new))
-            })
-            .collect();
+        let mut receipts = Vec::new();
+        for r in crate::market::receipts_for(self.network.key(), &outcome.record) {
+            let payment = match self.config.onchain.as_ref().and_then(|c| c.wallet_of(&self.directory, &r.node).map(|w| (c, w))) {
+                Some((c, wallet)) => c.payment(&r, wallet).await,
+                None => None,
+            };
+            receipts.push((r, payment.map(Box::new)));
+        }
         let receipts = chain.close_with_receipts(receipts).await;
         let cost = self.config.market.as_ref().map_or(hotpot_core::Credits::ZERO, |m| m.settle(&outcome.record, &receipts, request.credits.as_ref()));
         if let Some(limits) = &request.credit_limits {

@@ -124,8 +124,8 @@ pub struct NodeConfig {
 pub struct NodeChain {
     /// Its payout address, bound to its key (announced in `NodeInfo`).
     pub wallet: hotpot_wire::WalletProof,
-    /// Where the receipts signed for the contract are kept, for the node
-    /// to settle itself (`hotpot chain settle`) if its gateway does not.
+    /// Where the gateways' vouchers are kept, for the node to settle them
+    /// itself (`hotpot chain settle`) if its gateway does not.
     pub receipts: PathBuf,
 }
 
@@ -368,8 +368,7 @@ pub async fn start(config: NodeConfig, network: Network) -> Result<RunningNode, 
         None => None,
     };
     tasks.spawn(accept_streams(sessions, session_gate, "session", stop.clone(), move |peer, stream| {
-        let services =
-            serve::Services { jobs: session_jobs.clone(), push: Arc::clone(&session_push), receipts: receipts.clone(), payments: payments.clone() };
+        let services = serve::Services { jobs: session_jobs.clone(), push: Arc::clone(&session_push), receipts: receipts.clone(), payments: payments.clone() };
         serve::serve_session(peer, stream, services, session_limits.clone(), session_stop.clone())
     }));
     // Steps forwarded by the previous node of pushed chains.

@@ -88,41 +88,44 @@ pub(crate) struct Services {
     pub push: Arc<PushTable>,
     /// Where countersigned receipts are kept.
     pub receipts: Option<Arc<hotpot_ledger::ReceiptBook>>,
-    /// Where receipts signed for the market contract are kept.
+    /// Where the vouchers of the market contract are kept.
     pub payments: Option<Arc<Payments>>,
 }
 
-/// Receipts signed for the market contract, kept for this node's wallet.
+/// Vouchers of the market contract, kept for this node's wallet.
 pub(crate) struct Payments {
     pub outbox: hotpot_chain::Outbox,
     pub address: [u8; 20],
 }
 
 impl Payments {
-    /// Keeps `payment` if it pays `receipt` to this node's wallet and its
-    /// gateway's signature holds (else it is worth nothing: logged).
+    /// Keeps `payment` (the gateway's voucher covering `receipt`) if it
+    /// pays this node's wallet and its gateway's signature holds (else it
+    /// is worth nothing: logged), and warns when the gateway's running
+    /// total falls short of the receipts it handed this node.
     fn keep(&self, receipt: &hotpot_core::Receipt, payment: &hotpot_wire::ChainPayment) {
         use hotpot_chain::{Address, B256};
-        let chain_receipt = hotpot_chain::ChainReceipt {
-            id: B256::from(receipt.id()),
+        let voucher = hotpot_chain::Voucher {
             node: Address::from(payment.node),
             gateway: Address::from(payment.gateway),
-            amount: receipt.amount.micros(),
+            total: payment.total,
             signature: payment.signature.to_vec(),
         };
         let market = Address::from(payment.market);
+        let amount = receipt.amount.micros();
         let checked = if payment.node != self.address {
-            Err(format!("it pays {}, not this node's wallet", chain_receipt.node))
+            Err(format!("it pays {}, not this node's wallet", voucher.node))
+        } else if payment.total < amount {
+            Err(format!("its total ({}) is less than the receipt's amount ({amount})", payment.total))
         } else {
-            match chain_receipt.signer(payment.chain_id, market) {
-                Ok(signer) if signer == chain_receipt.gateway => Ok(()),
-                Ok(signer) => Err(format!("it is signed by {signer}, not by its gateway {}", chain_receipt.gateway)),
-                Err(e) => Err(e.to_string()),
-            }
+            voucher.verify(payment.chain_id, market).map_err(|e| e.to_string())
         };
-        match checked.and_then(|()| self.outbox.keep(payment.chain_id, market, &chain_receipt).map_err(|e| e.to_string())) {
-            Ok(_) => tracing::debug!(receipt = %chain_receipt.id, "kept a receipt signed for the chain"),
-            Err(e) => tracing::warn!(receipt = %chain_receipt.id, error = %e, "a receipt's chain payment is not usable"),
+        let kept = checked.and_then(|()| self.outbox.keep(payment.chain_id, market, &voucher, B256::from(receipt.id()), amount).map_err(|e| e.to_string()));
+        match kept {
+            Ok(kept) if kept.short > 0 => tracing::warn!(gateway = %voucher.gateway, short = kept.short,
+                "the gateway's voucher falls short of the receipts it handed this node (micro-credits)"),
+            Ok(_) => tracing::debug!(receipt = %receipt.id_hex(), total = voucher.total, "kept a voucher for the chain"),
+            Err(e) => tracing::warn!(receipt = %receipt.id_hex(), error = %e, "a receipt's voucher is not usable"),
         }
     }
 }

@@ -26,9 +26,8 @@ mod tensor;
 pub use codec::{Reader, Writer};
 pub use frame::{read_frame, read_frame_len, read_payload, write_frame};
 pub use message::{
-    Accusation, ChainPayment, ClientMessage, ConvictionSignature, Downstream, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open,
-    Priority, PushLinks, Step, WalletProof,
-    commitment_wire_bytes, features,
+    Accusation, ChainPayment, ClientMessage, ConvictionSignature, Downstream, ErrorCode, EvidenceMessage, InfoRequest, NodeInfo, NodeMessage, Open, Priority,
+    PushLinks, Step, WalletProof, commitment_wire_bytes, features,
 };
 pub use tensor::{DType, Tensor};
 

@@ -107,8 +107,8 @@ pub enum ClientMessage {
     /// The gateway's receipt for this stream's session, sent before
     /// `Close`: answered `Countersigned` when it matches the node's own
     /// count of positions and commitments, `Error` otherwise. With a
-    /// market on a chain, `payment` is the same receipt signed for the
-    /// contract, which the node keeps to settle it itself if need be.
+    /// market on a chain, `payment` is the gateway's voucher covering this
+    /// receipt, which the node keeps to settle it itself if need be.
     Receipt(Box<Receipt>, Option<Box<ChainPayment>>),
     /// `/hotpot/audit/1`: recompute `span` over `inputs` (positions 0..),
     /// in one prefill, on a fresh cache.
@@ -243,15 +243,17 @@ pub struct WalletProof {
     pub wallet_signature: [u8; 65],
 }
 
-/// A receipt signed for the market contract (EIP-712): the contract on
-/// chain `chain_id` at `market` pays its amount from `gateway`'s deposit
-/// to `node` (addresses), once, under the receipt's id.
+/// What pays a receipt on the market contract: the gateway's voucher
+/// (EIP-712) that it has owed `node` `total` micro-credits in all (this
+/// receipt included), which the contract on chain `chain_id` at `market`
+/// pays from `gateway`'s deposit, less what the pair was paid before.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainPayment {
     pub chain_id: u64,
     pub market: [u8; 20],
     pub node: [u8; 20],
     pub gateway: [u8; 20],
+    pub total: u64,
     pub signature: [u8; 65],
 }
 
@@ -479,7 +481,7 @@ impl ClientMessage {
                 write_receipt(&mut w, receipt);
                 // An optional tail: nodes from before chains read the base.
                 if let Some(p) = payment {
-                    w.u64(p.chain_id).fixed(&p.market).fixed(&p.node).fixed(&p.gateway).fixed(&p.signature);
+                    w.u64(p.chain_id).fixed(&p.market).fixed(&p.node).fixed(&p.gateway).u64(p.total).fixed(&p.signature);
                 }
             }
             Self::Audit { model, span, inputs } => {
@@ -511,7 +513,14 @@ impl ClientMessage {
             TAG_RECEIPT => {
                 let receipt = Box::new(read_receipt(&mut r)?);
                 let payment = if r.remaining() > 0 {
-                    Some(Box::new(ChainPayment { chain_id: r.u64()?, market: r.array()?, node: r.array()?, gateway: r.array()?, signature: r.array()? }))
+                    Some(Box::new(ChainPayment {
+                        chain_id: r.u64()?,
+                        market: r.array()?,
+                        node: r.array()?,
+                        gateway: r.array()?,
+                        total: r.u64()?,
+                        signature: r.array()?,
+                    }))
                 } else {
                     None
                 };
@@ -668,7 +677,23 @@ impl NodeInfo {
             None
         };
         r.finish()?;
-        Ok(Self { node, model, model_name, n_blocks, span, throughput, free_slots, max_sessions, queue, price_per_1k, version, addrs, timestamp_ms, features, wallet })
+        Ok(Self {
+            node,
+            model,
+            model_name,
+            n_blocks,
+            span,
+            throughput,
+            free_slots,
+            max_sessions,
+            queue,
+            price_per_1k,
+            version,
+            addrs,
+            timestamp_ms,
+            features,
+            wallet,
+        })
     }
 }
 

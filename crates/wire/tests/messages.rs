@@ -55,7 +55,8 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
             if signed {
                 r.countersign(&node);
             }
-            let payment = paid.then(|| Box::new(ChainPayment { chain_id: 31337, market: [7; 20], node: [8; 20], gateway: [9; 20], signature: [10; 65] }));
+            let payment = paid
+                .then(|| Box::new(ChainPayment { chain_id: 31337, market: [7; 20], node: [8; 20], gateway: [9; 20], total: 1_234_567, signature: [10; 65] }));
             ClientMessage::Receipt(Box::new(r), payment)
         }),
         (any::<[u8; 32]>(), span(), tensor()).prop_map(|(m, span, inputs)| ClientMessage::Audit { model: ModelId::from_bytes(m), span, inputs }),
