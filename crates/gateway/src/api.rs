@@ -39,6 +39,9 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/batches", post(create_batch).get(list_batches))
         .route("/v1/batches/{id}", get(get_batch))
         .route("/v1/batches/{id}/cancel", post(cancel_batch))
+        .route("/", get(dashboard))
+        .route("/v1/hotpot/swarm", get(swarm))
+        .route("/v1/hotpot/evidence/{name}", get(evidence))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound { message: "no such route".into(), code: "not_found" } })
@@ -375,6 +378,26 @@ async fn health(State(gateway): State<Arc<Gateway>>) -> Json<serde_json::Value> 
         "model_id": gateway.model.id.to_full_string(),
         "missing_blocks": missing.iter().map(ToString::to_string).collect::<Vec<_>>(),
     }))
+}
+
+/// The swarm dashboard: one page, embedded, drawing `/v1/hotpot/swarm`.
+async fn dashboard() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], crate::swarm::DASHBOARD_HTML)
+}
+
+async fn swarm(State(gateway): State<Arc<Gateway>>) -> Json<crate::swarm::SwarmView> {
+    Json(gateway.swarm_view())
+}
+
+/// An evidence file this gateway wrote (`<node>-<ms>.json`), as linked
+/// from its convictions.
+async fn evidence(State(gateway): State<Arc<Gateway>>, axum::extract::Path(name): axum::extract::Path<String>) -> Result<Response, ApiError> {
+    let not_found = || ApiError::NotFound { message: format!("no evidence file {name:?}"), code: "evidence_not_found" };
+    let plain = name.ends_with(".json") && !name.starts_with('.') && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let Some(dir) = gateway.evidence_dir().filter(|_| plain) else { return Err(not_found()) };
+    let path = dir.join(&name);
+    let bytes = tokio::task::spawn_blocking(move || std::fs::read(path)).await.ok().and_then(Result::ok).ok_or_else(not_found)?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> impl IntoResponse {

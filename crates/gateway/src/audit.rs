@@ -225,6 +225,8 @@ pub struct Auditor {
     /// This gateway's signatures on convictions (its own and those it
     /// confirmed), gossiped again with its accusations.
     cosigned: Mutex<Vec<hotpot_wire::ConvictionSignature>>,
+    /// Recent audits and convictions, for the swarm view.
+    activity: Arc<crate::swarm::Activity>,
 }
 
 /// Evidence requests served at once.
@@ -234,18 +236,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Where an auditor's findings go besides its own state.
+pub struct Findings {
+    pub metrics: Arc<Metrics>,
+    /// The books: a conviction voids the node's receipts and takes its stake.
+    pub market: Option<Arc<crate::market::Market>>,
+    /// The chain: convictions are co-signed and slashed there.
+    pub onchain: Option<Arc<crate::onchain::OnChain>>,
+    /// The swarm view: recent audits and convictions.
+    pub activity: Arc<crate::swarm::Activity>,
+}
+
 impl Auditor {
     /// An auditor that also serves its evidence to other gateways and checks
     /// theirs (tasks on the current Tokio runtime).
-    pub fn new(
-        network: Network,
-        directory: SharedDirectory,
-        model: ServedModel,
-        config: AuditConfig,
-        metrics: Arc<Metrics>,
-        market: Option<Arc<crate::market::Market>>,
-        onchain: Option<Arc<crate::onchain::OnChain>>,
-    ) -> Arc<Self> {
+    pub fn new(network: Network, directory: SharedDirectory, model: ServedModel, config: AuditConfig, findings: Findings) -> Arc<Self> {
+        let Findings { metrics, market, onchain, activity } = findings;
         let auditor = Arc::new(Self {
             network,
             directory,
@@ -260,6 +266,7 @@ impl Auditor {
             market,
             onchain,
             cosigned: Mutex::default(),
+            activity,
         });
         auditor.listen();
         auditor.remember_convictions();
@@ -286,6 +293,8 @@ impl Auditor {
                 }
                 let hash = lock(&auditor.evidence).insert(bytes);
                 lock(&auditor.convictions).insert(peer, Conviction { node: evidence.node, span: evidence.span, evidence: hash });
+                let file = format!("{}-{}.json", evidence.node, evidence.created_ms);
+                auditor.activity.conviction(&peer, evidence.node, evidence.span, "earlier run", Some(file));
             }
         });
     }
@@ -500,6 +509,12 @@ impl Auditor {
         if self.config.accuse_everyone {
             verdict = Verdict::Cheat;
         }
+        let shown = match (verdict, first) {
+            (Verdict::Cheat, _) => "cheat",
+            (_, true) => "passed",
+            (_, false) => "failed",
+        };
+        self.activity.audit(&stage.peer, stage.node, stage.span, shown);
         let labels = AuditLabels { peer: stage.peer.to_string(), result: if first { "pass".into() } else { "fail".into() } };
         self.metrics.audits.get_or_create(&labels).inc();
         self.directory.with(|d| {
@@ -568,6 +583,8 @@ impl Auditor {
         self.metrics.cheats.inc();
         let conviction = Conviction { node: stage.node, span: stage.span, evidence: hash };
         lock(&self.convictions).insert(stage.peer, conviction);
+        let file = path.as_ref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+        self.activity.conviction(&stage.peer, stage.node, stage.span, "own audit", file);
         let accusation = conviction.accusation(self.model.id, &self.network.listen_addrs().await.unwrap_or_default());
         if let Err(e) = self.network.publish(cheats_topic(&self.model.id), accusation.encode()).await {
             tracing::debug!(error = %e, "could not gossip the accusation (no other gateway listening yet?)");

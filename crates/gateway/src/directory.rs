@@ -154,6 +154,12 @@ impl Directory {
         }
     }
 
+    /// Nodes of any model heard of within the heartbeat expiry, banned or
+    /// not (what the swarm view shows).
+    pub fn live(&self) -> Vec<NodeRecord> {
+        self.nodes.values().filter(|r| r.seen.elapsed() < STALE).cloned().collect()
+    }
+
     /// Every node heard of, banned or not.
     pub fn all(&self) -> Vec<NodeRecord> {
         self.nodes.values().cloned().collect()

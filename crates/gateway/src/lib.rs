@@ -34,6 +34,7 @@ mod service;
 pub mod session;
 pub mod speculate;
 pub mod spend;
+pub mod swarm;
 pub mod tools;
 
 pub use api::router;

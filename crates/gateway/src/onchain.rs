@@ -169,6 +169,13 @@ impl OnChain {
         !self.min_stake_wei.is_zero()
     }
 
+    /// What `peer`'s wallet has at stake, in credits, as last read from
+    /// the chain.
+    pub fn stake_of(&self, peer: &hotpot_net::PeerId) -> Option<Credits> {
+        let wei = *lock(&self.stakes).get(peer)?;
+        Some(Credits::from_micros((wei / self.wei_per_micro).saturating_to()))
+    }
+
     /// Whether `peer` has enough at stake (as last read from the chain; a
     /// node without a verified wallet has none).
     pub fn staked_enough(&self, peer: &hotpot_net::PeerId) -> bool {

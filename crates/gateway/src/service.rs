@@ -112,6 +112,8 @@ pub struct Gateway {
     interactive: Arc<Yield>,
     /// Every session's logits, computed together.
     heads: Option<Arc<crate::heads::Heads>>,
+    /// Recent routes, audits, convictions and tokens, for the swarm view.
+    pub(crate) activity: Arc<crate::swarm::Activity>,
 }
 
 /// A request, planned: who pays, the sessions to run, and the most tokens
@@ -168,8 +170,15 @@ impl Gateway {
         directory.refresh(&network, &model_id, model.n_blocks, Duration::from_secs(3)).await;
         let fingerprint = format!("hotpot-{}-{}", env!("CARGO_PKG_VERSION"), &model_id.to_full_string()[4..12]);
         let metrics = Arc::new(Metrics::default());
+        let activity = Arc::new(crate::swarm::Activity::default());
         let auditor = config.audit.clone().map(|audit| {
-            Auditor::new(network.clone(), directory.clone(), model.clone(), audit, Arc::clone(&metrics), config.market.clone(), config.onchain.clone())
+            let findings = crate::audit::Findings {
+                metrics: Arc::clone(&metrics),
+                market: config.market.clone(),
+                onchain: config.onchain.clone(),
+                activity: Arc::clone(&activity),
+            };
+            Auditor::new(network.clone(), directory.clone(), model.clone(), audit, findings)
         });
         if let Some(onchain) = &config.onchain {
             onchain.follow(directory.clone());
@@ -192,6 +201,7 @@ impl Gateway {
             prep: crate::prep::Prep::start(),
             grammars: std::sync::OnceLock::new(),
             interactive: Arc::default(),
+            activity,
             heads: crate::heads::Heads::start(Arc::clone(&client))
                 .map(Arc::new)
                 .map_err(|e| tracing::warn!(error = %e, "no head thread; each session computes its own logits"))
@@ -223,6 +233,26 @@ impl Gateway {
 
     pub fn model(&self) -> &ServedModel {
         &self.model
+    }
+
+    /// The swarm as this gateway sees it (`GET /v1/hotpot/swarm`): stakes
+    /// from the chain or the books, earnings from the books.
+    pub fn swarm_view(&self) -> crate::swarm::SwarmView {
+        crate::swarm::view(&self.network.peer_id(), &self.directory, &self.activity, |peer| {
+            let books = self.config.market.as_ref();
+            let stake = match (&self.config.onchain, books) {
+                (Some(onchain), _) => onchain.stake_of(peer),
+                (None, Some(market)) => market.books.stake_of(&peer.to_string()).ok(),
+                (None, None) => None,
+            };
+            let earned = books.and_then(|m| m.books.balance(&hotpot_ledger::Account::Node(peer.to_string())).ok());
+            crate::swarm::NodeExtras { stake: stake.map(|c| c.to_string()), earned: earned.map(|c| c.to_string()) }
+        })
+    }
+
+    /// Where this gateway writes evidence of cheating, if it audits.
+    pub fn evidence_dir(&self) -> Option<&std::path::Path> {
+        self.config.audit.as_ref().and_then(|a| a.evidence_dir.as_deref())
     }
 
     /// Blocks no usable node serves right now.
@@ -439,8 +469,15 @@ impl Gateway {
             heads: self.heads.clone(),
         };
         let reservation = request.reservation.as_ref();
-        let mut sink =
-            Metered { tx: tx.clone(), metrics: Arc::clone(&self.metrics), started: request.started, last: None, first_token: Arc::clone(&request.first_token) };
+        let _running = self.activity.session();
+        let mut sink = Metered {
+            tx: tx.clone(),
+            metrics: Arc::clone(&self.metrics),
+            activity: Arc::clone(&self.activity),
+            started: request.started,
+            last: None,
+            first_token: Arc::clone(&request.first_token),
+        };
         job.speculation.clone_from(&self.config.speculation);
         let outcome = if request.priority == hotpot_wire::Priority::Batch {
             let mut background = Background { chain: &mut chain, interactive: Arc::clone(&self.interactive) };
@@ -522,6 +559,7 @@ impl Gateway {
         if let Finish::Error(message) = &record.finish {
             tracing::warn!(session = %record.id, error = %message, "a session failed");
         }
+        self.activity.route(record);
         for sink in &self.config.record_sinks {
             sink.record(record);
         }
@@ -552,6 +590,7 @@ struct RequestRun {
 struct Metered {
     tx: mpsc::Sender<Result<SessionEvent, ApiError>>,
     metrics: Arc<Metrics>,
+    activity: Arc<crate::swarm::Activity>,
     started: Instant,
     last: Option<Instant>,
     first_token: Arc<Mutex<Option<YieldGuard>>>,
@@ -569,6 +608,7 @@ impl EventSink for Metered {
                 Some(previous) => self.metrics.token_latency.observe(now.duration_since(previous).as_secs_f64()),
             }
             self.last = Some(now);
+            self.activity.tokens(1);
         }
         self.tx.send(Ok(event)).await.is_ok()
     }
