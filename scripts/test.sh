@@ -13,6 +13,9 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 # The dashboard test renders the gateway's page in a real (headless) browser.
 command -v chromium-headless-shell >/dev/null 2>&1 || missing+=(chromium-headless-shell)
+# The NAT test builds routers in network namespaces (scripts/natbed.sh).
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
 if [ "${#missing[@]}" -gt 0 ]; then
     # pip fetches the default model from PyPI; curl is what the README shows.
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"

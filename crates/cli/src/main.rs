@@ -48,6 +48,8 @@ enum Command {
     Node(swarm::NodeArgs),
     /// Serve the OpenAI API over an existing swarm.
     Gateway(swarm::GatewayArgs),
+    /// Relay circuits for nodes behind NAT (no model).
+    Relay(swarm::RelayOnlyArgs),
     /// Look at the swarm.
     #[command(subcommand)]
     Swarm(SwarmCommand),
@@ -78,7 +80,7 @@ enum SwarmCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A node narrates its life at info level; one-shot commands stay quiet.
-    let verbose = cli.verbose + u8::from(matches!(cli.command, Command::Node(_)));
+    let verbose = cli.verbose + u8::from(matches!(cli.command, Command::Node(_) | Command::Relay(_)));
     init_logging(verbose);
     hotpot_net::set_emulated_delay(std::time::Duration::from_millis(cli.emulate_delay_ms));
     let result = match cli.command {
@@ -90,6 +92,7 @@ fn main() -> ExitCode {
         Command::Up(args) => swarm::up(&args),
         Command::Node(args) => swarm::node(&args),
         Command::Gateway(args) => swarm::gateway(&args),
+        Command::Relay(args) => swarm::relay(&args),
         Command::Swarm(SwarmCommand::Status(args)) => swarm::status(&args),
         Command::Ledger(args) => ledger::ledger(&args),
         Command::Receipts(args) => receipts::receipts(&args),

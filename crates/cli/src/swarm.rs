@@ -28,6 +28,90 @@ pub struct PeerArgs {
     pub mdns: bool,
 }
 
+/// NAT traversal options of a listening peer.
+#[derive(Args, Debug, Clone)]
+pub struct RelayArgs {
+    /// Relay circuits for peers behind NAT (limits sized for hidden-state
+    /// traffic). Run it on a node others can reach.
+    #[arg(long)]
+    pub relay: bool,
+    /// When to listen through a relay this peer is connected to: auto
+    /// (once AutoNAT finds it unreachable from outside), always (known to
+    /// sit behind NAT), never.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub reserve: ReserveArg,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum ReserveArg {
+    Auto,
+    Always,
+    Never,
+}
+
+impl RelayArgs {
+    fn config(&self) -> hotpot_net::RelayConfig {
+        hotpot_net::RelayConfig {
+            serve: self.relay,
+            reserve: match self.reserve {
+                ReserveArg::Auto => hotpot_net::Reserve::WhenPrivate,
+                ReserveArg::Always => hotpot_net::Reserve::Always,
+                ReserveArg::Never => hotpot_net::Reserve::Never,
+            },
+        }
+    }
+}
+
+/// `hotpot relay`: a relay (and DHT server) only, for nodes behind NAT.
+#[derive(Args, Debug)]
+pub struct RelayOnlyArgs {
+    /// Addresses to listen on (repeatable); others must be able to reach one.
+    #[arg(long, default_value = "/ip4/0.0.0.0/udp/4001/quic-v1")]
+    pub listen: Vec<Multiaddr>,
+    #[command(flatten)]
+    pub peers: PeerArgs,
+    /// File with the relay's 32-byte secret key (created if missing), so
+    /// its address stays the same across restarts.
+    #[arg(long)]
+    pub key: Option<std::path::PathBuf>,
+}
+
+/// The swarm of a peer that serves (a node, a relay): it listens, keeps
+/// DHT records, and prints its peer id and addresses.
+async fn start_serving(identity: &Identity, listen: &[Multiaddr], peers: &PeerArgs, relay: hotpot_net::RelayConfig) -> Result<Network> {
+    let network = Network::start(NetworkConfig {
+        key: identity.key.clone(),
+        listen: listen.to_vec(),
+        join: peers.join.clone(),
+        dht_server: true,
+        mdns: peers.mdns,
+        relay,
+    })
+    .await?;
+    println!("peer id: {}", network.peer_id());
+    for addr in network.listen_addrs().await? {
+        println!("listening on {addr}");
+    }
+    Ok(network)
+}
+
+/// `hotpot relay`: runs until SIGTERM or Ctrl-C.
+pub fn relay(args: &RelayOnlyArgs) -> Result<()> {
+    let identity = match &args.key {
+        Some(path) => Identity::load(path)?,
+        None => Identity::ephemeral(),
+    };
+    runtime()?.block_on(async {
+        let relay = hotpot_net::RelayConfig { serve: true, reserve: hotpot_net::Reserve::Never };
+        let network = start_serving(&identity, &args.listen, &args.peers, relay).await?;
+        println!("relaying circuits for peers behind NAT; Ctrl-C stops");
+        let _ = std::io::stdout().flush();
+        shutdown_signal().await;
+        network.shutdown().await;
+        Ok(())
+    })
+}
+
 #[derive(Args, Debug)]
 pub struct NodeArgs {
     /// Model name, id or .gguf path.
@@ -44,6 +128,8 @@ pub struct NodeArgs {
     pub listen: Vec<Multiaddr>,
     #[command(flatten)]
     pub peers: PeerArgs,
+    #[command(flatten)]
+    pub nat: RelayArgs,
     /// Compute threads (0: one per core).
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
@@ -270,18 +356,7 @@ pub fn node(args: &NodeArgs) -> Result<()> {
                 eprintln!("warning: this node has nothing at stake; gateways that ask for a stake will not route through it (hotpot chain stake)");
             }
         }
-        let network = Network::start(NetworkConfig {
-            key: identity.key.clone(),
-            listen: args.listen.clone(),
-            join: args.peers.join.clone(),
-            dht_server: true,
-            mdns: args.peers.mdns,
-        })
-        .await?;
-        println!("peer id: {}", network.peer_id());
-        for addr in network.listen_addrs().await? {
-            println!("listening on {addr}");
-        }
+        let network = start_serving(&identity, &args.listen, &args.peers, args.nat.config()).await?;
         let config = NodeConfig {
             model_path: entry.path.clone(),
             model_name: entry.name.clone(),
@@ -315,7 +390,8 @@ async fn join_as_client(peers: &PeerArgs, listen: Vec<Multiaddr>, key: NodeKey) 
     if peers.join.is_empty() && !peers.mdns {
         bail!("give --join MULTIADDR (a node's address) or --mdns to find the swarm");
     }
-    let network = Network::start(NetworkConfig { key, listen, join: peers.join.clone(), dht_server: false, mdns: peers.mdns }).await?;
+    let network =
+        Network::start(NetworkConfig { key, listen, join: peers.join.clone(), dht_server: false, mdns: peers.mdns, relay: Default::default() }).await?;
     Ok(network)
 }
 
@@ -348,6 +424,7 @@ pub fn status(args: &StatusArgs) -> Result<()> {
                         "n_blocks": i.n_blocks, "span": [i.span.start(), i.span.end()], "throughput": i.throughput,
                         "free_slots": i.free_slots, "max_sessions": i.max_sessions, "queue": i.queue,
                         "price_per_1k": hotpot_core::Credits::from_micros(i.price_per_1k).to_string(), "version": i.version, "addrs": i.addrs, "timestamp_ms": i.timestamp_ms,
+                        "reachability": reachability(i),
                     })
                 })
                 .collect();
@@ -359,6 +436,12 @@ pub fn status(args: &StatusArgs) -> Result<()> {
     })
 }
 
+/// How a node is reached, from what it announces: through a relay (it
+/// listens through one: behind NAT) or directly.
+fn reachability(info: &hotpot_wire::NodeInfo) -> &'static str {
+    if info.addrs.iter().any(|a| a.contains("/p2p-circuit")) { "relayed" } else { "direct" }
+}
+
 fn print_status(seen: &BTreeMap<hotpot_net::PeerId, hotpot_wire::NodeInfo>) {
     if seen.is_empty() {
         println!("no nodes found");
@@ -366,17 +449,18 @@ fn print_status(seen: &BTreeMap<hotpot_net::PeerId, hotpot_wire::NodeInfo>) {
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     println!(
-        "{:<54} {:<46} {:<14} {:>7} {:>9} {:>9} {:>5} {:>10} {:>10}",
-        "PEER", "ADDRESS", "MODEL", "SPAN", "TOK/S", "SESSIONS", "QUEUE", "PRICE/1K", "HEARD"
+        "{:<54} {:<46} {:<8} {:<14} {:>7} {:>9} {:>9} {:>5} {:>10} {:>10}",
+        "PEER", "ADDRESS", "REACH", "MODEL", "SPAN", "TOK/S", "SESSIONS", "QUEUE", "PRICE/1K", "HEARD"
     );
     for (peer, i) in seen {
         let addr = i.addrs.iter().find(|a| !a.contains("/ip4/0.0.0.0")).or(i.addrs.first()).cloned().unwrap_or_default();
         let addr = addr.split("/p2p/").next().unwrap_or_default().to_string();
         let age = now.saturating_sub(i.timestamp_ms) as f64 / 1000.0;
         println!(
-            "{:<54} {:<46} {:<14} {:>7} {:>9.1} {:>9} {:>5} {:>10} {:>8.1}s",
+            "{:<54} {:<46} {:<8} {:<14} {:>7} {:>9.1} {:>9} {:>5} {:>10} {:>8.1}s",
             peer.to_string(),
             addr,
+            reachability(i),
             i.model_name,
             i.span.to_string(),
             i.throughput,
@@ -869,6 +953,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
                 join: bootstrap.iter().cloned().collect(),
                 dht_server: true,
                 mdns: false,
+                relay: Default::default(),
             })
             .await?;
             let addr = network.listen_addrs().await?.first().cloned().context("the node has no address")?;
@@ -893,6 +978,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
             join: bootstrap.iter().cloned().collect(),
             dht_server: false,
             mdns: false,
+            relay: Default::default(),
         })
         .await?;
         let listener = tokio::net::TcpListener::bind((args.host, args.port)).await.with_context(|| format!("binding {}:{}", args.host, args.port))?;

@@ -17,9 +17,16 @@ const T: Duration = Duration::from_secs(10);
 const DIM: usize = 576;
 
 async fn client(addr: &str) -> Network {
-    Network::start(NetworkConfig { key: NodeKey::generate(), listen: vec![], join: vec![addr.parse().expect("addr")], dht_server: false, mdns: false })
-        .await
-        .expect("client joins")
+    Network::start(NetworkConfig {
+        key: NodeKey::generate(),
+        listen: vec![],
+        join: vec![addr.parse().expect("addr")],
+        dht_server: false,
+        mdns: false,
+        relay: Default::default(),
+    })
+    .await
+    .expect("client joins")
 }
 
 async fn stream(net: &Network, peer: PeerId) -> Framed {

@@ -263,6 +263,7 @@ fn speculative_sampling_keeps_the_distribution() {
             join: vec![head.addr.parse().expect("addr")],
             dht_server: false,
             mdns: false,
+            relay: Default::default(),
         })
         .await
         .expect("joins");

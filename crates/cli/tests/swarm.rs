@@ -268,6 +268,7 @@ fn remote_chains_roll_back_on_every_node() {
             join: vec![a.addr.parse().expect("addr")],
             dht_server: false,
             mdns: false,
+            relay: Default::default(),
         })
         .await
         .expect("joins");

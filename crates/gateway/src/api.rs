@@ -386,7 +386,7 @@ async fn dashboard() -> impl IntoResponse {
 }
 
 async fn swarm(State(gateway): State<Arc<Gateway>>) -> Json<crate::swarm::SwarmView> {
-    Json(gateway.swarm_view())
+    Json(gateway.swarm_view().await)
 }
 
 /// An evidence file this gateway wrote (`<node>-<ms>.json`), as linked

@@ -237,7 +237,8 @@ impl Gateway {
 
     /// The swarm as this gateway sees it (`GET /v1/hotpot/swarm`): stakes
     /// from the chain or the books, earnings from the books.
-    pub fn swarm_view(&self) -> crate::swarm::SwarmView {
+    pub async fn swarm_view(&self) -> crate::swarm::SwarmView {
+        let routes = self.network.routes().await.unwrap_or_default();
         crate::swarm::view(&self.network.peer_id(), &self.directory, &self.activity, |peer| {
             let books = self.config.market.as_ref();
             let stake = match (&self.config.onchain, books) {
@@ -246,7 +247,7 @@ impl Gateway {
                 (None, None) => None,
             };
             let earned = books.and_then(|m| m.books.balance(&hotpot_ledger::Account::Node(peer.to_string())).ok());
-            crate::swarm::NodeExtras { stake: stake.map(|c| c.to_string()), earned: earned.map(|c| c.to_string()) }
+            crate::swarm::NodeExtras { route: routes.get(peer).copied(), stake: stake.map(|c| c.to_string()), earned: earned.map(|c| c.to_string()) }
         })
     }
 

@@ -232,8 +232,8 @@ pub struct NodeView {
     pub span: [u32; 2],
     /// "ok", "busy", "banned", "disconnected" or "convicted".
     pub state: &'static str,
-    /// "direct" when this gateway holds a connection to it, "not connected"
-    /// otherwise (relayed routes come with NAT traversal).
+    /// How this gateway reaches it: "direct", "relayed" (only through a
+    /// relay) or "not connected".
     pub reachability: &'static str,
     pub throughput: f32,
     /// Sessions open on it, of `max_sessions`.
@@ -281,6 +281,8 @@ pub struct GatewayView {
 
 /// What the view needs to know of each node beyond the directory.
 pub struct NodeExtras {
+    /// How this gateway reaches it now (none: no connection).
+    pub route: Option<hotpot_net::Route>,
     pub stake: Option<String>,
     pub earned: Option<String>,
 }
@@ -357,7 +359,11 @@ pub fn view(gateway: &PeerId, directory: &crate::directory::SharedDirectory, act
             model_name: i.model_name.clone(),
             span: span(i.span),
             state,
-            reachability: if r.disconnected { "not connected" } else { "direct" },
+            reachability: match extra.route {
+                Some(hotpot_net::Route::Direct) => "direct",
+                Some(hotpot_net::Route::Relayed) => "relayed",
+                None => "not connected",
+            },
             throughput: i.throughput,
             sessions: i.max_sessions.saturating_sub(i.free_slots),
             max_sessions: i.max_sessions,

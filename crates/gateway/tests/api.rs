@@ -24,7 +24,9 @@ async fn kit(keys: Option<&str>) -> Kit {
     let file = ModelFile::open(&path).expect("opens");
     let client = Arc::new(ClientParts::load(&file, &Device::cpu(1).expect("threads")).expect("loads"));
     let network =
-        Network::start(NetworkConfig { key: NodeKey::generate(), listen: vec![], join: vec![], dht_server: false, mdns: false }).await.expect("network");
+        Network::start(NetworkConfig { key: NodeKey::generate(), listen: vec![], join: vec![], dht_server: false, mdns: false, relay: Default::default() })
+            .await
+            .expect("network");
     let mut config = GatewayConfig::new("tiny");
     config.max_body_bytes = 4096;
     config.keys = keys.map(|k| Arc::new(KeyStore::parse(k).expect("keys")));

@@ -7,10 +7,10 @@ use libp2p::core::ConnectedPoint;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, gossipsub, identify, kad, mdns, noise, ping, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, autonat, dcutr, gossipsub, identify, kad, mdns, noise, ping, relay, tcp, yamux};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::{Command, NetError, NetEvent, NetworkConfig};
+use crate::{Command, NetError, NetEvent, NetworkConfig, Reachability, Reserve, Route};
 
 const KAD_PROTOCOL: &str = "/hotpot/kad/1.0.0";
 const IDENTIFY_PROTOCOL: &str = "/hotpot/id/1";
@@ -18,6 +18,8 @@ const IDENTIFY_PROTOCOL: &str = "/hotpot/id/1";
 const QUIC_IDLE_TIMEOUT_MS: u32 = 4_000;
 /// How often provider records are announced again (new peers learn them).
 const REPROVIDE: Duration = Duration::from_secs(30);
+/// The protocol a relay (circuit relay v2) serves reservations on.
+const RELAY_HOP: &str = "/libp2p/circuit/relay/0.2.0/hop";
 
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
@@ -27,6 +29,26 @@ pub(crate) struct Behaviour {
     ping: ping::Behaviour,
     stream: libp2p_stream::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    relay: Toggle<relay::Behaviour>,
+    dcutr: dcutr::Behaviour,
+    autonat: autonat::Behaviour,
+}
+
+/// A relay's limits, sized for hidden-state traffic: circuits as long and
+/// as large as sessions are (the libp2p defaults, 2 minutes and 128 KiB,
+/// are for signalling only), a few reservations per peer.
+fn relay_config() -> relay::Config {
+    relay::Config {
+        max_reservations: 256,
+        max_reservations_per_peer: 4,
+        reservation_duration: Duration::from_secs(3600),
+        max_circuits: 512,
+        max_circuits_per_peer: 64,
+        max_circuit_duration: Duration::from_secs(24 * 3600),
+        max_circuit_bytes: 0,
+        ..relay::Config::default()
+    }
 }
 
 pub(crate) fn build_swarm(config: &NetworkConfig) -> Result<(Swarm<Behaviour>, libp2p_stream::Control), NetError> {
@@ -34,6 +56,7 @@ pub(crate) fn build_swarm(config: &NetworkConfig) -> Result<(Swarm<Behaviour>, l
     let keypair = libp2p::identity::Keypair::ed25519_from_bytes(config.key.secret_bytes()).map_err(|e| err(&e))?;
     let mdns_on = config.mdns;
     let dht_server = config.dht_server;
+    let serve_relay = config.relay.serve;
     let mut swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
@@ -45,7 +68,9 @@ pub(crate) fn build_swarm(config: &NetworkConfig) -> Result<(Swarm<Behaviour>, l
             quic.keep_alive_interval = Duration::from_secs(1);
             quic
         })
-        .with_behaviour(|key| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| err(&e))?
+        .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
             kad_config.set_query_timeout(Duration::from_secs(10));
@@ -63,7 +88,36 @@ pub(crate) fn build_swarm(config: &NetworkConfig) -> Result<(Swarm<Behaviour>, l
                 identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public()).with_agent_version(format!("hotpot/{}", env!("CARGO_PKG_VERSION"))),
             );
             let mdns = if mdns_on { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
-            Ok(Behaviour { kad, gossipsub, identify, ping: ping::Behaviour::default(), stream: libp2p_stream::Behaviour::new(), mdns: Toggle::from(mdns) })
+            // Every peer asks whether it is reachable; only relays answer
+            // (dial back): they are reachable by design, and a dial-back is
+            // a second connection, which peers otherwise take for a
+            // restarted peer. Private address ranges count: test beds and
+            // LANs use them.
+            let serving = if serve_relay { autonat::Config::default().throttle_clients_global_max } else { 0 };
+            let autonat = autonat::Behaviour::new(
+                peer_id,
+                autonat::Config {
+                    boot_delay: Duration::from_secs(2),
+                    retry_interval: Duration::from_secs(10),
+                    refresh_interval: Duration::from_secs(60),
+                    only_global_ips: false,
+                    throttle_clients_global_max: serving,
+                    throttle_clients_peer_max: if serve_relay { autonat::Config::default().throttle_clients_peer_max } else { 0 },
+                    ..autonat::Config::default()
+                },
+            );
+            Ok(Behaviour {
+                kad,
+                gossipsub,
+                identify,
+                ping: ping::Behaviour::default(),
+                stream: libp2p_stream::Behaviour::new(),
+                mdns: Toggle::from(mdns),
+                relay_client,
+                relay: Toggle::from(serve_relay.then(|| relay::Behaviour::new(peer_id, relay_config()))),
+                dcutr: dcutr::Behaviour::new(peer_id),
+                autonat,
+            })
         })
         .map_err(|e| err(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
@@ -90,12 +144,36 @@ pub(crate) struct EventLoop {
     join: Vec<Multiaddr>,
     join_peers: HashMap<PeerId, Multiaddr>,
     redials: Vec<(tokio::time::Instant, PeerId, Multiaddr)>,
+    /// When to listen through a relay, and what AutoNAT found.
+    reserve: Reserve,
+    serves_relay: bool,
+    reachability: Reachability,
+    /// Connected relays (peers serving the hop protocol), at the address
+    /// we reach them on.
+    relays: HashMap<PeerId, Multiaddr>,
+    /// The relay we listen through, and its listener.
+    reserved: Option<(PeerId, libp2p::core::transport::ListenerId)>,
+    /// Every open connection per peer, and whether it is relayed.
+    connections: HashMap<PeerId, HashMap<ConnectionId, bool>>,
+    /// The address each peer was last dialed at (not relayed).
+    dialed: HashMap<PeerId, Multiaddr>,
+    /// When each peer was last connected through a relay.
+    relayed_at: HashMap<PeerId, tokio::time::Instant>,
 }
 
 /// `addr` without a trailing `/p2p/…`.
 fn without_peer(addr: &Multiaddr) -> Multiaddr {
     addr.iter().filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_))).collect()
 }
+
+/// Whether `addr` goes through a relay.
+fn is_circuit(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit))
+}
+
+/// How long after a relayed connection a second, direct one is taken for a
+/// hole punch (not for a restarted peer).
+const PUNCH_WINDOW: Duration = Duration::from_secs(60);
 
 /// How soon a dropped join peer is dialed again.
 const REDIAL: Duration = Duration::from_millis(300);
@@ -120,6 +198,14 @@ impl EventLoop {
             join: config.join.clone(),
             join_peers: HashMap::new(),
             redials: Vec::new(),
+            reserve: config.relay.reserve,
+            serves_relay: config.relay.serve,
+            reachability: Reachability::Unknown,
+            relays: HashMap::new(),
+            reserved: None,
+            connections: HashMap::new(),
+            dialed: HashMap::new(),
+            relayed_at: HashMap::new(),
         })
     }
 
@@ -155,6 +241,40 @@ impl EventLoop {
             let opts = DialOpts::peer_id(peer).addresses(vec![addr]).condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing).build();
             let _ = self.swarm.dial(opts);
         }
+    }
+
+    /// Listens through a relay when this peer should (it listens, and it is
+    /// told to or AutoNAT found it unreachable) and does not yet.
+    fn maybe_reserve(&mut self) {
+        let wanted = self.expect_listen
+            && match self.reserve {
+                Reserve::Always => true,
+                Reserve::WhenPrivate => self.reachability == Reachability::Private,
+                Reserve::Never => false,
+            };
+        if !wanted || self.reserved.is_some() {
+            return;
+        }
+        let Some((relay, addr)) = self.relays.iter().next().map(|(p, a)| (*p, a.clone())) else { return };
+        let circuit = without_peer(&addr).with(libp2p::multiaddr::Protocol::P2p(relay)).with(libp2p::multiaddr::Protocol::P2pCircuit);
+        match self.swarm.listen_on(circuit.clone()) {
+            Ok(listener) => {
+                tracing::info!(%circuit, reachability = %self.reachability, "reserving a slot on a relay: reachable through it");
+                self.reserved = Some((relay, listener));
+            }
+            Err(e) => {
+                tracing::warn!(%circuit, error = %e, "cannot listen through a relay");
+                self.relays.remove(&relay);
+            }
+        }
+    }
+
+    fn routes(&self) -> HashMap<PeerId, Route> {
+        self.connections
+            .iter()
+            .filter(|(_, conns)| !conns.is_empty())
+            .map(|(peer, conns)| (*peer, if conns.values().any(|relayed| !relayed) { Route::Direct } else { Route::Relayed }))
+            .collect()
     }
 
     fn announce(&mut self) {
@@ -229,6 +349,12 @@ impl EventLoop {
                 }
                 let _ = reply.send(peers.into_iter().collect());
             }
+            Command::Routes(reply) => {
+                let _ = reply.send(self.routes());
+            }
+            Command::Reachability(reply) => {
+                let _ = reply.send(self.reachability);
+            }
             Command::Shutdown => {}
         }
     }
@@ -241,6 +367,18 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::debug!(%address, "listening");
+                // A relay offers its hop protocol only on addresses it
+                // knows are reachable: a relay is run where it is, so its
+                // own listen addresses are taken as such.
+                if self.serves_relay && !is_circuit(&address) {
+                    self.swarm.add_external_address(address.clone());
+                }
+                // A slot on a relay is how others reach this peer: the
+                // address goes into its provider records and identify.
+                if is_circuit(&address) {
+                    let me = *self.swarm.local_peer_id();
+                    self.swarm.add_external_address(address.clone().with_p2p(me).unwrap_or_else(|a| a));
+                }
                 self.listen_addrs.push(address);
                 let addrs = self.local_addrs();
                 for reply in self.waiting_for_listen.drain(..) {
@@ -251,6 +389,22 @@ impl EventLoop {
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(()));
                 }
+                let relayed = endpoint.is_relayed();
+                if relayed {
+                    self.relayed_at.insert(peer_id, tokio::time::Instant::now());
+                }
+                // A second connection is expected around a relay: the
+                // reservation's own dial to the relay, the hole punch (a
+                // direct connection beside the relayed one, from either
+                // side, sometimes two).
+                let near_relay =
+                    self.serves_relay || self.relays.contains_key(&peer_id) || self.relayed_at.get(&peer_id).is_some_and(|t| t.elapsed() < PUNCH_WINDOW);
+                self.connections.entry(peer_id).or_default().insert(connection_id, relayed);
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint
+                    && !relayed
+                {
+                    self.dialed.insert(peer_id, address.clone());
+                }
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, address.clone());
                     let bare = without_peer(address);
@@ -260,6 +414,9 @@ impl EventLoop {
                 }
                 if num_established.get() == 1 {
                     self.emit(NetEvent::Connected(peer_id));
+                } else if near_relay {
+                    // Both kept; a relayed one closes once a hole punch
+                    // made a direct one.
                 } else {
                     // A second connection from one peer is, in practice, a
                     // process restarted with the same key while its old
@@ -280,13 +437,36 @@ impl EventLoop {
                     let _ = reply.send(Err(NetError::Dial { addr: addr.unwrap_or_else(Multiaddr::empty), reason: error.to_string() }));
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
+                if let Some(conns) = self.connections.get_mut(&peer_id) {
+                    conns.remove(&connection_id);
+                }
+                if num_established > 0 {
+                    return;
+                }
+                self.connections.remove(&peer_id);
+                if self.relays.remove(&peer_id).is_some() {
+                    tracing::info!(relay = %peer_id, "lost the connection to a relay");
+                }
                 self.emit(NetEvent::Disconnected(peer_id));
                 if let Some(addr) = self.join_peers.get(&peer_id)
                     && !self.redials.iter().any(|(_, p, _)| *p == peer_id)
                 {
                     self.redials.push((tokio::time::Instant::now() + REDIAL, peer_id, addr.clone()));
                 }
+            }
+            SwarmEvent::ListenerClosed { listener_id, addresses, .. } => {
+                self.listen_addrs.retain(|a| !addresses.contains(a));
+                if self.reserved.is_some_and(|(_, l)| l == listener_id) {
+                    tracing::warn!("the relay we listened through is gone; reserving on another");
+                    if let Some((relay, _)) = self.reserved.take() {
+                        self.relays.remove(&relay);
+                    }
+                    self.maybe_reserve();
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| *a != address);
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             _ => {}
@@ -297,6 +477,12 @@ impl EventLoop {
         match event {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 let speaks_kad = info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL);
+                if info.protocols.iter().any(|p| p.as_ref() == RELAY_HOP)
+                    && let Some(addr) = self.dialed.get(&peer_id).cloned().or_else(|| info.listen_addrs.iter().find(|a| !is_circuit(a)).cloned())
+                {
+                    self.relays.insert(peer_id, addr);
+                    self.maybe_reserve();
+                }
                 for addr in info.listen_addrs {
                     if speaks_kad {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
@@ -326,8 +512,40 @@ impl EventLoop {
                 self.emit(NetEvent::Gossip { topic: message.topic.to_string(), source: message.source, data: message.data });
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic, .. }) => {
+                // A relay carries every topic its peers use: nodes behind NAT
+                // and their gateways may have no other peer in common.
+                if self.serves_relay
+                    && let Err(e) = self.swarm.behaviour_mut().gossipsub.subscribe(&gossipsub::IdentTopic::new(topic.as_str()))
+                {
+                    tracing::debug!(error = %e, "a relay cannot follow a topic");
+                }
                 self.emit(NetEvent::Subscribed { peer: peer_id, topic: topic.to_string() });
             }
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. }) => {
+                self.reachability = match new {
+                    autonat::NatStatus::Public(_) => Reachability::Public,
+                    autonat::NatStatus::Private => Reachability::Private,
+                    autonat::NatStatus::Unknown => Reachability::Unknown,
+                };
+                tracing::info!(reachability = %self.reachability, "AutoNAT: reachability changed");
+                self.maybe_reserve();
+            }
+            BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result }) => match result {
+                Ok(direct) => {
+                    // The hole punch worked: traffic moves to the direct
+                    // connection, the relayed ones close.
+                    let relayed: Vec<ConnectionId> = self
+                        .connections
+                        .get(&remote_peer_id)
+                        .map(|c| c.iter().filter(|(id, relayed)| **relayed && **id != direct).map(|(id, _)| *id).collect())
+                        .unwrap_or_default();
+                    tracing::info!(peer = %remote_peer_id, "hole punched: a direct connection replaces the relayed one");
+                    for id in relayed {
+                        self.swarm.close_connection(id);
+                    }
+                }
+                Err(e) => tracing::info!(peer = %remote_peer_id, error = %e, "no hole punch (the NATs do not allow it): the route stays relayed"),
+            },
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
                     self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());

@@ -3,7 +3,8 @@
 //! cloneable [`Network`] handle.
 //!
 //! ```text
-//!  Network (handle) ──commands──▶ event loop ──▶ Swarm { kademlia, gossipsub, identify, ping, streams }
+//!  Network (handle) ──commands──▶ event loop ──▶ Swarm { kademlia, gossipsub, identify, ping, streams,
+//!                                                        relay (server, client), dcutr, autonat }
 //!        ▲                             │
 //!        └──────── NetEvent (broadcast)┘
 //! ```
@@ -12,6 +13,17 @@
 //! records `hotpot/<model>/block/<i>` and gossip heartbeats on
 //! `hotpot/<model>`. Sessions and info requests are plain libp2p streams
 //! (`/hotpot/infer/1`, `/hotpot/info/1`) opened through the handle.
+//!
+//! NAT traversal, with libp2p's own parts: AutoNAT asks connected peers to
+//! dial back and so learns whether this peer is reachable; a peer that is
+//! not (or that is told to, [`Reserve::Always`]) reserves a slot on a relay
+//! it is connected to (a peer speaking the circuit relay v2 hop protocol:
+//! `hotpot relay`, or a node with `--relay`) and listens through it, so
+//! its announced addresses include `…/p2p/RELAY/p2p-circuit/p2p/ME`. A
+//! peer dialing that address reaches it through the relay; DCUtR then
+//! tries a hole punch, and when it succeeds the relayed connection is
+//! closed, so traffic goes direct. Where the NATs forbid it (symmetric on
+//! both sides) the route stays relayed. [`Network::routes`] says which.
 
 mod event_loop;
 mod ids;
@@ -41,6 +53,67 @@ pub struct NetworkConfig {
     pub dht_server: bool,
     /// Discover peers on the local network with mDNS.
     pub mdns: bool,
+    /// Relays: serving as one, and reserving a slot on one.
+    pub relay: RelayConfig,
+}
+
+/// How the local peer uses relays (NAT traversal).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RelayConfig {
+    /// Relay circuits for peers behind NAT (`hotpot relay`, `hotpot node
+    /// --relay`), with limits sized for hidden-state traffic.
+    pub serve: bool,
+    /// When to listen through a relay.
+    pub reserve: Reserve,
+}
+
+/// When a peer that listens reserves a slot on a relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Reserve {
+    /// Once AutoNAT finds this peer unreachable from outside.
+    #[default]
+    WhenPrivate,
+    /// From the start (a node known to sit behind NAT).
+    Always,
+    /// Never.
+    Never,
+}
+
+/// How this peer reaches another right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Over a connection of its own (dialed, accepted or hole-punched).
+    Direct,
+    /// Only through a relay.
+    Relayed,
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Direct => "direct",
+            Self::Relayed => "relayed",
+        })
+    }
+}
+
+/// Whether this peer can be dialed from outside, as AutoNAT last found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reachability {
+    Unknown,
+    Public,
+    /// Behind NAT or a firewall.
+    Private,
+}
+
+impl std::fmt::Display for Reachability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Unknown => "unknown",
+            Self::Public => "public",
+            Self::Private => "private",
+        })
+    }
 }
 
 /// Something the swarm saw.
@@ -91,6 +164,8 @@ enum Command {
     Publish(String, Vec<u8>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     KnownPeers(oneshot::Sender<Vec<PeerId>>),
+    Routes(oneshot::Sender<std::collections::HashMap<PeerId, Route>>),
+    Reachability(oneshot::Sender<Reachability>),
     Shutdown,
 }
 
@@ -204,6 +279,16 @@ impl Network {
     /// Every peer in the DHT routing table or connected.
     pub async fn known_peers(&self) -> Result<Vec<PeerId>, NetError> {
         self.ask(Command::KnownPeers).await
+    }
+
+    /// How each connected peer is reached: direct, or only through a relay.
+    pub async fn routes(&self) -> Result<std::collections::HashMap<PeerId, Route>, NetError> {
+        self.ask(Command::Routes).await
+    }
+
+    /// Whether this peer can be dialed from outside, as AutoNAT last found.
+    pub async fn reachability(&self) -> Result<Reachability, NetError> {
+        self.ask(Command::Reachability).await
     }
 
     pub fn events(&self) -> broadcast::Receiver<NetEvent> {

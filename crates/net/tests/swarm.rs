@@ -12,6 +12,7 @@ fn config(join: Vec<hotpot_net::Multiaddr>, listen: bool) -> NetworkConfig {
         join,
         dht_server: listen,
         mdns: false,
+        relay: Default::default(),
     }
 }
 

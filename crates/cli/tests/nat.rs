@@ -1,0 +1,199 @@
+//! Nodes behind real NATs (issue 16), in the network namespaces of
+//! `scripts/natbed.sh` (root only; the test command runs as root and
+//! installs nftables): an "internet" with a relay, a public node and the
+//! gateway, and two homes behind NAT routers, one endpoint-independent and
+//! one symmetric, each with a node. A 3-node chain through both homes must
+//! serve the same tokens as one process, the homes' nodes must find
+//! themselves unreachable (AutoNAT) and listen through the relay, the
+//! gateway's routes must end up direct (hole punched), and answers must go
+//! on when the relay dies mid-answer.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The namespaces, torn down on drop.
+struct Bed {
+    name: String,
+}
+
+impl Bed {
+    fn up() -> Bed {
+        let name = format!("hp{}", std::process::id() % 100_000);
+        let out = output_within(Command::new("bash").args([&script(), "up", &name]), Duration::from_secs(60));
+        assert!(out.status.success(), "the NAT test bed did not come up (root and nftables needed):\n{}{}", text(&out.stdout), text(&out.stderr));
+        Bed { name }
+    }
+
+    fn ns(&self, which: &str) -> String {
+        format!("{}-{which}", self.name)
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = Command::new("bash").args([&script(), "down", &self.name]).status();
+    }
+}
+
+fn script() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/natbed.sh").to_string_lossy().into_owned()
+}
+
+/// A `hotpot` process inside a namespace, its output in a log file; killed
+/// on drop.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn start(ns: &str, args: &[&str], log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).expect("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, HOTPOT])
+            .args(args)
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("ip netns exec runs");
+        Proc { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log has a line containing `needle`; returns it.
+    fn wait_for(&self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self.log().lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} within {limit:?} in {}:\n{}", self.log.display(), self.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// curl inside namespace `ns`.
+fn curl_in(ns: &str, args: &[&str]) -> String {
+    let out = output_within(Command::new("ip").args(["netns", "exec", ns, "curl"]).args(args), Duration::from_secs(120));
+    text(&out.stdout)
+}
+
+fn completion(ns: &str, url: &str, body: serde_json::Value) -> serde_json::Value {
+    let answer = curl_in(ns, &["-s", &format!("{url}/v1/completions"), "-H", "Content-Type: application/json", "-d", &body.to_string()]);
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+fn log_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.log"))
+}
+
+#[test]
+fn nodes_behind_nat_serve_through_a_relay_and_hole_punch() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let bed = Bed::up();
+    let (inet, home1, home2) = (bed.ns("inet"), bed.ns("h1"), bed.ns("h2"));
+
+    let key = d.join("relay.key");
+    let mut relay = Proc::start(&inet, &["relay", "--listen", "/ip4/0.0.0.0/udp/4001/quic-v1", "--key", key.to_str().expect("utf-8")], log_path(d, "relay"));
+    let relay_id = relay.wait_for("peer id:", Duration::from_secs(30)).trim_start_matches("peer id:").trim().to_string();
+    let via = |ip: &str| format!("/ip4/{ip}/udp/4001/quic-v1/p2p/{relay_id}");
+    let node = |ns: &str, blocks: &str, join: String, name: &str| {
+        Proc::start(ns, &["node", "--blocks", blocks, "--listen", "/ip4/0.0.0.0/udp/0/quic-v1", "--join", &join, "-t", "1"], log_path(d, name))
+    };
+    // Home 1 (endpoint-independent NAT), the internet, home 2 (symmetric).
+    let first = node(&home1, "0..10", via("10.77.1.1"), "home1");
+    let _middle = node(&inet, "10..20", via("10.77.2.1"), "public");
+    let last = node(&home2, "20..30", via("10.77.2.1"), "home2");
+    for home in [&first, &last] {
+        home.wait_for("reachability changed reachability=private", Duration::from_secs(60));
+        home.wait_for("reserving a slot on a relay", Duration::from_secs(30));
+    }
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a port").local_addr().expect("addr").port();
+    let url = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let gateway = Proc::start(
+        &inet,
+        &["-v", "gateway", "--join", &via("10.77.1.1"), "--listen", &listen, "-t", "1", "--no-audits", "--key", d.join("gw.key").to_str().expect("utf-8")],
+        log_path(d, "gateway"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !curl_in(&inet, &["-s", &format!("{url}/health")]).contains("\"ok\"") {
+        assert!(Instant::now() < deadline, "the gateway never saw every block: {}\n{}", curl_in(&inet, &["-s", &format!("{url}/health")]), gateway.log());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // The same tokens as one process.
+    let prompt = "The capital of France is";
+    // `hotpot run` ends its output with a newline.
+    let local = local_greedy(prompt, 8);
+    let expected = local.strip_suffix('\n').unwrap_or(&local);
+    // A node's connection sometimes closes once while the hole punches
+    // settle (the gateway hears of it again within a heartbeat): a 503 in
+    // that moment is retried.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        let answer = completion(&inet, &url, serde_json::json!({"model": "smollm2-135m", "prompt": prompt, "max_tokens": 8, "temperature": 0}));
+        if answer["error"]["code"] != "model_not_covered" || Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert_eq!(answer["choices"][0]["text"].as_str(), Some(expected), "{answer}");
+
+    // The gateway's routes to the homes' nodes end up direct: a hole punch
+    // through the endpoint-independent NAT, and the symmetric home's node
+    // dialing the (public) gateway back.
+    let swarm = || -> serde_json::Value { serde_json::from_str(&curl_in(&inet, &["-s", &format!("{url}/v1/hotpot/swarm")])).expect("swarm json") };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = swarm();
+        let routes: Vec<&str> = view["nodes"].as_array().expect("nodes").iter().filter_map(|n| n["reachability"].as_str()).collect();
+        if routes.len() == 3 && routes.iter().all(|r| *r == "direct") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "routes not direct: {routes:?}\n{view}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // DCUtR reports the hole punch on whichever side finished it first.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while ![&gateway, &first, &last].iter().any(|p| p.log().contains("hole punched")) {
+        assert!(Instant::now() < deadline, "no hole punch was reported:\n{}\n{}", gateway.log(), first.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The relay dies mid-answer: the answer goes on over the direct routes.
+    let long = serde_json::json!({"model": "smollm2-135m", "prompt": "Once upon a time", "max_tokens": 300, "temperature": 0,
+        "logit_bias": {"0": -100, "2": -100}});
+    let (ns, u) = (inet.clone(), url.clone());
+    let running = std::thread::spawn(move || completion(&ns, &u, long));
+    std::thread::sleep(Duration::from_millis(700));
+    relay.kill();
+    let answer = running.join().expect("the request thread");
+    assert_eq!(answer["usage"]["completion_tokens"], 300, "the answer did not survive the relay's death: {answer}");
+    let again = completion(&inet, &url, serde_json::json!({"model": "smollm2-135m", "prompt": prompt, "max_tokens": 8, "temperature": 0}));
+    assert_eq!(again["choices"][0]["text"].as_str(), Some(expected), "{again}");
+}

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# A NAT test bed in network namespaces (issue 16), for the NAT test and
+# bench/nat.sh. Root only; addresses only in ranges these namespaces own.
+#
+#   bash scripts/natbed.sh up NAME      builds it (NAME: a short prefix, e.g. hp123)
+#   bash scripts/natbed.sh down NAME    tears it down
+#
+#              NAME-inet  ("the internet": relay, gateway, public nodes)
+#              10.77.1.1 ─┬─ 10.77.2.1
+#                         │
+#   NAME-r1 10.77.1.2 ────┘└──── 10.77.2.2 NAME-r2
+#   masquerade (endpoint-                  masquerade random,fully-random
+#   independent mapping)                   (symmetric: a new port per destination)
+#   192.168.71.1                           192.168.72.1
+#        │                                      │
+#   NAME-h1 192.168.71.2                   NAME-h2 192.168.72.2
+#   ("home 1": nodes behind NAT)           ("home 2": nodes behind NAT)
+#
+# Processes run inside with: ip netns exec NAME-h1 COMMAND…
+set -euo pipefail
+what="${1:?up or down}"
+name="${2:?a short name for the namespaces}"
+inet="$name-inet" r1="$name-r1" r2="$name-r2" h1="$name-h1" h2="$name-h2"
+
+down() {
+    for ns in "$h1" "$h2" "$r1" "$r2" "$inet"; do
+        ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+        ip netns del "$ns" 2>/dev/null || true
+    done
+}
+
+if [ "$what" = down ]; then
+    down
+    exit 0
+fi
+[ "$what" = up ] || { echo "usage: $0 up|down NAME" >&2; exit 2; }
+[ "$(id -u)" = 0 ] || { echo "the NAT test bed needs root (network namespaces)" >&2; exit 1; }
+command -v nft >/dev/null || { echo "nft is missing (apt-get install nftables)" >&2; exit 1; }
+down
+for ns in "$inet" "$r1" "$r2" "$h1" "$h2"; do
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+done
+inside() { ip netns exec "$1" "${@:2}"; }
+
+# One router per home: its WAN side on the internet, its LAN side at home.
+link() { # router, wan-side /24 prefix, lan /24 prefix, home
+    local router="$1" wan="$2" lan="$3" home="$4"
+    ip link add "up$router" netns "$inet" type veth peer name wan netns "$router"
+    ip link add lan netns "$router" type veth peer name eth0 netns "$home"
+    ip -n "$inet" addr add "$wan.1/24" dev "up$router"
+    ip -n "$inet" link set "up$router" up
+    ip -n "$router" addr add "$wan.2/24" dev wan
+    ip -n "$router" addr add "$lan.1/24" dev lan
+    ip -n "$router" link set wan up
+    ip -n "$router" link set lan up
+    ip -n "$router" route add default via "$wan.1"
+    inside "$router" sysctl -qw net.ipv4.ip_forward=1
+    ip -n "$home" addr add "$lan.2/24" dev eth0
+    ip -n "$home" link set eth0 up
+    ip -n "$home" route add default via "$lan.1"
+}
+link "$r1" 10.77.1 192.168.71 "$h1"
+link "$r2" 10.77.2 192.168.72 "$h2"
+
+# Home 1: plain masquerade (Linux keeps a flow's source port when it can,
+# and reuses the mapping: endpoint-independent mapping, which hole
+# punching needs). Home 2: a random port for every new flow (symmetric).
+inside "$r1" nft -f - <<'NFT'
+table ip nat {
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan" masquerade
+    }
+}
+NFT
+inside "$r2" nft -f - <<'NFT'
+table ip nat {
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan" masquerade random,fully-random
+    }
+}
+NFT
+# Nothing from the internet reaches a home unless a flow from inside
+# opened it (conntrack), as on a real home router.
+for router in "$r1" "$r2"; do
+    inside "$router" nft -f - <<'NFT'
+table ip filter {
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        iifname "lan" oifname "wan" accept
+    }
+}
+NFT
+done
+echo "NAT test bed $name up: $inet (10.77.1.1, 10.77.2.1), $h1 behind $r1 (endpoint-independent), $h2 behind $r2 (symmetric)"
