@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use hotpot_core::placement::{Served, gaps, node_counts};
 use hotpot_core::{LayerSpan, NodeId};
 use hotpot_net::PeerId;
 use serde::Serialize;
@@ -287,26 +288,6 @@ pub struct NodeExtras {
     pub earned: Option<String>,
 }
 
-/// Block ranges of `counts` that are zero, as [start, end).
-fn gaps(counts: &[u32]) -> Vec<[u32; 2]> {
-    let mut out = Vec::new();
-    let mut start = None;
-    for (b, &c) in counts.iter().enumerate() {
-        match (c == 0, start) {
-            (true, None) => start = Some(b as u32),
-            (false, Some(s)) => {
-                out.push([s, b as u32]);
-                start = None;
-            }
-            _ => {}
-        }
-    }
-    if let Some(s) = start {
-        out.push([s, counts.len() as u32]);
-    }
-    out
-}
-
 /// Builds the view of `directory`'s live nodes (heard of within the
 /// heartbeat expiry), with `extras(peer)` for each.
 pub fn view(gateway: &PeerId, directory: &crate::directory::SharedDirectory, activity: &Activity, mut extras: impl FnMut(&PeerId) -> NodeExtras) -> SwarmView {
@@ -330,26 +311,20 @@ pub fn view(gateway: &PeerId, directory: &crate::directory::SharedDirectory, act
             })
             .collect::<Vec<_>>()
     });
-    let mut models: Vec<ModelView> = Vec::new();
+    // Each model, with the spans its live, unconvicted nodes serve.
+    let mut models: Vec<(ModelView, Vec<Served>)> = Vec::new();
     let mut nodes = Vec::new();
     for (r, reputation, state) in rows {
         let i = &r.info;
         let model = i.model.to_string();
-        if !models.iter().any(|m| m.id == model) {
-            models.push(ModelView {
-                id: model.clone(),
-                name: i.model_name.clone(),
-                n_blocks: i.n_blocks,
-                coverage: vec![0; i.n_blocks as usize],
-                gaps: vec![],
-            });
+        if !models.iter().any(|(m, _)| m.id == model) {
+            let view = ModelView { id: model.clone(), name: i.model_name.clone(), n_blocks: i.n_blocks, coverage: vec![], gaps: vec![] };
+            models.push((view, Vec::new()));
         }
-        if let Some(m) = models.iter_mut().find(|m| m.id == model)
+        if let Some((_, served)) = models.iter_mut().find(|(m, _)| m.id == model)
             && state != "convicted"
         {
-            for b in i.span.start()..i.span.end().min(m.n_blocks) {
-                m.coverage[b as usize] += 1;
-            }
+            served.push(Served { span: i.span, throughput: i.throughput });
         }
         let extra = extras(&r.peer);
         nodes.push(NodeView {
@@ -359,11 +334,7 @@ pub fn view(gateway: &PeerId, directory: &crate::directory::SharedDirectory, act
             model_name: i.model_name.clone(),
             span: span(i.span),
             state,
-            reachability: match extra.route {
-                Some(hotpot_net::Route::Direct) => "direct",
-                Some(hotpot_net::Route::Relayed) => "relayed",
-                None => "not connected",
-            },
+            reachability: extra.route.map_or("not connected", hotpot_net::Route::as_str),
             throughput: i.throughput,
             sessions: i.max_sessions.saturating_sub(i.free_slots),
             max_sessions: i.max_sessions,
@@ -378,9 +349,10 @@ pub fn view(gateway: &PeerId, directory: &crate::directory::SharedDirectory, act
             addrs: i.addrs.clone(),
         });
     }
-    for m in &mut models {
-        m.gaps = gaps(&m.coverage);
-    }
+    let models = models
+        .into_iter()
+        .map(|(m, served)| ModelView { coverage: node_counts(m.n_blocks, &served), gaps: gaps(m.n_blocks, &served).into_iter().map(span).collect(), ..m })
+        .collect();
     nodes.sort_by(|a, b| (a.model.as_str(), a.span, a.peer.as_str()).cmp(&(b.model.as_str(), b.span, b.peer.as_str())));
     let (traffic, routes, audits, convictions) = activity.snapshot();
     SwarmView {
@@ -399,13 +371,6 @@ pub fn view(gateway: &PeerId, directory: &crate::directory::SharedDirectory, act
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn gaps_are_the_unserved_ranges() {
-        assert_eq!(gaps(&[1, 1, 0, 0, 2, 0]), vec![[2, 4], [5, 6]]);
-        assert_eq!(gaps(&[0, 0]), vec![[0, 2]]);
-        assert!(gaps(&[3, 1]).is_empty());
-    }
 
     #[test]
     fn tokens_per_second_counts_whole_seconds_only() {

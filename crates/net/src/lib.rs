@@ -88,12 +88,19 @@ pub enum Route {
     Relayed,
 }
 
-impl std::fmt::Display for Route {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Route {
+    /// "direct" or "relayed".
+    pub fn as_str(self) -> &'static str {
+        match self {
             Self::Direct => "direct",
             Self::Relayed => "relayed",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
