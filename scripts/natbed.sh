@@ -6,24 +6,28 @@
 #   bash scripts/natbed.sh down NAME    tears it down
 #
 #              NAME-inet  ("the internet": relay, gateway, public nodes)
-#              10.77.1.1 ─┬─ 10.77.2.1
-#                         │
-#   NAME-r1 10.77.1.2 ────┘└──── 10.77.2.2 NAME-r2
-#   masquerade (endpoint-                  masquerade random,fully-random
-#   independent mapping)                   (symmetric: a new port per destination)
-#   192.168.71.1                           192.168.72.1
-#        │                                      │
-#   NAME-h1 192.168.71.2                   NAME-h2 192.168.72.2
-#   ("home 1": nodes behind NAT)           ("home 2": nodes behind NAT)
+#              10.77.1.1 ─┬─ 10.77.2.1 ─┬─ 10.77.3.1
+#                         │             │
+#   NAME-r1 10.77.1.2 ────┘└── 10.77.2.2 NAME-r2   10.77.3.2 NAME-r3
+#   masquerade (endpoint-      masquerade random,fully-random (r2 and r3:
+#   independent mapping)       symmetric, a new port per destination)
+#   192.168.71.1               192.168.72.1        192.168.73.1
+#        │                          │                   │
+#   NAME-h1 192.168.71.2       NAME-h2 192.168.72.2  NAME-h3 192.168.73.2
+#   ("home 1")                 ("home 2")            ("home 3")
+#
+# Every router drops what comes from the internet unless a flow from its
+# home opened it. Between two symmetric homes no hole punch can work: their
+# traffic stays relayed.
 #
 # Processes run inside with: ip netns exec NAME-h1 COMMAND…
 set -euo pipefail
 what="${1:?up or down}"
 name="${2:?a short name for the namespaces}"
-inet="$name-inet" r1="$name-r1" r2="$name-r2" h1="$name-h1" h2="$name-h2"
+inet="$name-inet" r1="$name-r1" r2="$name-r2" r3="$name-r3" h1="$name-h1" h2="$name-h2" h3="$name-h3"
 
 down() {
-    for ns in "$h1" "$h2" "$r1" "$r2" "$inet"; do
+    for ns in "$h1" "$h2" "$h3" "$r1" "$r2" "$r3" "$inet"; do
         ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
         ip netns del "$ns" 2>/dev/null || true
     done
@@ -37,7 +41,7 @@ fi
 [ "$(id -u)" = 0 ] || { echo "the NAT test bed needs root (network namespaces)" >&2; exit 1; }
 command -v nft >/dev/null || { echo "nft is missing (apt-get install nftables)" >&2; exit 1; }
 down
-for ns in "$inet" "$r1" "$r2" "$h1" "$h2"; do
+for ns in "$inet" "$r1" "$r2" "$r3" "$h1" "$h2" "$h3"; do
     ip netns add "$ns"
     ip -n "$ns" link set lo up
 done
@@ -62,10 +66,12 @@ link() { # router, wan-side /24 prefix, lan /24 prefix, home
 }
 link "$r1" 10.77.1 192.168.71 "$h1"
 link "$r2" 10.77.2 192.168.72 "$h2"
+link "$r3" 10.77.3 192.168.73 "$h3"
 
 # Home 1: plain masquerade (Linux keeps a flow's source port when it can,
 # and reuses the mapping: endpoint-independent mapping, which hole
-# punching needs). Home 2: a random port for every new flow (symmetric).
+# punching needs). Homes 2 and 3: a random port for every new flow
+# (symmetric).
 inside "$r1" nft -f - <<'NFT'
 table ip nat {
     chain postrouting {
@@ -74,7 +80,8 @@ table ip nat {
     }
 }
 NFT
-inside "$r2" nft -f - <<'NFT'
+for router in "$r2" "$r3"; do
+    inside "$router" nft -f - <<'NFT'
 table ip nat {
     chain postrouting {
         type nat hook postrouting priority srcnat; policy accept;
@@ -82,9 +89,10 @@ table ip nat {
     }
 }
 NFT
+done
 # Nothing from the internet reaches a home unless a flow from inside
 # opened it (conntrack), as on a real home router.
-for router in "$r1" "$r2"; do
+for router in "$r1" "$r2" "$r3"; do
     inside "$router" nft -f - <<'NFT'
 table ip filter {
     chain forward {
@@ -95,4 +103,4 @@ table ip filter {
 }
 NFT
 done
-echo "NAT test bed $name up: $inet (10.77.1.1, 10.77.2.1), $h1 behind $r1 (endpoint-independent), $h2 behind $r2 (symmetric)"
+echo "NAT test bed $name up: $inet (10.77.1.1, 10.77.2.1, 10.77.3.1), $h1 behind $r1 (endpoint-independent), $h2 behind $r2 and $h3 behind $r3 (symmetric)"

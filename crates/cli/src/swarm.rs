@@ -414,6 +414,10 @@ pub fn status(args: &StatusArgs) -> Result<()> {
                 seen.insert(peer, info);
             }
         }
+        // How this process reached each one: its own connection, or only
+        // through a relay.
+        let routes = network.routes().await.unwrap_or_default();
+        let route = |peer: &hotpot_net::PeerId| routes.get(peer).map_or("not connected", |r| r.as_str());
         network.shutdown().await;
         if args.json {
             let nodes: Vec<serde_json::Value> = seen
@@ -424,43 +428,54 @@ pub fn status(args: &StatusArgs) -> Result<()> {
                         "n_blocks": i.n_blocks, "span": [i.span.start(), i.span.end()], "throughput": i.throughput,
                         "free_slots": i.free_slots, "max_sessions": i.max_sessions, "queue": i.queue,
                         "price_per_1k": hotpot_core::Credits::from_micros(i.price_per_1k).to_string(), "version": i.version, "addrs": i.addrs, "timestamp_ms": i.timestamp_ms,
-                        "reachability": reachability(i),
+                        "reachability": i.reachability(), "route": route(peer),
                     })
                 })
                 .collect();
             println!("{}", serde_json::to_string_pretty(&nodes)?);
             return Ok(());
         }
-        print_status(&seen);
+        print_status(&seen, route);
         Ok(())
     })
 }
 
-/// How a node is reached, from what it announces: through a relay (it
-/// listens through one: behind NAT) or directly.
-fn reachability(info: &hotpot_wire::NodeInfo) -> &'static str {
-    if info.addrs.iter().any(|a| a.contains("/p2p-circuit")) { "relayed" } else { "direct" }
+/// The address to show for a node: its relay's (behind NAT), else the
+/// first one that is not loopback or unspecified.
+fn shown_address(info: &hotpot_wire::NodeInfo) -> String {
+    let bare = |a: &String| a.split("/p2p/").next().unwrap_or_default().to_string();
+    if let Some(circuit) = info.addrs.iter().find(|a| a.contains("/p2p-circuit")) {
+        return format!("{} (relay)", bare(circuit));
+    }
+    let routable = |a: &&String| !["/ip4/127.", "/ip4/0.0.0.0/", "/ip6/::1/", "/ip6/::/"].iter().any(|p| a.starts_with(p));
+    info.addrs.iter().find(routable).or(info.addrs.first()).map(bare).unwrap_or_default()
 }
 
-fn print_status(seen: &BTreeMap<hotpot_net::PeerId, hotpot_wire::NodeInfo>) {
+/// The nodes seen, a line each (REACH: public, or private when it listens
+/// through a relay; ROUTE: how this process reached it), then each model's
+/// coverage bar.
+fn print_status(seen: &BTreeMap<hotpot_net::PeerId, hotpot_wire::NodeInfo>, route: impl Fn(&hotpot_net::PeerId) -> &'static str) {
     if seen.is_empty() {
         println!("no nodes found");
         return;
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     println!(
-        "{:<54} {:<46} {:<8} {:<14} {:>7} {:>9} {:>9} {:>5} {:>10} {:>10}",
-        "PEER", "ADDRESS", "REACH", "MODEL", "SPAN", "TOK/S", "SESSIONS", "QUEUE", "PRICE/1K", "HEARD"
+        "{:<54} {:<46} {:<8} {:<8} {:<14} {:>7} {:>9} {:>9} {:>5} {:>10} {:>10}",
+        "PEER", "ADDRESS", "REACH", "ROUTE", "MODEL", "SPAN", "TOK/S", "SESSIONS", "QUEUE", "PRICE/1K", "HEARD"
     );
     for (peer, i) in seen {
-        let addr = i.addrs.iter().find(|a| !a.contains("/ip4/0.0.0.0")).or(i.addrs.first()).cloned().unwrap_or_default();
-        let addr = addr.split("/p2p/").next().unwrap_or_default().to_string();
+        let addr = shown_address(i);
         let age = now.saturating_sub(i.timestamp_ms) as f64 / 1000.0;
         println!(
-            "{:<54} {:<46} {:<8} {:<14} {:>7} {:>9.1} {:>9} {:>5} {:>10} {:>8.1}s",
+            "{:<54} {:<46} {:<8} {:<8} {:<14} {:>7} {:>9.1} {:>9} {:>5} {:>10} {:>8.1}s",
             peer.to_string(),
             addr,
-            reachability(i),
+            i.reachability(),
+            match route(peer) {
+                "not connected" => "-",
+                r => r,
+            },
             i.model_name,
             i.span.to_string(),
             i.throughput,

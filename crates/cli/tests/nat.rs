@@ -1,12 +1,15 @@
 //! Nodes behind real NATs (issue 16), in the network namespaces of
 //! `scripts/natbed.sh` (root only; the test command runs as root and
-//! installs nftables): an "internet" with a relay, a public node and the
-//! gateway, and two homes behind NAT routers, one endpoint-independent and
-//! one symmetric, each with a node. A 3-node chain through both homes must
-//! serve the same tokens as one process, the homes' nodes must find
-//! themselves unreachable (AutoNAT) and listen through the relay, the
-//! gateway's routes must end up direct (hole punched), and answers must go
-//! on when the relay dies mid-answer.
+//! installs nftables): an "internet" with a relay, a public node and a
+//! gateway, two homes behind NAT routers, one endpoint-independent and one
+//! symmetric, each with a node, and a third home (symmetric) with a second
+//! gateway. A 3-node chain through both homes must serve the official
+//! `openai` client the same tokens as one process; the homes' nodes must
+//! find themselves unreachable (AutoNAT) and listen through the relay; the
+//! public gateway's routes must end up direct (hole punched), the third
+//! home's gateway must reach the symmetric home's node only through the
+//! relay, and still be answered; answers must go on when the relay dies
+//! mid-answer.
 
 mod common;
 
@@ -104,6 +107,71 @@ fn completion(ns: &str, url: &str, body: serde_json::Value) -> serde_json::Value
     serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
 }
 
+/// The official `openai` client inside namespace `ns`: a greedy streamed
+/// completion of `prompt`, `tokens` long; returns its text, or the error
+/// the client raised (`ERROR <status> <message>`).
+fn openai_in(ns: &str, url: &str, prompt: &str, tokens: usize) -> String {
+    let script = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0, timeout=120)
+try:
+    stream = client.completions.create(model="smollm2-135m", prompt=sys.argv[2], max_tokens=int(sys.argv[3]), temperature=0, stream=True)
+    print("".join(chunk.choices[0].text for chunk in stream if chunk.choices), end="")
+except openai.APIStatusError as e:
+    print(f"ERROR {e.status_code} {e.message}", end="")
+"#;
+    let out =
+        output_within(Command::new("ip").args(["netns", "exec", ns, "python3", "-c", script, url, prompt, &tokens.to_string()]), Duration::from_secs(150));
+    assert!(out.status.success(), "the openai client failed: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// Asks through the `openai` client until the answer is not a 503 (the
+/// gateway has not yet heard of every block), for up to `limit`.
+fn openai_when_covered(ns: &str, url: &str, prompt: &str, tokens: usize, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let answer = openai_in(ns, url, prompt, tokens);
+        if !answer.starts_with("ERROR 503") || Instant::now() > deadline {
+            return answer;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The gateway's view of the swarm (`GET /v1/hotpot/swarm`).
+fn swarm_in(ns: &str, url: &str) -> serde_json::Value {
+    let body = curl_in(ns, &["-s", &format!("{url}/v1/hotpot/swarm")]);
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// Field `field` ("route", "reachability") of the node serving the span
+/// starting at `start`, in a view of the swarm.
+fn of_node(view: &serde_json::Value, start: u64, field: &str) -> String {
+    let nodes = view.as_array().or(view["nodes"].as_array()).expect("nodes");
+    nodes.iter().find(|n| n["span"][0] == start).map_or("absent".into(), |n| n[field].as_str().unwrap_or("?").to_string())
+}
+
+/// Starts a gateway in `ns` on a free port; returns it and its URL once it
+/// sees every block.
+fn gateway_in(ns: &str, join: &str, dir: &Path, name: &str) -> (Proc, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a port").local_addr().expect("addr").port();
+    let url = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let key = dir.join(format!("{name}.key"));
+    let gateway = Proc::start(
+        ns,
+        &["-v", "gateway", "--join", join, "--listen", &listen, "-t", "1", "--no-audits", "--key", key.to_str().expect("utf-8")],
+        log_path(dir, name),
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !curl_in(ns, &["-s", &format!("{url}/health")]).contains("\"ok\"") {
+        assert!(Instant::now() < deadline, "{name} never saw every block: {}\n{}", curl_in(ns, &["-s", &format!("{url}/health")]), gateway.log());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    (gateway, url)
+}
+
 fn log_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.log"))
 }
@@ -114,7 +182,7 @@ fn nodes_behind_nat_serve_through_a_relay_and_hole_punch() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let bed = Bed::up();
-    let (inet, home1, home2) = (bed.ns("inet"), bed.ns("h1"), bed.ns("h2"));
+    let (inet, home1, home2, home3) = (bed.ns("inet"), bed.ns("h1"), bed.ns("h2"), bed.ns("h3"));
 
     let key = d.join("relay.key");
     let mut relay = Proc::start(&inet, &["relay", "--listen", "/ip4/0.0.0.0/udp/4001/quic-v1", "--key", key.to_str().expect("utf-8")], log_path(d, "relay"));
@@ -132,58 +200,67 @@ fn nodes_behind_nat_serve_through_a_relay_and_hole_punch() {
         home.wait_for("reserving a slot on a relay", Duration::from_secs(30));
     }
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a port").local_addr().expect("addr").port();
-    let url = format!("http://127.0.0.1:{port}");
-    let listen = format!("127.0.0.1:{port}");
-    let gateway = Proc::start(
-        &inet,
-        &["-v", "gateway", "--join", &via("10.77.1.1"), "--listen", &listen, "-t", "1", "--no-audits", "--key", d.join("gw.key").to_str().expect("utf-8")],
-        log_path(d, "gateway"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !curl_in(&inet, &["-s", &format!("{url}/health")]).contains("\"ok\"") {
-        assert!(Instant::now() < deadline, "the gateway never saw every block: {}\n{}", curl_in(&inet, &["-s", &format!("{url}/health")]), gateway.log());
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let (gateway, url) = gateway_in(&inet, &via("10.77.1.1"), d, "gateway");
 
-    // The same tokens as one process.
+    // The same tokens as one process, to the official client. A node's
+    // connection sometimes closes once while the hole punches settle (the
+    // gateway hears of it again within a heartbeat): a 503 in that moment
+    // is retried.
     let prompt = "The capital of France is";
     // `hotpot run` ends its output with a newline.
     let local = local_greedy(prompt, 8);
     let expected = local.strip_suffix('\n').unwrap_or(&local);
-    // A node's connection sometimes closes once while the hole punches
-    // settle (the gateway hears of it again within a heartbeat): a 503 in
-    // that moment is retried.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let answer = loop {
-        let answer = completion(&inet, &url, serde_json::json!({"model": "smollm2-135m", "prompt": prompt, "max_tokens": 8, "temperature": 0}));
-        if answer["error"]["code"] != "model_not_covered" || Instant::now() > deadline {
-            break answer;
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    };
-    assert_eq!(answer["choices"][0]["text"].as_str(), Some(expected), "{answer}");
+    assert_eq!(openai_when_covered(&inet, &url, prompt, 8, Duration::from_secs(30)), expected, "{}", gateway.log());
 
-    // The gateway's routes to the homes' nodes end up direct: a hole punch
-    // through the endpoint-independent NAT, and the symmetric home's node
-    // dialing the (public) gateway back.
-    let swarm = || -> serde_json::Value { serde_json::from_str(&curl_in(&inet, &["-s", &format!("{url}/v1/hotpot/swarm")])).expect("swarm json") };
+    // The public gateway's routes to the homes' nodes end up direct: a hole
+    // punch through the endpoint-independent NAT, and the symmetric home's
+    // node dialing the (public) gateway back.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let view = swarm();
-        let routes: Vec<&str> = view["nodes"].as_array().expect("nodes").iter().filter_map(|n| n["reachability"].as_str()).collect();
+        let view = swarm_in(&inet, &url);
+        let routes: Vec<&str> = view["nodes"].as_array().expect("nodes").iter().filter_map(|n| n["route"].as_str()).collect();
         if routes.len() == 3 && routes.iter().all(|r| *r == "direct") {
             break;
         }
         assert!(Instant::now() < deadline, "routes not direct: {routes:?}\n{view}");
         std::thread::sleep(Duration::from_millis(500));
     }
+    // The homes' nodes say they are private (they listen through the relay),
+    // the public one that it is public, to the gateway and to `hotpot swarm
+    // status`, which also says how it reached each one.
+    let view = swarm_in(&inet, &url);
+    let reach = |view: &serde_json::Value| [0, 10, 20].map(|start| of_node(view, start, "reachability"));
+    assert_eq!(reach(&view), ["private", "public", "private"], "{view}");
+    let out = output_within(
+        Command::new("ip").args(["netns", "exec", &inet, HOTPOT, "swarm", "status", "--json", "--wait", "4", "--join", &via("10.77.1.1")]),
+        Duration::from_secs(60),
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
+    assert_eq!(reach(&status), ["private", "public", "private"], "{status}");
+    for start in [0, 10, 20] {
+        assert!(["direct", "relayed"].contains(&of_node(&status, start, "route").as_str()), "{status}");
+    }
+
     // DCUtR reports the hole punch on whichever side finished it first.
     let deadline = Instant::now() + Duration::from_secs(15);
     while ![&gateway, &first, &last].iter().any(|p| p.log().contains("hole punched")) {
         assert!(Instant::now() < deadline, "no hole punch was reported:\n{}\n{}", gateway.log(), first.log());
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // A gateway behind the third home's symmetric NAT: no hole punch can
+    // work between it and the symmetric home's node, so that route stays
+    // relayed, and answers still come, the same tokens.
+    let (home_gateway, home_url) = gateway_in(&home3, &via("10.77.3.1"), d, "home-gateway");
+    assert_eq!(openai_when_covered(&home3, &home_url, prompt, 8, Duration::from_secs(30)), expected, "{}", home_gateway.log());
+    let long = openai_in(&home3, &home_url, "Once upon a time", 64);
+    assert!(!long.starts_with("ERROR"), "{long}\n{}", home_gateway.log());
+    // It stays relayed once the hole punches have had their time.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(of_node(&swarm_in(&home3, &home_url), 20, "route"), "relayed", "{}", home_gateway.log());
+    assert_eq!(openai_in(&home3, &home_url, prompt, 8), expected, "{}", home_gateway.log());
+    assert_eq!(of_node(&swarm_in(&home3, &home_url), 20, "route"), "relayed");
+    drop(home_gateway);
 
     // The relay dies mid-answer: the answer goes on over the direct routes.
     let long = serde_json::json!({"model": "smollm2-135m", "prompt": "Once upon a time", "max_tokens": 300, "temperature": 0,

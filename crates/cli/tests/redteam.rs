@@ -452,7 +452,7 @@ fn the_dashboard_shows_the_swarm_in_a_browser() {
     for n in nodes {
         let (peer, state) = (n["peer"].as_str().expect("peer"), n["state"].as_str().expect("state"));
         assert!(dom.contains(&row(peer, state)), "the page does not show {peer} as {state}:\n{dom}");
-        assert_eq!(n["reachability"], "direct");
+        assert_eq!((&n["route"], &n["reachability"]), (&"direct".into(), &"public".into()), "{n}");
     }
     assert_eq!(swarm["models"][0]["gaps"], serde_json::json!([]), "{swarm}");
     assert!(dom.contains("data-gaps=\"0\"") && dom.contains("every block served"), "{dom}");
@@ -478,6 +478,14 @@ fn the_dashboard_shows_the_swarm_in_a_browser() {
     let evidence: serde_json::Value = serde_json::from_str(&curl(&["-s", &format!("{}{link}", gateway.url)])).expect("the evidence is JSON");
     assert!(evidence["node"].is_string(), "{evidence}");
     assert!(curl(&["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("{}/v1/hotpot/evidence/..%2Fkey", gateway.url)]).starts_with("404"));
+    // The hour's traffic, drawn a bar per minute, is the JSON's.
+    let history = &swarm["traffic"]["history"];
+    let tokens: u64 = history.as_array().expect("history").iter().map(|m| m["tokens"].as_u64().expect("tokens")).sum();
+    assert!(tokens >= 8, "{history}");
+    assert!(
+        dom.contains("id=\"history\"") && dom.contains(&format!("data-tokens=\"{tokens}\"")),
+        "the page's history is not the JSON's {tokens} tokens:\n{dom}"
+    );
 
     let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/dashboard.png");
     let out = output_within(

@@ -29,6 +29,8 @@ const AUDITS_KEPT: usize = 50;
 const CONVICTIONS_KEPT: usize = 200;
 /// Tokens per second are averaged over this many whole seconds.
 const RATE_WINDOW_S: u64 = 10;
+/// Minutes of traffic history kept (tokens and sessions per minute).
+const HISTORY_MINUTES: u64 = 60;
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -90,6 +92,8 @@ struct Inner {
     tokens_total: u64,
     sessions_total: u64,
     running: u64,
+    /// Per Unix minute (newest first), the last hour.
+    minutes: VecDeque<Minute>,
     routes: VecDeque<RouteView>,
     audits: VecDeque<AuditView>,
     convictions: VecDeque<ConvictionView>,
@@ -99,6 +103,39 @@ struct Inner {
 #[derive(Default)]
 pub struct Activity {
     inner: std::sync::Arc<Mutex<Inner>>,
+}
+
+/// Traffic in one minute.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Minute {
+    /// The minute's start, milliseconds since the Unix epoch.
+    pub minute_ms: u64,
+    /// Tokens streamed, and sessions started, in that minute.
+    pub tokens: u64,
+    pub sessions: u64,
+}
+
+impl Inner {
+    /// The current minute's entry.
+    fn minute(&mut self) -> &mut Minute {
+        let minute_ms = now_ms() / 60_000 * 60_000;
+        if self.minutes.front().is_none_or(|m| m.minute_ms != minute_ms) {
+            push(&mut self.minutes, Minute { minute_ms, ..Minute::default() }, HISTORY_MINUTES as usize);
+        }
+        &mut self.minutes[0]
+    }
+
+    /// Every minute of the last hour, oldest first, the current one last
+    /// (minutes without traffic as zeros).
+    fn history(&self) -> Vec<Minute> {
+        let current = now_ms() / 60_000;
+        (current + 1 - HISTORY_MINUTES..=current)
+            .map(|m| {
+                let minute_ms = m * 60_000;
+                self.minutes.iter().find(|x| x.minute_ms == minute_ms).copied().unwrap_or(Minute { minute_ms, ..Minute::default() })
+            })
+            .collect()
+    }
 }
 
 fn push<T>(ring: &mut VecDeque<T>, item: T, keep: usize) {
@@ -128,6 +165,7 @@ impl Activity {
         let second = now_ms() / 1000;
         let mut inner = lock(&self.inner);
         inner.tokens_total += n;
+        inner.minute().tokens += n;
         match inner.tokens.front_mut() {
             Some((s, count)) if *s == second => *count += n,
             _ => push(&mut inner.tokens, (second, n), 60),
@@ -147,6 +185,7 @@ impl Activity {
         let mut inner = lock(&self.inner);
         inner.running += 1;
         inner.sessions_total += 1;
+        inner.minute().sessions += 1;
         Running(std::sync::Arc::downgrade(&self.inner))
     }
 
@@ -195,7 +234,13 @@ impl Activity {
     fn snapshot(&self) -> (Traffic, Vec<RouteView>, Vec<AuditView>, Vec<ConvictionView>) {
         let rate = self.tokens_per_s();
         let inner = lock(&self.inner);
-        let traffic = Traffic { tokens_per_s: rate, tokens_total: inner.tokens_total, sessions_total: inner.sessions_total, sessions_running: inner.running };
+        let traffic = Traffic {
+            tokens_per_s: rate,
+            tokens_total: inner.tokens_total,
+            sessions_total: inner.sessions_total,
+            sessions_running: inner.running,
+            history: inner.history(),
+        };
         (traffic, inner.routes.iter().cloned().collect(), inner.audits.iter().cloned().collect(), inner.convictions.iter().cloned().collect())
     }
 }
@@ -209,6 +254,8 @@ pub struct Traffic {
     /// Sessions (one per prompt and choice) started, and running now.
     pub sessions_total: u64,
     pub sessions_running: u64,
+    /// Tokens and sessions per minute, the last hour, oldest first.
+    pub history: Vec<Minute>,
 }
 
 /// A model as the swarm serves it.
@@ -235,6 +282,8 @@ pub struct NodeView {
     pub state: &'static str,
     /// How this gateway reaches it: "direct", "relayed" (only through a
     /// relay) or "not connected".
+    pub route: &'static str,
+    /// "private" (it listens through a relay: behind NAT) or "public".
     pub reachability: &'static str,
     pub throughput: f32,
     /// Sessions open on it, of `max_sessions`.
@@ -334,7 +383,8 @@ pub fn view(gateway: &PeerId, directory: &crate::directory::SharedDirectory, act
             model_name: i.model_name.clone(),
             span: span(i.span),
             state,
-            reachability: extra.route.map_or("not connected", hotpot_net::Route::as_str),
+            route: extra.route.map_or("not connected", hotpot_net::Route::as_str),
+            reachability: i.reachability(),
             throughput: i.throughput,
             sessions: i.max_sessions.saturating_sub(i.free_slots),
             max_sessions: i.max_sessions,
@@ -388,5 +438,28 @@ mod tests {
         assert_eq!((a.snapshot().0.sessions_running, a.snapshot().0.sessions_total), (1, 1));
         drop(guard);
         assert_eq!((a.snapshot().0.sessions_running, a.snapshot().0.sessions_total), (0, 1));
+    }
+
+    #[test]
+    fn history_has_every_minute_of_the_last_hour() {
+        let a = Activity::default();
+        a.tokens(7);
+        let _guard = a.session();
+        a.tokens(5);
+        let mut inner = lock(&a.inner);
+        let current = now_ms() / 60_000 * 60_000;
+        // Twenty minutes ago, and two hours ago (past the hour: left out).
+        inner.minutes.push_back(Minute { minute_ms: current - 20 * 60_000, tokens: 100, sessions: 2 });
+        inner.minutes.push_back(Minute { minute_ms: current - 120 * 60_000, tokens: 9, sessions: 9 });
+        drop(inner);
+        let history = a.snapshot().0.history;
+        assert_eq!(history.len(), 60);
+        // A minute may turn between the calls above; what counts is that
+        // the entries are whole minutes, in order, ending now.
+        assert!(history.windows(2).all(|w| w[1].minute_ms == w[0].minute_ms + 60_000));
+        assert!(history[59].minute_ms >= current);
+        assert_eq!(history.iter().map(|m| m.tokens).sum::<u64>(), 112);
+        assert_eq!(history.iter().map(|m| m.sessions).sum::<u64>(), 3);
+        assert!(history.iter().any(|m| m.minute_ms == current - 20 * 60_000 && m.tokens == 100));
     }
 }

@@ -84,8 +84,13 @@ pub(crate) fn build_swarm(config: &NetworkConfig) -> Result<(Swarm<Behaviour>, l
                 .map_err(|e| Box::new(std::io::Error::other(e.to_string())) as Box<dyn std::error::Error + Send + Sync>)?;
             let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)
                 .map_err(|e| Box::new(std::io::Error::other(e)) as Box<dyn std::error::Error + Send + Sync>)?;
+            // A new listen address (a relay circuit once reserved) is pushed
+            // to connected peers at once, so that a relay's DHT hands out
+            // a home node's circuit address, not only its unreachable ones.
             let identify = identify::Behaviour::new(
-                identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public()).with_agent_version(format!("hotpot/{}", env!("CARGO_PKG_VERSION"))),
+                identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                    .with_agent_version(format!("hotpot/{}", env!("CARGO_PKG_VERSION")))
+                    .with_push_listen_addr_updates(true),
             );
             let mdns = if mdns_on { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
             // Every peer asks whether it is reachable; only relays answer

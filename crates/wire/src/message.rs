@@ -629,6 +629,13 @@ impl InfoRequest {
 }
 
 impl NodeInfo {
+    /// "private" when the node listens through a relay (it announces a
+    /// relay circuit address: AutoNAT found it unreachable, or it was told
+    /// to reserve), else "public".
+    pub fn reachability(&self) -> &'static str {
+        if self.addrs.iter().any(|a| a.contains("/p2p-circuit")) { "private" } else { "public" }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         header(&mut w, TAG_INFO);
