@@ -8,7 +8,8 @@ without max_tokens, a ~1,000-token prompt (max_tokens 8), a chat with n = 2
 request streams, so the time to its first token is seen. Prints one JSON
 object: requests, wall seconds, generated tokens per second over the run,
 p50/p99 first-token time of the requests answered 200, and the count of
-each status (a non-200 status without Retry-After is listed as such).
+each status (a non-200 status without Retry-After is listed as such), and
+per kind of request its statuses and tokens.
 """
 
 import http.client
@@ -38,6 +39,7 @@ def chat(content, **extra):
     return "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": content}], "stream": True, **extra}
 
 
+KINDS = ["short chat", "chat without max_tokens", "1,000-token prompt", "chat n=2", "40-prompt array"]
 MIX = [
     lambda i: chat(f"Write one sentence about the number {i}.", max_tokens=32, temperature=0.7, seed=i),
     lambda i: chat("What is the capital of France? Answer in one word.", temperature=0),
@@ -88,6 +90,11 @@ wall = time.perf_counter() - started
 statuses = {}
 for status, _, _ in results:
     statuses[status] = statuses.get(status, 0) + 1
+kinds = {}
+for i, (status, _, tokens) in enumerate(results):
+    kind = kinds.setdefault(KINDS[i % len(KINDS)], {"statuses": {}, "tokens": 0})
+    kind["statuses"][status] = kind["statuses"].get(status, 0) + 1
+    kind["tokens"] += tokens
 firsts = sorted(f for s, f, _ in results if s == "200" and f is not None)
 pct = lambda q: round(1e3 * firsts[min(len(firsts) - 1, int(q * len(firsts)))], 1) if firsts else None
 print(json.dumps({
@@ -99,4 +106,5 @@ print(json.dumps({
     "first_token_ms_p99": pct(0.99),
     "statuses": statuses,
     "error_events": sorted(set(ERRORS))[:5],
+    "kinds": kinds,
 }))

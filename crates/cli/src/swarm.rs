@@ -31,10 +31,15 @@ pub struct PeerArgs {
 /// NAT traversal options of a listening peer.
 #[derive(Args, Debug, Clone)]
 pub struct RelayArgs {
-    /// Relay circuits for peers behind NAT (limits sized for hidden-state
-    /// traffic). Run it on a node others can reach.
-    #[arg(long)]
+    /// Relay circuits for peers behind NAT from the start (limits sized
+    /// for hidden-state traffic), and answer their AutoNAT dial-backs. Run
+    /// it on a node others can reach. Without it a node relays once
+    /// AutoNAT finds it reachable from outside.
+    #[arg(long, conflicts_with = "no_relay")]
     pub relay: bool,
+    /// Never relay circuits for others.
+    #[arg(long)]
+    pub no_relay: bool,
     /// When to listen through a relay this peer is connected to: auto
     /// (once AutoNAT finds it unreachable from outside), always (known to
     /// sit behind NAT), never.
@@ -52,7 +57,11 @@ pub enum ReserveArg {
 impl RelayArgs {
     fn config(&self) -> hotpot_net::RelayConfig {
         hotpot_net::RelayConfig {
-            serve: self.relay,
+            serve: match (self.relay, self.no_relay) {
+                (true, _) => hotpot_net::Serve::Always,
+                (false, true) => hotpot_net::Serve::Never,
+                (false, false) => hotpot_net::Serve::WhenPublic,
+            },
             reserve: match self.reserve {
                 ReserveArg::Auto => hotpot_net::Reserve::WhenPrivate,
                 ReserveArg::Always => hotpot_net::Reserve::Always,
@@ -102,7 +111,7 @@ pub fn relay(args: &RelayOnlyArgs) -> Result<()> {
         None => Identity::ephemeral(),
     };
     runtime()?.block_on(async {
-        let relay = hotpot_net::RelayConfig { serve: true, reserve: hotpot_net::Reserve::Never };
+        let relay = hotpot_net::RelayConfig { serve: hotpot_net::Serve::Always, reserve: hotpot_net::Reserve::Never };
         let network = start_serving(&identity, &args.listen, &args.peers, relay).await?;
         println!("relaying circuits for peers behind NAT; Ctrl-C stops");
         let _ = std::io::stdout().flush();

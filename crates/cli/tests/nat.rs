@@ -9,7 +9,8 @@
 //! public gateway's routes must end up direct (hole punched), the third
 //! home's gateway must reach the symmetric home's node only through the
 //! relay, and still be answered; answers must go on when the relay dies
-//! mid-answer.
+//! mid-answer; and the public node, found reachable by AutoNAT, must relay
+//! by itself for a home node that knows only it.
 
 mod common;
 
@@ -188,13 +189,16 @@ fn nodes_behind_nat_serve_through_a_relay_and_hole_punch() {
     let mut relay = Proc::start(&inet, &["relay", "--listen", "/ip4/0.0.0.0/udp/4001/quic-v1", "--key", key.to_str().expect("utf-8")], log_path(d, "relay"));
     let relay_id = relay.wait_for("peer id:", Duration::from_secs(30)).trim_start_matches("peer id:").trim().to_string();
     let via = |ip: &str| format!("/ip4/{ip}/udp/4001/quic-v1/p2p/{relay_id}");
-    let node = |ns: &str, blocks: &str, join: String, name: &str| {
-        Proc::start(ns, &["node", "--blocks", blocks, "--listen", "/ip4/0.0.0.0/udp/0/quic-v1", "--join", &join, "-t", "1"], log_path(d, name))
+    let node_on = |ns: &str, blocks: &str, listen: &str, join: String, name: &str, extra: &[&str]| {
+        let mut args = vec!["node", "--blocks", blocks, "--listen", listen, "--join", &join, "-t", "1"];
+        args.extend_from_slice(extra);
+        Proc::start(ns, &args, log_path(d, name))
     };
+    let node = |ns: &str, blocks: &str, join: String, name: &str| node_on(ns, blocks, "/ip4/0.0.0.0/udp/0/quic-v1", join, name, &[]);
     // Home 1 (endpoint-independent NAT), the internet, home 2 (symmetric).
     let first = node(&home1, "0..10", via("10.77.1.1"), "home1");
-    let _middle = node(&inet, "10..20", via("10.77.2.1"), "public");
-    let last = node(&home2, "20..30", via("10.77.2.1"), "home2");
+    let middle = node_on(&inet, "10..20", "/ip4/0.0.0.0/udp/4002/quic-v1", via("10.77.2.1"), "public", &[]);
+    let mut last = node(&home2, "20..30", via("10.77.2.1"), "home2");
     for home in [&first, &last] {
         home.wait_for("reachability changed reachability=private", Duration::from_secs(60));
         home.wait_for("reserving a slot on a relay", Duration::from_secs(30));
@@ -273,4 +277,17 @@ fn nodes_behind_nat_serve_through_a_relay_and_hole_punch() {
     assert_eq!(answer["usage"]["completion_tokens"], 300, "the answer did not survive the relay's death: {answer}");
     let again = completion(&inet, &url, serde_json::json!({"model": "smollm2-135m", "prompt": prompt, "max_tokens": 8, "temperature": 0}));
     assert_eq!(again["choices"][0]["text"].as_str(), Some(expected), "{again}");
+
+    // A node that AutoNAT found reachable relays too (no --relay needed):
+    // with the relay gone, a new node in the symmetric home, joining only
+    // the public node, listens through it, and the chain is served
+    // through it.
+    middle.wait_for("relaying circuits for peers behind NAT", Duration::from_secs(10));
+    let middle_id = middle.wait_for("peer id:", Duration::from_secs(1)).trim_start_matches("peer id:").trim().to_string();
+    last.kill();
+    let through_middle = format!("/ip4/10.77.2.1/udp/4002/quic-v1/p2p/{middle_id}");
+    let again = node_on(&home2, "20..30", "/ip4/0.0.0.0/udp/0/quic-v1", through_middle, "home2-again", &["--reserve", "always"]);
+    let reserved = again.wait_for("reserving a slot on a relay", Duration::from_secs(30));
+    assert!(reserved.contains(&format!("{middle_id}/p2p-circuit")), "{reserved}");
+    assert_eq!(openai_when_covered(&inet, &url, prompt, 8, Duration::from_secs(60)), expected, "{}\n{}", gateway.log(), again.log());
 }

@@ -10,7 +10,8 @@ use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, autonat, dcutr, gossipsub, identify, kad, mdns, noise, ping, relay, tcp, yamux};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::{Command, NetError, NetEvent, NetworkConfig, Reachability, Reserve, Route};
+use crate::relay_server::DirectOnly;
+use crate::{Command, NetError, NetEvent, NetworkConfig, Reachability, Reserve, Route, Serve};
 
 const KAD_PROTOCOL: &str = "/hotpot/kad/1.0.0";
 const IDENTIFY_PROTOCOL: &str = "/hotpot/id/1";
@@ -30,7 +31,7 @@ pub(crate) struct Behaviour {
     stream: libp2p_stream::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     relay_client: relay::client::Behaviour,
-    relay: Toggle<relay::Behaviour>,
+    relay: Toggle<DirectOnly>,
     dcutr: dcutr::Behaviour,
     autonat: autonat::Behaviour,
 }
@@ -57,6 +58,7 @@ pub(crate) fn build_swarm(config: &NetworkConfig) -> Result<(Swarm<Behaviour>, l
     let mdns_on = config.mdns;
     let dht_server = config.dht_server;
     let serve_relay = config.relay.serve;
+    let answers_autonat = serve_relay != Serve::Never;
     let mut swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
@@ -93,12 +95,12 @@ pub(crate) fn build_swarm(config: &NetworkConfig) -> Result<(Swarm<Behaviour>, l
                     .with_push_listen_addr_updates(true),
             );
             let mdns = if mdns_on { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
-            // Every peer asks whether it is reachable; only relays answer
-            // (dial back): they are reachable by design, and a dial-back is
-            // a second connection, which peers otherwise take for a
-            // restarted peer. Private address ranges count: test beds and
-            // LANs use them.
-            let serving = if serve_relay { autonat::Config::default().throttle_clients_global_max } else { 0 };
+            // Every peer asks whether it is reachable, and asks relays only
+            // (peers offering the hop protocol: reachable by design; a
+            // dial-back is a second connection, which peers otherwise take
+            // for a restarted peer). Peers that may relay answer. Private
+            // address ranges count: test beds and LANs use them.
+            let serving = if answers_autonat { autonat::Config::default().throttle_clients_global_max } else { 0 };
             let autonat = autonat::Behaviour::new(
                 peer_id,
                 autonat::Config {
@@ -106,8 +108,9 @@ pub(crate) fn build_swarm(config: &NetworkConfig) -> Result<(Swarm<Behaviour>, l
                     retry_interval: Duration::from_secs(10),
                     refresh_interval: Duration::from_secs(60),
                     only_global_ips: false,
+                    use_connected: false,
                     throttle_clients_global_max: serving,
-                    throttle_clients_peer_max: if serve_relay { autonat::Config::default().throttle_clients_peer_max } else { 0 },
+                    throttle_clients_peer_max: if answers_autonat { autonat::Config::default().throttle_clients_peer_max } else { 0 },
                     ..autonat::Config::default()
                 },
             );
@@ -119,7 +122,7 @@ pub(crate) fn build_swarm(config: &NetworkConfig) -> Result<(Swarm<Behaviour>, l
                 stream: libp2p_stream::Behaviour::new(),
                 mdns: Toggle::from(mdns),
                 relay_client,
-                relay: Toggle::from(serve_relay.then(|| relay::Behaviour::new(peer_id, relay_config()))),
+                relay: Toggle::from((serve_relay != Serve::Never).then(|| DirectOnly(relay::Behaviour::new(peer_id, relay_config())))),
                 dcutr: dcutr::Behaviour::new(peer_id),
                 autonat,
             })
@@ -151,7 +154,7 @@ pub(crate) struct EventLoop {
     redials: Vec<(tokio::time::Instant, PeerId, Multiaddr)>,
     /// When to listen through a relay, and what AutoNAT found.
     reserve: Reserve,
-    serves_relay: bool,
+    serve: Serve,
     reachability: Reachability,
     /// Connected relays (peers serving the hop protocol), at the address
     /// we reach them on.
@@ -172,7 +175,7 @@ fn without_peer(addr: &Multiaddr) -> Multiaddr {
 }
 
 /// Whether `addr` goes through a relay.
-fn is_circuit(addr: &Multiaddr) -> bool {
+pub(crate) fn is_circuit(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit))
 }
 
@@ -204,7 +207,7 @@ impl EventLoop {
             join_peers: HashMap::new(),
             redials: Vec::new(),
             reserve: config.relay.reserve,
-            serves_relay: config.relay.serve,
+            serve: config.relay.serve,
             reachability: Reachability::Unknown,
             relays: HashMap::new(),
             reserved: None,
@@ -245,6 +248,16 @@ impl EventLoop {
             tracing::debug!(%addr, "dialing a join peer again");
             let opts = DialOpts::peer_id(peer).addresses(vec![addr]).condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing).build();
             let _ = self.swarm.dial(opts);
+        }
+    }
+
+    /// Whether this peer relays circuits now (libp2p's relay server turns
+    /// itself on with the first confirmed direct external address).
+    fn relaying(&self) -> bool {
+        match self.serve {
+            Serve::Always => true,
+            Serve::WhenPublic => self.reachability == Reachability::Public,
+            Serve::Never => false,
         }
     }
 
@@ -375,7 +388,7 @@ impl EventLoop {
                 // A relay offers its hop protocol only on addresses it
                 // knows are reachable: a relay is run where it is, so its
                 // own listen addresses are taken as such.
-                if self.serves_relay && !is_circuit(&address) {
+                if self.serve == Serve::Always && !is_circuit(&address) {
                     self.swarm.add_external_address(address.clone());
                 }
                 // A slot on a relay is how others reach this peer: the
@@ -403,7 +416,7 @@ impl EventLoop {
                 // direct connection beside the relayed one, from either
                 // side, sometimes two).
                 let near_relay =
-                    self.serves_relay || self.relays.contains_key(&peer_id) || self.relayed_at.get(&peer_id).is_some_and(|t| t.elapsed() < PUNCH_WINDOW);
+                    self.relaying() || self.relays.contains_key(&peer_id) || self.relayed_at.get(&peer_id).is_some_and(|t| t.elapsed() < PUNCH_WINDOW);
                 self.connections.entry(peer_id).or_default().insert(connection_id, relayed);
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint
                     && !relayed
@@ -451,6 +464,7 @@ impl EventLoop {
                 }
                 self.connections.remove(&peer_id);
                 if self.relays.remove(&peer_id).is_some() {
+                    self.swarm.behaviour_mut().autonat.remove_server(&peer_id);
                     tracing::info!(relay = %peer_id, "lost the connection to a relay");
                 }
                 self.emit(NetEvent::Disconnected(peer_id));
@@ -485,6 +499,7 @@ impl EventLoop {
                 if info.protocols.iter().any(|p| p.as_ref() == RELAY_HOP)
                     && let Some(addr) = self.dialed.get(&peer_id).cloned().or_else(|| info.listen_addrs.iter().find(|a| !is_circuit(a)).cloned())
                 {
+                    self.swarm.behaviour_mut().autonat.add_server(peer_id, Some(addr.clone()));
                     self.relays.insert(peer_id, addr);
                     self.maybe_reserve();
                 }
@@ -519,7 +534,7 @@ impl EventLoop {
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic, .. }) => {
                 // A relay carries every topic its peers use: nodes behind NAT
                 // and their gateways may have no other peer in common.
-                if self.serves_relay
+                if self.relaying()
                     && let Err(e) = self.swarm.behaviour_mut().gossipsub.subscribe(&gossipsub::IdentTopic::new(topic.as_str()))
                 {
                     tracing::debug!(error = %e, "a relay cannot follow a topic");
@@ -533,6 +548,9 @@ impl EventLoop {
                     autonat::NatStatus::Unknown => Reachability::Unknown,
                 };
                 tracing::info!(reachability = %self.reachability, "AutoNAT: reachability changed");
+                if self.serve == Serve::WhenPublic && self.reachability == Reachability::Public {
+                    tracing::info!("reachable from outside: relaying circuits for peers behind NAT (--no-relay turns this off)");
+                }
                 self.maybe_reserve();
             }
             BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result }) => match result {

@@ -18,7 +18,8 @@
 //! dial back and so learns whether this peer is reachable; a peer that is
 //! not (or that is told to, [`Reserve::Always`]) reserves a slot on a relay
 //! it is connected to (a peer speaking the circuit relay v2 hop protocol:
-//! `hotpot relay`, or a node with `--relay`) and listens through it, so
+//! `hotpot relay`, a node with `--relay`, or any node AutoNAT found
+//! public) and listens through it, so
 //! its announced addresses include `…/p2p/RELAY/p2p-circuit/p2p/ME`. A
 //! peer dialing that address reaches it through the relay; DCUtR then
 //! tries a hole punch, and when it succeeds the relayed connection is
@@ -27,6 +28,7 @@
 
 mod event_loop;
 mod ids;
+mod relay_server;
 mod rpc;
 
 use std::collections::HashSet;
@@ -60,11 +62,25 @@ pub struct NetworkConfig {
 /// How the local peer uses relays (NAT traversal).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RelayConfig {
-    /// Relay circuits for peers behind NAT (`hotpot relay`, `hotpot node
-    /// --relay`), with limits sized for hidden-state traffic.
-    pub serve: bool,
+    /// When to relay circuits for peers behind NAT, with limits sized for
+    /// hidden-state traffic.
+    pub serve: Serve,
     /// When to listen through a relay.
     pub reserve: Reserve,
+}
+
+/// When a peer relays circuits for others.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Serve {
+    /// Never (clients, gateways, `hotpot node --no-relay`).
+    #[default]
+    Never,
+    /// Once AutoNAT confirms it reachable from outside (nodes by default).
+    WhenPublic,
+    /// From the start, on its listen addresses (`hotpot relay`, `hotpot
+    /// node --relay`); such a peer also answers other peers' AutoNAT
+    /// dial-backs.
+    Always,
 }
 
 /// When a peer that listens reserves a slot on a relay.
