@@ -346,10 +346,13 @@ impl Gateway {
     }
 
     /// Starts a planned request: reserves what it may spend, opens the
-    /// first sessions' routes (so that a swarm that cannot serve the model
+    /// first session's route (so that a swarm that cannot serve the model
     /// fails the request before anything streams), then runs each session
     /// in its own task, at most `parallel_sessions` at a time; later ones
-    /// open as earlier ones finish. The sessions finish — and are billed and
+    /// open as earlier ones finish, as an admitted request's (they wait
+    /// their turn). A request is admitted on one free slot whatever its
+    /// number of sessions: under load, asking for several at once would
+    /// starve prompt arrays and `n` > 1 behind single-session requests. The sessions finish — and are billed and
     /// recorded — whether or not anyone still reads the events.
     pub(crate) async fn start(self: &Arc<Self>, plan: RequestPlan) -> Result<RequestEvents, ApiError> {
         let started = Instant::now();
@@ -362,7 +365,7 @@ impl Gateway {
         let (credits, credit_limits) = self.hold_credits(&plan, cap)?.unzip();
         let slots = Arc::new(tokio::sync::Semaphore::new(self.config.parallel_sessions.max(1)));
         let mut jobs = plan.jobs.into_iter();
-        let first: Vec<ChoiceJob> = jobs.by_ref().take(self.config.parallel_sessions.max(1)).collect();
+        let first: Vec<ChoiceJob> = jobs.by_ref().take(1).collect();
         let opened = futures::future::join_all(first.iter().map(|job| self.open_chain(self.session_len(job), false, cap, plan.priority))).await;
         let chains = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
         let priority = plan.priority;
