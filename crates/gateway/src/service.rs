@@ -352,8 +352,9 @@ impl Gateway {
     /// open as earlier ones finish, as an admitted request's (they wait
     /// their turn). A request is admitted on one free slot whatever its
     /// number of sessions: under load, asking for several at once would
-    /// starve prompt arrays and `n` > 1 behind single-session requests. The sessions finish — and are billed and
-    /// recorded — whether or not anyone still reads the events.
+    /// starve prompt arrays and `n` > 1 behind single-session requests.
+    /// The sessions finish — and are billed and recorded — whether or not
+    /// anyone still reads the events.
     pub(crate) async fn start(self: &Arc<Self>, plan: RequestPlan) -> Result<RequestEvents, ApiError> {
         let started = Instant::now();
         let waiting = (plan.priority == hotpot_wire::Priority::Interactive).then(|| self.interactive.hold());
