@@ -452,12 +452,12 @@ pub fn status(args: &StatusArgs) -> Result<()> {
 /// The address to show for a node: its relay's (behind NAT), else the
 /// first one that is not loopback or unspecified.
 fn shown_address(info: &hotpot_wire::NodeInfo) -> String {
-    let bare = |a: &String| a.split("/p2p/").next().unwrap_or_default().to_string();
-    if let Some(circuit) = info.addrs.iter().find(|a| a.contains("/p2p-circuit")) {
+    let bare = |a: &str| a.split("/p2p/").next().unwrap_or_default().to_string();
+    if let Some(circuit) = info.circuit_addr() {
         return format!("{} (relay)", bare(circuit));
     }
     let routable = |a: &&String| !["/ip4/127.", "/ip4/0.0.0.0/", "/ip6/::1/", "/ip6/::/"].iter().any(|p| a.starts_with(p));
-    info.addrs.iter().find(routable).or(info.addrs.first()).map(bare).unwrap_or_default()
+    info.addrs.iter().find(routable).or(info.addrs.first()).map(|a| bare(a)).unwrap_or_default()
 }
 
 /// The nodes seen, a line each (REACH: public, or private when it listens

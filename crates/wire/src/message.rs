@@ -633,7 +633,12 @@ impl NodeInfo {
     /// relay circuit address: AutoNAT found it unreachable, or it was told
     /// to reserve), else "public".
     pub fn reachability(&self) -> &'static str {
-        if self.addrs.iter().any(|a| a.contains("/p2p-circuit")) { "private" } else { "public" }
+        if self.circuit_addr().is_some() { "private" } else { "public" }
+    }
+
+    /// The first address it announces through a relay, if any.
+    pub fn circuit_addr(&self) -> Option<&str> {
+        self.addrs.iter().map(String::as_str).find(|a| a.contains("/p2p-circuit"))
     }
 
     pub fn encode(&self) -> Vec<u8> {
