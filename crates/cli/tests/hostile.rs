@@ -188,6 +188,12 @@ fn full_nodes_are_routed_around() {
     });
 }
 
+/// The middle value.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 /// Decode speed of one session on the node: steps per second over `steps`
 /// one-position steps after an 8-position prefill.
 async fn decode_rate(net: &Network, peer: PeerId, model: ModelId, steps: u32) -> f64 {
@@ -308,11 +314,6 @@ fn attacker_runtime() -> tokio::runtime::Runtime {
         .expect("attacker runtime")
 }
 
-/// Junk and floods on every protocol a node speaks — info, audit and
-/// session streams, maximum-size frames in parallel, sessions held open
-/// with cheap `Truncate`s, huge `max_len`s — while an honest session
-/// decodes: it keeps ≥ 80 % of its unloaded speed, the node neither panics
-/// nor grows without bound, and the held sessions still expire.
 /// Node-to-node push: a node takes forwarded steps (`/hotpot/push/1`) only
 /// for a session its opener pushed, and only from the upstream node the
 /// opener named; the step's output then answers the opener's `Collect`.
@@ -388,6 +389,12 @@ fn forwarded_steps_are_taken_only_from_the_named_upstream() {
     });
 }
 
+/// Junk and floods on every protocol a node speaks — info, audit and
+/// session streams, maximum-size frames in parallel, sessions held open
+/// with cheap `Truncate`s, huge `max_len`s — while an honest session
+/// decodes: it keeps ≥ 80 % of its unloaded speed (medians of
+/// alternating quiet and flooded windows), the node neither panics
+/// nor grows without bound, and the held sessions still expire.
 #[test]
 fn every_protocol_survives_junk_and_floods() {
     let _serial = serial();
@@ -399,7 +406,6 @@ fn every_protocol_survives_junk_and_floods() {
         let peer: PeerId = node.peer_id.parse().expect("peer id");
         let model = net.query_info(peer, T).await.expect("info").model;
         decode_rate(&net, peer, model, 16).await; // warm up
-        let quiet = decode_rate(&net, peer, model, 200).await;
         let rss_before = node.rss_kib();
 
         // A huge max_len is capped to the context, and costs nothing up front.
@@ -421,14 +427,19 @@ fn every_protocol_survives_junk_and_floods() {
         drop(huge);
 
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let paused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let mut floods = tokio::task::JoinSet::new();
         for attacker in 0..3u32 {
-            let (stop, addr) = (std::sync::Arc::clone(&stop), node.addr.clone());
+            let (stop, paused, addr) = (std::sync::Arc::clone(&stop), std::sync::Arc::clone(&paused), node.addr.clone());
             floods.spawn_on(
                 async move {
                     let net = client(&addr).await;
                     let mut rounds = 0u32;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if paused.load(std::sync::atomic::Ordering::Relaxed) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
                         let mut wave = tokio::task::JoinSet::new();
                         let round = rounds;
                         for k in 0..6u32 {
@@ -479,15 +490,32 @@ fn every_protocol_survives_junk_and_floods() {
                 attackers.handle(),
             );
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let flooded = decode_rate(&net, peer, model, 200).await;
-        let rss_peak = node.rss_kib();
+        // Quiet and flooded windows in turn, compared by their medians:
+        // this shared machine's speed drifts more between two single
+        // windows than the bound allows.
+        let (mut quiet, mut flooded, mut rss_peak) = (Vec::new(), Vec::new(), rss_before);
+        for _ in 0..3 {
+            paused.store(true, std::sync::atomic::Ordering::Relaxed);
+            // The last wave's streams give up within ~1 s.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            quiet.push(decode_rate(&net, peer, model, 200).await);
+            paused.store(false, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            flooded.push(decode_rate(&net, peer, model, 200).await);
+            rss_peak = rss_peak.max(node.rss_kib());
+        }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        println!("decode steps/s, quiet windows {quiet:.1?}, flooded windows {flooded:.1?}");
+        let (quiet, flooded) = (median(quiet), median(flooded));
         let mut rounds = 0;
         while let Some(r) = floods.join_next().await {
             rounds += r.expect("a flood task");
         }
-        println!("decode {quiet:.1} steps/s quiet, {flooded:.1} during {rounds} rounds of floods; RSS {} → {} MiB", rss_before / 1024, rss_peak / 1024);
+        println!(
+            "decode {quiet:.1} steps/s quiet, {flooded:.1} during {rounds} rounds of floods (medians); RSS {} → {} MiB",
+            rss_before / 1024,
+            rss_peak / 1024
+        );
         assert!(rounds >= 30, "the floods ran ({rounds} rounds)");
         assert!(flooded >= 0.8 * quiet, "decode fell from {quiet:.1} to {flooded:.1} steps/s under the floods");
         let grown_mib = rss_peak.saturating_sub(rss_before) / 1024;
