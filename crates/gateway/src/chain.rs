@@ -116,6 +116,11 @@ enum NodeFault {
     Busy { retry_after: Duration, message: String },
     #[error("did not answer Open within {0:?}")]
     Slow(Duration),
+    /// The stream closed before any answer to `Open`: libp2p drops an
+    /// inbound stream when the node has not yet taken up the previous
+    /// one (its acceptor holds one at a time), which a loaded node does.
+    #[error("closed the stream without answering Open (shed under load)")]
+    Shed,
     #[error("broke the protocol: {0}")]
     Protocol(String),
     #[error("sent a commitment that does not verify: {0}")]
@@ -745,7 +750,7 @@ impl Connector {
                     // inbound streams its acceptor is too busy to take):
                     // skip the node for a moment, no ban. A node that is
                     // gone loses its connection and leaves the directory.
-                    Err(fault @ (NodeFault::Slow(_) | NodeFault::Net(hotpot_net::NetError::Timeout(_) | hotpot_net::NetError::Wire(_)))) => {
+                    Err(fault @ (NodeFault::Slow(_) | NodeFault::Shed | NodeFault::Net(hotpot_net::NetError::Timeout(_) | hotpot_net::NetError::Wire(_)))) => {
                         self.busy(hop.peer, SLOW_SKIP);
                         tracing::info!(peer = %hop.peer, blocks = %hop.span, "node {fault}; skipping it for a while");
                         failed = true;
@@ -866,7 +871,9 @@ impl Connector {
         let mut attempt = 0;
         loop {
             match self.open_session_once(hop, session, push.clone()).await {
-                Err(NodeFault::Net(e)) if attempt < 2 && !matches!(e, hotpot_net::NetError::Timeout(_)) => {
+                // A stream that failed at once (dropped by a busy acceptor,
+                // say) is worth another try soon; one that timed out is not.
+                Err(e @ (NodeFault::Net(_) | NodeFault::Shed)) if attempt < 2 && !matches!(e, NodeFault::Net(hotpot_net::NetError::Timeout(_))) => {
                     attempt += 1;
                     tracing::debug!(peer = %hop.peer, error = %e, attempt, "retrying a session open");
                     tokio::time::sleep(Duration::from_millis(25 << attempt)).await;
@@ -888,7 +895,7 @@ impl Connector {
         let reply_timeout = self.config.reply_timeout;
         framed.send(&open.encode(), reply_timeout).await?;
         let reply = match framed.recv(reply_timeout).await {
-            Ok(reply) => reply.ok_or_else(|| NodeFault::Protocol("closed the stream".into()))?,
+            Ok(reply) => reply.ok_or(NodeFault::Shed)?,
             Err(hotpot_net::NetError::Timeout(_)) => return Err(NodeFault::Slow(reply_timeout)),
             Err(e) => return Err(e.into()),
         };
