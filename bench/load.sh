@@ -10,7 +10,7 @@
 # Which requests a loaded server serves before the others time out decides
 # how many tokens a run generates (a 40-prompt array carries 160 tokens, a
 # 1,000-token prompt 8 after a long prefill), so one run of a level varies
-# by ±15 % on a shared machine: every level runs REPS times, the levels in
+# by ±15–20 % on a shared machine: every level runs REPS times, the levels in
 # turn (1 8 32 … 1 8 32 …) so that drift hits them alike, and the table
 # shows the median run's figures with every run's tokens/s beside them and
 # the statuses of all runs added up.
