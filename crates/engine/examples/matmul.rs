@@ -54,7 +54,7 @@ fn main() {
         let bytes = random_ggml(format, rows, cols, &mut seed);
         let m = Matrix::from_ggml(format, rows, cols, &bytes).expect("packs");
         let mut input = MatmulInput::default();
-        input.prepare(cpu.isa, &x, tokens, cols, [format]);
+        input.prepare(&cpu, &x, tokens, cols, [format]);
         let mut out = vec![0.0f32; tokens * rows];
         matmul(&cpu, &m, &input, &mut out, rows, 0);
         // Seven rounds; the median and the best (this VM's neighbours come and

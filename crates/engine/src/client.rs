@@ -125,7 +125,7 @@ impl ClientParts {
         ops::rms_norm(cpu.isa, hidden.as_slice(), &self.output_norm, c.rms_eps, &mut normed);
         let head = self.output.as_ref().unwrap_or(&self.embedding);
         let mut input = MatmulInput::default();
-        input.prepare(cpu.isa, &normed, rows, c.dim, [head.format()]);
+        input.prepare(cpu, &normed, rows, c.dim, [head.format()]);
         let mut logits = vec![0.0f32; rows * c.vocab_size];
         matmul(cpu, head, &input, &mut logits, c.vocab_size, 0);
         if let Some(cap) = c.recipe.logit_softcap {

@@ -484,7 +484,7 @@ impl Span {
         s.normed.resize(t * c.dim, 0.0);
         profile::time(Phase::Norm, || ops::rms_norm(cpu.isa, x, &block.attn_norm, c.rms_eps, &mut s.normed));
         let formats = block.qkv.iter().map(|(m, _)| m.format());
-        profile::time(Phase::Quantize, || s.input.prepare(cpu.isa, &s.normed, t, c.dim, formats));
+        profile::time(Phase::Quantize, || s.input.prepare(cpu, &s.normed, t, c.dim, formats));
         s.qkv.resize(t * width, 0.0);
         profile::time(Phase::MatmulQkv, || {
             for (m, at) in &block.qkv {
@@ -565,7 +565,7 @@ impl Span {
         });
 
         let formats = [block.attn_out.format()];
-        profile::time(Phase::Quantize, || s.input.prepare(cpu.isa, &s.attn, t, q_dim, formats));
+        profile::time(Phase::Quantize, || s.input.prepare(cpu, &s.attn, t, q_dim, formats));
         s.proj.resize(t * c.dim, 0.0);
         profile::time(Phase::MatmulOut, || matmul(cpu, &block.attn_out, &s.input, &mut s.proj, c.dim, 0));
         if let Some(norm) = &block.post_attn_norm {
@@ -579,7 +579,7 @@ impl Span {
         let cpu = self.device.kernels();
         profile::time(Phase::Norm, || ops::rms_norm(cpu.isa, x, &block.ffn_norm, c.rms_eps, &mut s.normed));
         let formats = block.gate_up.iter().map(|(m, _)| m.format());
-        profile::time(Phase::Quantize, || s.input.prepare(cpu.isa, &s.normed, t, c.dim, formats));
+        profile::time(Phase::Quantize, || s.input.prepare(cpu, &s.normed, t, c.dim, formats));
         s.gate_up.resize(t * 2 * c.ffn_dim, 0.0);
         profile::time(Phase::MatmulGateUp, || {
             for (m, at) in &block.gate_up {
@@ -587,12 +587,15 @@ impl Span {
             }
         });
         s.act.resize(t * c.ffn_dim, 0.0);
-        profile::time(Phase::Swiglu, || match c.recipe.activation {
-            Activation::SwiGlu => ops::swiglu(cpu.isa, &s.gate_up, c.ffn_dim, &mut s.act),
-            Activation::GeGlu => ops::geglu(cpu.isa, &s.gate_up, c.ffn_dim, &mut s.act),
+        profile::time(Phase::Swiglu, || {
+            let (ffn, isa, activation) = (c.ffn_dim, cpu.isa, c.recipe.activation);
+            cpu.pool.map_rows(&s.gate_up, 2 * ffn, &mut s.act, ffn, ELEMENTWISE_PARALLEL_ROWS, &|gate_up, out| match activation {
+                Activation::SwiGlu => ops::swiglu(isa, gate_up, ffn, out),
+                Activation::GeGlu => ops::geglu(isa, gate_up, ffn, out),
+            });
         });
         let formats = [block.down.format()];
-        profile::time(Phase::Quantize, || s.input.prepare(cpu.isa, &s.act, t, c.ffn_dim, formats));
+        profile::time(Phase::Quantize, || s.input.prepare(cpu, &s.act, t, c.ffn_dim, formats));
         profile::time(Phase::MatmulDown, || matmul(cpu, &block.down, &s.input, &mut s.proj, c.dim, 0));
         if let Some(norm) = &block.post_ffn_norm {
             profile::time(Phase::Norm, || ops::rms_norm_in_place(cpu.isa, &mut s.proj, norm, c.rms_eps));
@@ -600,6 +603,10 @@ impl Span {
         profile::time(Phase::Residual, || ops::add_assign(x, &s.proj));
     }
 }
+
+/// From this many rows (prefill) the FFN's activation runs on every
+/// thread; a decode step's one row is cheaper than waking the others.
+const ELEMENTWISE_PARALLEL_ROWS: usize = 8;
 
 /// Below this many (query, key) pairs per head, attention runs on the
 /// calling thread: waking the pool would cost more than it saves.

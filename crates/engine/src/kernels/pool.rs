@@ -41,6 +41,20 @@ struct Shared {
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
+/// Output rows handed to the pool's threads, disjoint runs each.
+#[derive(Clone, Copy)]
+struct RowsPtr(*mut f32);
+
+// SAFETY: `map_rows` gives each thread a disjoint run of rows.
+unsafe impl Send for RowsPtr {}
+unsafe impl Sync for RowsPtr {}
+
+impl RowsPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// A fixed set of compute threads. Cheap to share: clone the `Arc`.
 pub struct CpuPool {
     shared: Arc<Shared>,
@@ -119,6 +133,25 @@ impl CpuPool {
         if let Some(payload) = shared.panicked.lock().unwrap_or_else(|e| e.into_inner()).take() {
             resume_unwind(payload);
         }
+    }
+
+    /// `f(input rows, output rows)` over `rows` rows (`input` has rows of
+    /// `in_len` values, `out` of `out_len`), split between the threads in
+    /// contiguous runs when there are at least `min_rows`; each row is
+    /// computed by the same code whichever thread runs it.
+    pub fn map_rows(&self, input: &[f32], in_len: usize, out: &mut [f32], out_len: usize, min_rows: usize, f: &(dyn Fn(&[f32], &mut [f32]) + Sync)) {
+        let rows = (input.len() / in_len.max(1)).min(out.len() / out_len.max(1));
+        if self.threads == 1 || rows < min_rows.max(2) {
+            f(&input[..rows * in_len], &mut out[..rows * out_len]);
+            return;
+        }
+        let dst = RowsPtr(out.as_mut_ptr());
+        self.for_each_chunk(rows, rows.div_ceil(self.threads), &|range| {
+            // SAFETY: the chunks of `0..rows` are disjoint, so each run of
+            // output rows has one writer, and all lie inside `out`.
+            let out = unsafe { std::slice::from_raw_parts_mut(dst.get().add(range.start * out_len), range.len() * out_len) };
+            f(&input[range.start * in_len..range.end * in_len], out);
+        });
     }
 
     /// Splits `0..items` into chunks of `chunk` and hands them out to the

@@ -11,6 +11,7 @@
 
 use half::f16;
 
+use super::Cpu;
 use super::isa::Isa;
 
 /// Elements per quantization block in every format we run natively.
@@ -36,7 +37,7 @@ impl QuantizedRows {
     /// Quantizes `rows` rows of `cols` values; `cols` must be a multiple of 32.
     /// Every variant gives the same quants (max is exact; the rounding is
     /// the same multiply and add).
-    pub fn quantize_into(&mut self, isa: Isa, x: &[f32], rows: usize, cols: usize) {
+    pub fn quantize_into(&mut self, cpu: &Cpu, x: &[f32], rows: usize, cols: usize) {
         debug_assert_eq!(cols % QK, 0);
         debug_assert_eq!(x.len(), rows * cols);
         let blocks = cols / QK;
@@ -47,9 +48,63 @@ impl QuantizedRows {
         self.isum.resize(n, 0);
         self.s.resize(n, 0.0);
         self.qs.resize(n * QK, 0);
-        quantize_blocks(isa, x, &mut self.d, &mut self.isum, &mut self.s, &mut self.qs);
-        self.first.clear();
-        self.first.extend(self.qs.chunks_exact(QK).map(|q| q[..QK / 2].iter().map(|&v| i32::from(v)).sum::<i32>()));
+        self.first.resize(n, 0);
+        let isa = cpu.isa;
+        let arrays =
+            Arrays { d: self.d.as_mut_ptr(), isum: self.isum.as_mut_ptr(), s: self.s.as_mut_ptr(), qs: self.qs.as_mut_ptr(), first: self.first.as_mut_ptr() };
+        let run = |range: std::ops::Range<usize>| {
+            let (b0, len) = (range.start * blocks, range.len() * blocks);
+            // SAFETY: rows `range` own blocks `b0..b0 + len` of every array
+            // (sized above), and each row is in exactly one run.
+            let (d, isum, s, qs, first) = unsafe { arrays.blocks(b0, len) };
+            quantize_blocks(isa, &x[b0 * QK..(b0 + len) * QK], d, isum, s, qs);
+            for (f, q) in first.iter_mut().zip(qs.chunks_exact(QK)) {
+                *f = q[..QK / 2].iter().map(|&v| i32::from(v)).sum::<i32>();
+            }
+        };
+        if cpu.pool.threads() == 1 || rows < PARALLEL_ROWS {
+            run(0..rows);
+        } else {
+            cpu.pool.for_each_chunk(rows, rows.div_ceil(cpu.pool.threads()), &run);
+        }
+    }
+}
+
+/// From this many rows (prefill) quantization runs on every thread.
+const PARALLEL_ROWS: usize = 8;
+
+/// The arrays of a [`QuantizedRows`], handed to the pool's threads in
+/// disjoint runs of blocks.
+#[derive(Clone, Copy)]
+struct Arrays {
+    d: *mut f32,
+    isum: *mut i32,
+    s: *mut f32,
+    qs: *mut i16,
+    first: *mut i32,
+}
+
+// SAFETY: `quantize_into` hands each thread disjoint runs of blocks.
+unsafe impl Send for Arrays {}
+unsafe impl Sync for Arrays {}
+
+impl Arrays {
+    /// Blocks `b0..b0 + len` of every array.
+    ///
+    /// # Safety
+    /// They must lie inside the arrays, and no other live slice may overlap them.
+    #[allow(clippy::type_complexity)]
+    unsafe fn blocks<'a>(self, b0: usize, len: usize) -> (&'a mut [f32], &'a mut [i32], &'a mut [f32], &'a mut [i16], &'a mut [i32]) {
+        use std::slice::from_raw_parts_mut as part;
+        unsafe {
+            (
+                part(self.d.add(b0), len),
+                part(self.isum.add(b0), len),
+                part(self.s.add(b0), len),
+                part(self.qs.add(b0 * QK), len * QK),
+                part(self.first.add(b0), len),
+            )
+        }
     }
 }
 
@@ -246,6 +301,7 @@ pub fn dequantize_q6_k(block: &[u8], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::CpuPool;
 
     #[test]
     fn quantized_block_is_within_half_a_step() {
@@ -273,10 +329,15 @@ mod tests {
         zeros[32..64].fill(0.0);
         for input in [x, zeros] {
             let mut reference = QuantizedRows::default();
-            reference.quantize_into(Isa::Scalar, &input, 5, 320);
-            for isa in Isa::available() {
+            let one = Cpu { pool: CpuPool::new(1).expect("pool"), isa: Isa::Scalar };
+            reference.quantize_into(&one, &input, 25, 64);
+            // Every variant, on one thread and split over three (25 rows
+            // is past the parallel threshold).
+            for (isa, threads) in Isa::available().into_iter().flat_map(|isa| [(isa, 1), (isa, 3)]) {
+                let cpu = Cpu { pool: CpuPool::new(threads).expect("pool"), isa };
                 let mut got = QuantizedRows::default();
-                got.quantize_into(isa, &input, 5, 320);
+                got.quantize_into(&cpu, &input, 25, 64);
+                assert_eq!(got.first, reference.first, "{isa:?}");
                 assert_eq!(got.qs, reference.qs, "{isa:?}");
                 assert_eq!(got.isum, reference.isum, "{isa:?}");
                 assert_eq!(got.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), reference.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>());

@@ -7,9 +7,9 @@
 //! kernel also runs on [`Emulated16`], plain arrays with AVX-512's lane
 //! semantics, so the 16-lane indexing is tested on every CPU.
 
-use super::matrix::Tile;
 #[cfg(test)]
 use super::matrix::WeightFormat;
+use super::matrix::{PREFETCH_BYTES, Tile};
 use super::quant::{QK, QK_K};
 
 /// Format codes for the const parameter of [`panel`].
@@ -39,9 +39,6 @@ pub(crate) fn code(format: WeightFormat) -> Option<u8> {
 const fn is_k(f: u8) -> bool {
     matches!(f, Q4_K | Q5_K | Q6_K)
 }
-
-/// How far ahead decode prefetches weights (as in `x86.rs`).
-const PREFETCH_BYTES: usize = 8192;
 
 /// The vector operations the kernel needs, over `LANES` rows: integer
 /// vectors hold two 16-bit quants (or one 32-bit sum) per row, float

@@ -12,7 +12,7 @@
 
 use std::arch::x86_64::*;
 
-use super::matrix::{PANEL, TOKEN_TILE, Tile, WeightFormat};
+use super::matrix::{PANEL, PREFETCH_BYTES, TOKEN_TILE, Tile, WeightFormat};
 use super::quant::{QK, QMAX, ROUND, ROUND_BITS};
 use super::wide;
 
@@ -42,10 +42,6 @@ macro_rules! by_tokens {
 }
 
 const _: () = assert!(TOKEN_TILE == 8 && PANEL == 16);
-
-/// How far ahead decode prefetches weights (measured: 8 KiB reads the
-/// SmolLM2 head at ~26 GB/s from DRAM on one core, 256 B at ~11 GB/s).
-const PREFETCH_BYTES: usize = 8192;
 
 /// Independent accumulator chains per token for a tile of `nt` tokens:
 /// enough that about four multiply-adds are in flight.
@@ -106,9 +102,9 @@ unsafe fn quant_512<const NT: usize, const F: u8>(tile: &Tile) {
             // Decode streams weights from memory once: fetch a few blocks
             // ahead, the hardware prefetcher alone falls behind.
             if NT <= 2 {
-                let ahead = q.add(PREFETCH_BYTES);
+                let ahead = q.wrapping_add(PREFETCH_BYTES);
                 for line in 0..quant_bytes / 64 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(line * 64).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast());
                 }
             }
             // Activation pairs of each token for this block, as i32.
