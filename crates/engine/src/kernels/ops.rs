@@ -51,11 +51,17 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    const ROUND_BITS: i32 = 0x4B40_0000; // ROUND's bit pattern
     if x.is_nan() {
         return x;
     }
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    // The integer `n` from the low bits of `shifted` (|n| ≤ 127): the same
+    // value as `n as i32`, whose NaN and saturation rules keep the loops
+    // that call `exp` from vectorizing.
+    let n_int = shifted.to_bits() as i32 - ROUND_BITS;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -64,7 +70,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = (p * (r * r) + r) + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
+    let bits = ((n_int + 127) as u32) << 23;
     if x <= -87.3 { 0.0 } else { y * f32::from_bits(bits) }
 }
 
