@@ -43,6 +43,7 @@ use half::f16;
 
 use super::Cpu;
 use super::aligned::AlignedBuf;
+use super::pool::SharedOut;
 
 use super::isa::Isa;
 use super::quant::{self, QK, QK_K, QuantizedRows};
@@ -726,19 +727,6 @@ fn tile_kernel(isa: Isa) -> TileFn {
     }
 }
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-
-// SAFETY: threads write disjoint panels' columns (see `matmul`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `out[t][at + r] = Σ_k w[r][k] · x[t][k]` for every input row `t`, where
 /// `out` has rows of length `ld`, on `cpu`'s threads with its kernel variant.
 pub fn matmul(cpu: &Cpu, w: &Matrix, x: &MatmulInput, out: &mut [f32], ld: usize, at: usize) {
@@ -751,7 +739,8 @@ pub fn matmul(cpu: &Cpu, w: &Matrix, x: &MatmulInput, out: &mut [f32], ld: usize
     }
     let kernel = tile_kernel(cpu.isa.min(super::isa::best()));
     let pool = &cpu.pool;
-    let base = OutPtr(out.as_mut_ptr());
+    // Threads write disjoint panels' columns.
+    let base = SharedOut(out.as_mut_ptr());
     let panels = w.panels();
     let layout = w.layout();
     let chunk = panels.div_ceil(pool.threads() * 4).max(1);

@@ -41,16 +41,17 @@ struct Shared {
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
-/// Output rows handed to the pool's threads, disjoint runs each.
+/// An output buffer the pool's threads write disjoint parts of (the user
+/// hands out the parts: `map_rows` runs of rows, `matmul` panels).
 #[derive(Clone, Copy)]
-struct RowsPtr(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 
-// SAFETY: `map_rows` gives each thread a disjoint run of rows.
-unsafe impl Send for RowsPtr {}
-unsafe impl Sync for RowsPtr {}
+// SAFETY: only a pointer; its users give each thread a disjoint part.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
 
-impl RowsPtr {
-    fn get(self) -> *mut f32 {
+impl SharedOut {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -145,7 +146,7 @@ impl CpuPool {
             f(&input[..rows * in_len], &mut out[..rows * out_len]);
             return;
         }
-        let dst = RowsPtr(out.as_mut_ptr());
+        let dst = SharedOut(out.as_mut_ptr());
         self.for_each_chunk(rows, rows.div_ceil(self.threads), &|range| {
             // SAFETY: the chunks of `0..rows` are disjoint, so each run of
             // output rows has one writer, and all lie inside `out`.
