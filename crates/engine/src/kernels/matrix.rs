@@ -655,7 +655,7 @@ pub(crate) const TOKEN_TILE: usize = 8;
 const TOKEN_BLOCK: usize = 64;
 
 /// How far ahead decode's kernels prefetch weights. The hardware prefetcher
-/// alone falls far behind (no software prefetch: 5–9 GB/s from DRAM on one
+/// alone falls far behind (no software prefetch: 5–13 GB/s from DRAM on one
 /// core). Measured 2026-12-02 with `examples/matmul` on 151936 × 1536 and
 /// `hotpot bench` decode, alternating: 16 KiB reads Q4_K/Q6_K at 18.5/19.5
 /// GB/s on one core against 13.9/16.2 with 8 KiB (34–35 against 25–26 GB/s

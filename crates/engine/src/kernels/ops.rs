@@ -6,7 +6,7 @@
 //! multiply-add is meant, our own `exp`), so that they give the same bits
 //! whatever vector width the compiler picks and whichever CPU runs them.
 
-use super::quant::max as fmax;
+use super::quant::{ROUND, ROUND_BITS, max as fmax};
 
 /// Width of the explicit accumulators.
 const LANES: usize = 16;
@@ -50,12 +50,11 @@ pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
-    const ROUND_BITS: i32 = 0x4B40_0000; // ROUND's bit pattern
     if x.is_nan() {
         return x;
     }
     let x = x.clamp(-87.3, 88.0);
+    // Adding ROUND (1.5 · 2^23) rounds to an integer.
     let shifted = x * LOG2E + ROUND;
     let n = shifted - ROUND;
     // The integer `n` from the low bits of `shifted` (|n| ≤ 127): the same
