@@ -224,7 +224,10 @@ where
 async fn decode_rate(net: &Network, peer: PeerId, model: ModelId, steps: u32) -> f64 {
     let id = SessionId::random();
     // Like a gateway, wait out `Busy` (a full node gives up sessions that
-    // were opened and never used after a grace period).
+    // were opened and never used after a grace period), and open again on
+    // a stream closed before any answer: the node's libp2p acceptor holds
+    // one inbound stream at a time and drops the others while floods
+    // arrive (the gateway's `NodeFault::Shed`, retried there too).
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let mut session = loop {
         let mut session = stream(net, peer).await;
@@ -241,6 +244,7 @@ async fn decode_rate(net: &Network, peer: PeerId, model: ModelId, steps: u32) ->
             Some(NodeMessage::Busy { retry_after_ms, .. }) if std::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(retry_after_ms.into())).await;
             }
+            None if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
             other => panic!("cannot open a session: {other:?}"),
         }
     };
