@@ -589,7 +589,7 @@ impl Span {
         s.act.resize(t * c.ffn_dim, 0.0);
         profile::time(Phase::Swiglu, || {
             let (ffn, isa, activation) = (c.ffn_dim, cpu.isa, c.recipe.activation);
-            cpu.pool.map_rows(&s.gate_up, 2 * ffn, &mut s.act, ffn, ELEMENTWISE_PARALLEL_ROWS, &|gate_up, out| match activation {
+            cpu.pool.map_rows(&s.gate_up, 2 * ffn, &mut s.act, ffn, &|gate_up, out| match activation {
                 Activation::SwiGlu => ops::swiglu(isa, gate_up, ffn, out),
                 Activation::GeGlu => ops::geglu(isa, gate_up, ffn, out),
             });
@@ -603,10 +603,6 @@ impl Span {
         profile::time(Phase::Residual, || ops::add_assign(x, &s.proj));
     }
 }
-
-/// From this many rows (prefill) the FFN's activation runs on every
-/// thread; a decode step's one row is cheaper than waking the others.
-const ELEMENTWISE_PARALLEL_ROWS: usize = 8;
 
 /// Below this many (query, key) pairs per head, attention runs on the
 /// calling thread: waking the pool would cost more than it saves.

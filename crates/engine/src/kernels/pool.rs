@@ -41,6 +41,10 @@ struct Shared {
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
+/// From this many rows (a prefill), row-wise work is split between the
+/// threads (see [`CpuPool::split_rows`]).
+pub const PARALLEL_ROWS: usize = 8;
+
 /// An output buffer the pool's threads write disjoint parts of (the user
 /// hands out the parts: `map_rows` runs of rows, `matmul` panels).
 #[derive(Clone, Copy)]
@@ -136,19 +140,26 @@ impl CpuPool {
         }
     }
 
-    /// `f(input rows, output rows)` over `rows` rows (`input` has rows of
-    /// `in_len` values, `out` of `out_len`), split between the threads in
-    /// contiguous runs when there are at least `min_rows`; each row is
-    /// computed by the same code whichever thread runs it.
-    pub fn map_rows(&self, input: &[f32], in_len: usize, out: &mut [f32], out_len: usize, min_rows: usize, f: &(dyn Fn(&[f32], &mut [f32]) + Sync)) {
-        let rows = (input.len() / in_len.max(1)).min(out.len() / out_len.max(1));
-        if self.threads == 1 || rows < min_rows.max(2) {
-            f(&input[..rows * in_len], &mut out[..rows * out_len]);
-            return;
+    /// `f(rows)` over `0..rows`: in contiguous runs split between the
+    /// threads from [`PARALLEL_ROWS`] rows on (prefill), on the calling
+    /// thread below that (a decode step's row is cheaper than waking the
+    /// others). Row-wise work gives the same bits whichever thread runs it.
+    pub fn split_rows(&self, rows: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+        if self.threads == 1 || rows < PARALLEL_ROWS {
+            f(0..rows);
+        } else {
+            self.for_each_chunk(rows, rows.div_ceil(self.threads), f);
         }
+    }
+
+    /// `f(input rows, output rows)` over the rows of `input` (rows of
+    /// `in_len` values) and `out` (rows of `out_len`), split as
+    /// [`Self::split_rows`] splits them.
+    pub fn map_rows(&self, input: &[f32], in_len: usize, out: &mut [f32], out_len: usize, f: &(dyn Fn(&[f32], &mut [f32]) + Sync)) {
+        let rows = (input.len() / in_len.max(1)).min(out.len() / out_len.max(1));
         let dst = SharedOut(out.as_mut_ptr());
-        self.for_each_chunk(rows, rows.div_ceil(self.threads), &|range| {
-            // SAFETY: the chunks of `0..rows` are disjoint, so each run of
+        self.split_rows(rows, &|range| {
+            // SAFETY: the runs of `0..rows` are disjoint, so each run of
             // output rows has one writer, and all lie inside `out`.
             let out = unsafe { std::slice::from_raw_parts_mut(dst.get().add(range.start * out_len), range.len() * out_len) };
             f(&input[range.start * in_len..range.end * in_len], out);

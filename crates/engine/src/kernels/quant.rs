@@ -62,16 +62,9 @@ impl QuantizedRows {
                 *f = q[..QK / 2].iter().map(|&v| i32::from(v)).sum::<i32>();
             }
         };
-        if cpu.pool.threads() == 1 || rows < PARALLEL_ROWS {
-            run(0..rows);
-        } else {
-            cpu.pool.for_each_chunk(rows, rows.div_ceil(cpu.pool.threads()), &run);
-        }
+        cpu.pool.split_rows(rows, &run);
     }
 }
-
-/// From this many rows (prefill) quantization runs on every thread.
-const PARALLEL_ROWS: usize = 8;
 
 /// The arrays of a [`QuantizedRows`], handed to the pool's threads in
 /// disjoint runs of blocks.
@@ -332,7 +325,7 @@ mod tests {
             let one = Cpu { pool: CpuPool::new(1).expect("pool"), isa: Isa::Scalar };
             reference.quantize_into(&one, &input, 25, 64);
             // Every variant, on one thread and split over three (25 rows
-            // is past the parallel threshold).
+            // is past `PARALLEL_ROWS`).
             for (isa, threads) in Isa::available().into_iter().flat_map(|isa| [(isa, 1), (isa, 3)]) {
                 let cpu = Cpu { pool: CpuPool::new(threads).expect("pool"), isa };
                 let mut got = QuantizedRows::default();
