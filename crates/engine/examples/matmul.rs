@@ -2,12 +2,14 @@
 //! prefill (many tokens) use it, and prints the rate in GB/s of weights
 //! read and in tokens/s.
 //!
-//! cargo run --release -p hotpot-engine --example matmul -- [THREADS] [ROWS] [COLS] [TOKENS] [FORMATS]
+//! cargo run --release -p hotpot-engine --example matmul -- [THREADS] [ROWS] [COLS] [TOKENS] [FORMATS] [BITS]
+//!
+//! BITS (8 or 16, default 16): the activation width K-quant weights read.
 
 use std::time::Instant;
 
 use half::f16;
-use hotpot_engine::kernels::{Cpu, CpuPool, MatmulInput, Matrix, WeightFormat, isa, matmul};
+use hotpot_engine::kernels::{ActivationBits, Cpu, CpuPool, MatmulInput, Matrix, WeightFormat, isa, matmul};
 
 fn random_ggml(format: WeightFormat, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> {
     let blocks = rows * cols / format.ggml_block_len();
@@ -46,15 +48,16 @@ fn main() {
             vec![WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q8_0, WeightFormat::Q5_0, WeightFormat::Q4_K, WeightFormat::Q5_K, WeightFormat::Q6_K]
         }
     };
+    let bits = if arg(5, 16) == 8 { ActivationBits::Eight } else { ActivationBits::Sixteen };
     let cpu = Cpu { pool: CpuPool::new(threads).expect("threads"), isa: isa::selected() };
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     let x: Vec<f32> = (0..tokens * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.001).collect();
-    println!("{rows}x{cols}, {tokens} token(s), {threads} thread(s), {} kernels", cpu.isa.name());
+    println!("{rows}x{cols}, {tokens} token(s), {threads} thread(s), {} kernels, {bits:?}-bit K-quant activations", cpu.isa.name());
     for format in formats {
         let bytes = random_ggml(format, rows, cols, &mut seed);
         let m = Matrix::from_ggml(format, rows, cols, &bytes).expect("packs");
         let mut input = MatmulInput::default();
-        input.prepare(&cpu, &x, tokens, cols, [format]);
+        input.prepare(&cpu, &x, tokens, cols, [format], bits);
         let mut out = vec![0.0f32; tokens * rows];
         matmul(&cpu, &m, &input, &mut out, rows, 0);
         // Seven rounds; the median and the best (this VM's neighbours come and

@@ -4,7 +4,7 @@
 
 use crate::chat::{ChatMessage, ChatPrompt, ChatTemplate};
 use crate::error::{ForwardError, ModelError};
-use crate::kernels::{MatmulInput, Matrix, matmul, ops};
+use crate::kernels::{ActivationBits, MatmulInput, Matrix, matmul, ops};
 use crate::model::{ModelConfig, ModelFile};
 use crate::profile::{self, Phase};
 use crate::sampling::SamplingParams;
@@ -125,7 +125,8 @@ impl ClientParts {
         ops::rms_norm(cpu.isa, hidden.as_slice(), &self.output_norm, c.rms_eps, &mut normed);
         let head = self.output.as_ref().unwrap_or(&self.embedding);
         let mut input = MatmulInput::default();
-        input.prepare(cpu, &normed, rows, c.dim, [head.format()]);
+        // 8-bit where the head's format reads them (see `kernels::quant`).
+        input.prepare(cpu, &normed, rows, c.dim, [head.format()], ActivationBits::Eight);
         let mut logits = vec![0.0f32; rows * c.vocab_size];
         matmul(cpu, head, &input, &mut logits, c.vocab_size, 0);
         if let Some(cap) = c.recipe.logit_softcap {

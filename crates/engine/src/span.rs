@@ -9,7 +9,7 @@ use hotpot_core::LayerSpan;
 use crate::arch::{Activation, LayerPlan};
 use crate::error::{ForwardError, ModelError};
 use crate::kernels::ops::{self, RopeTable};
-use crate::kernels::{Cpu, CpuPool, Isa, MatmulInput, Matrix, PANEL, isa, matmul};
+use crate::kernels::{ActivationBits, Cpu, CpuPool, Isa, MatmulInput, Matrix, PANEL, isa, matmul};
 use crate::model::{ModelConfig, ModelFile};
 use crate::profile::{self, Phase};
 
@@ -484,7 +484,7 @@ impl Span {
         s.normed.resize(t * c.dim, 0.0);
         profile::time(Phase::Norm, || ops::rms_norm(cpu.isa, x, &block.attn_norm, c.rms_eps, &mut s.normed));
         let formats = block.qkv.iter().map(|(m, _)| m.format());
-        profile::time(Phase::Quantize, || s.input.prepare(cpu, &s.normed, t, c.dim, formats));
+        profile::time(Phase::Quantize, || s.input.prepare(cpu, &s.normed, t, c.dim, formats, ActivationBits::Eight));
         s.qkv.resize(t * width, 0.0);
         profile::time(Phase::MatmulQkv, || {
             for (m, at) in &block.qkv {
@@ -565,7 +565,7 @@ impl Span {
         });
 
         let formats = [block.attn_out.format()];
-        profile::time(Phase::Quantize, || s.input.prepare(cpu, &s.attn, t, q_dim, formats));
+        profile::time(Phase::Quantize, || s.input.prepare(cpu, &s.attn, t, q_dim, formats, ActivationBits::Eight));
         s.proj.resize(t * c.dim, 0.0);
         profile::time(Phase::MatmulOut, || matmul(cpu, &block.attn_out, &s.input, &mut s.proj, c.dim, 0));
         if let Some(norm) = &block.post_attn_norm {
@@ -579,7 +579,7 @@ impl Span {
         let cpu = self.device.kernels();
         profile::time(Phase::Norm, || ops::rms_norm(cpu.isa, x, &block.ffn_norm, c.rms_eps, &mut s.normed));
         let formats = block.gate_up.iter().map(|(m, _)| m.format());
-        profile::time(Phase::Quantize, || s.input.prepare(cpu, &s.normed, t, c.dim, formats));
+        profile::time(Phase::Quantize, || s.input.prepare(cpu, &s.normed, t, c.dim, formats, ActivationBits::Eight));
         s.gate_up.resize(t * 2 * c.ffn_dim, 0.0);
         profile::time(Phase::MatmulGateUp, || {
             for (m, at) in &block.gate_up {
@@ -594,8 +594,9 @@ impl Span {
                 Activation::GeGlu => ops::geglu(isa, gate_up, ffn, out),
             });
         });
+        // 16-bit: the gated activation has outlier columns (see `kernels::quant`).
         let formats = [block.down.format()];
-        profile::time(Phase::Quantize, || s.input.prepare(cpu, &s.act, t, c.ffn_dim, formats));
+        profile::time(Phase::Quantize, || s.input.prepare(cpu, &s.act, t, c.ffn_dim, formats, ActivationBits::Sixteen));
         profile::time(Phase::MatmulDown, || matmul(cpu, &block.down, &s.input, &mut s.proj, c.dim, 0));
         if let Some(norm) = &block.post_ffn_norm {
             profile::time(Phase::Norm, || ops::rms_norm_in_place(cpu.isa, &mut s.proj, norm, c.rms_eps));

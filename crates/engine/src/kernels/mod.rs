@@ -43,7 +43,7 @@ mod wide;
 mod x86;
 
 pub use isa::Isa;
-pub use matrix::{MatmulInput, Matrix, PANEL, WeightFormat, matmul};
+pub use matrix::{ActivationBits, MatmulInput, Matrix, PANEL, WeightFormat, matmul};
 pub use pool::CpuPool;
 
 /// The kernel family in use on this CPU (reported with benchmark figures).

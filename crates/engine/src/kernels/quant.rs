@@ -1,13 +1,32 @@
 //! Activation quantization and reference dequantization of the GGML weight
 //! blocks the kernels run natively.
 //!
-//! Activations are quantized to **16 bits** per block of 32, not to 8 bits
-//! as llama.cpp does. Measured teacher-forced on SmolLM2-135M Q4_1 against a
-//! float64 forward pass (`tests/smollm2.rs`): 8-bit activations give 95.7 %
-//! top-1 agreement and a median |Δ logprob| of 0.0617 (llama.cpp: 93.9 %,
-//! 0.061); 16-bit activations give 100 % and 0.0003 — the weights' own
-//! rounding is then the only error left. Integer products stay exact
-//! (`vpmaddwd`/`vpdpwssd` on x86), at half the lanes of 8-bit ones.
+//! Activations are quantized per block of 32 to **16 bits**, or to **8
+//! bits** where a Q4_0, Q4_1 or K-quant weight reads the input of the
+//! q/k/v, attention-output, gate/up or head product (the caller chooses per
+//! product, `matrix::ActivationBits`; the format decides,
+//! `WeightFormat::reads_bytes`). 16-bit products (`vpdpwssd`) are exact
+//! and leave the weights' own rounding as the only error; 8-bit ones
+//! (`vpdpbusd`) do twice the columns per instruction: K-quant prefill
+//! products ran 1.9× faster (`examples/matmul`, 17920 × 1536, 64 tokens).
+//! The FFN's down projection stays 16-bit: the gated activation feeding it
+//! has outlier columns that 8 bits round badly (8-bit there too took Gemma
+//! 3 below llama.cpp: 130/136). An 8-bit head changes only the 1.5B here
+//! (the other heads are Q8_0): 0.013 → 0.017, and its decode ran ~7 %
+//! faster (the Q6_K head streams at 16 GB/s instead of 12 on one core).
+//!
+//! Teacher-forced against float64 forward passes (`tests/real_models.rs`,
+//! `tests/smollm2.rs`), top-1 agreement and median |Δ logprob|, 2026-12-02:
+//!
+//! | model | all 16-bit | shipped | + Q5_0 8-bit | 8-bit everywhere | llama.cpp |
+//! |---|---|---|---|---|---|
+//! | SmolLM2-135M Q4_1 | 230/230 0.0003 | 225/230 0.049 | | 220/230 0.062 | 216/230 0.061 |
+//! | Gemma 3 270M | 136/136 0.0002 | 134/136 0.0075 | 131/136 0.031 | 129/136 0.054 | 132/136 0.066 |
+//! | Qwen2.5-Coder 0.5B | 158/158 0.0001 | 158/158 0.0001 | 158/158 0.018 | 157/158 0.027 | 154/158 0.034 |
+//! | Qwen2.5-Coder 1.5B | 165/165 0.0001 | 164/165 0.017 | | 163/165 0.018 | 164/165 0.039 |
+//!
+//! (The 0.5B's q/k/v, output and gate/up weights are Q5_0 and Q8_0, so
+//! they stay 16-bit.)
 
 use half::f16;
 
@@ -17,11 +36,62 @@ use super::isa::Isa;
 /// Elements per quantization block in every format we run natively.
 pub const QK: usize = 32;
 
-/// Rows of `f32` activations quantized to 16 bits in blocks of 32: per block
-/// a scale `d` (f32), the integer sum of the quants (Q4_0's offset
-/// multiplies it), and `d · sum` (the term Q4_1's minimum multiplies).
+/// One activation quant: 16 bits (in column order) or 8 bits (in the
+/// order the 8-bit kernels read, see [`ActivationQuant::slot`]).
+pub trait ActivationQuant: Copy + Default + Send + Sync + std::fmt::Debug + PartialEq + 'static {
+    /// Largest magnitude: `d = max|x| / MAX`.
+    const MAX: i32;
+    /// Where column `c` (0..32) of a block is stored. 8-bit quants
+    /// interleave columns `m` and `m + 8` of each 16-column half (slot
+    /// `16h + 2(m mod 8) + m/8` holds column `16h + m`), so that one 32-bit
+    /// word holds the four columns whose weights share a 32-bit lane of the
+    /// packed nibble layout (see `matrix.rs`). Either way the first 16
+    /// slots hold the first 16 columns.
+    fn slot(c: usize) -> usize;
+    /// `v` is within ±`MAX`.
+    fn narrow(v: i32) -> Self;
+    fn widen(self) -> i32;
+}
+
+impl ActivationQuant for i16 {
+    const MAX: i32 = 32767;
+    #[inline(always)]
+    fn slot(c: usize) -> usize {
+        c
+    }
+    #[inline(always)]
+    fn narrow(v: i32) -> Self {
+        v as i16
+    }
+    #[inline(always)]
+    fn widen(self) -> i32 {
+        i32::from(self)
+    }
+}
+
+impl ActivationQuant for i8 {
+    const MAX: i32 = 127;
+    #[inline(always)]
+    fn slot(c: usize) -> usize {
+        let m = c % 16;
+        c - m + 2 * (m % 8) + m / 8
+    }
+    #[inline(always)]
+    fn narrow(v: i32) -> Self {
+        v as i8
+    }
+    #[inline(always)]
+    fn widen(self) -> i32 {
+        i32::from(self)
+    }
+}
+
+/// Rows of `f32` activations quantized in blocks of 32 (to 16 bits, or 8
+/// with `Q = i8`): per block a scale `d` (f32), the integer sum of the
+/// quants (Q4_0's offset multiplies it), and `d · sum` (the term Q4_1's
+/// minimum multiplies).
 #[derive(Debug, Default, Clone)]
-pub struct QuantizedRows {
+pub struct QuantizedRows<Q = i16> {
     pub rows: usize,
     pub blocks: usize,
     pub d: Vec<f32>,
@@ -30,10 +100,11 @@ pub struct QuantizedRows {
     /// of 32 applies per 16-column half).
     pub first: Vec<i32>,
     pub s: Vec<f32>,
-    pub qs: Vec<i16>,
+    /// 32 per block, column `c` at `Q::slot(c)`.
+    pub qs: Vec<Q>,
 }
 
-impl QuantizedRows {
+impl<Q: ActivationQuant> QuantizedRows<Q> {
     /// Quantizes `rows` rows of `cols` values; `cols` must be a multiple of 32.
     /// Every variant gives the same quants (max is exact; the rounding is
     /// the same multiply and add).
@@ -47,7 +118,7 @@ impl QuantizedRows {
         self.d.resize(n, 0.0);
         self.isum.resize(n, 0);
         self.s.resize(n, 0.0);
-        self.qs.resize(n * QK, 0);
+        self.qs.resize(n * QK, Q::default());
         self.first.resize(n, 0);
         let isa = cpu.isa;
         let arrays =
@@ -59,7 +130,7 @@ impl QuantizedRows {
             let (d, isum, s, qs, first) = unsafe { arrays.blocks(b0, len) };
             quantize_blocks(isa, &x[b0 * QK..(b0 + len) * QK], d, isum, s, qs);
             for (f, q) in first.iter_mut().zip(qs.chunks_exact(QK)) {
-                *f = q[..QK / 2].iter().map(|&v| i32::from(v)).sum::<i32>();
+                *f = q[..QK / 2].iter().map(|&v| v.widen()).sum::<i32>();
             }
         };
         cpu.pool.split_rows(rows, &run);
@@ -69,25 +140,25 @@ impl QuantizedRows {
 /// The arrays of a [`QuantizedRows`], handed to the pool's threads in
 /// disjoint runs of blocks.
 #[derive(Clone, Copy)]
-struct Arrays {
+struct Arrays<Q> {
     d: *mut f32,
     isum: *mut i32,
     s: *mut f32,
-    qs: *mut i16,
+    qs: *mut Q,
     first: *mut i32,
 }
 
 // SAFETY: `quantize_into` hands each thread disjoint runs of blocks.
-unsafe impl Send for Arrays {}
-unsafe impl Sync for Arrays {}
+unsafe impl<Q> Send for Arrays<Q> {}
+unsafe impl<Q> Sync for Arrays<Q> {}
 
-impl Arrays {
+impl<Q> Arrays<Q> {
     /// Blocks `b0..b0 + len` of every array.
     ///
     /// # Safety
     /// They must lie inside the arrays, and no other live slice may overlap them.
     #[allow(clippy::type_complexity)]
-    unsafe fn blocks<'a>(self, b0: usize, len: usize) -> (&'a mut [f32], &'a mut [i32], &'a mut [f32], &'a mut [i16], &'a mut [i32]) {
+    unsafe fn blocks<'a>(self, b0: usize, len: usize) -> (&'a mut [f32], &'a mut [i32], &'a mut [f32], &'a mut [Q], &'a mut [i32]) {
         use std::slice::from_raw_parts_mut as part;
         unsafe {
             (
@@ -103,7 +174,7 @@ impl Arrays {
 
 /// Quantizes consecutive blocks of 32: `d`, `isum`, `s` get one entry per
 /// block, `qs` 32 per block.
-fn quantize_blocks(isa: Isa, x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs: &mut [i16]) {
+fn quantize_blocks<Q: ActivationQuant>(isa: Isa, x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs: &mut [Q]) {
     #[cfg(target_arch = "x86_64")]
     match isa.min(super::isa::best()) {
         // SAFETY: clamped to what this CPU supports.
@@ -127,26 +198,25 @@ pub(crate) fn max(a: f32, b: f32) -> f32 {
     if a > b { a } else { b }
 }
 
-/// Largest activation quant.
-pub const QMAX: f32 = 32767.0;
 /// 1.5 · 2^23 and its bit pattern: `(v + ROUND).to_bits() - ROUND_BITS`
 /// is `v` rounded to the nearest integer, ties to even.
 pub(crate) const ROUND: f32 = 12_582_912.0;
 pub(crate) const ROUND_BITS: i32 = 0x4B40_0000;
 
-/// Symmetric 16-bit quantization of one block: `d = max|x| / 32767`,
-/// `q = round_half_even(x / d)`. Returns `(d, Σq)`.
+/// Symmetric quantization of one block: `d = max|x| / Q::MAX`,
+/// `q = round_half_even(x / d)`, column `c` stored at `Q::slot(c)`.
+/// Returns `(d, Σq)`.
 #[inline(always)]
-pub fn quantize_block(x: &[f32], q: &mut [i16; QK]) -> (f32, i32) {
+pub fn quantize_block<Q: ActivationQuant>(x: &[f32], q: &mut [Q; QK]) -> (f32, i32) {
     let amax = x.iter().fold(0.0f32, |m, v| max(m, v.abs()));
-    let d = amax / QMAX;
+    let d = amax / Q::MAX as f32;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0i32;
-    for (q, &v) in q.iter_mut().zip(x) {
+    for (c, &v) in x.iter().enumerate() {
         // Adding 1.5 · 2^23 rounds to the nearest integer (ties to even) and
         // leaves it in the low mantissa bits: exact for |v · id| < 2^22.
-        let r = ((v * id + ROUND).to_bits() as i32 - ROUND_BITS).clamp(-(QMAX as i32), QMAX as i32);
-        *q = r as i16;
+        let r = ((v * id + ROUND).to_bits() as i32 - ROUND_BITS).clamp(-Q::MAX, Q::MAX);
+        q[Q::slot(c)] = Q::narrow(r);
         sum += r;
     }
     (d, sum)
@@ -303,6 +373,12 @@ mod tests {
         let (d, sum) = quantize_block(&x, &mut q);
         assert_eq!(sum, q.iter().map(|&v| i32::from(v)).sum::<i32>());
         assert!(q.iter().any(|&v| v.abs() == 32767));
+        let mut q8 = [0i8; QK];
+        let (d8, sum8) = quantize_block(&x, &mut q8);
+        assert_eq!(sum8, q8.iter().map(|&v| i32::from(v)).sum::<i32>());
+        for (c, v) in x.iter().enumerate() {
+            assert!((v - d8 * f32::from(q8[i8::slot(c)])).abs() <= d8 * 0.5 + 1e-6);
+        }
         for (v, q) in x.iter().zip(q) {
             assert!((v - d * f32::from(q)).abs() <= d * 0.5 + 1e-6);
         }
@@ -316,19 +392,34 @@ mod tests {
     }
 
     #[test]
+    fn eight_bit_slots_are_a_permutation() {
+        let mut seen = [false; QK];
+        for c in 0..QK {
+            assert!(!std::mem::replace(&mut seen[i8::slot(c)], true));
+            assert_eq!(i8::slot(c) < 16, c < 16);
+        }
+        assert_eq!([0, 8, 1, 9, 2].map(i8::slot), [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
     fn variants_quantize_identically() {
+        variants_agree::<i16>();
+        variants_agree::<i8>();
+    }
+
+    fn variants_agree<Q: ActivationQuant>() {
         let x: Vec<f32> = (0..32 * 50).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.0137 * if i % 97 == 0 { 40.0 } else { 1.0 }).collect();
         let mut zeros = x.clone();
         zeros[32..64].fill(0.0);
         for input in [x, zeros] {
-            let mut reference = QuantizedRows::default();
+            let mut reference = QuantizedRows::<Q>::default();
             let one = Cpu { pool: CpuPool::new(1).expect("pool"), isa: Isa::Scalar };
             reference.quantize_into(&one, &input, 25, 64);
             // Every variant, on one thread and split over three (25 rows
             // is past `PARALLEL_ROWS`).
             for (isa, threads) in Isa::available().into_iter().flat_map(|isa| [(isa, 1), (isa, 3)]) {
                 let cpu = Cpu { pool: CpuPool::new(threads).expect("pool"), isa };
-                let mut got = QuantizedRows::default();
+                let mut got = QuantizedRows::<Q>::default();
                 got.quantize_into(&cpu, &input, 25, 64);
                 assert_eq!(got.first, reference.first, "{isa:?}");
                 assert_eq!(got.qs, reference.qs, "{isa:?}");

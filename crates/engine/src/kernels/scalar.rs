@@ -7,7 +7,7 @@
 use half::f16;
 
 use super::matrix::{PANEL, Tile, WeightFormat, unpack_q8, unpack_wide};
-use super::quant::QK;
+use super::quant::{ActivationQuant, QK, QuantizedRows};
 
 /// # Safety
 /// `tile.out` must be valid as `Tile::store` requires.
@@ -83,8 +83,14 @@ pub(crate) fn block_step(format: WeightFormat, acc: f32, sums: BlockSums, w: Blo
     }
 }
 
+/// Token `t`'s activation block `xb` in column order, with its scale,
+/// `scale · Σq` and `Σq`.
+fn x_block<Q: ActivationQuant>(x: &QuantizedRows<Q>, xb: usize) -> ([i32; QK], f32, f32, i32) {
+    let qs = &x.qs[xb * QK..][..QK];
+    (std::array::from_fn(|c| qs[Q::slot(c)].widen()), x.d[xb], x.s[xb], x.isum[xb])
+}
+
 fn quant_panel(tile: &Tile, t: usize) -> [f32; PANEL] {
-    let x = &tile.x.quantized;
     let layout = &tile.layout;
     let blocks = tile.blocks();
     let quant_bytes = tile.format.quant_bytes();
@@ -92,7 +98,7 @@ fn quant_panel(tile: &Tile, t: usize) -> [f32; PANEL] {
     let mut acc = [0.0f32; PANEL];
     for b in 0..blocks {
         let xb = t * blocks + b;
-        let xq = &x.qs[xb * QK..][..QK];
+        let (xq, xd, xs, xsum) = if tile.bytes { x_block(&tile.x.bytes, xb) } else { x_block(&tile.x.quantized, xb) };
         let quants = &tile.panel[b * quant_bytes..][..quant_bytes];
         for (r, a) in acc.iter_mut().enumerate() {
             let q: [i32; QK] = match tile.format {
@@ -103,7 +109,7 @@ fn quant_panel(tile: &Tile, t: usize) -> [f32; PANEL] {
                 }
                 format => unpack_wide(format, quants, r),
             };
-            let dot = |cols: std::ops::Range<usize>| cols.map(|c| q[c] * i32::from(xq[c])).sum::<i32>();
+            let dot = |cols: std::ops::Range<usize>| cols.map(|c| q[c] * xq[c]).sum::<i32>();
             let sums = BlockSums { first: dot(0..16), last: dot(16..32) };
             let scales = if tile.format.is_k_quant() {
                 let m = if tile.format.super_halves() > 1 { half(layout.super_half(1, b), r) } else { 0.0 };
@@ -116,7 +122,7 @@ fn quant_panel(tile: &Tile, t: usize) -> [f32; PANEL] {
                 let m = if tile.format.block_halves() > 1 { half(layout.block_half(1, b), r) } else { 0.0 };
                 BlockScales { d: half(layout.block_half(0, b), r), m, bytes: [0; 2] }
             };
-            *a = block_step(tile.format, *a, sums, scales, x.d[xb], x.s[xb], x.isum[xb]);
+            *a = block_step(tile.format, *a, sums, scales, xd, xs, xsum);
         }
     }
     acc

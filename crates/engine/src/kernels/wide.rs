@@ -10,7 +10,7 @@
 #[cfg(test)]
 use super::matrix::WeightFormat;
 use super::matrix::{PREFETCH_BYTES, Tile};
-use super::quant::{QK, QK_K};
+use super::quant::{QK, QK_K, QuantizedRows};
 
 /// Format codes for the const parameter of [`panel`].
 pub(crate) const Q5_0: u8 = 0;
@@ -73,6 +73,10 @@ pub(crate) trait Lanes {
     /// `acc + Σ pairs of 16-bit products` of `w` with the two 16-bit
     /// activations in `pair` (`vpmaddwd` + add, or `vpdpwssd`).
     unsafe fn dot(acc: Self::I, w: Self::I, pair: i32) -> Self::I;
+    /// `acc + Σ quads of byte products` of the unsigned bytes of `w` (at
+    /// most 63) with the four signed bytes of `quad` (`vpdpbusd`, or
+    /// `vpmaddubsw` + `vpmaddwd`: pairs of products stay below 2^15).
+    unsafe fn dot8(acc: Self::I, w: Self::I, quad: i32) -> Self::I;
     unsafe fn cvt(a: Self::I) -> Self::F;
     /// `LANES` f16 values.
     unsafe fn halves(p: *const u8) -> Self::F;
@@ -91,33 +95,43 @@ pub(crate) trait Lanes {
     unsafe fn store(tile: &Tile, t: usize, lane0: usize, v: Self::F);
 }
 
-/// What the kernel reads of one token's activation block: the pairs of
-/// 16-bit quants (index `k` holds columns `2k, 2k + 1`), the scale `d`,
-/// `d · Σq`, `Σq` and the sum over the first 16 columns.
+/// What the kernel reads of one token's activation block: its quants as
+/// 32-bit words (16-bit: word `k` holds columns `2k, 2k + 1`; 8-bit: the
+/// four of slots `4k..4k + 4`, see `quant::ActivationQuant::slot`), the
+/// scale `d`, `d · Σq`, `Σq` and the sum over the first 16 columns.
 #[derive(Clone, Copy)]
 struct XBlock {
-    pairs: *const i32,
+    words: *const i32,
     d: f32,
     s: f32,
     sum: i32,
     first: i32,
 }
 
-/// Block `b` of each of the tile's `NT` tokens.
+/// Block `b` of each of the tile's `NT` tokens, from the 8-bit quants
+/// if `BYTES`.
 ///
 /// # Safety
 /// The tile's tokens and block `b` must exist in its quantized input
 /// (`matmul` checks the input's shape before any tile runs).
 #[inline(always)]
-unsafe fn x_blocks<const NT: usize>(tile: &Tile, b: usize) -> [XBlock; NT] {
-    let x = &tile.x.quantized;
+unsafe fn x_blocks<const NT: usize, const BYTES: bool>(tile: &Tile, b: usize) -> [XBlock; NT] {
+    if BYTES { unsafe { blocks_of(&tile.x.bytes, tile, b) } } else { unsafe { blocks_of(&tile.x.quantized, tile, b) } }
+}
+
+/// As [`x_blocks`], from one quantization.
+///
+/// # Safety
+/// As [`x_blocks`].
+#[inline(always)]
+unsafe fn blocks_of<Q, const NT: usize>(x: &QuantizedRows<Q>, tile: &Tile, b: usize) -> [XBlock; NT] {
     let blocks = tile.blocks();
     std::array::from_fn(|t| {
         let i = (tile.t0 + t) * blocks + b;
         debug_assert!(i < x.d.len() && (i + 1) * QK <= x.qs.len());
         unsafe {
             XBlock {
-                pairs: x.qs.as_ptr().add(i * QK).cast(),
+                words: x.qs.as_ptr().add(i * QK).cast(),
                 d: *x.d.get_unchecked(i),
                 s: *x.s.get_unchecked(i),
                 sum: *x.isum.get_unchecked(i),
@@ -127,12 +141,14 @@ unsafe fn x_blocks<const NT: usize>(tile: &Tile, b: usize) -> [XBlock; NT] {
     })
 }
 
-/// Rows `lane0 .. lane0 + LANES` of one panel for `NT` tokens of the tile.
+/// Rows `lane0 .. lane0 + LANES` of one panel for `NT` tokens of the
+/// tile, reading 8-bit activations if `BYTES` (for the formats of
+/// `WeightFormat::reads_bytes`).
 ///
 /// # Safety
 /// `L`'s instructions must be supported; `tile` must be valid, of format `F`.
 #[inline(always)]
-pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize>(tile: &Tile, lane0: usize) {
+pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize, const BYTES: bool>(tile: &Tile, lane0: usize) {
     unsafe {
         let layout = &tile.layout;
         let blocks = tile.blocks();
@@ -141,6 +157,9 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize>(tile: &Tile, 
         let base = tile.panel.as_ptr();
         let nibble = L::splat16(0x000F);
         let high_mask = L::splat16(if F == Q6_K { 0x30 } else { 0x10 });
+        // 8-bit activations: the quants of each byte's two nibbles.
+        let byte_nibble = L::splat16(0x0F0F);
+        let byte_high = L::splat16(if F == Q6_K { 0x3030 } else { 0x1010 });
         // Two chains per token (the first and the last 16 columns) keep
         // decode's additions independent and give Q6_K its two halves; with
         // several tokens, the others need one.
@@ -165,7 +184,7 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize>(tile: &Tile, 
                         L::prefetch(ahead.wrapping_add(line * 64));
                     }
                 }
-                let xs = x_blocks::<NT>(tile, b);
+                let xs = x_blocks::<NT, BYTES>(tile, b);
                 let mut isum = [[L::zero(); 2]; NT];
                 if F == Q8_0 {
                     // Eight groups; each 16-bit lane holds two columns' bytes:
@@ -175,7 +194,7 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize>(tile: &Tile, 
                         let w = [L::sar8(L::shl8(v)), L::sar8(v)];
                         for t in 0..NT {
                             for (i, &w) in w.iter().enumerate() {
-                                isum[t][chain(i)] = L::dot(isum[t][chain(i)], w, *xs[t].pairs.add(g + 8 * i));
+                                isum[t][chain(i)] = L::dot(isum[t][chain(i)], w, *xs[t].words.add(g + 8 * i));
                             }
                         }
                     }
@@ -187,6 +206,23 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize>(tile: &Tile, 
                         high = L::load(q.add(256 + 64));
                     }
                     let v = L::load(q.add(g * 64));
+                    if BYTES && matches!(F, Q4_0 | Q4_1 | Q4_K | Q5_K | Q6_K) {
+                        // Low nibbles of the lane's four bytes: columns 2g,
+                        // 2g + 8, 2g + 1, 2g + 9, the activations' word g;
+                        // high nibbles: those + 16, word 4 + g.
+                        let mut w = [L::and(v, byte_nibble), L::and(L::shr4(v), byte_nibble)];
+                        if matches!(F, Q5_K | Q6_K) {
+                            w[0] = L::or(w[0], L::and(L::shl4(high), byte_high));
+                            w[1] = L::or(w[1], L::and(high, byte_high));
+                            high = if F == Q6_K { L::shr2(high) } else { L::shr1(high) };
+                        }
+                        for t in 0..NT {
+                            for (i, &w) in w.iter().enumerate() {
+                                isum[t][chain(i)] = L::dot8(isum[t][chain(i)], w, *xs[t].words.add(g + 4 * i));
+                            }
+                        }
+                        continue;
+                    }
                     let mut w = [L::and(v, nibble), L::and(L::shr4(v), nibble), L::and(L::shr8(v), nibble), L::shr12(v)];
                     if matches!(F, Q5_0 | Q5_K | Q6_K) {
                         let h = [L::shl4(high), high, L::shr4(high), L::shr8(high)];
@@ -198,7 +234,7 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize>(tile: &Tile, 
                     let at = [g, g + 8, g + 4, g + 12];
                     for t in 0..NT {
                         for i in 0..4 {
-                            isum[t][chain(i)] = L::dot(isum[t][chain(i)], w[i], *xs[t].pairs.add(at[i]));
+                            isum[t][chain(i)] = L::dot(isum[t][chain(i)], w[i], *xs[t].words.add(at[i]));
                         }
                     }
                 }
@@ -263,7 +299,7 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize>(tile: &Tile, 
 /// # Safety
 /// As [`panel`].
 #[inline(always)]
-pub(crate) unsafe fn tile<L: Lanes, const F: u8, const MAX_NT: usize>(tile: &Tile) {
+pub(crate) unsafe fn tile<L: Lanes, const F: u8, const MAX_NT: usize, const BYTES: bool>(tile: &Tile) {
     let mut t0 = 0;
     while t0 < tile.nt {
         let nt = (tile.nt - t0).min(MAX_NT);
@@ -272,10 +308,10 @@ pub(crate) unsafe fn tile<L: Lanes, const F: u8, const MAX_NT: usize>(tile: &Til
         for lane0 in (0..super::matrix::PANEL).step_by(L::LANES) {
             unsafe {
                 match nt {
-                    1 => panel::<L, F, 1>(&sub, lane0),
-                    2 => panel::<L, F, 2>(&sub, lane0),
-                    3 => panel::<L, F, 3>(&sub, lane0),
-                    _ => panel::<L, F, 4>(&sub, lane0),
+                    1 => panel::<L, F, 1, BYTES>(&sub, lane0),
+                    2 => panel::<L, F, 2, BYTES>(&sub, lane0),
+                    3 => panel::<L, F, 3, BYTES>(&sub, lane0),
+                    _ => panel::<L, F, 4, BYTES>(&sub, lane0),
                 }
             }
         }
@@ -362,6 +398,10 @@ impl Lanes for Emulated16 {
     }
     unsafe fn sub32(a: Self::I, b: Self::I) -> Self::I {
         zip_i(a, b, u32::wrapping_sub)
+    }
+    unsafe fn dot8(acc: Self::I, w: Self::I, quad: i32) -> Self::I {
+        let x = quad.to_le_bytes().map(|b| i32::from(b as i8));
+        zip_i(acc, w, |a, w| a.wrapping_add((0..4).map(|k| i32::from((w >> (8 * k)) as u8) * x[k]).sum::<i32>() as u32))
     }
     unsafe fn dot(acc: Self::I, w: Self::I, pair: i32) -> Self::I {
         let (x0, x1) = (i32::from(pair as i16), i32::from((pair >> 16) as i16));
@@ -496,6 +536,10 @@ mod x86 {
             unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_set1_epi32(pair))) }
         }
         #[inline(always)]
+        unsafe fn dot8(acc: __m256i, w: __m256i, quad: i32) -> __m256i {
+            unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(quad)), _mm256_set1_epi16(1))) }
+        }
+        #[inline(always)]
         unsafe fn cvt(a: __m256i) -> __m256 {
             unsafe { _mm256_cvtepi32_ps(a) }
         }
@@ -533,7 +577,7 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
         }
         #[inline(always)]
         unsafe fn store(tile: &Tile, t: usize, lane0: usize, v: __m256) {
@@ -640,6 +684,10 @@ mod x86 {
                 let x = _mm256_set1_epi32(pair);
                 [_mm256_add_epi32(acc[0], _mm256_madd_epi16(w[0], x)), _mm256_add_epi32(acc[1], _mm256_madd_epi16(w[1], x))]
             }
+        }
+        #[inline(always)]
+        unsafe fn dot8(acc: Self::I, w: Self::I, quad: i32) -> Self::I {
+            unsafe { [Avx2::dot8(acc[0], w[0], quad), Avx2::dot8(acc[1], w[1], quad)] }
         }
         #[inline(always)]
         unsafe fn cvt(a: Self::I) -> Self::F {
@@ -766,6 +814,10 @@ mod x86 {
             unsafe { _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(pair)) }
         }
         #[inline(always)]
+        unsafe fn dot8(acc: __m512i, w: __m512i, quad: i32) -> __m512i {
+            unsafe { _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(quad)) }
+        }
+        #[inline(always)]
         unsafe fn cvt(a: __m512i) -> __m512 {
             unsafe { _mm512_cvtepi32_ps(a) }
         }
@@ -803,7 +855,7 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
         }
         #[inline(always)]
         unsafe fn store(tile: &Tile, t: usize, lane0: usize, v: __m512) {

@@ -1,19 +1,20 @@
 //! x86-64 kernels: AVX-512 (F, BW, VNNI) and AVX2.
 //!
 //! Both follow the scalar reference step for step (see `scalar.rs`): exact
-//! 16-bit × 4/8-bit integer dot products per block and row lane, then
+//! 16-bit (or, for the formats and products that read them, 8-bit) × 4/8-bit
+//! integer dot products per block and row lane, then
 //! `acc = fma(d_w · d_x, isum, acc)`. One weight group is unpacked once and
 //! used for up to `TOKEN_TILE` tokens, which is what makes prefill a
-//! matrix-matrix product. AVX-512 has hand-written kernels for Q4_0, Q4_1,
-//! Q8_0 and f32 here; every other case runs the generic kernel of
-//! `wide.rs` (all quantized formats on AVX2).
+//! matrix-matrix product. AVX-512 has hand-written kernels for Q4_0, Q4_1
+//! (with 16-bit activations), Q8_0 and f32 here; every other case runs the
+//! generic kernel of `wide.rs` (all quantized formats on AVX2).
 
 #![allow(clippy::needless_range_loop)] // lanes and tokens index parallel arrays
 
 use std::arch::x86_64::*;
 
 use super::matrix::{PANEL, PREFETCH_BYTES, TOKEN_TILE, Tile, WeightFormat};
-use super::quant::{QK, QMAX, ROUND, ROUND_BITS};
+use super::quant::{ActivationQuant, QK, ROUND, ROUND_BITS};
 use super::wide;
 
 /// Tokens per pass of the wide-format kernel (see `wide.rs`): as many as
@@ -43,6 +44,14 @@ macro_rules! by_tokens {
 
 const _: () = assert!(TOKEN_TILE == 8 && PANEL == 16);
 
+/// The wide kernel for a tile of a format that can read 8-bit activations
+/// (`WeightFormat::reads_bytes`), on the width the tile reads.
+macro_rules! by_width {
+    ($tile:expr, $lanes:ty, $code:expr, $tokens:expr) => {
+        if $tile.bytes { wide::tile::<$lanes, { $code }, $tokens, true>($tile) } else { wide::tile::<$lanes, { $code }, $tokens, false>($tile) }
+    };
+}
+
 /// Independent accumulator chains per token for a tile of `nt` tokens:
 /// enough that about four multiply-adds are in flight.
 const fn chains(nt: usize) -> usize {
@@ -62,13 +71,15 @@ pub(crate) unsafe fn tile_avx512(tile: &Tile) {
     unsafe {
         match tile.format {
             WeightFormat::F32 => by_tokens!(tile.nt, f32_512(tile)),
+            WeightFormat::Q4_0 if tile.bytes => wide::tile::<wide::Avx512, { wide::Q4_0 }, WIDE_TOKENS_512, true>(tile),
+            WeightFormat::Q4_1 if tile.bytes => wide::tile::<wide::Avx512, { wide::Q4_1 }, WIDE_TOKENS_512, true>(tile),
             WeightFormat::Q4_0 => by_tokens!(tile.nt, quant_512::<Q4_0>(tile)),
             WeightFormat::Q4_1 => by_tokens!(tile.nt, quant_512::<Q4_1>(tile)),
             WeightFormat::Q8_0 => by_tokens!(tile.nt, quant_512::<Q8_0>(tile)),
-            WeightFormat::Q5_0 => wide::tile::<wide::Avx512, { wide::Q5_0 }, WIDE_TOKENS_512>(tile),
-            WeightFormat::Q4_K => wide::tile::<wide::Avx512, { wide::Q4_K }, WIDE_TOKENS_512>(tile),
-            WeightFormat::Q5_K => wide::tile::<wide::Avx512, { wide::Q5_K }, WIDE_TOKENS_512>(tile),
-            WeightFormat::Q6_K => wide::tile::<wide::Avx512, { wide::Q6_K }, WIDE_TOKENS_512>(tile),
+            WeightFormat::Q5_0 => wide::tile::<wide::Avx512, { wide::Q5_0 }, WIDE_TOKENS_512, false>(tile),
+            WeightFormat::Q4_K => by_width!(tile, wide::Avx512, wide::Q4_K, WIDE_TOKENS_512),
+            WeightFormat::Q5_K => by_width!(tile, wide::Avx512, wide::Q5_K, WIDE_TOKENS_512),
+            WeightFormat::Q6_K => by_width!(tile, wide::Avx512, wide::Q6_K, WIDE_TOKENS_512),
         }
     }
 }
@@ -104,7 +115,7 @@ unsafe fn quant_512<const NT: usize, const F: u8>(tile: &Tile) {
             if NT <= 2 {
                 let ahead = q.wrapping_add(PREFETCH_BYTES);
                 for line in 0..quant_bytes / 64 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast());
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line * 64).cast());
                 }
             }
             // Activation pairs of each token for this block, as i32.
@@ -197,17 +208,17 @@ pub(crate) unsafe fn tile_avx2(tile: &Tile) {
     unsafe {
         macro_rules! wide {
             ($code:expr) => {
-                wide::tile::<wide::Avx2x2, { $code }, WIDE_TOKENS_256>(tile)
+                wide::tile::<wide::Avx2x2, { $code }, WIDE_TOKENS_256, false>(tile)
             };
         }
         match tile.format {
-            WeightFormat::Q4_0 => wide!(wide::Q4_0),
-            WeightFormat::Q4_1 => wide!(wide::Q4_1),
+            WeightFormat::Q4_0 => by_width!(tile, wide::Avx2x2, wide::Q4_0, WIDE_TOKENS_256),
+            WeightFormat::Q4_1 => by_width!(tile, wide::Avx2x2, wide::Q4_1, WIDE_TOKENS_256),
             WeightFormat::Q8_0 => wide!(wide::Q8_0),
             WeightFormat::Q5_0 => wide!(wide::Q5_0),
-            WeightFormat::Q4_K => wide!(wide::Q4_K),
-            WeightFormat::Q5_K => wide!(wide::Q5_K),
-            WeightFormat::Q6_K => wide!(wide::Q6_K),
+            WeightFormat::Q4_K => by_width!(tile, wide::Avx2x2, wide::Q4_K, WIDE_TOKENS_256),
+            WeightFormat::Q5_K => by_width!(tile, wide::Avx2x2, wide::Q5_K, WIDE_TOKENS_256),
+            WeightFormat::Q6_K => by_width!(tile, wide::Avx2x2, wide::Q6_K, WIDE_TOKENS_256),
             WeightFormat::F32 => f32_avx2(tile),
         }
     }
@@ -276,17 +287,17 @@ unsafe fn f32_256<const NT: usize>(tile: &Tile) {
 /// # Safety
 /// The CPU must support AVX-512 F/BW; slices as `quantize_blocks` requires.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-pub(crate) unsafe fn quantize_blocks_avx512(x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs: &mut [i16]) {
+pub(crate) unsafe fn quantize_blocks_avx512<Q: ActivationQuant>(x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs: &mut [Q]) {
     unsafe {
         let abs_mask = _mm512_set1_epi32(0x7FFF_FFFF);
-        let (lo, hi) = (_mm512_set1_epi32(-(QMAX as i32)), _mm512_set1_epi32(QMAX as i32));
+        let (lo, hi) = (_mm512_set1_epi32(-Q::MAX), _mm512_set1_epi32(Q::MAX));
         for (b, (src, q)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
             let v0 = _mm512_loadu_ps(src.as_ptr());
             let v1 = _mm512_loadu_ps(src.as_ptr().add(16));
             let a0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v0), abs_mask));
             let a1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v1), abs_mask));
             let amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
-            let scale = amax / QMAX;
+            let scale = amax / Q::MAX as f32;
             let id = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let (idv, round, bits) = (_mm512_set1_ps(id), _mm512_set1_ps(ROUND), _mm512_set1_epi32(ROUND_BITS));
             let quant = |v: __m512| {
@@ -294,8 +305,18 @@ pub(crate) unsafe fn quantize_blocks_avx512(x: &[f32], d: &mut [f32], isum: &mut
                 _mm512_min_epi32(_mm512_max_epi32(r, lo), hi)
             };
             let (q0, q1) = (quant(v0), quant(v1));
-            _mm256_storeu_si256(q.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(q0));
-            _mm256_storeu_si256(q.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi16(q1));
+            if size_of::<Q>() == 2 {
+                _mm256_storeu_si256(q.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(q0));
+                _mm256_storeu_si256(q.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi16(q1));
+            } else {
+                // Bytes of columns 0..16, then interleaved m, m + 8 (`i8::slot`).
+                let slots = |v: __m512i| {
+                    let b = _mm512_cvtepi32_epi8(v);
+                    _mm_unpacklo_epi8(b, _mm_srli_si128::<8>(b))
+                };
+                _mm_storeu_si128(q.as_mut_ptr().cast(), slots(q0));
+                _mm_storeu_si128(q.as_mut_ptr().add(16).cast(), slots(q1));
+            }
             let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
             d[b] = scale;
             isum[b] = sum;
@@ -309,10 +330,10 @@ pub(crate) unsafe fn quantize_blocks_avx512(x: &[f32], d: &mut [f32], isum: &mut
 /// # Safety
 /// The CPU must support AVX2; slices as `quantize_blocks` requires.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn quantize_blocks_avx2(x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs: &mut [i16]) {
+pub(crate) unsafe fn quantize_blocks_avx2<Q: ActivationQuant>(x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs: &mut [Q]) {
     unsafe {
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
-        let (lo, hi) = (_mm256_set1_epi32(-(QMAX as i32)), _mm256_set1_epi32(QMAX as i32));
+        let (lo, hi) = (_mm256_set1_epi32(-Q::MAX), _mm256_set1_epi32(Q::MAX));
         for (b, (src, q)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
             let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(src.as_ptr().add(8 * i)));
             let a = v.map(|v| _mm256_and_ps(v, abs_mask));
@@ -320,7 +341,7 @@ pub(crate) unsafe fn quantize_blocks_avx2(x: &[f32], d: &mut [f32], isum: &mut [
             let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
             let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
             let m = _mm_max_ss(m, _mm_shuffle_ps::<1>(m, m));
-            let scale = _mm_cvtss_f32(m) / QMAX;
+            let scale = _mm_cvtss_f32(m) / Q::MAX as f32;
             let id = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let (idv, round, bits) = (_mm256_set1_ps(id), _mm256_set1_ps(ROUND), _mm256_set1_epi32(ROUND_BITS));
             let r = v.map(|v| {
@@ -332,8 +353,8 @@ pub(crate) unsafe fn quantize_blocks_avx2(x: &[f32], d: &mut [f32], isum: &mut [
                 _mm256_storeu_si256(ints.as_mut_ptr().add(8 * i).cast(), *r);
             }
             let mut sum = 0i32;
-            for (q, &v) in q.iter_mut().zip(&ints) {
-                *q = v as i16;
+            for (c, &v) in ints.iter().enumerate() {
+                q[Q::slot(c)] = Q::narrow(v);
                 sum += v;
             }
             d[b] = scale;
