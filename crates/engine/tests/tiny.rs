@@ -216,7 +216,12 @@ fn engine_matches_a_float64_forward_pass() {
             worst = worst.max(err / norm);
         }
         println!("{:?} {}: worst relative error {worst:e}", model.format, model.architecture);
-        assert!(worst < 2e-4, "{:?} {}: relative error {worst}", model.format, model.architecture);
+        // K-quant weights read 8-bit activations at q/k/v, attention-out and
+        // gate/up (`kernels::quant`): half a step is 1/254 of a block's
+        // largest value there, against 1/65534 elsewhere. (How close that
+        // stays on real models: `tests/real_models.rs`.)
+        let bound = if matches!(model.format, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) { 4e-2 } else { 2e-4 };
+        assert!(worst < bound, "{:?} {}: relative error {worst}", model.format, model.architecture);
     }
 }
 

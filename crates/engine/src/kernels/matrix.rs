@@ -107,12 +107,14 @@ impl WeightFormat {
     }
 
     /// Whether products with this format read 8-bit activations where the
-    /// caller allows them: the K-quants, Q4_0 and Q4_1. Not Q8_0 (signed
-    /// quants; `vpdpbusd` multiplies unsigned by signed), and not Q5_0:
-    /// Gemma 3 270M's Q5_0 tensors with 8-bit inputs fall below llama.cpp's
-    /// accuracy (131 of 136 top-1 against its 132).
+    /// caller allows them: the K-quants. Not Q8_0 (signed quants;
+    /// `vpdpbusd` multiplies unsigned by signed); not Q5_0 (Gemma 3 270M's
+    /// Q5_0 tensors with 8-bit inputs fall below llama.cpp's accuracy, 131
+    /// of 136 top-1 against its 132); not Q4_0/Q4_1 (SmolLM2-135M Q4_1, the
+    /// default model, then answers "What is the capital of France?" without
+    /// "Paris"; see `quant.rs`).
     pub(crate) fn reads_bytes(self) -> bool {
-        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q4_K | Self::Q5_K | Self::Q6_K)
+        self.is_k_quant()
     }
 
     pub fn is_k_quant(self) -> bool {
@@ -1102,12 +1104,10 @@ mod tests {
                 unsafe {
                     use super::super::wide::{self, Emulated16};
                     match (m.format(), bytes) {
-                        (WeightFormat::Q4_0, false) => wide::tile::<Emulated16, { wide::Q4_0 }, 4, false>(&tile),
-                        (WeightFormat::Q4_1, false) => wide::tile::<Emulated16, { wide::Q4_1 }, 4, false>(&tile),
+                        (WeightFormat::Q4_0, _) => wide::tile::<Emulated16, { wide::Q4_0 }, 4, false>(&tile),
+                        (WeightFormat::Q4_1, _) => wide::tile::<Emulated16, { wide::Q4_1 }, 4, false>(&tile),
                         (WeightFormat::Q8_0, _) => wide::tile::<Emulated16, { wide::Q8_0 }, 4, false>(&tile),
                         (WeightFormat::Q5_0, _) => wide::tile::<Emulated16, { wide::Q5_0 }, 4, false>(&tile),
-                        (WeightFormat::Q4_0, true) => wide::tile::<Emulated16, { wide::Q4_0 }, 4, true>(&tile),
-                        (WeightFormat::Q4_1, true) => wide::tile::<Emulated16, { wide::Q4_1 }, 4, true>(&tile),
                         (WeightFormat::Q4_K, false) => wide::tile::<Emulated16, { wide::Q4_K }, 4, false>(&tile),
                         (WeightFormat::Q5_K, false) => wide::tile::<Emulated16, { wide::Q5_K }, 4, false>(&tile),
                         (WeightFormat::Q6_K, false) => wide::tile::<Emulated16, { wide::Q6_K }, 4, false>(&tile),
@@ -1149,8 +1149,8 @@ mod tests {
         }
     }
 
-    /// The formats that read 8-bit activations do when asked; Q8_0 and
-    /// Q5_0 read the 16-bit ones either way.
+    /// The K-quants read 8-bit activations when asked; the other formats
+    /// read the 16-bit ones either way.
     #[test]
     fn nibble_formats_read_eight_bit_activations() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);

@@ -142,8 +142,7 @@ unsafe fn blocks_of<Q, const NT: usize>(x: &QuantizedRows<Q>, tile: &Tile, b: us
 }
 
 /// Rows `lane0 .. lane0 + LANES` of one panel for `NT` tokens of the
-/// tile, reading 8-bit activations if `BYTES` (for the formats of
-/// `WeightFormat::reads_bytes`).
+/// tile, reading 8-bit activations if `BYTES` (K-quants only).
 ///
 /// # Safety
 /// `L`'s instructions must be supported; `tile` must be valid, of format `F`.
@@ -206,7 +205,7 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize, const BYTES: 
                         high = L::load(q.add(256 + 64));
                     }
                     let v = L::load(q.add(g * 64));
-                    if BYTES && matches!(F, Q4_0 | Q4_1 | Q4_K | Q5_K | Q6_K) {
+                    if BYTES && is_k(F) {
                         // Low nibbles of the lane's four bytes: columns 2g,
                         // 2g + 8, 2g + 1, 2g + 9, the activations' word g;
                         // high nibbles: those + 16, word 4 + g.

@@ -1,13 +1,13 @@
 //! x86-64 kernels: AVX-512 (F, BW, VNNI) and AVX2.
 //!
 //! Both follow the scalar reference step for step (see `scalar.rs`): exact
-//! 16-bit (or, for the formats and products that read them, 8-bit) × 4/8-bit
+//! 16-bit (or, for K-quants at the products that read them, 8-bit) × 4/8-bit
 //! integer dot products per block and row lane, then
 //! `acc = fma(d_w · d_x, isum, acc)`. One weight group is unpacked once and
 //! used for up to `TOKEN_TILE` tokens, which is what makes prefill a
-//! matrix-matrix product. AVX-512 has hand-written kernels for Q4_0, Q4_1
-//! (with 16-bit activations), Q8_0 and f32 here; every other case runs the
-//! generic kernel of `wide.rs` (all quantized formats on AVX2).
+//! matrix-matrix product. AVX-512 has hand-written kernels for Q4_0, Q4_1,
+//! Q8_0 and f32 here; every other case runs the generic kernel of
+//! `wide.rs` (all quantized formats on AVX2).
 
 #![allow(clippy::needless_range_loop)] // lanes and tokens index parallel arrays
 
@@ -44,8 +44,7 @@ macro_rules! by_tokens {
 
 const _: () = assert!(TOKEN_TILE == 8 && PANEL == 16);
 
-/// The wide kernel for a tile of a format that can read 8-bit activations
-/// (`WeightFormat::reads_bytes`), on the width the tile reads.
+/// The wide kernel for a K-quant tile, on the activation width it reads.
 macro_rules! by_width {
     ($tile:expr, $lanes:ty, $code:expr, $tokens:expr) => {
         if $tile.bytes { wide::tile::<$lanes, { $code }, $tokens, true>($tile) } else { wide::tile::<$lanes, { $code }, $tokens, false>($tile) }
@@ -71,8 +70,6 @@ pub(crate) unsafe fn tile_avx512(tile: &Tile) {
     unsafe {
         match tile.format {
             WeightFormat::F32 => by_tokens!(tile.nt, f32_512(tile)),
-            WeightFormat::Q4_0 if tile.bytes => wide::tile::<wide::Avx512, { wide::Q4_0 }, WIDE_TOKENS_512, true>(tile),
-            WeightFormat::Q4_1 if tile.bytes => wide::tile::<wide::Avx512, { wide::Q4_1 }, WIDE_TOKENS_512, true>(tile),
             WeightFormat::Q4_0 => by_tokens!(tile.nt, quant_512::<Q4_0>(tile)),
             WeightFormat::Q4_1 => by_tokens!(tile.nt, quant_512::<Q4_1>(tile)),
             WeightFormat::Q8_0 => by_tokens!(tile.nt, quant_512::<Q8_0>(tile)),
@@ -212,8 +209,8 @@ pub(crate) unsafe fn tile_avx2(tile: &Tile) {
             };
         }
         match tile.format {
-            WeightFormat::Q4_0 => by_width!(tile, wide::Avx2x2, wide::Q4_0, WIDE_TOKENS_256),
-            WeightFormat::Q4_1 => by_width!(tile, wide::Avx2x2, wide::Q4_1, WIDE_TOKENS_256),
+            WeightFormat::Q4_0 => wide!(wide::Q4_0),
+            WeightFormat::Q4_1 => wide!(wide::Q4_1),
             WeightFormat::Q8_0 => wide!(wide::Q8_0),
             WeightFormat::Q5_0 => wide!(wide::Q5_0),
             WeightFormat::Q4_K => by_width!(tile, wide::Avx2x2, wide::Q4_K, WIDE_TOKENS_256),
