@@ -1152,7 +1152,7 @@ mod tests {
     /// The K-quants read 8-bit activations when asked; the other formats
     /// read the 16-bit ones either way.
     #[test]
-    fn nibble_formats_read_eight_bit_activations() {
+    fn only_k_quants_read_eight_bit_activations() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
         let cpu = Cpu { pool: CpuPool::new(1).expect("pool"), isa: Isa::Scalar };
         for format in QUANTIZED {
