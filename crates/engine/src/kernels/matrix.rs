@@ -221,6 +221,18 @@ impl PanelLayout {
         self.block_bytes_at + (array * self.blocks + b) * PANEL
     }
 
+    /// Offsets from the panel's start of the cache lines decode prefetches
+    /// while it reads block `b` of a panel at address `base`: the lines that
+    /// start in the block's even share of the panel's bytes, shifted
+    /// `PREFETCH_BYTES` ahead. Consecutive blocks and panels (which lie end
+    /// to end) ask for every line once, the scale arrays after the quants
+    /// included.
+    #[inline(always)]
+    pub fn prefetch_lines(&self, base: *const u8, b: usize) -> impl Iterator<Item = usize> {
+        let at = |b: usize| base as usize + PREFETCH_BYTES + b * self.bytes / self.blocks;
+        (at(b).next_multiple_of(64)..at(b + 1)).step_by(64).map(move |a| a - base as usize)
+    }
+
     /// Offset of lane 0 of per-superblock f16 array `array` for block `b`.
     pub fn super_half(&self, array: usize, b: usize) -> usize {
         let supers = self.blocks * QK / QK_K;
@@ -702,14 +714,18 @@ pub(crate) const TOKEN_TILE: usize = 8;
 /// L2 cache while it sweeps its panels: 64 × 1536 columns × 2 bytes = 192 KiB.
 const TOKEN_BLOCK: usize = 64;
 
-/// How far ahead decode's kernels prefetch weights. The hardware prefetcher
-/// alone falls far behind (no software prefetch: 5–13 GB/s from DRAM on one
-/// core). Measured 2026-12-02 with `examples/matmul` on 151936 × 1536 and
-/// `hotpot bench` decode, alternating: 16 KiB reads Q4_K/Q6_K at 18.5/19.5
-/// GB/s on one core against 13.9/16.2 with 8 KiB (34–35 against 25–26 GB/s
-/// on two), and takes Qwen2.5-Coder 1.5B decode from 18.1 to 22.8 tok/s and
-/// SmolLM2's from 192 to 220 on one thread (medians of 3 and 6 runs).
-pub(crate) const PREFETCH_BYTES: usize = 16384;
+/// How far ahead decode's kernels prefetch weights (see
+/// [`PanelLayout::prefetch_lines`]). The hardware prefetcher alone falls far
+/// behind (no software prefetch: 5–13 GB/s from DRAM on one core).
+/// Measured with `examples/matmul` on one core, 1 token, alternating runs:
+/// - 2026-12-02: 16 KiB read Q4_K/Q6_K 151936 × 1536 at 18.5/19.5 GB/s
+///   against 13.9/16.2 with 8 KiB.
+/// - 2026-12-03, once every line of a panel (the scale arrays too) was
+///   prefetched: 32 KiB against 16 KiB, medians of 6 pairs, 131072 × 1536
+///   Q4_K/Q6_K 25.2/23.2 against 23.0/21.5 GB/s, 12288 × 8960 (16-bit
+///   inputs) 22.3/21.7 against 21.4/21.3; Qwen2.5-Coder 1.5B decode 21.3
+///   against 20.7 tok/s (3 pairs). 64 KiB was no better than 32.
+pub(crate) const PREFETCH_BYTES: usize = 32768;
 
 /// Asks for `bytes` to be brought into cache: decode's kernels prefetch
 /// `PREFETCH_BYTES` ahead of where they read, so the first bytes of each
@@ -967,6 +983,28 @@ mod tests {
             let file = rows * cols / format.ggml_block_len() * format.ggml_block_bytes();
             let packed = Matrix::from_ggml(format, rows, cols, &vec![0; file]).expect("packs").size_bytes();
             assert!(packed as f64 <= file as f64 * 1.03, "{format:?}: {packed} bytes packed for {file} in the file");
+        }
+    }
+
+    #[test]
+    fn decode_prefetches_every_line_of_every_panel_once() {
+        for format in QUANTIZED {
+            for blocks in [1, 3, 8, 18, 280] {
+                let cols = width(format, blocks);
+                let layout = PanelLayout::new(format, cols);
+                let panels = 3;
+                let data = AlignedBuf::zeroed(panels * layout.bytes);
+                let start = data.as_slice().as_ptr();
+                let mut lines = Vec::new();
+                for panel in 0..panels {
+                    let base = start.wrapping_add(panel * layout.bytes);
+                    for b in 0..layout.blocks {
+                        lines.extend(layout.prefetch_lines(base, b).map(|at| base as usize + at - PREFETCH_BYTES - start as usize));
+                    }
+                }
+                let expected: Vec<usize> = (0..panels * layout.bytes).step_by(64).collect();
+                assert_eq!(lines, expected, "{format:?}, {blocks} blocks: lines prefetched");
+            }
         }
     }
 

@@ -7,9 +7,9 @@
 //! kernel also runs on [`Emulated16`], plain arrays with AVX-512's lane
 //! semantics, so the 16-lane indexing is tested on every CPU.
 
+use super::matrix::Tile;
 #[cfg(test)]
 use super::matrix::WeightFormat;
-use super::matrix::{PREFETCH_BYTES, Tile};
 use super::quant::{QK, QK_K, QuantizedRows};
 
 /// Format codes for the const parameter of [`panel`].
@@ -178,9 +178,8 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize, const BYTES: 
             for b in first_block..first_block + per_super {
                 let q = base.add(b * quant_bytes + lane0 * 4);
                 if NT <= 2 {
-                    let ahead = base.wrapping_add(b * quant_bytes + PREFETCH_BYTES);
-                    for line in 0..quant_bytes / 64 {
-                        L::prefetch(ahead.wrapping_add(line * 64));
+                    for at in layout.prefetch_lines(base, b) {
+                        L::prefetch(base.wrapping_add(at));
                     }
                 }
                 let xs = x_blocks::<NT, BYTES>(tile, b);

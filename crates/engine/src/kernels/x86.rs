@@ -13,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::matrix::{PANEL, PREFETCH_BYTES, TOKEN_TILE, Tile, WeightFormat};
+use super::matrix::{PANEL, TOKEN_TILE, Tile, WeightFormat};
 use super::quant::{ActivationQuant, QK, ROUND, ROUND_BITS};
 use super::wide;
 
@@ -110,9 +110,8 @@ unsafe fn quant_512<const NT: usize, const F: u8>(tile: &Tile) {
             // Decode streams weights from memory once: fetch a few blocks
             // ahead, the hardware prefetcher alone falls behind.
             if NT <= 2 {
-                let ahead = q.wrapping_add(PREFETCH_BYTES);
-                for line in 0..quant_bytes / 64 {
-                    _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line * 64).cast());
+                for at in tile.layout.prefetch_lines(panel, b) {
+                    _mm_prefetch::<_MM_HINT_T1>(panel.wrapping_add(at).cast());
                 }
             }
             // Activation pairs of each token for this block, as i32.
