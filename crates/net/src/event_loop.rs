@@ -167,6 +167,8 @@ pub(crate) struct EventLoop {
     dialed: HashMap<PeerId, Multiaddr>,
     /// When each peer was last connected through a relay.
     relayed_at: HashMap<PeerId, tokio::time::Instant>,
+    /// Peers dialed through a relay and not yet reached directly.
+    punches: HashMap<PeerId, Punch>,
 }
 
 /// `addr` without a trailing `/p2p/…`.
@@ -182,6 +184,21 @@ pub(crate) fn is_circuit(addr: &Multiaddr) -> bool {
 /// How long after a relayed connection a second, direct one is taken for a
 /// hole punch (not for a restarted peer).
 const PUNCH_WINDOW: Duration = Duration::from_secs(60);
+
+/// A hole punch that failed (DCUtR gives up after three dials in quick
+/// succession, which a loaded machine can miss) is tried again this long
+/// after the relayed connection, then after twice as long each time.
+const PUNCH_RETRY: Duration = Duration::from_secs(8);
+/// Hole punch rounds after the first, per relayed peer.
+const PUNCH_RETRIES: u32 = 3;
+
+/// A peer this one reached through a relay, whose hole punch may be tried
+/// again: over a fresh relayed connection, which starts a new DCUtR round.
+struct Punch {
+    circuit: Multiaddr,
+    retries: u32,
+    next: tokio::time::Instant,
+}
 
 /// How soon a dropped join peer is dialed again.
 const REDIAL: Duration = Duration::from_millis(300);
@@ -214,6 +231,7 @@ impl EventLoop {
             connections: HashMap::new(),
             dialed: HashMap::new(),
             relayed_at: HashMap::new(),
+            punches: HashMap::new(),
         })
     }
 
@@ -221,6 +239,7 @@ impl EventLoop {
         let mut reprovide = tokio::time::interval(REPROVIDE);
         reprovide.tick().await;
         let mut redial = tokio::time::interval(REDIAL);
+        let mut punch = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 event = futures::StreamExt::select_next_some(&mut self.swarm) => self.on_swarm_event(event),
@@ -230,6 +249,7 @@ impl EventLoop {
                 },
                 _ = reprovide.tick() => self.announce(),
                 _ = redial.tick(), if !self.redials.is_empty() => self.redial_due(),
+                _ = punch.tick(), if !self.punches.is_empty() => self.punch_again(),
             }
         }
         tracing::debug!("network event loop stopped");
@@ -248,6 +268,30 @@ impl EventLoop {
             tracing::debug!(%addr, "dialing a join peer again");
             let opts = DialOpts::peer_id(peer).addresses(vec![addr]).condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing).build();
             let _ = self.swarm.dial(opts);
+        }
+    }
+
+    /// Dials the peers still reached only through a relay once more through
+    /// it, when their retry is due: the peer behind the relay starts a new
+    /// hole punch on the new relayed connection (the old one stays, it may
+    /// carry streams, and closes with the rest once the punch works).
+    fn punch_again(&mut self) {
+        let now = tokio::time::Instant::now();
+        let connections = &self.connections;
+        self.punches.retain(|peer, punch| {
+            connections.get(peer).is_some_and(|c| !c.is_empty() && c.values().all(|relayed| *relayed)) && (punch.retries < PUNCH_RETRIES || punch.next > now)
+        });
+        let due: Vec<(PeerId, Multiaddr)> = self.punches.iter().filter(|(_, p)| p.next <= now).map(|(peer, p)| (*peer, p.circuit.clone())).collect();
+        for (peer, circuit) in due {
+            let Some(punch) = self.punches.get_mut(&peer) else { continue };
+            punch.retries += 1;
+            punch.next = now + PUNCH_RETRY * (1 << punch.retries);
+            tracing::info!(%peer, round = punch.retries + 1, "the route is still relayed: trying the hole punch again");
+            self.relayed_at.insert(peer, now);
+            let opts = DialOpts::peer_id(peer).addresses(vec![circuit]).condition(libp2p::swarm::dial_opts::PeerCondition::Always).build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, error = %e, "cannot dial through the relay again");
+            }
         }
     }
 
@@ -409,7 +453,11 @@ impl EventLoop {
                 }
                 let relayed = endpoint.is_relayed();
                 if relayed {
-                    self.relayed_at.insert(peer_id, tokio::time::Instant::now());
+                    let now = tokio::time::Instant::now();
+                    self.relayed_at.insert(peer_id, now);
+                    if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                        self.punches.entry(peer_id).or_insert_with(|| Punch { circuit: address.clone(), retries: 0, next: now + PUNCH_RETRY });
+                    }
                 }
                 // A second connection is expected around a relay: the
                 // reservation's own dial to the relay, the hole punch (a

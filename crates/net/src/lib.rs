@@ -22,8 +22,9 @@
 //! public) and listens through it, so
 //! its announced addresses include `…/p2p/RELAY/p2p-circuit/p2p/ME`. A
 //! peer dialing that address reaches it through the relay; DCUtR then
-//! tries a hole punch, and when it succeeds the relayed connection is
-//! closed, so traffic goes direct. Where the NATs forbid it (symmetric on
+//! tries a hole punch (tried again over a fresh relayed connection while
+//! the route stays relayed, three times), and when it succeeds the relayed
+//! connection is closed, so traffic goes direct. Where the NATs forbid it (symmetric on
 //! both sides) the route stays relayed. [`Network::routes`] says which.
 
 mod event_loop;
