@@ -278,6 +278,9 @@ impl EventLoop {
     fn punch_again(&mut self) {
         let now = tokio::time::Instant::now();
         let connections = &self.connections;
+        // A peer with no retry left is kept until its next time would have
+        // come: the last retry's own relayed connection must not start a
+        // fresh series (`ConnectionEstablished` adds peers not in the map).
         self.punches.retain(|peer, punch| {
             connections.get(peer).is_some_and(|c| !c.is_empty() && c.values().all(|relayed| *relayed)) && (punch.retries < PUNCH_RETRIES || punch.next > now)
         });
@@ -287,7 +290,6 @@ impl EventLoop {
             punch.retries += 1;
             punch.next = now + PUNCH_RETRY * (1 << punch.retries);
             tracing::info!(%peer, round = punch.retries + 1, "the route is still relayed: trying the hole punch again");
-            self.relayed_at.insert(peer, now);
             let opts = DialOpts::peer_id(peer).addresses(vec![circuit]).condition(libp2p::swarm::dial_opts::PeerCondition::Always).build();
             if let Err(e) = self.swarm.dial(opts) {
                 tracing::debug!(%peer, error = %e, "cannot dial through the relay again");
