@@ -6,28 +6,29 @@
 #   bash scripts/natbed.sh down NAME    tears it down
 #
 #              NAME-inet  ("the internet": relay, gateway, public nodes)
-#              10.77.1.1 ─┬─ 10.77.2.1 ─┬─ 10.77.3.1
-#                         │             │
-#   NAME-r1 10.77.1.2 ────┘└── 10.77.2.2 NAME-r2   10.77.3.2 NAME-r3
-#   masquerade (endpoint-      masquerade random,fully-random (r2 and r3:
-#   independent mapping)       symmetric, a new port per destination)
-#   192.168.71.1               192.168.72.1        192.168.73.1
-#        │                          │                   │
-#   NAME-h1 192.168.71.2       NAME-h2 192.168.72.2  NAME-h3 192.168.73.2
-#   ("home 1")                 ("home 2")            ("home 3")
+#              10.77.1.1 ─┬─ 10.77.2.1 ─┬─ 10.77.3.1 ─┬─ 10.77.4.1
+#                         │             │             │
+#   NAME-r1 10.77.1.2 ────┘└── 10.77.2.2 NAME-r2   10.77.3.2 NAME-r3   10.77.4.2 NAME-r4
+#   masquerade (endpoint-      masquerade random,fully-random (r2 and r3:   masquerade, as r1
+#   independent mapping)       symmetric, a new port per destination)       (endpoint-independent)
+#   192.168.71.1               192.168.72.1        192.168.73.1             192.168.74.1
+#        │                          │                   │                        │
+#   NAME-h1 192.168.71.2       NAME-h2 192.168.72.2  NAME-h3 192.168.73.2     NAME-h4 192.168.74.2
+#   ("home 1")                 ("home 2")            ("home 3")               ("home 4")
 #
 # Every router drops what comes from the internet unless a flow from its
 # home opened it. Between two symmetric homes no hole punch can work: their
-# traffic stays relayed.
+# traffic stays relayed. Between homes 1 and 4 only a hole punch can make
+# a direct route.
 #
 # Processes run inside with: ip netns exec NAME-h1 COMMAND…
 set -euo pipefail
 what="${1:?up or down}"
 name="${2:?a short name for the namespaces}"
-inet="$name-inet" r1="$name-r1" r2="$name-r2" r3="$name-r3" h1="$name-h1" h2="$name-h2" h3="$name-h3"
+inet="$name-inet" r1="$name-r1" r2="$name-r2" r3="$name-r3" r4="$name-r4" h1="$name-h1" h2="$name-h2" h3="$name-h3" h4="$name-h4"
 
 down() {
-    for ns in "$h1" "$h2" "$h3" "$r1" "$r2" "$r3" "$inet"; do
+    for ns in "$h1" "$h2" "$h3" "$h4" "$r1" "$r2" "$r3" "$r4" "$inet"; do
         ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
         ip netns del "$ns" 2>/dev/null || true
     done
@@ -41,7 +42,7 @@ fi
 [ "$(id -u)" = 0 ] || { echo "the NAT test bed needs root (network namespaces)" >&2; exit 1; }
 command -v nft >/dev/null || { echo "nft is missing (apt-get install nftables)" >&2; exit 1; }
 down
-for ns in "$inet" "$r1" "$r2" "$r3" "$h1" "$h2" "$h3"; do
+for ns in "$inet" "$r1" "$r2" "$r3" "$r4" "$h1" "$h2" "$h3" "$h4"; do
     ip netns add "$ns"
     ip -n "$ns" link set lo up
 done
@@ -67,12 +68,16 @@ link() { # router, wan-side /24 prefix, lan /24 prefix, home
 link "$r1" 10.77.1 192.168.71 "$h1"
 link "$r2" 10.77.2 192.168.72 "$h2"
 link "$r3" 10.77.3 192.168.73 "$h3"
+link "$r4" 10.77.4 192.168.74 "$h4"
+# The internet routes between the routers' WAN sides.
+inside "$inet" sysctl -qw net.ipv4.ip_forward=1
 
 # Home 1: plain masquerade (Linux keeps a flow's source port when it can,
 # and reuses the mapping: endpoint-independent mapping, which hole
-# punching needs). Homes 2 and 3: a random port for every new flow
-# (symmetric).
-inside "$r1" nft -f - <<'NFT'
+# punching needs), and home 4 the same. Homes 2 and 3: a random port for
+# every new flow (symmetric).
+for router in "$r1" "$r4"; do
+    inside "$router" nft -f - <<'NFT'
 table ip nat {
     chain postrouting {
         type nat hook postrouting priority srcnat; policy accept;
@@ -80,6 +85,7 @@ table ip nat {
     }
 }
 NFT
+done
 for router in "$r2" "$r3"; do
     inside "$router" nft -f - <<'NFT'
 table ip nat {
@@ -91,8 +97,12 @@ table ip nat {
 NFT
 done
 # Nothing from the internet reaches a home unless a flow from inside
-# opened it (conntrack), as on a real home router.
-for router in "$r1" "$r2" "$r3"; do
+# opened it (conntrack), as on a real home router. Nor does it reach the
+# router itself: the input chain drops it before conntrack confirms a flow
+# for it. (Otherwise the first packet of a hole punch, arriving before the
+# home has sent its own, leaves an entry that takes the home's mapping,
+# and the router picks another port for the home's answer.)
+for router in "$r1" "$r2" "$r3" "$r4"; do
     inside "$router" nft -f - <<'NFT'
 table ip filter {
     chain forward {
@@ -100,7 +110,12 @@ table ip filter {
         ct state established,related accept
         iifname "lan" oifname "wan" accept
     }
+    chain input {
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+        iifname { "lo", "lan" } accept
+    }
 }
 NFT
 done
-echo "NAT test bed $name up: $inet (10.77.1.1, 10.77.2.1, 10.77.3.1), $h1 behind $r1 (endpoint-independent), $h2 behind $r2 and $h3 behind $r3 (symmetric)"
+echo "NAT test bed $name up: $inet (10.77.1.1 to 10.77.4.1), $h1 behind $r1 and $h4 behind $r4 (endpoint-independent), $h2 behind $r2 and $h3 behind $r3 (symmetric)"

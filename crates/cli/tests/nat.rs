@@ -2,15 +2,17 @@
 //! `scripts/natbed.sh` (root only; the test command runs as root and
 //! installs nftables): an "internet" with a relay, a public node and a
 //! gateway, two homes behind NAT routers, one endpoint-independent and one
-//! symmetric, each with a node, and a third home (symmetric) with a second
-//! gateway. A 3-node chain through both homes must serve the official
-//! `openai` client the same tokens as one process; the homes' nodes must
-//! find themselves unreachable (AutoNAT) and listen through the relay; the
-//! public gateway's routes must end up direct (hole punched), the third
-//! home's gateway must reach the symmetric home's node only through the
-//! relay, and still be answered; answers must go on when the relay dies
-//! mid-answer; and the public node, found reachable by AutoNAT, must relay
-//! by itself for a home node that knows only it.
+//! symmetric, each with a node, a third home (symmetric) and a fourth
+//! (endpoint-independent), each with a gateway. A 3-node chain through
+//! both homes must serve the official `openai` client the same tokens as
+//! one process; the homes' nodes must find themselves unreachable (AutoNAT)
+//! and listen through the relay; the public gateway's routes must end up
+//! direct; the fourth home's gateway must hole punch to the first home's
+//! node (no other way to a direct route there); the third home's gateway
+//! must reach the symmetric home's node only through the relay, and still
+//! be answered; answers must go on when the relay dies mid-answer; and the
+//! public node, found reachable by AutoNAT, must relay by itself for a home
+//! node that knows only it.
 
 mod common;
 
@@ -183,7 +185,7 @@ fn nodes_behind_nat_serve_through_a_relay_and_hole_punch() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let bed = Bed::up();
-    let (inet, home1, home2, home3) = (bed.ns("inet"), bed.ns("h1"), bed.ns("h2"), bed.ns("h3"));
+    let (inet, home1, home2, home3, home4) = (bed.ns("inet"), bed.ns("h1"), bed.ns("h2"), bed.ns("h3"), bed.ns("h4"));
 
     let key = d.join("relay.key");
     let mut relay = Proc::start(&inet, &["relay", "--listen", "/ip4/0.0.0.0/udp/4001/quic-v1", "--key", key.to_str().expect("utf-8")], log_path(d, "relay"));
@@ -245,12 +247,29 @@ fn nodes_behind_nat_serve_through_a_relay_and_hole_punch() {
         assert!(["direct", "relayed"].contains(&of_node(&status, start, "route").as_str()), "{status}");
     }
 
-    // DCUtR reports the hole punch on whichever side finished it first.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while ![&gateway, &first, &last].iter().any(|p| p.log().contains("hole punched")) {
-        assert!(Instant::now() < deadline, "no hole punch was reported:\n{}\n{}", gateway.log(), first.log());
-        std::thread::sleep(Duration::from_millis(200));
+    // A gateway in the fourth home, behind an endpoint-independent NAT like
+    // the first home's: neither can dial the other, so the route between
+    // them turns direct only by a hole punch, which DCUtR reports on
+    // whichever side finished it first. (The public gateway's direct routes
+    // above may come from a home node dialing it, with no hole punch.)
+    let (punching, punching_url) = gateway_in(&home4, &via("10.77.4.1"), d, "home4-gateway");
+    let punching_id = punching.wait_for("gateway peer id:", Duration::from_secs(1)).trim_start_matches("gateway peer id:").trim().to_string();
+    let first_id = first.wait_for("peer id:", Duration::from_secs(1)).trim_start_matches("peer id:").trim().to_string();
+    assert_eq!(openai_when_covered(&home4, &punching_url, prompt, 8, Duration::from_secs(30)), expected, "{}", punching.log());
+    let deadline = Instant::now() + Duration::from_secs(70);
+    loop {
+        let route = of_node(&swarm_in(&home4, &punching_url), 0, "route");
+        let reported = [(&punching, &first_id), (&first, &punching_id)]
+            .iter()
+            .any(|(p, peer)| p.log().lines().any(|l| l.contains("hole punched") && l.contains(peer.as_str())));
+        if route == "direct" && reported {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no hole punch between homes 1 and 4 (route {route}, reported {reported}):\n{}\n{}", punching.log(), first.log());
+        std::thread::sleep(Duration::from_millis(500));
     }
+    assert_eq!(openai_in(&home4, &punching_url, prompt, 8), expected, "{}", punching.log());
+    drop(punching);
 
     // A gateway behind the third home's symmetric NAT: no hole punch can
     // work between it and the symmetric home's node, so that route stays
