@@ -259,8 +259,10 @@ fn a_gateway_killed_mid_requests_loses_and_doubles_nothing() {
     assert!(killed.keys().any(|a| a.starts_with("held:")), "the kill left requests holding credits (or the test killed too late): {killed:?}");
     assert!(killed.keys().any(|a| a.starts_with("node:")), "some sessions were paid before the kill (or the test killed too early): {killed:?}");
 
-    // The restarted gateway releases the dead requests' holds, and serves.
+    // The restarted gateway releases the dead requests' holds, and serves
+    // (once it has heard of every block again).
     let gateway = serve(&args);
+    wait_until_covered(&gateway.base_url, Duration::from_secs(60));
     let (status, answer) = post(
         &gateway.base_url,
         "/chat/completions",

@@ -158,6 +158,25 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Waits until the gateway at `base_url` (with or without `/v1`) has heard
+/// of a node for every block (`/health` says "ok"), for up to `limit`. A
+/// gateway restarted with the same key may need a few heartbeats: nodes
+/// drop the dead process's connections when the new one connects.
+#[allow(dead_code)]
+pub fn wait_until_covered(base_url: &str, limit: Duration) {
+    let url = format!("{}/health", base_url.trim_end_matches("/v1"));
+    let deadline = Instant::now() + limit;
+    loop {
+        let out = Command::new("curl").args(["-s", &url]).output().expect("curl runs");
+        let health: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if health["status"] == "ok" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the gateway at {base_url} never heard of every block within {limit:?}: {health}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// A counter or gauge from a gateway's `/metrics` (`base_url` with or
 /// without `/v1`), summed over the series of `name` whose labels contain
 /// `label` (0 when absent).

@@ -195,20 +195,26 @@ pub(crate) struct PanelLayout {
     pub block_bytes_at: usize,
     pub super_halves_at: usize,
     pub bytes: usize,
+    /// `bytes / blocks`: exact for every format (a superblock's arrays are
+    /// 8 blocks' worth), so decode's prefetch spreads a panel evenly over
+    /// its blocks without a division per block.
+    pub block_stride: usize,
 }
 
 impl PanelLayout {
     pub fn new(format: WeightFormat, cols: usize) -> Self {
         if format == WeightFormat::F32 {
             let bytes = cols * PANEL * 4;
-            return Self { blocks: 0, block_halves_at: bytes, block_bytes_at: bytes, super_halves_at: bytes, bytes };
+            return Self { blocks: 0, block_halves_at: bytes, block_bytes_at: bytes, super_halves_at: bytes, bytes, block_stride: 0 };
         }
         let blocks = cols / QK;
         let block_halves_at = blocks * format.quant_bytes();
         let block_bytes_at = block_halves_at + format.block_halves() * blocks * PANEL * 2;
         let super_halves_at = block_bytes_at + format.block_bytes() * blocks * PANEL;
         let bytes = super_halves_at + format.super_halves() * (cols / QK_K) * PANEL * 2;
-        Self { blocks, block_halves_at, block_bytes_at, super_halves_at, bytes }
+        assert!(blocks == 0 || bytes % blocks == 0, "a {format:?} panel of {cols} columns does not split evenly into blocks");
+        let block_stride = bytes.checked_div(blocks).unwrap_or(0);
+        Self { blocks, block_halves_at, block_bytes_at, super_halves_at, bytes, block_stride }
     }
 
     /// Offset of lane 0 of per-block f16 array `array` at block `b`.
@@ -229,8 +235,8 @@ impl PanelLayout {
     /// included.
     #[inline(always)]
     pub fn prefetch_lines(&self, base: *const u8, b: usize) -> impl Iterator<Item = usize> {
-        let at = |b: usize| base as usize + PREFETCH_BYTES + b * self.bytes / self.blocks;
-        (at(b).next_multiple_of(64)..at(b + 1)).step_by(64).map(move |a| a - base as usize)
+        let start = base as usize + PREFETCH_BYTES + b * self.block_stride;
+        (start.next_multiple_of(64)..start + self.block_stride).step_by(64).map(move |a| a - base as usize)
     }
 
     /// Offset of lane 0 of per-superblock f16 array `array` for block `b`.
