@@ -5,7 +5,9 @@
 #
 #   direct       node and gateway on the "internet"
 #   hole-punched node behind the endpoint-independent NAT, gateway on the
-#                internet: reached through the relay, then a hole punch
+#                internet: reached through the relay, then direct (a hole
+#                punch, or the node dialing the public gateway, whichever
+#                comes first)
 #   relayed      node behind one symmetric NAT, gateway behind the other:
 #                no hole punch works, every step goes through the relay
 #
