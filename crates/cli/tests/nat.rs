@@ -87,6 +87,13 @@ impl Proc {
         }
     }
 
+    /// The peer id the process printed ("peer id: …", or "gateway peer
+    /// id: …"), waiting up to `limit` for it.
+    fn peer_id(&self, limit: Duration) -> String {
+        let line = self.wait_for("peer id:", limit);
+        line.rsplit(' ').next().unwrap_or_default().trim().to_string()
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -189,7 +196,7 @@ fn nodes_behind_nat_serve_through_a_relay_and_hole_punch() {
 
     let key = d.join("relay.key");
     let mut relay = Proc::start(&inet, &["relay", "--listen", "/ip4/0.0.0.0/udp/4001/quic-v1", "--key", key.to_str().expect("utf-8")], log_path(d, "relay"));
-    let relay_id = relay.wait_for("peer id:", Duration::from_secs(30)).trim_start_matches("peer id:").trim().to_string();
+    let relay_id = relay.peer_id(Duration::from_secs(30));
     let via = |ip: &str| format!("/ip4/{ip}/udp/4001/quic-v1/p2p/{relay_id}");
     let node_on = |ns: &str, blocks: &str, listen: &str, join: String, name: &str, extra: &[&str]| {
         let mut args = vec!["node", "--blocks", blocks, "--listen", listen, "--join", &join, "-t", "1"];
@@ -253,8 +260,8 @@ fn nodes_behind_nat_serve_through_a_relay_and_hole_punch() {
     // whichever side finished it first. (The public gateway's direct routes
     // above may come from a home node dialing it, with no hole punch.)
     let (punching, punching_url) = gateway_in(&home4, &via("10.77.4.1"), d, "home4-gateway");
-    let punching_id = punching.wait_for("gateway peer id:", Duration::from_secs(1)).trim_start_matches("gateway peer id:").trim().to_string();
-    let first_id = first.wait_for("peer id:", Duration::from_secs(1)).trim_start_matches("peer id:").trim().to_string();
+    let punching_id = punching.peer_id(Duration::from_secs(1));
+    let first_id = first.peer_id(Duration::from_secs(1));
     assert_eq!(openai_when_covered(&home4, &punching_url, prompt, 8, Duration::from_secs(30)), expected, "{}", punching.log());
     let deadline = Instant::now() + Duration::from_secs(70);
     loop {
@@ -302,7 +309,7 @@ fn nodes_behind_nat_serve_through_a_relay_and_hole_punch() {
     // the public node, listens through it, and the chain is served
     // through it.
     middle.wait_for("relaying circuits for peers behind NAT", Duration::from_secs(10));
-    let middle_id = middle.wait_for("peer id:", Duration::from_secs(1)).trim_start_matches("peer id:").trim().to_string();
+    let middle_id = middle.peer_id(Duration::from_secs(1));
     last.kill();
     let through_middle = format!("/ip4/10.77.2.1/udp/4002/quic-v1/p2p/{middle_id}");
     let again = node_on(&home2, "20..30", "/ip4/0.0.0.0/udp/0/quic-v1", through_middle, "home2-again", &["--reserve", "always"]);

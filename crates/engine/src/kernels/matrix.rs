@@ -212,7 +212,7 @@ impl PanelLayout {
         let block_bytes_at = block_halves_at + format.block_halves() * blocks * PANEL * 2;
         let super_halves_at = block_bytes_at + format.block_bytes() * blocks * PANEL;
         let bytes = super_halves_at + format.super_halves() * (cols / QK_K) * PANEL * 2;
-        assert!(blocks == 0 || bytes % blocks == 0, "a {format:?} panel of {cols} columns does not split evenly into blocks");
+        assert!(blocks == 0 || bytes.is_multiple_of(blocks), "a {format:?} panel of {cols} columns does not split evenly into blocks");
         let block_stride = bytes.checked_div(blocks).unwrap_or(0);
         Self { blocks, block_halves_at, block_bytes_at, super_halves_at, bytes, block_stride }
     }
