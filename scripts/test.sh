@@ -16,6 +16,7 @@ command -v chromium-headless-shell >/dev/null 2>&1 || missing+=(chromium-headles
 # The NAT test builds routers in network namespaces (scripts/natbed.sh).
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v sysctl >/dev/null 2>&1 || missing+=(procps)
 if [ "${#missing[@]}" -gt 0 ]; then
     # pip fetches the default model from PyPI; curl is what the README shows.
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
