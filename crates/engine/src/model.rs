@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -17,7 +18,7 @@ use hotpot_core::{LayerSpan, ModelId};
 pub use crate::arch::Architecture;
 use crate::arch::{Meta, Recipe, Shape};
 use crate::error::ModelError;
-use crate::kernels::{Matrix, WeightFormat};
+use crate::kernels::{Arena, Matrix, WeightFormat};
 
 /// The shape of a model, read from GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -194,24 +195,38 @@ impl ModelFile {
     /// Loads a `rows × cols` weight matrix in the kernels' packed layout.
     /// Encodings without a native kernel are dequantized to f32.
     pub fn load_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix, ModelError> {
+        self.load_matrix_in(name, rows, cols, None)
+    }
+
+    /// The tensor `name` if it is `rows × cols`, and the format
+    /// `load_matrix` keeps it in.
+    fn matrix_entry(&self, name: &str, rows: usize, cols: usize) -> Result<(&TensorEntry, WeightFormat), ModelError> {
         let entry = self.tensor(name)?;
         if entry.dims != [rows, cols] {
             return Err(ModelError::TensorShape { name: name.into(), expected: vec![rows, cols], got: entry.dims.clone() });
         }
+        Ok((entry, WeightFormat::of(entry.dtype).unwrap_or(WeightFormat::F32)))
+    }
+
+    /// Bytes the packed `rows × cols` matrix `name` takes in memory.
+    pub(crate) fn matrix_bytes(&self, name: &str, rows: usize, cols: usize) -> Result<usize, ModelError> {
+        let (_, format) = self.matrix_entry(name, rows, cols)?;
+        Matrix::packed_bytes(format, rows, cols).map_err(|e| ModelError::BadTensor { name: name.into(), reason: e.to_string() })
+    }
+
+    /// `load_matrix`, packing into the next bytes of `arena` when one is given.
+    pub(crate) fn load_matrix_in(&self, name: &str, rows: usize, cols: usize, arena: Option<&Arc<Arena>>) -> Result<Matrix, ModelError> {
+        let (entry, format) = self.matrix_entry(name, rows, cols)?;
         let pack_error = |e: crate::kernels::matrix::PackError| ModelError::BadTensor { name: name.into(), reason: e.to_string() };
-        match WeightFormat::of(entry.dtype) {
-            Some(format) if format.is_quantized() => {
-                let file = File::open(&self.path).map_err(|source| ModelError::Io { path: self.path.clone(), source })?;
-                Matrix::from_ggml_file(format, rows, cols, &file, entry.offset).map_err(pack_error)
-            }
-            Some(format) => Matrix::from_ggml(format, rows, cols, &self.read_bytes(name)?).map_err(pack_error),
-            None => {
-                let bytes = self.read_bytes(name)?;
-                tracing::debug!(tensor = name, dtype = ?entry.dtype, "no native kernel: dequantizing to f32");
-                let values = self.dequantize(name, entry, &bytes)?;
-                Matrix::from_f32(rows, cols, &values).map_err(pack_error)
-            }
+        if format.is_quantized() {
+            let file = File::open(&self.path).map_err(|source| ModelError::Io { path: self.path.clone(), source })?;
+            return Matrix::from_ggml_file(format, rows, cols, &file, entry.offset, arena).map_err(pack_error);
         }
+        if entry.dtype != GgmlDType::F32 {
+            tracing::debug!(tensor = name, dtype = ?entry.dtype, "no native kernel: dequantizing to f32");
+        }
+        let values = self.dequantize(name, entry, &self.read_bytes(name)?)?;
+        Matrix::from_f32_in(rows, cols, &values, arena).map_err(pack_error)
     }
 
     /// Loads a vector (norm weights, biases) of `len` values as f32.

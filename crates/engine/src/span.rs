@@ -9,7 +9,7 @@ use hotpot_core::LayerSpan;
 use crate::arch::{Activation, LayerPlan};
 use crate::error::{ForwardError, ModelError};
 use crate::kernels::ops::{self, RopeTable};
-use crate::kernels::{ActivationBits, Cpu, CpuPool, Isa, MatmulInput, Matrix, PANEL, isa, matmul};
+use crate::kernels::{ActivationBits, Arena, Cpu, CpuPool, Isa, MatmulInput, Matrix, PANEL, isa, matmul};
 use crate::model::{ModelConfig, ModelFile};
 use crate::profile::{self, Phase};
 
@@ -214,17 +214,33 @@ struct Block {
 }
 
 impl Block {
-    /// Loads block `i`'s tensors, by name, as the recipe asks.
-    fn load(file: &ModelFile, i: u32) -> Result<Self, ModelError> {
+    /// Block `i`'s weight matrices as (tensor name, rows, columns), in the
+    /// order decode reads them.
+    fn matrices(c: &ModelConfig, i: u32) -> [(String, usize, usize); 7] {
+        let name = |t: &str| format!("blk.{i}.{t}");
+        [
+            (name("attn_q.weight"), c.q_dim(), c.dim),
+            (name("attn_k.weight"), c.kv_dim(), c.dim),
+            (name("attn_v.weight"), c.kv_dim(), c.dim),
+            (name("attn_output.weight"), c.dim, c.q_dim()),
+            (name("ffn_gate.weight"), c.ffn_dim, c.dim),
+            (name("ffn_up.weight"), c.ffn_dim, c.dim),
+            (name("ffn_down.weight"), c.dim, c.ffn_dim),
+        ]
+    }
+
+    /// Loads block `i`'s tensors, by name, as the recipe asks; its matrices
+    /// go to the next bytes of `arena`, in decode's order.
+    fn load(file: &ModelFile, i: u32, arena: &Arc<Arena>) -> Result<Self, ModelError> {
         let c = file.config();
         let r = &c.recipe;
         let name = |t: &str| format!("blk.{i}.{t}");
         let vector = |t: &str, len: usize| file.load_vector(&name(t), len);
-        let qkv = vec![
-            file.load_matrix(&name("attn_q.weight"), c.q_dim(), c.dim)?,
-            file.load_matrix(&name("attn_k.weight"), c.kv_dim(), c.dim)?,
-            file.load_matrix(&name("attn_v.weight"), c.kv_dim(), c.dim)?,
-        ];
+        let mut matrices = Vec::with_capacity(7);
+        for (name, rows, cols) in Self::matrices(c, i) {
+            matrices.push(file.load_matrix_in(&name, rows, cols, Some(arena))?);
+        }
+        let [q, k, v, attn_out, gate, up, down] = <[Matrix; 7]>::try_from(matrices).expect("seven matrices");
         let qkv_bias = if r.qkv_bias {
             let mut bias = vector("attn_q.bias", c.q_dim())?;
             bias.extend(vector("attn_k.bias", c.kv_dim())?);
@@ -236,17 +252,16 @@ impl Block {
         let qk_norm = if r.qk_norm { Some((vector("attn_q_norm.weight", c.head_dim)?, vector("attn_k_norm.weight", c.head_dim)?)) } else { None };
         let (post_attn_norm, post_ffn_norm) =
             if r.post_norms { (Some(vector("post_attention_norm.weight", c.dim)?), Some(vector("post_ffw_norm.weight", c.dim)?)) } else { (None, None) };
-        let gate_up = vec![file.load_matrix(&name("ffn_gate.weight"), c.ffn_dim, c.dim)?, file.load_matrix(&name("ffn_up.weight"), c.ffn_dim, c.dim)?];
         Ok(Self {
             attn_norm: vector("attn_norm.weight", c.dim)?,
-            qkv: fuse(qkv),
+            qkv: fuse(vec![q, k, v]),
             qkv_bias,
             qk_norm,
-            attn_out: file.load_matrix(&name("attn_output.weight"), c.dim, c.q_dim())?,
+            attn_out,
             post_attn_norm,
             ffn_norm: vector("ffn_norm.weight", c.dim)?,
-            gate_up: fuse(gate_up),
-            down: file.load_matrix(&name("ffn_down.weight"), c.dim, c.ffn_dim)?,
+            gate_up: fuse(vec![gate, up]),
+            down,
             post_ffn_norm,
             plan: r.layer(i),
         })
@@ -266,11 +281,14 @@ fn fuse(parts: Vec<Matrix>) -> Vec<(Matrix, usize)> {
     let mut at = 0;
     for m in parts {
         let rows = m.rows();
-        match fused.last_mut() {
-            Some((prev, _)) if prev.rows() % PANEL == 0 && prev.format() == m.format() && prev.cols() == m.cols() => {
-                *prev = Matrix::concat_rows(prev, &m);
+        match fused.pop() {
+            Some((prev, start)) if prev.rows() % PANEL == 0 && prev.format() == m.format() && prev.cols() == m.cols() => {
+                fused.push((Matrix::concat_rows(prev, m), start));
             }
-            _ => fused.push((m, at)),
+            prev => {
+                fused.extend(prev);
+                fused.push((m, at));
+            }
         }
         at += rows;
     }
@@ -325,7 +343,15 @@ impl Span {
     /// Loads the tensors of blocks `span` (and nothing else) from `file`.
     pub fn load(file: &ModelFile, span: LayerSpan, device: &Device) -> Result<Self, ModelError> {
         file.config().check_span(span)?;
-        let blocks = span.blocks().map(|i| Block::load(file, i)).collect::<Result<_, _>>()?;
+        // One arena for every block's matrices, sized exactly (see `Arena`).
+        let mut lens = Vec::new();
+        for i in span.blocks() {
+            for (name, rows, cols) in Block::matrices(file.config(), i) {
+                lens.push(file.matrix_bytes(&name, rows, cols)?);
+            }
+        }
+        let arena = Arc::new(Arena::new(Arena::bytes_for(lens)));
+        let blocks = span.blocks().map(|i| Block::load(file, i, &arena)).collect::<Result<_, _>>()?;
         Ok(Self { config: file.config().clone(), span, blocks, device: device.clone(), attention_window: None })
     }
 
@@ -623,5 +649,30 @@ impl SharedRows {
     /// touch it while the slice lives.
     unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
         unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TinyModel;
+
+    #[test]
+    fn a_spans_matrices_lie_end_to_end_in_decode_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("tiny.gguf");
+        TinyModel::default().write(&path).expect("writes");
+        let file = ModelFile::open(&path).expect("opens");
+        let span = Span::load(&file, LayerSpan::new(1, 4).expect("span"), &Device::cpu(1).expect("cpu")).expect("loads");
+        let order: Vec<&Matrix> = span
+            .blocks
+            .iter()
+            .flat_map(|b| b.qkv.iter().map(|(m, _)| m).chain([&b.attn_out]).chain(b.gate_up.iter().map(|(m, _)| m)).chain([&b.down]))
+            .collect();
+        // q, k and v fuse into one product, gate and up into another.
+        assert_eq!(order.len(), 3 * 4);
+        for (i, pair) in order.windows(2).enumerate() {
+            assert!(pair[0].followed_by(pair[1]), "matrix {i} is not followed by matrix {}", i + 1);
+        }
     }
 }

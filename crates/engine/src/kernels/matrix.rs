@@ -45,10 +45,12 @@
 //! Results are therefore bit-identical across all of them, which is what
 //! lets an auditor on another CPU recompute a node's work exactly.
 
+use std::sync::Arc;
+
 use half::f16;
 
 use super::Cpu;
-use super::aligned::AlignedBuf;
+use super::aligned::{AlignedBuf, Arena};
 use super::pool::SharedOut;
 
 use super::isa::Isa;
@@ -287,7 +289,7 @@ impl Matrix {
         if bytes.len() != expected {
             return Err(PackError::Bytes { format: format.name(), rows, cols, expected, got: bytes.len() });
         }
-        Self::pack(format, rows, cols, |first_row, buf| {
+        Self::pack(format, rows, cols, None, |first_row, buf| {
             buf.copy_from_slice(&bytes[first_row * row_bytes..][..buf.len()]);
             Ok(())
         })
@@ -297,11 +299,27 @@ impl Matrix {
     /// Packs a quantized matrix whose GGML bytes start at `offset` in
     /// `file`, reading 16 rows at a time (on every core for large ones), so
     /// that loading never holds the file's copy of the tensor in memory.
-    pub fn from_ggml_file(format: WeightFormat, rows: usize, cols: usize, file: &std::fs::File, offset: u64) -> Result<Self, PackError> {
+    /// The packed weights go to the next bytes of `arena` when one is given.
+    pub(crate) fn from_ggml_file(
+        format: WeightFormat,
+        rows: usize,
+        cols: usize,
+        file: &std::fs::File,
+        offset: u64,
+        arena: Option<&Arc<Arena>>,
+    ) -> Result<Self, PackError> {
         use std::os::unix::fs::FileExt;
         let row_bytes = Self::row_bytes(format, cols)?;
-        Self::pack(format, rows, cols, |first_row, buf| file.read_exact_at(buf, offset + (first_row * row_bytes) as u64))
+        Self::pack(format, rows, cols, arena, |first_row, buf| file.read_exact_at(buf, offset + (first_row * row_bytes) as u64))
             .map_err(|e| PackError::Io(e.to_string()))
+    }
+
+    /// Bytes a `rows × cols` matrix of `format` takes once packed.
+    pub fn packed_bytes(format: WeightFormat, rows: usize, cols: usize) -> Result<usize, PackError> {
+        if format != WeightFormat::F32 {
+            Self::row_bytes(format, cols)?;
+        }
+        Ok(rows.div_ceil(PANEL) * PanelLayout::new(format, cols).bytes)
     }
 
     /// Bytes of one GGML row of `cols` weights.
@@ -315,10 +333,16 @@ impl Matrix {
 
     /// Packs panel after panel, each from the GGML bytes of its rows that
     /// `read(first_row, buffer)` fills in.
-    fn pack(format: WeightFormat, rows: usize, cols: usize, read: impl Fn(usize, &mut [u8]) -> std::io::Result<()> + Sync) -> Result<Self, std::io::Error> {
+    fn pack(
+        format: WeightFormat,
+        rows: usize,
+        cols: usize,
+        arena: Option<&Arc<Arena>>,
+        read: impl Fn(usize, &mut [u8]) -> std::io::Result<()> + Sync,
+    ) -> Result<Self, std::io::Error> {
         let row_bytes = Self::row_bytes(format, cols).map_err(std::io::Error::other)?;
         let block_bytes = format.ggml_block_bytes();
-        let mut matrix = Self::zeroed(format, rows, cols);
+        let mut matrix = Self::zeroed(format, rows, cols, arena);
         let layout = matrix.layout();
         let panel_bytes = matrix.panel_bytes;
         let pack_panel = |panel: usize, dst: &mut [u8], buf: &mut Vec<u8>| -> std::io::Result<()> {
@@ -361,10 +385,15 @@ impl Matrix {
 
     /// Packs a row-major `f32` matrix (kept in f32).
     pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Result<Self, PackError> {
+        Self::from_f32_in(rows, cols, values, None)
+    }
+
+    /// `from_f32`, into the next bytes of `arena` when one is given.
+    pub(crate) fn from_f32_in(rows: usize, cols: usize, values: &[f32], arena: Option<&Arc<Arena>>) -> Result<Self, PackError> {
         if values.len() != rows * cols {
             return Err(PackError::Bytes { format: "F32", rows, cols, expected: rows * cols * 4, got: values.len() * 4 });
         }
-        let mut matrix = Self::zeroed(WeightFormat::F32, rows, cols);
+        let mut matrix = Self::zeroed(WeightFormat::F32, rows, cols, arena);
         for row in 0..rows {
             let (panel, lane) = (row / PANEL, row % PANEL);
             let dst = matrix.panel_mut(panel);
@@ -376,20 +405,35 @@ impl Matrix {
     }
 
     /// `a` stacked on `b` (rows of `a` first). `a` must end on a panel
-    /// boundary and both must share format and width.
-    pub fn concat_rows(a: &Matrix, b: &Matrix) -> Matrix {
+    /// boundary and both must share format and width. Matrices packed one
+    /// after the other into one arena are joined where they lie; others are
+    /// copied into a new buffer.
+    pub fn concat_rows(a: Matrix, b: Matrix) -> Matrix {
         assert!(a.rows.is_multiple_of(PANEL) && a.format == b.format && a.cols == b.cols, "matrices cannot be stacked");
-        let mut m = Self::zeroed(a.format, a.rows + b.rows, a.cols);
+        let rows = a.rows + b.rows;
+        if a.data.followed_by(&b.data) {
+            return Self { rows, data: a.data.join(b.data), ..a };
+        }
+        let mut m = Self::zeroed(a.format, rows, a.cols, None);
         let split = a.data.len();
         m.data.as_mut_slice()[..split].copy_from_slice(a.data.as_slice());
         m.data.as_mut_slice()[split..].copy_from_slice(b.data.as_slice());
         m
     }
 
-    fn zeroed(format: WeightFormat, rows: usize, cols: usize) -> Self {
+    /// Zeroed panels, in the next bytes of `arena` if it has room, else in
+    /// a buffer of their own.
+    fn zeroed(format: WeightFormat, rows: usize, cols: usize, arena: Option<&Arc<Arena>>) -> Self {
         let panel_bytes = PanelLayout::new(format, cols).bytes;
-        let panels = rows.div_ceil(PANEL);
-        Self { format, rows, cols, panel_bytes, data: AlignedBuf::zeroed(panels * panel_bytes) }
+        let len = rows.div_ceil(PANEL) * panel_bytes;
+        let data = arena.and_then(|arena| arena.take(len)).unwrap_or_else(|| AlignedBuf::zeroed(len));
+        Self { format, rows, cols, panel_bytes, data }
+    }
+
+    /// Whether `next`'s weights start right where this matrix's end, in
+    /// one arena (decode's prefetch then runs from one into the other).
+    pub fn followed_by(&self, next: &Matrix) -> bool {
+        self.data.followed_by(&next.data)
     }
 
     pub(crate) fn layout(&self) -> PanelLayout {

@@ -42,6 +42,7 @@ mod wide;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub(crate) use aligned::Arena;
 pub use isa::Isa;
 pub use matrix::{ActivationBits, MatmulInput, Matrix, PANEL, WeightFormat, matmul};
 pub use pool::CpuPool;
