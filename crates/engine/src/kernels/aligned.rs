@@ -22,9 +22,11 @@ struct Line([u8; 64]);
 /// small matrices get huge pages too (a 0.5 MB matrix alone never fills
 /// one), and decode's prefetch, which runs 32 KiB past the end of each
 /// product, brings in the start of the next one. Measured 2026-12-03 with
-/// `hotpot bench MODEL -t 1 -p 0 -n 64`, one mapping per matrix against
-/// one arena, alternating (medians of 6–8 pairs): SmolLM2 145 → 178 t/s,
-/// Gemma 3 270M 73 → 79, Qwen2.5-Coder 0.5B 40 → 43.
+/// `hotpot bench MODEL -t 1 -p 0 -n 64`, one buffer per matrix against one
+/// arena per span, old and new binaries alternating (medians of pairs):
+/// SmolLM2 143 → 173 t/s (8 pairs, faster in all 8), Qwen2.5-Coder 0.5B
+/// 41.9 → 44.2 (6), 1.5B 16.8 → 17.4 (4, `-n 32`), Gemma 3 270M 73.8 →
+/// 74.4 (6, within the noise).
 pub struct Arena {
     base: *mut u8,
     cap: usize,
