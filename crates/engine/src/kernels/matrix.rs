@@ -777,6 +777,16 @@ const TOKEN_BLOCK: usize = 64;
 ///   against 20.7 tok/s (3 pairs). 64 KiB was no better than 32.
 pub(crate) const PREFETCH_BYTES: usize = 32768;
 
+/// Bytes of weights per run of panels a thread takes at a time in decode.
+/// Measured 2026-12-03 with `hotpot bench MODEL -t 2 -p 0`, alternating:
+/// one run per thread was faster for SmolLM2 (all its products under 2 MB;
+/// 192 → 214 t/s, medians of 5 pairs) and slower for Qwen2.5-Coder 1.5B
+/// (25.6 → 22.9, 4 pairs) than 4 per thread; 16 per thread was slower for
+/// the 1.5B (26.1 → 23.2). This rule against 4 per thread, medians of 5–6
+/// pairs: SmolLM2 185 → 202 t/s, Gemma 3 270M 97 → 105, the 0.5B 55 → 60,
+/// the 1.5B 23.7 → 23.6 (unchanged within the noise).
+const DECODE_CHUNK_BYTES: usize = 2 << 20;
+
 /// Asks for `bytes` to be brought into cache: decode's kernels prefetch
 /// `PREFETCH_BYTES` ahead of where they read, so the first bytes of each
 /// run of panels would otherwise come from memory unannounced.
@@ -862,7 +872,12 @@ pub fn matmul(cpu: &Cpu, w: &Matrix, x: &MatmulInput, out: &mut [f32], ld: usize
     let base = SharedOut(out.as_mut_ptr());
     let panels = w.panels();
     let layout = w.layout();
-    let chunk = panels.div_ceil(pool.threads() * 4).max(1);
+    let threads = pool.threads();
+    // Decode: runs of about `DECODE_CHUNK_BYTES` each, at least one per
+    // thread, so a small product is not cut into runs shorter than the
+    // prefetch's ramp; prefill: 4 runs per thread.
+    let chunks = if x.rows <= 2 { (w.data.len() / DECODE_CHUNK_BYTES).clamp(threads, threads * 4) } else { threads * 4 };
+    let chunk = panels.div_ceil(chunks).max(1);
     // Prefill: a block of tokens whose activations stay in L2 meets every
     // panel of the chunk before the next block, so activations are read
     // from memory once per chunk and each panel's weights (in L1) serve
