@@ -211,22 +211,21 @@ impl ModelFile {
     /// Bytes the packed `rows × cols` matrix `name` takes in memory.
     pub(crate) fn matrix_bytes(&self, name: &str, rows: usize, cols: usize) -> Result<usize, ModelError> {
         let (_, format) = self.matrix_entry(name, rows, cols)?;
-        Matrix::packed_bytes(format, rows, cols).map_err(|e| ModelError::BadTensor { name: name.into(), reason: e.to_string() })
+        Matrix::packed_bytes(format, rows, cols).map_err(|e| pack_error(name, e))
     }
 
     /// `load_matrix`, packing into the next bytes of `arena` when one is given.
     pub(crate) fn load_matrix_in(&self, name: &str, rows: usize, cols: usize, arena: Option<&Arc<Arena>>) -> Result<Matrix, ModelError> {
         let (entry, format) = self.matrix_entry(name, rows, cols)?;
-        let pack_error = |e: crate::kernels::matrix::PackError| ModelError::BadTensor { name: name.into(), reason: e.to_string() };
         if format.is_quantized() {
             let file = File::open(&self.path).map_err(|source| ModelError::Io { path: self.path.clone(), source })?;
-            return Matrix::from_ggml_file(format, rows, cols, &file, entry.offset, arena).map_err(pack_error);
+            return Matrix::from_ggml_file(format, rows, cols, &file, entry.offset, arena).map_err(|e| pack_error(name, e));
         }
         if entry.dtype != GgmlDType::F32 {
             tracing::debug!(tensor = name, dtype = ?entry.dtype, "no native kernel: dequantizing to f32");
         }
         let values = self.dequantize(name, entry, &self.read_bytes(name)?)?;
-        Matrix::from_f32_in(rows, cols, &values, arena).map_err(pack_error)
+        Matrix::from_f32_in(rows, cols, &values, arena).map_err(|e| pack_error(name, e))
     }
 
     /// Loads a vector (norm weights, biases) of `len` values as f32.
@@ -478,4 +477,9 @@ fn read_config(meta: &HashMap<String, Value>, tensors: &HashMap<String, TensorEn
         rms_eps,
         recipe,
     })
+}
+
+/// A tensor that cannot be packed, as a model error naming it.
+fn pack_error(name: &str, e: crate::kernels::matrix::PackError) -> ModelError {
+    ModelError::BadTensor { name: name.into(), reason: e.to_string() }
 }

@@ -236,10 +236,8 @@ impl Block {
         let r = &c.recipe;
         let name = |t: &str| format!("blk.{i}.{t}");
         let vector = |t: &str, len: usize| file.load_vector(&name(t), len);
-        let mut matrices = Vec::with_capacity(7);
-        for (name, rows, cols) in Self::matrices(c, i) {
-            matrices.push(file.load_matrix_in(&name, rows, cols, Some(arena))?);
-        }
+        let matrices: Vec<Matrix> =
+            Self::matrices(c, i).iter().map(|(name, rows, cols)| file.load_matrix_in(name, *rows, *cols, Some(arena))).collect::<Result<_, _>>()?;
         let [q, k, v, attn_out, gate, up, down] = <[Matrix; 7]>::try_from(matrices).expect("seven matrices");
         let qkv_bias = if r.qkv_bias {
             let mut bias = vector("attn_q.bias", c.q_dim())?;

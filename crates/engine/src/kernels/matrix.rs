@@ -315,7 +315,7 @@ impl Matrix {
     }
 
     /// Bytes a `rows × cols` matrix of `format` takes once packed.
-    pub fn packed_bytes(format: WeightFormat, rows: usize, cols: usize) -> Result<usize, PackError> {
+    pub(crate) fn packed_bytes(format: WeightFormat, rows: usize, cols: usize) -> Result<usize, PackError> {
         if format != WeightFormat::F32 {
             Self::row_bytes(format, cols)?;
         }
