@@ -231,6 +231,7 @@ pub fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, masked: usize
     match hd {
         64 => score_keys::<64>(q, keys, scale, scores),
         128 => score_keys::<128>(q, keys, scale, scores),
+        256 => score_keys::<256>(q, keys, scale, scores),
         _ => score_keys_any(q, keys, scale, scores),
     }
     scores.truncate(values.len() / hd);
@@ -241,6 +242,7 @@ pub fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, masked: usize
     match hd {
         64 => mix_values::<64>(scores, values, sum, out),
         128 => mix_values::<128>(scores, values, sum, out),
+        256 => mix_values::<256>(scores, values, sum, out),
         _ => mix_values_any(scores, values, sum, out),
     }
 }
@@ -426,7 +428,7 @@ mod tests {
     /// Attention against a float64 softmax, and every variant against scalar.
     #[test]
     fn attention_matches_float64_and_variants_agree() {
-        for (hd, len) in [64, 128, 48].into_iter().flat_map(|hd| [1usize, 15, 16, 17, 100, 200].map(|len| (hd, len))) {
+        for (hd, len) in [64, 128, 256, 48].into_iter().flat_map(|hd| [1usize, 15, 16, 17, 100, 200].map(|len| (hd, len))) {
             let q: Vec<f32> = (0..hd).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
             let keys: Vec<Vec<f32>> = (0..len).map(|j| (0..hd).map(|i| (((i + 3 * j) % 11) as f32 - 5.0) * 0.07).collect()).collect();
             let values: Vec<f32> = (0..len * hd).map(|i| ((i % 17) as f32 - 8.0) * 0.05).collect();
@@ -460,15 +462,23 @@ mod tests {
             }
             // The code specialized for a head size computes what the
             // general code does.
-            if hd == 64 {
+            if hd == 64 || hd == 256 {
                 let (mut a, mut b) = (Vec::new(), Vec::new());
-                score_keys::<64>(&q, &panels, 0.125, &mut a);
+                if hd == 64 {
+                    score_keys::<64>(&q, &panels, 0.125, &mut a);
+                } else {
+                    score_keys::<256>(&q, &panels, 0.125, &mut a);
+                }
                 score_keys_any(&q, &panels, 0.125, &mut b);
                 assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
                 a.truncate(len);
                 let sum = softmax_numerators(&mut a);
                 let (mut x, mut y) = (vec![0.0; hd], vec![0.0; hd]);
-                mix_values::<64>(&a, &values, sum, &mut x);
+                if hd == 64 {
+                    mix_values::<64>(&a, &values, sum, &mut x);
+                } else {
+                    mix_values::<256>(&a, &values, sum, &mut x);
+                }
                 mix_values_any(&a, &values, sum, &mut y);
                 assert_eq!(x, y);
             }
