@@ -545,7 +545,9 @@ impl Span {
             }
         });
 
-        // One task per (row, head); each writes its own slice of the output.
+        // One task per (row, head), or in prefill per (row, key/value head)
+        // with the query heads that share it read together (same bits,
+        // `ops::attend_heads`); each task writes its own slice of the output.
         s.attn.resize(t * q_dim, 0.0);
         let group_size = c.n_heads / c.n_kv_heads;
         let scale = c.recipe.attention_scale;
@@ -558,11 +560,13 @@ impl Span {
         let views: Vec<(&BlockCache, usize, usize, usize)> = groups.iter().map(|g| (&*g.kv, g.capacity * hd, g.start_pos, g.offset)).collect();
         let row_group: Vec<usize> = groups.iter().enumerate().flat_map(|(i, g)| std::iter::repeat_n(i, g.rows)).collect();
         let qkv = &s.qkv;
-        let tasks = t * c.n_heads;
+        let heads_per_task = if t > 1 && hd % 16 == 0 { group_size } else { 1 };
+        let tasks_per_row = c.n_heads / heads_per_task;
+        let tasks = t * tasks_per_row;
         let work = |range: std::ops::Range<usize>| {
             let mut scores = Vec::new();
             for task in range {
-                let (row, h) = (task / c.n_heads, task % c.n_heads);
+                let (row, h) = (task / tasks_per_row, task % tasks_per_row * heads_per_task);
                 let (kv, stride, start_pos, offset) = views[row_group[row]];
                 let kvh = h / group_size;
                 let len = start_pos + (row - offset) + 1;
@@ -570,12 +574,16 @@ impl Span {
                 // slices still start on a key panel.
                 let first = window.map_or(0, |w| len.saturating_sub(w));
                 let from = first / KEY_PANEL * KEY_PANEL;
-                let q = &qkv[row * width + h * hd..][..hd];
+                let q = &qkv[row * width + h * hd..][..heads_per_task * hd];
                 let keys = &kv.k[kvh * stride + from * hd..][..(len.next_multiple_of(KEY_PANEL) - from) * hd];
                 let values = &kv.v[kvh * stride + from * hd..][..(len - from) * hd];
                 // SAFETY: task (row, h) is the only writer of this slice.
-                let dst = unsafe { out.slice(row * q_dim + h * hd, hd) };
-                ops::attend(cpu.isa, q, keys, values, scale, first - from, &mut scores, dst);
+                let dst = unsafe { out.slice(row * q_dim + h * hd, heads_per_task * hd) };
+                if heads_per_task == 1 {
+                    ops::attend(cpu.isa, q, keys, values, scale, first - from, &mut scores, dst);
+                } else {
+                    ops::attend_heads(cpu.isa, q, hd, keys, values, scale, first - from, &mut scores, dst);
+                }
             }
         };
         profile::time(Phase::Attention, || {

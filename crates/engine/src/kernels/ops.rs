@@ -248,6 +248,111 @@ pub fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, masked: usize
 }
 }
 
+/// Query heads [`attend_heads`] runs together.
+const HEADS_AT_ONCE: usize = 4;
+
+multiversion! {
+/// [`attend`] for query heads that share one key/value head: `qs` holds
+/// them one after another (`hd` values each) and `out` gets their results
+/// the same way. Each key and value is read once for up to
+/// [`HEADS_AT_ONCE`] heads instead of once per head (prefill reads the
+/// whole cache per query), and each head's result has [`attend`]'s bits:
+/// every lane runs the same sequence of operations. `hd` must be a
+/// multiple of 16.
+#[expect(clippy::too_many_arguments, reason = "the kernel's inputs are separate slices; a struct would only rename them")]
+pub fn attend_heads(qs: &[f32], hd: usize, keys: &[f32], values: &[f32], scale: f32, masked: usize, scores: &mut Vec<f32>, out: &mut [f32]) {
+    debug_assert!(hd.is_multiple_of(LANES) && qs.len() == out.len());
+    let heads = qs.len() / hd;
+    let (padded, positions) = (keys.len() / hd, values.len() / hd);
+    scores.clear();
+    scores.resize(heads * padded, 0.0);
+    let mut sums = [0.0f32; HEADS_AT_ONCE];
+    for h in (0..heads).step_by(HEADS_AT_ONCE) {
+        let n = (heads - h).min(HEADS_AT_ONCE);
+        let (q, p) = (&qs[h * hd..(h + n) * hd], &mut scores[h * padded..(h + n) * padded]);
+        match n {
+            1 => score_heads::<1>(q, hd, keys, scale, p),
+            2 => score_heads::<2>(q, hd, keys, scale, p),
+            3 => score_heads::<3>(q, hd, keys, scale, p),
+            _ => score_heads::<HEADS_AT_ONCE>(q, hd, keys, scale, p),
+        }
+        for (sum, row) in sums.iter_mut().zip(p.chunks_exact_mut(padded)) {
+            let row = &mut row[..positions];
+            row[..masked].fill(f32::NEG_INFINITY);
+            *sum = softmax_numerators(row);
+        }
+        let dst = &mut out[h * hd..(h + n) * hd];
+        match n {
+            1 => mix_heads::<1>(p, positions, values, hd, &sums, dst),
+            2 => mix_heads::<2>(p, positions, values, hd, &sums, dst),
+            3 => mix_heads::<3>(p, positions, values, hd, &sums, dst),
+            _ => mix_heads::<HEADS_AT_ONCE>(p, positions, values, hd, &sums, dst),
+        }
+    }
+}
+}
+
+/// [`score_keys`] for `N` query heads (`q`: `N × hd`) at once, into `N`
+/// rows of `scores`, one per head.
+#[inline(always)]
+fn score_heads<const N: usize>(q: &[f32], hd: usize, keys: &[f32], scale: f32, scores: &mut [f32]) {
+    let padded = scores.len() / N;
+    let q: [&[f32]; N] = std::array::from_fn(|g| &q[g * hd..][..hd]);
+    for (panel, keys) in keys.chunks_exact(KEY_PANEL * hd).enumerate() {
+        let mut acc = [[0.0f32; KEY_PANEL]; N];
+        for (d, k) in keys.as_chunks::<KEY_PANEL>().0.iter().enumerate() {
+            for (acc, q) in acc.iter_mut().zip(&q) {
+                let qd = q[d];
+                for l in 0..KEY_PANEL {
+                    acc[l] = qd.mul_add(k[l], acc[l]);
+                }
+            }
+        }
+        for (g, acc) in acc.iter().enumerate() {
+            for (s, a) in scores[g * padded + panel * KEY_PANEL..][..KEY_PANEL].iter_mut().zip(acc) {
+                *s = a * scale;
+            }
+        }
+    }
+}
+
+/// [`mix_values`] for `N` heads: `p` holds `N` rows of softmax numerators
+/// (the first `positions` of each row), `sums` their sums; 16 dimensions
+/// at a time, each value line read once for the `N` heads.
+#[inline(always)]
+fn mix_heads<const N: usize>(p: &[f32], positions: usize, values: &[f32], hd: usize, sums: &[f32; HEADS_AT_ONCE], out: &mut [f32]) {
+    let padded = p.len() / N;
+    for c in (0..hd).step_by(LANES) {
+        let (mut even, mut odd) = ([[0.0f32; LANES]; N], [[0.0f32; LANES]; N]);
+        let line = |j: usize| -> &[f32; LANES] { values[j * hd + c..][..LANES].try_into().expect("16 values") };
+        for j in (0..positions & !1).step_by(2) {
+            let (v0, v1) = (line(j), line(j + 1));
+            for g in 0..N {
+                let (p0, p1) = (p[g * padded + j], p[g * padded + j + 1]);
+                for i in 0..LANES {
+                    even[g][i] = p0.mul_add(v0[i], even[g][i]);
+                    odd[g][i] = p1.mul_add(v1[i], odd[g][i]);
+                }
+            }
+        }
+        if positions % 2 == 1 {
+            let (j, v) = (positions - 1, line(positions - 1));
+            for g in 0..N {
+                let pj = p[g * padded + j];
+                for i in 0..LANES {
+                    even[g][i] = pj.mul_add(v[i], even[g][i]);
+                }
+            }
+        }
+        for g in 0..N {
+            let inv = 1.0 / sums[g];
+            for (i, o) in out[g * hd + c..][..LANES].iter_mut().enumerate() {
+                *o = (even[g][i] + odd[g][i]) * inv;
+            }
+        }
+    }
+}
+
 /// Key panels scored together: independent accumulators hide the latency
 /// of the multiply-adds (each lane's own sequence is unchanged).
 const PANELS_AT_ONCE: usize = 4;
@@ -481,6 +586,28 @@ mod tests {
                 }
                 mix_values_any(&a, &values, sum, &mut y);
                 assert_eq!(x, y);
+            }
+        }
+    }
+
+    /// Heads run together give each head's [`attend`] bits, on every
+    /// variant, with and without masked positions.
+    #[test]
+    fn grouped_heads_match_one_head_at_a_time() {
+        for (hd, len, heads, masked) in [(64usize, 1usize, 3usize, 0usize), (64, 37, 6, 5), (256, 100, 4, 0), (128, 33, 7, 16), (16, 16, 2, 3), (256, 17, 1, 0)] {
+            let qs: Vec<f32> = (0..heads * hd).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.05).collect();
+            let padded = len.next_multiple_of(KEY_PANEL);
+            let keys: Vec<f32> = (0..padded * hd).map(|i| if i / (KEY_PANEL * hd) * KEY_PANEL + i % KEY_PANEL < len { ((i * 5 % 11) as f32 - 5.0) * 0.07 } else { f32::NAN }).collect();
+            let values: Vec<f32> = (0..len * hd).map(|i| ((i % 17) as f32 - 8.0) * 0.05).collect();
+            for isa in Isa::available() {
+                let mut one = vec![0.0f32; heads * hd];
+                for (q, o) in qs.chunks_exact(hd).zip(one.chunks_exact_mut(hd)) {
+                    attend(isa, q, &keys, &values, 0.125, masked, &mut Vec::new(), o);
+                }
+                let mut all = vec![f32::NAN; heads * hd];
+                attend_heads(isa, &qs, hd, &keys, &values, 0.125, masked, &mut Vec::new(), &mut all);
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&all), bits(&one), "{isa:?} hd {hd} len {len} heads {heads} masked {masked}");
             }
         }
     }
