@@ -176,13 +176,29 @@ impl CpuPool {
             }
             return;
         }
-        let next = AtomicUsize::new(0);
-        self.broadcast(&|_| {
+        // Chunks `front..back` are left. The calling thread takes them from
+        // the back, the workers from the front: the front of a product is
+        // what the previous product's prefetch ran into, so the workers,
+        // which start a little later, start on bytes already on their way.
+        let count = items.div_ceil(chunk) as u64;
+        let left = AtomicU64::new(count << 32);
+        let take = |from_back: bool| -> Option<usize> {
+            let mut cur = left.load(Ordering::Relaxed);
             loop {
-                let start = next.fetch_add(chunk, Ordering::Relaxed);
-                if start >= items {
-                    break;
+                let (back, front) = (cur >> 32, cur & 0xffff_ffff);
+                if front >= back {
+                    return None;
                 }
+                let (next, index) = if from_back { ((back - 1) << 32 | front, back - 1) } else { (back << 32 | (front + 1), front) };
+                match left.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => return Some(index as usize),
+                    Err(seen) => cur = seen,
+                }
+            }
+        };
+        self.broadcast(&|thread| {
+            while let Some(index) = take(thread == 0) {
+                let start = index * chunk;
                 f(start..(start + chunk).min(items));
             }
         });
@@ -267,15 +283,21 @@ mod tests {
 
     #[test]
     fn chunks_cover_each_item_once() {
-        let pool = CpuPool::new(2).expect("threads");
-        for items in [0, 1, 7, 64, 1001] {
-            let seen: Vec<AtomicUsize> = (0..items).map(|_| AtomicUsize::new(0)).collect();
-            pool.for_each_chunk(items, 5, &|range| {
-                for i in range {
-                    seen[i].fetch_add(1, Ordering::Relaxed);
+        // The caller takes chunks from the back while the workers take them
+        // from the front; repeated so that they often meet in the middle.
+        for threads in 1..=3 {
+            let pool = CpuPool::new(threads).expect("threads");
+            for _ in 0..200 {
+                for (items, chunk) in [(0, 5), (1, 5), (7, 5), (64, 5), (1001, 5), (10, 1), (2, 1)] {
+                    let seen: Vec<AtomicUsize> = (0..items).map(|_| AtomicUsize::new(0)).collect();
+                    pool.for_each_chunk(items, chunk, &|range| {
+                        for i in range {
+                            seen[i].fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                    assert!(seen.iter().all(|n| n.load(Ordering::Relaxed) == 1), "{threads} threads, {items} items");
                 }
-            });
-            assert!(seen.iter().all(|n| n.load(Ordering::Relaxed) == 1));
+            }
         }
     }
 
