@@ -594,10 +594,13 @@ mod tests {
     /// variant, with and without masked positions.
     #[test]
     fn grouped_heads_match_one_head_at_a_time() {
-        for (hd, len, heads, masked) in [(64usize, 1usize, 3usize, 0usize), (64, 37, 6, 5), (256, 100, 4, 0), (128, 33, 7, 16), (16, 16, 2, 3), (256, 17, 1, 0)] {
+        for (hd, len, heads, masked) in [(64usize, 1usize, 3usize, 0usize), (64, 37, 6, 5), (256, 100, 4, 0), (128, 33, 7, 16), (16, 16, 2, 3), (256, 17, 1, 0)]
+        {
             let qs: Vec<f32> = (0..heads * hd).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.05).collect();
             let padded = len.next_multiple_of(KEY_PANEL);
-            let keys: Vec<f32> = (0..padded * hd).map(|i| if i / (KEY_PANEL * hd) * KEY_PANEL + i % KEY_PANEL < len { ((i * 5 % 11) as f32 - 5.0) * 0.07 } else { f32::NAN }).collect();
+            let keys: Vec<f32> = (0..padded * hd)
+                .map(|i| if i / (KEY_PANEL * hd) * KEY_PANEL + i % KEY_PANEL < len { ((i * 5 % 11) as f32 - 5.0) * 0.07 } else { f32::NAN })
+                .collect();
             let values: Vec<f32> = (0..len * hd).map(|i| ((i % 17) as f32 - 8.0) * 0.05).collect();
             for isa in Isa::available() {
                 let mut one = vec![0.0f32; heads * hd];
