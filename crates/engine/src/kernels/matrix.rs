@@ -22,7 +22,10 @@
 //! hold, in their low nibbles, columns 2g, 2g+8, 2g+1, 2g+9 and in their
 //! high nibbles those + 16: masking bytes gives two vectors of unsigned
 //! quants, each multiplied by four broadcast activations stored in that
-//! order (`vpdpbusd`), so one layout serves both widths.
+//! order (`vpdpbusd`), so one layout serves both widths. AVX-512 reads
+//! 16-bit activations the same way, as their low and high bytes
+//! (`QuantizedRows::split`): two byte products per weight vector, combined
+//! as `256 · high + low`, the same integer sums as 16-bit pairs.
 //!
 //! Q5_0, Q4_K, Q5_K and Q6_K keep their low four bits in the Q4 layout
 //! above (one 32-column block or K-quant sub-block at a time) and add a
@@ -718,6 +721,23 @@ impl MatmulInput {
     /// where the format reads 8 bits, 16 otherwise), keeps a copy in f32 if any weight
     /// is not quantized.
     pub fn prepare(&mut self, cpu: &Cpu, values: &[f32], rows: usize, cols: usize, formats: impl IntoIterator<Item = WeightFormat>, bits: ActivationBits) {
+        // Only the AVX-512 kernels read the 16-bit quants as bytes.
+        let split = cpu.isa.min(super::isa::best()) == Isa::Avx512;
+        self.prepare_with(cpu, values, rows, cols, formats, bits, split);
+    }
+
+    /// [`Self::prepare`], with the 16-bit quants' bytes (`split`) or not.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn prepare_with(
+        &mut self,
+        cpu: &Cpu,
+        values: &[f32],
+        rows: usize,
+        cols: usize,
+        formats: impl IntoIterator<Item = WeightFormat>,
+        bits: ActivationBits,
+        split: bool,
+    ) {
         self.rows = rows;
         self.cols = cols;
         self.bits = bits;
@@ -736,12 +756,12 @@ impl MatmulInput {
             self.values.extend_from_slice(values);
         }
         if wide {
-            self.quantized.quantize_into(cpu, values, rows, cols);
+            self.quantized.quantize_into(cpu, values, rows, cols, split);
         } else {
             self.quantized.rows = 0;
         }
         if narrow {
-            self.bytes.quantize_into(cpu, values, rows, cols);
+            self.bytes.quantize_into(cpu, values, rows, cols, false);
         } else {
             self.bytes.rows = 0;
         }
@@ -863,6 +883,10 @@ pub fn matmul(cpu: &Cpu, w: &Matrix, x: &MatmulInput, out: &mut [f32], ld: usize
         assert_eq!(x.bytes.rows, x.rows, "matmul: this weight reads 8-bit activations, which were not prepared");
     } else if w.format.is_quantized() {
         assert_eq!(x.quantized.rows, x.rows, "matmul: a quantized weight needs a quantized input");
+        assert!(
+            cpu.isa.min(super::isa::best()) != Isa::Avx512 || w.format == WeightFormat::Q8_0 || x.quantized.split.len() == 2 * x.quantized.qs.len(),
+            "matmul: the AVX-512 kernels read the 16-bit quants split into bytes, which were not prepared (prepare the input with this Cpu)"
+        );
     } else {
         assert_eq!(x.values.len(), x.rows * x.cols, "matmul: an f32 weight needs the f32 input");
     }
@@ -1180,11 +1204,12 @@ mod tests {
     }
 
     /// The wide-format kernel on emulated 16-lane vectors (AVX-512's lane
-    /// layout), whatever this CPU is.
-    fn emulated_product(m: &Matrix, x: &[f32], tokens: usize, bits: ActivationBits) -> Vec<f32> {
+    /// layout), whatever this CPU is, reading 16-bit activations as `X`
+    /// says (pairs or split bytes).
+    fn emulated_product<const X: u8>(m: &Matrix, x: &[f32], tokens: usize, bits: ActivationBits) -> Vec<f32> {
         let mut input = MatmulInput::default();
         let cpu = Cpu { pool: CpuPool::new(1).expect("pool"), isa: Isa::Scalar };
-        input.prepare(&cpu, x, tokens, m.cols(), [m.format()], bits);
+        input.prepare_with(&cpu, x, tokens, m.cols(), [m.format()], bits, true);
         let bytes = input.reads_bytes(m.format());
         let mut out = vec![0.0f32; tokens * m.rows()];
         let layout = m.layout();
@@ -1207,16 +1232,16 @@ mod tests {
                 unsafe {
                     use super::super::wide::{self, Emulated16};
                     match (m.format(), bytes) {
-                        (WeightFormat::Q4_0, _) => wide::tile::<Emulated16, { wide::Q4_0 }, 4, false>(&tile),
-                        (WeightFormat::Q4_1, _) => wide::tile::<Emulated16, { wide::Q4_1 }, 4, false>(&tile),
-                        (WeightFormat::Q8_0, _) => wide::tile::<Emulated16, { wide::Q8_0 }, 4, false>(&tile),
-                        (WeightFormat::Q5_0, _) => wide::tile::<Emulated16, { wide::Q5_0 }, 4, false>(&tile),
-                        (WeightFormat::Q4_K, false) => wide::tile::<Emulated16, { wide::Q4_K }, 4, false>(&tile),
-                        (WeightFormat::Q5_K, false) => wide::tile::<Emulated16, { wide::Q5_K }, 4, false>(&tile),
-                        (WeightFormat::Q6_K, false) => wide::tile::<Emulated16, { wide::Q6_K }, 4, false>(&tile),
-                        (WeightFormat::Q4_K, true) => wide::tile::<Emulated16, { wide::Q4_K }, 4, true>(&tile),
-                        (WeightFormat::Q5_K, true) => wide::tile::<Emulated16, { wide::Q5_K }, 4, true>(&tile),
-                        (WeightFormat::Q6_K, true) => wide::tile::<Emulated16, { wide::Q6_K }, 4, true>(&tile),
+                        (WeightFormat::Q4_0, _) => wide::tile::<Emulated16, { wide::Q4_0 }, 4, X>(&tile),
+                        (WeightFormat::Q4_1, _) => wide::tile::<Emulated16, { wide::Q4_1 }, 4, X>(&tile),
+                        (WeightFormat::Q8_0, _) => wide::tile::<Emulated16, { wide::Q8_0 }, 4, { wide::X16 }>(&tile),
+                        (WeightFormat::Q5_0, _) => wide::tile::<Emulated16, { wide::Q5_0 }, 4, X>(&tile),
+                        (WeightFormat::Q4_K, false) => wide::tile::<Emulated16, { wide::Q4_K }, 4, X>(&tile),
+                        (WeightFormat::Q5_K, false) => wide::tile::<Emulated16, { wide::Q5_K }, 4, X>(&tile),
+                        (WeightFormat::Q6_K, false) => wide::tile::<Emulated16, { wide::Q6_K }, 4, X>(&tile),
+                        (WeightFormat::Q4_K, true) => wide::tile::<Emulated16, { wide::Q4_K }, 4, { wide::X8 }>(&tile),
+                        (WeightFormat::Q5_K, true) => wide::tile::<Emulated16, { wide::Q5_K }, 4, { wide::X8 }>(&tile),
+                        (WeightFormat::Q6_K, true) => wide::tile::<Emulated16, { wide::Q6_K }, 4, { wide::X8 }>(&tile),
                         (WeightFormat::F32, _) => unreachable!("f32 has no quantized kernel"),
                     }
                 }
@@ -1244,10 +1269,15 @@ mod tests {
                 }
             }
             if super::super::wide::code(format).is_some() {
-                assert!(
-                    to_bits(&emulated_product(&m, &x, tokens, width)) == reference,
-                    "the 16-lane wide kernel differs from scalar for {format:?} {width:?} {rows}x{cols}, {tokens} tokens"
-                );
+                use super::super::wide::{SPLIT, X16};
+                for (got, x16) in
+                    [(emulated_product::<X16>(&m, &x, tokens, width), "16-bit pairs"), (emulated_product::<SPLIT>(&m, &x, tokens, width), "split bytes")]
+                {
+                    assert!(
+                        to_bits(&got) == reference,
+                        "the 16-lane wide kernel ({x16}) differs from scalar for {format:?} {width:?} {rows}x{cols}, {tokens} tokens"
+                    );
+                }
             }
         }
     }

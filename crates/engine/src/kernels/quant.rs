@@ -106,13 +106,20 @@ pub struct QuantizedRows<Q = i16> {
     pub s: Vec<f32>,
     /// 32 per block, column `c` at `Q::slot(c)`.
     pub qs: Vec<Q>,
+    /// The 16-bit quants as bytes, when asked for: 64 per block, the low
+    /// byte (unsigned) of column `c` at `i8::slot(c)`, then its high byte
+    /// (signed) at `32 + i8::slot(c)`, so that `q = 256 · high + low` is
+    /// two 8-bit products in the layout the 8-bit quants use (see
+    /// `matrix.rs`). Empty otherwise.
+    pub split: Vec<u8>,
 }
 
 impl<Q: ActivationQuant> QuantizedRows<Q> {
     /// Quantizes `rows` rows of `cols` values; `cols` must be a multiple of 32.
     /// Every variant gives the same quants (max is exact; the rounding is
-    /// the same multiply and add).
-    pub fn quantize_into(&mut self, cpu: &Cpu, x: &[f32], rows: usize, cols: usize) {
+    /// the same multiply and add). `split`: also fill [`Self::split`]
+    /// (16-bit quants only).
+    pub fn quantize_into(&mut self, cpu: &Cpu, x: &[f32], rows: usize, cols: usize, split: bool) {
         debug_assert_eq!(cols % QK, 0);
         debug_assert_eq!(x.len(), rows * cols);
         let blocks = cols / QK;
@@ -124,15 +131,23 @@ impl<Q: ActivationQuant> QuantizedRows<Q> {
         self.s.resize(n, 0.0);
         self.qs.resize(n * QK, Q::default());
         self.first.resize(n, 0);
+        let split = split && Q::MAX > i32::from(i8::MAX);
+        self.split.resize(if split { n * 2 * QK } else { 0 }, 0);
         let isa = cpu.isa;
-        let arrays =
-            Arrays { d: self.d.as_mut_ptr(), isum: self.isum.as_mut_ptr(), s: self.s.as_mut_ptr(), qs: self.qs.as_mut_ptr(), first: self.first.as_mut_ptr() };
+        let arrays = Arrays {
+            d: self.d.as_mut_ptr(),
+            isum: self.isum.as_mut_ptr(),
+            s: self.s.as_mut_ptr(),
+            qs: self.qs.as_mut_ptr(),
+            first: self.first.as_mut_ptr(),
+            split: split.then_some(self.split.as_mut_ptr()),
+        };
         let run = |range: std::ops::Range<usize>| {
             let (b0, len) = (range.start * blocks, range.len() * blocks);
             // SAFETY: rows `range` own blocks `b0..b0 + len` of every array
             // (sized above), and each row is in exactly one run.
-            let (d, isum, s, qs, first) = unsafe { arrays.blocks(b0, len) };
-            quantize_blocks(isa, &x[b0 * QK..(b0 + len) * QK], d, isum, s, qs);
+            let (d, isum, s, qs, first, split) = unsafe { arrays.blocks(b0, len) };
+            quantize_blocks(isa, &x[b0 * QK..(b0 + len) * QK], d, isum, s, qs, split);
             for (f, q) in first.iter_mut().zip(qs.chunks_exact(QK)) {
                 *f = q[..QK / 2].iter().map(|&v| v.widen()).sum::<i32>();
             }
@@ -150,6 +165,7 @@ struct Arrays<Q> {
     s: *mut f32,
     qs: *mut Q,
     first: *mut i32,
+    split: Option<*mut u8>,
 }
 
 // SAFETY: `quantize_into` hands each thread disjoint runs of blocks.
@@ -162,7 +178,7 @@ impl<Q> Arrays<Q> {
     /// # Safety
     /// They must lie inside the arrays, and no other live slice may overlap them.
     #[allow(clippy::type_complexity)]
-    unsafe fn blocks<'a>(self, b0: usize, len: usize) -> (&'a mut [f32], &'a mut [i32], &'a mut [f32], &'a mut [Q], &'a mut [i32]) {
+    unsafe fn blocks<'a>(self, b0: usize, len: usize) -> (&'a mut [f32], &'a mut [i32], &'a mut [f32], &'a mut [Q], &'a mut [i32], &'a mut [u8]) {
         use std::slice::from_raw_parts_mut as part;
         unsafe {
             (
@@ -171,27 +187,53 @@ impl<Q> Arrays<Q> {
                 part(self.s.add(b0), len),
                 part(self.qs.add(b0 * QK), len * QK),
                 part(self.first.add(b0), len),
+                match self.split {
+                    Some(split) => part(split.add(b0 * 2 * QK), len * 2 * QK),
+                    None => &mut [],
+                },
             )
         }
     }
 }
 
 /// Quantizes consecutive blocks of 32: `d`, `isum`, `s` get one entry per
-/// block, `qs` 32 per block.
-fn quantize_blocks<Q: ActivationQuant>(isa: Isa, x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs: &mut [Q]) {
+/// block, `qs` 32 per block, `split` (unless empty) 64 per block.
+#[allow(clippy::too_many_arguments)]
+fn quantize_blocks<Q: ActivationQuant>(isa: Isa, x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs: &mut [Q], split: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
     match isa.min(super::isa::best()) {
         // SAFETY: clamped to what this CPU supports.
-        Isa::Avx512 => return unsafe { super::x86::quantize_blocks_avx512(x, d, isum, s, qs) },
-        Isa::Avx2 => return unsafe { super::x86::quantize_blocks_avx2(x, d, isum, s, qs) },
-        Isa::Scalar => {}
+        Isa::Avx512 => return unsafe { super::x86::quantize_blocks_avx512(x, d, isum, s, qs, split) },
+        Isa::Avx2 => unsafe { super::x86::quantize_blocks_avx2(x, d, isum, s, qs) },
+        Isa::Scalar => quantize_blocks_scalar(x, d, isum, s, qs),
     }
-    let _ = isa;
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        quantize_blocks_scalar(x, d, isum, s, qs);
+    }
+    split_blocks(qs, split);
+}
+
+fn quantize_blocks_scalar<Q: ActivationQuant>(x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs: &mut [Q]) {
     for (b, (src, q)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
         let (scale, sum) = quantize_block(src, q.try_into().expect("32 quants"));
         d[b] = scale;
         isum[b] = sum;
         s[b] = scale * sum as f32;
+    }
+}
+
+/// Fills [`QuantizedRows::split`]'s bytes (`split` empty: nothing) from
+/// 16-bit quants stored in column order.
+fn split_blocks<Q: ActivationQuant>(qs: &[Q], split: &mut [u8]) {
+    for (q, out) in qs.chunks_exact(QK).zip(split.chunks_exact_mut(2 * QK)) {
+        let (low, high) = out.split_at_mut(QK);
+        for (c, &v) in q.iter().enumerate() {
+            let v = v.widen();
+            low[i8::slot(c)] = v as u8;
+            high[i8::slot(c)] = (v >> 8) as u8;
+        }
     }
 }
 
@@ -395,6 +437,24 @@ mod tests {
         assert!(q.iter().all(|&v| v == 0));
     }
 
+    /// The split bytes give back every 16-bit quant: 256 · high + low.
+    #[test]
+    fn split_bytes_recompose_the_quants() {
+        let x: Vec<f32> = (0..32 * 6).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.0137).collect();
+        let mut rows = QuantizedRows::<i16>::default();
+        let cpu = Cpu { pool: CpuPool::new(1).expect("pool"), isa: Isa::Scalar };
+        rows.quantize_into(&cpu, &x, 2, 96, true);
+        assert_eq!(rows.split.len(), 6 * 64);
+        for (q, split) in rows.qs.chunks_exact(QK).zip(rows.split.chunks_exact(2 * QK)) {
+            for c in 0..QK {
+                let (low, high) = (i32::from(split[i8::slot(c)]), i32::from(split[QK + i8::slot(c)] as i8));
+                assert_eq!(256 * high + low, i32::from(q[c]), "column {c}");
+            }
+        }
+        rows.quantize_into(&cpu, &x, 2, 96, false);
+        assert!(rows.split.is_empty());
+    }
+
     #[test]
     fn eight_bit_slots_are_a_permutation() {
         let mut seen = [false; QK];
@@ -418,14 +478,15 @@ mod tests {
         for input in [x, zeros] {
             let mut reference = QuantizedRows::<Q>::default();
             let one = Cpu { pool: CpuPool::new(1).expect("pool"), isa: Isa::Scalar };
-            reference.quantize_into(&one, &input, 25, 64);
+            reference.quantize_into(&one, &input, 25, 64, true);
             // Every variant, on one thread and split over three (25 rows
             // is past `PARALLEL_ROWS`).
             for (isa, threads) in Isa::available().into_iter().flat_map(|isa| [(isa, 1), (isa, 3)]) {
                 let cpu = Cpu { pool: CpuPool::new(threads).expect("pool"), isa };
                 let mut got = QuantizedRows::<Q>::default();
-                got.quantize_into(&cpu, &input, 25, 64);
+                got.quantize_into(&cpu, &input, 25, 64, true);
                 assert_eq!(got.first, reference.first, "{isa:?}");
+                assert_eq!(got.split, reference.split, "{isa:?}");
                 assert_eq!(got.qs, reference.qs, "{isa:?}");
                 assert_eq!(got.isum, reference.isum, "{isa:?}");
                 assert_eq!(got.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), reference.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>());

@@ -19,6 +19,20 @@ pub(crate) const Q5_K: u8 = 2;
 pub(crate) const Q6_K: u8 = 3;
 pub(crate) const Q4_0: u8 = 4;
 pub(crate) const Q4_1: u8 = 5;
+
+/// What the kernel reads of the activations (the const parameter `X` of
+/// [`panel`]): the 16-bit quants as 16-bit pairs (`vpmaddwd`); the 8-bit
+/// quants (K-quants only); or the 16-bit quants split into bytes
+/// ([`QuantizedRows::split`]), each weight byte then multiplied by four low
+/// bytes and four high bytes at once (`vpdpbusd`), and the two sums
+/// combined as `256 · high + low`. The split gives the same integer sums
+/// as 16-bit pairs, so the same bits, in about half the instructions: two
+/// 4-way byte products per 32 weights and token instead of two 2-way
+/// products plus the additions AVX-512's pairs need, and half the unpacking
+/// (bytes, not 16-bit lanes). Every nibble format (not Q8_0).
+pub(crate) const X16: u8 = 0;
+pub(crate) const X8: u8 = 1;
+pub(crate) const SPLIT: u8 = 2;
 pub(crate) const Q8_0: u8 = 6;
 
 #[cfg(test)]
@@ -77,6 +91,12 @@ pub(crate) trait Lanes {
     /// most 63) with the four signed bytes of `quad` (`vpdpbusd`, or
     /// `vpmaddubsw` + `vpmaddwd`: pairs of products stay below 2^15).
     unsafe fn dot8(acc: Self::I, w: Self::I, quad: i32) -> Self::I;
+    /// As [`Self::dot8`] with the roles swapped: the four bytes of `quad`
+    /// unsigned, those of `w` signed (and at most 63, so pairs of products
+    /// stay below 2^15).
+    unsafe fn dot8u(acc: Self::I, w: Self::I, quad: i32) -> Self::I;
+    /// Each 32-bit lane shifted left by 8.
+    unsafe fn shl32_8(a: Self::I) -> Self::I;
     unsafe fn cvt(a: Self::I) -> Self::F;
     /// `LANES` f16 values.
     unsafe fn halves(p: *const u8) -> Self::F;
@@ -108,15 +128,26 @@ struct XBlock {
     first: i32,
 }
 
-/// Block `b` of each of the tile's `NT` tokens, from the 8-bit quants
-/// if `BYTES`.
+/// Block `b` of each of the tile's `NT` tokens, read as `X` says.
 ///
 /// # Safety
-/// The tile's tokens and block `b` must exist in its quantized input
-/// (`matmul` checks the input's shape before any tile runs).
+/// The tile's tokens and block `b` must exist in its quantized input, split
+/// if `X` is [`SPLIT`] (`matmul` checks the input's shape before any tile runs).
 #[inline(always)]
-unsafe fn x_blocks<const NT: usize, const BYTES: bool>(tile: &Tile, b: usize) -> [XBlock; NT] {
-    if BYTES { unsafe { blocks_of(&tile.x.bytes, tile, b) } } else { unsafe { blocks_of(&tile.x.quantized, tile, b) } }
+unsafe fn x_blocks<const NT: usize, const X: u8>(tile: &Tile, b: usize) -> [XBlock; NT] {
+    if X == X8 {
+        return unsafe { blocks_of(&tile.x.bytes, tile, b) };
+    }
+    let mut blocks = unsafe { blocks_of(&tile.x.quantized, tile, b) };
+    if X == SPLIT {
+        let split = &tile.x.quantized.split;
+        for (t, block) in blocks.iter_mut().enumerate() {
+            let i = (tile.t0 + t) * tile.blocks() + b;
+            debug_assert!((i + 1) * 2 * QK <= split.len());
+            block.words = unsafe { split.as_ptr().add(i * 2 * QK).cast() };
+        }
+    }
+    blocks
 }
 
 /// As [`x_blocks`], from one quantization.
@@ -142,12 +173,13 @@ unsafe fn blocks_of<Q, const NT: usize>(x: &QuantizedRows<Q>, tile: &Tile, b: us
 }
 
 /// Rows `lane0 .. lane0 + LANES` of one panel for `NT` tokens of the
-/// tile, reading 8-bit activations if `BYTES` (K-quants only).
+/// tile, reading the activations as `X` says ([`X16`], [`X8`], [`SPLIT`]).
 ///
 /// # Safety
 /// `L`'s instructions must be supported; `tile` must be valid, of format `F`.
 #[inline(always)]
-pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize, const BYTES: bool>(tile: &Tile, lane0: usize) {
+pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize, const X: u8>(tile: &Tile, lane0: usize) {
+    const { assert!(X == X16 || (X == X8 && is_k(F)) || (X == SPLIT && F != Q8_0)) };
     unsafe {
         let layout = &tile.layout;
         let blocks = tile.blocks();
@@ -182,8 +214,10 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize, const BYTES: 
                         L::prefetch(base.wrapping_add(at));
                     }
                 }
-                let xs = x_blocks::<NT, BYTES>(tile, b);
+                let xs = x_blocks::<NT, X>(tile, b);
                 let mut isum = [[L::zero(); 2]; NT];
+                // The high bytes' sums when `X` is SPLIT.
+                let mut hsum = [[L::zero(); 2]; NT];
                 if F == Q8_0 {
                     // Eight groups; each 16-bit lane holds two columns' bytes:
                     // the low bytes are columns (2g, 2g+1), the high (2g+16, 2g+17).
@@ -204,19 +238,26 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize, const BYTES: 
                         high = L::load(q.add(256 + 64));
                     }
                     let v = L::load(q.add(g * 64));
-                    if BYTES && is_k(F) {
+                    if X != X16 {
                         // Low nibbles of the lane's four bytes: columns 2g,
                         // 2g + 8, 2g + 1, 2g + 9, the activations' word g;
-                        // high nibbles: those + 16, word 4 + g.
+                        // high nibbles: those + 16, word 4 + g (split: the
+                        // low bytes; the high bytes are words 8 + g, 12 + g).
                         let mut w = [L::and(v, byte_nibble), L::and(L::shr4(v), byte_nibble)];
-                        if matches!(F, Q5_K | Q6_K) {
+                        if matches!(F, Q5_0 | Q5_K | Q6_K) {
                             w[0] = L::or(w[0], L::and(L::shl4(high), byte_high));
                             w[1] = L::or(w[1], L::and(high, byte_high));
                             high = if F == Q6_K { L::shr2(high) } else { L::shr1(high) };
                         }
                         for t in 0..NT {
                             for (i, &w) in w.iter().enumerate() {
-                                isum[t][chain(i)] = L::dot8(isum[t][chain(i)], w, *xs[t].words.add(g + 4 * i));
+                                let c = chain(i);
+                                if X == SPLIT {
+                                    isum[t][c] = L::dot8u(isum[t][c], w, *xs[t].words.add(g + 4 * i));
+                                    hsum[t][c] = L::dot8(hsum[t][c], w, *xs[t].words.add(8 + g + 4 * i));
+                                } else {
+                                    isum[t][c] = L::dot8(isum[t][c], w, *xs[t].words.add(g + 4 * i));
+                                }
                             }
                         }
                         continue;
@@ -233,6 +274,14 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize, const BYTES: 
                     for t in 0..NT {
                         for i in 0..4 {
                             isum[t][chain(i)] = L::dot(isum[t][chain(i)], w[i], *xs[t].words.add(at[i]));
+                        }
+                    }
+                }
+                if X == SPLIT {
+                    let chains = if NT == 1 || F == Q6_K { 2 } else { 1 };
+                    for t in 0..NT {
+                        for c in 0..chains {
+                            isum[t][c] = L::add32(isum[t][c], L::shl32_8(hsum[t][c]));
                         }
                     }
                 }
@@ -297,7 +346,7 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize, const BYTES: 
 /// # Safety
 /// As [`panel`].
 #[inline(always)]
-pub(crate) unsafe fn tile<L: Lanes, const F: u8, const MAX_NT: usize, const BYTES: bool>(tile: &Tile) {
+pub(crate) unsafe fn tile<L: Lanes, const F: u8, const MAX_NT: usize, const X: u8>(tile: &Tile) {
     let mut t0 = 0;
     while t0 < tile.nt {
         let nt = (tile.nt - t0).min(MAX_NT);
@@ -306,10 +355,10 @@ pub(crate) unsafe fn tile<L: Lanes, const F: u8, const MAX_NT: usize, const BYTE
         for lane0 in (0..super::matrix::PANEL).step_by(L::LANES) {
             unsafe {
                 match nt {
-                    1 => panel::<L, F, 1, BYTES>(&sub, lane0),
-                    2 => panel::<L, F, 2, BYTES>(&sub, lane0),
-                    3 => panel::<L, F, 3, BYTES>(&sub, lane0),
-                    _ => panel::<L, F, 4, BYTES>(&sub, lane0),
+                    1 => panel::<L, F, 1, X>(&sub, lane0),
+                    2 => panel::<L, F, 2, X>(&sub, lane0),
+                    3 => panel::<L, F, 3, X>(&sub, lane0),
+                    _ => panel::<L, F, 4, X>(&sub, lane0),
                 }
             }
         }
@@ -400,6 +449,13 @@ impl Lanes for Emulated16 {
     unsafe fn dot8(acc: Self::I, w: Self::I, quad: i32) -> Self::I {
         let x = quad.to_le_bytes().map(|b| i32::from(b as i8));
         zip_i(acc, w, |a, w| a.wrapping_add((0..4).map(|k| i32::from((w >> (8 * k)) as u8) * x[k]).sum::<i32>() as u32))
+    }
+    unsafe fn dot8u(acc: Self::I, w: Self::I, quad: i32) -> Self::I {
+        let x = quad.to_le_bytes().map(i32::from);
+        zip_i(acc, w, |a, w| a.wrapping_add((0..4).map(|k| i32::from((w >> (8 * k)) as u8 as i8) * x[k]).sum::<i32>() as u32))
+    }
+    unsafe fn shl32_8(a: Self::I) -> Self::I {
+        map_i(a, |v| v << 8)
     }
     unsafe fn dot(acc: Self::I, w: Self::I, pair: i32) -> Self::I {
         let (x0, x1) = (i32::from(pair as i16), i32::from((pair >> 16) as i16));
@@ -536,6 +592,14 @@ mod x86 {
         #[inline(always)]
         unsafe fn dot8(acc: __m256i, w: __m256i, quad: i32) -> __m256i {
             unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(quad)), _mm256_set1_epi16(1))) }
+        }
+        #[inline(always)]
+        unsafe fn dot8u(acc: __m256i, w: __m256i, quad: i32) -> __m256i {
+            unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi32(quad), w), _mm256_set1_epi16(1))) }
+        }
+        #[inline(always)]
+        unsafe fn shl32_8(a: __m256i) -> __m256i {
+            unsafe { _mm256_slli_epi32::<8>(a) }
         }
         #[inline(always)]
         unsafe fn cvt(a: __m256i) -> __m256 {
@@ -688,6 +752,14 @@ mod x86 {
             unsafe { [Avx2::dot8(acc[0], w[0], quad), Avx2::dot8(acc[1], w[1], quad)] }
         }
         #[inline(always)]
+        unsafe fn dot8u(acc: Self::I, w: Self::I, quad: i32) -> Self::I {
+            unsafe { [Avx2::dot8u(acc[0], w[0], quad), Avx2::dot8u(acc[1], w[1], quad)] }
+        }
+        #[inline(always)]
+        unsafe fn shl32_8(a: Self::I) -> Self::I {
+            pair!(shl32_8(a))
+        }
+        #[inline(always)]
         unsafe fn cvt(a: Self::I) -> Self::F {
             pair!(cvt(a))
         }
@@ -814,6 +886,14 @@ mod x86 {
         #[inline(always)]
         unsafe fn dot8(acc: __m512i, w: __m512i, quad: i32) -> __m512i {
             unsafe { _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(quad)) }
+        }
+        #[inline(always)]
+        unsafe fn dot8u(acc: __m512i, w: __m512i, quad: i32) -> __m512i {
+            unsafe { _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(quad), w) }
+        }
+        #[inline(always)]
+        unsafe fn shl32_8(a: __m512i) -> __m512i {
+            unsafe { _mm512_slli_epi32::<8>(a) }
         }
         #[inline(always)]
         unsafe fn cvt(a: __m512i) -> __m512 {

@@ -5,9 +5,10 @@
 //! integer dot products per block and row lane, then
 //! `acc = fma(d_w · d_x, isum, acc)`. One weight group is unpacked once and
 //! used for up to `TOKEN_TILE` tokens, which is what makes prefill a
-//! matrix-matrix product. AVX-512 has hand-written kernels for Q4_0, Q4_1,
-//! Q8_0 and f32 here; every other case runs the generic kernel of
-//! `wide.rs` (all quantized formats on AVX2).
+//! matrix-matrix product. AVX-512 has hand-written kernels for Q8_0 and
+//! f32 here; the nibble formats run the generic kernel of `wide.rs`, which
+//! on AVX-512 reads 16-bit activations split into bytes (`wide::SPLIT`),
+//! and on AVX2 runs every quantized format.
 
 #![allow(clippy::needless_range_loop)] // lanes and tokens index parallel arrays
 
@@ -21,10 +22,6 @@ use super::wide;
 /// keep its sums in registers.
 const WIDE_TOKENS_256: usize = 4;
 const WIDE_TOKENS_512: usize = 4;
-
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q8_0: u8 = 2;
 
 /// Calls `$f::<NT, ...>` with `NT` = the tile's token count (1..=8).
 macro_rules! by_tokens {
@@ -44,10 +41,11 @@ macro_rules! by_tokens {
 
 const _: () = assert!(TOKEN_TILE == 8 && PANEL == 16);
 
-/// The wide kernel for a K-quant tile, on the activation width it reads.
+/// The wide kernel for a K-quant tile: 8-bit activations if it reads
+/// them, 16-bit ones read as `$x16` otherwise.
 macro_rules! by_width {
-    ($tile:expr, $lanes:ty, $code:expr, $tokens:expr) => {
-        if $tile.bytes { wide::tile::<$lanes, { $code }, $tokens, true>($tile) } else { wide::tile::<$lanes, { $code }, $tokens, false>($tile) }
+    ($tile:expr, $lanes:ty, $code:expr, $tokens:expr, $x16:expr) => {
+        if $tile.bytes { wide::tile::<$lanes, { $code }, $tokens, { wide::X8 }>($tile) } else { wide::tile::<$lanes, { $code }, $tokens, { $x16 }>($tile) }
     };
 }
 
@@ -70,13 +68,13 @@ pub(crate) unsafe fn tile_avx512(tile: &Tile) {
     unsafe {
         match tile.format {
             WeightFormat::F32 => by_tokens!(tile.nt, f32_512(tile)),
-            WeightFormat::Q4_0 => by_tokens!(tile.nt, quant_512::<Q4_0>(tile)),
-            WeightFormat::Q4_1 => by_tokens!(tile.nt, quant_512::<Q4_1>(tile)),
-            WeightFormat::Q8_0 => by_tokens!(tile.nt, quant_512::<Q8_0>(tile)),
-            WeightFormat::Q5_0 => wide::tile::<wide::Avx512, { wide::Q5_0 }, WIDE_TOKENS_512, false>(tile),
-            WeightFormat::Q4_K => by_width!(tile, wide::Avx512, wide::Q4_K, WIDE_TOKENS_512),
-            WeightFormat::Q5_K => by_width!(tile, wide::Avx512, wide::Q5_K, WIDE_TOKENS_512),
-            WeightFormat::Q6_K => by_width!(tile, wide::Avx512, wide::Q6_K, WIDE_TOKENS_512),
+            WeightFormat::Q4_0 => wide::tile::<wide::Avx512, { wide::Q4_0 }, WIDE_TOKENS_512, { wide::SPLIT }>(tile),
+            WeightFormat::Q4_1 => wide::tile::<wide::Avx512, { wide::Q4_1 }, WIDE_TOKENS_512, { wide::SPLIT }>(tile),
+            WeightFormat::Q8_0 => by_tokens!(tile.nt, q8_0_512(tile)),
+            WeightFormat::Q5_0 => wide::tile::<wide::Avx512, { wide::Q5_0 }, WIDE_TOKENS_512, { wide::SPLIT }>(tile),
+            WeightFormat::Q4_K => by_width!(tile, wide::Avx512, wide::Q4_K, WIDE_TOKENS_512, wide::SPLIT),
+            WeightFormat::Q5_K => by_width!(tile, wide::Avx512, wide::Q5_K, WIDE_TOKENS_512, wide::SPLIT),
+            WeightFormat::Q6_K => by_width!(tile, wide::Avx512, wide::Q6_K, WIDE_TOKENS_512, wide::SPLIT),
         }
     }
 }
@@ -96,14 +94,13 @@ unsafe fn store_512(tile: &Tile, t: usize, v: __m512) {
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-unsafe fn quant_512<const NT: usize, const F: u8>(tile: &Tile) {
+unsafe fn q8_0_512<const NT: usize>(tile: &Tile) {
     unsafe {
         let x = &tile.x.quantized;
         let blocks = tile.blocks();
-        let quant_bytes = if F == Q8_0 { 512 } else { 256 };
+        let quant_bytes = 512;
         let panel = tile.panel.as_ptr();
-        let (d_at, m_at) = (tile.scales_at(0), tile.scales_at(1));
-        let nibble = _mm512_set1_epi16(0x000F);
+        let d_at = tile.scales_at(0);
         let mut acc = [_mm512_setzero_ps(); NT];
         for b in 0..blocks {
             let q = panel.add(b * quant_bytes);
@@ -121,31 +118,14 @@ unsafe fn quant_512<const NT: usize, const F: u8>(tile: &Tile) {
             // long chain of dependent multiply-adds.
             let mut isum = [[_mm512_setzero_si512(); 4]; NT];
             let chains = chains(NT);
-            if F == Q8_0 {
-                for g in 0..8 {
-                    let v = _mm512_loadu_si512(q.add(g * 64).cast());
-                    let lo = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(v));
-                    let hi = _mm512_srai_epi16::<8>(v);
-                    let (c0, c1) = ((2 * g) % chains, (2 * g + 1) % chains);
-                    for t in 0..NT {
-                        isum[t][c0] = _mm512_dpwssd_epi32(isum[t][c0], lo, _mm512_set1_epi32(*xp[t].add(g)));
-                        isum[t][c1] = _mm512_dpwssd_epi32(isum[t][c1], hi, _mm512_set1_epi32(*xp[t].add(g + 8)));
-                    }
-                }
-            } else {
-                for g in 0..4 {
-                    let v = _mm512_loadu_si512(q.add(g * 64).cast());
-                    let w0 = _mm512_and_si512(v, nibble);
-                    let w1 = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
-                    let w2 = _mm512_and_si512(_mm512_srli_epi16::<8>(v), nibble);
-                    let w3 = _mm512_srli_epi16::<12>(v);
-                    let c = [0, 1, 2, 3].map(|i| i % chains);
-                    for t in 0..NT {
-                        isum[t][c[0]] = _mm512_dpwssd_epi32(isum[t][c[0]], w0, _mm512_set1_epi32(*xp[t].add(g)));
-                        isum[t][c[1]] = _mm512_dpwssd_epi32(isum[t][c[1]], w1, _mm512_set1_epi32(*xp[t].add(g + 8)));
-                        isum[t][c[2]] = _mm512_dpwssd_epi32(isum[t][c[2]], w2, _mm512_set1_epi32(*xp[t].add(g + 4)));
-                        isum[t][c[3]] = _mm512_dpwssd_epi32(isum[t][c[3]], w3, _mm512_set1_epi32(*xp[t].add(g + 12)));
-                    }
+            for g in 0..8 {
+                let v = _mm512_loadu_si512(q.add(g * 64).cast());
+                let lo = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(v));
+                let hi = _mm512_srai_epi16::<8>(v);
+                let (c0, c1) = ((2 * g) % chains, (2 * g + 1) % chains);
+                for t in 0..NT {
+                    isum[t][c0] = _mm512_dpwssd_epi32(isum[t][c0], lo, _mm512_set1_epi32(*xp[t].add(g)));
+                    isum[t][c1] = _mm512_dpwssd_epi32(isum[t][c1], hi, _mm512_set1_epi32(*xp[t].add(g + 8)));
                 }
             }
             let isum: [__m512i; NT] = std::array::from_fn(|t| {
@@ -153,15 +133,10 @@ unsafe fn quant_512<const NT: usize, const F: u8>(tile: &Tile) {
                 _mm512_add_epi32(_mm512_add_epi32(a, b), _mm512_add_epi32(c, d))
             });
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(panel.add(d_at + b * 32).cast()));
-            let mw = if F == Q4_1 { _mm512_cvtph_ps(_mm256_loadu_si256(panel.add(m_at + b * 32).cast())) } else { dw };
             for t in 0..NT {
                 let xb = (tile.t0 + t) * blocks + b;
-                let sum = if F == Q4_0 { _mm512_sub_epi32(isum[t], _mm512_set1_epi32(8 * x.isum[xb])) } else { isum[t] };
                 let scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[xb]));
-                acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), acc[t]);
-                if F == Q4_1 {
-                    acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x.s[xb]), acc[t]);
-                }
+                acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum[t]), acc[t]);
             }
         }
         for (t, v) in acc.into_iter().enumerate() {
@@ -204,7 +179,7 @@ pub(crate) unsafe fn tile_avx2(tile: &Tile) {
     unsafe {
         macro_rules! wide {
             ($code:expr) => {
-                wide::tile::<wide::Avx2x2, { $code }, WIDE_TOKENS_256, false>(tile)
+                wide::tile::<wide::Avx2x2, { $code }, WIDE_TOKENS_256, { wide::X16 }>(tile)
             };
         }
         match tile.format {
@@ -212,9 +187,9 @@ pub(crate) unsafe fn tile_avx2(tile: &Tile) {
             WeightFormat::Q4_1 => wide!(wide::Q4_1),
             WeightFormat::Q8_0 => wide!(wide::Q8_0),
             WeightFormat::Q5_0 => wide!(wide::Q5_0),
-            WeightFormat::Q4_K => by_width!(tile, wide::Avx2x2, wide::Q4_K, WIDE_TOKENS_256),
-            WeightFormat::Q5_K => by_width!(tile, wide::Avx2x2, wide::Q5_K, WIDE_TOKENS_256),
-            WeightFormat::Q6_K => by_width!(tile, wide::Avx2x2, wide::Q6_K, WIDE_TOKENS_256),
+            WeightFormat::Q4_K => by_width!(tile, wide::Avx2x2, wide::Q4_K, WIDE_TOKENS_256, wide::X16),
+            WeightFormat::Q5_K => by_width!(tile, wide::Avx2x2, wide::Q5_K, WIDE_TOKENS_256, wide::X16),
+            WeightFormat::Q6_K => by_width!(tile, wide::Avx2x2, wide::Q6_K, WIDE_TOKENS_256, wide::X16),
             WeightFormat::F32 => f32_avx2(tile),
         }
     }
@@ -283,7 +258,7 @@ unsafe fn f32_256<const NT: usize>(tile: &Tile) {
 /// # Safety
 /// The CPU must support AVX-512 F/BW; slices as `quantize_blocks` requires.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-pub(crate) unsafe fn quantize_blocks_avx512<Q: ActivationQuant>(x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs: &mut [Q]) {
+pub(crate) unsafe fn quantize_blocks_avx512<Q: ActivationQuant>(x: &[f32], d: &mut [f32], isum: &mut [i32], s: &mut [f32], qs: &mut [Q], split: &mut [u8]) {
     unsafe {
         let abs_mask = _mm512_set1_epi32(0x7FFF_FFFF);
         let (lo, hi) = (_mm512_set1_epi32(-Q::MAX), _mm512_set1_epi32(Q::MAX));
@@ -301,15 +276,22 @@ pub(crate) unsafe fn quantize_blocks_avx512<Q: ActivationQuant>(x: &[f32], d: &m
                 _mm512_min_epi32(_mm512_max_epi32(r, lo), hi)
             };
             let (q0, q1) = (quant(v0), quant(v1));
+            // The low bytes of 16 columns, interleaved m, m + 8 (`i8::slot`).
+            let slots = |v: __m512i| {
+                let b = _mm512_cvtepi32_epi8(v);
+                _mm_unpacklo_epi8(b, _mm_srli_si128::<8>(b))
+            };
             if size_of::<Q>() == 2 {
                 _mm256_storeu_si256(q.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(q0));
                 _mm256_storeu_si256(q.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi16(q1));
+                if let Some(out) = split.get_mut(b * 2 * QK..(b + 1) * 2 * QK) {
+                    let p = out.as_mut_ptr();
+                    _mm_storeu_si128(p.cast(), slots(q0));
+                    _mm_storeu_si128(p.add(16).cast(), slots(q1));
+                    _mm_storeu_si128(p.add(32).cast(), slots(_mm512_srai_epi32::<8>(q0)));
+                    _mm_storeu_si128(p.add(48).cast(), slots(_mm512_srai_epi32::<8>(q1)));
+                }
             } else {
-                // Bytes of columns 0..16, then interleaved m, m + 8 (`i8::slot`).
-                let slots = |v: __m512i| {
-                    let b = _mm512_cvtepi32_epi8(v);
-                    _mm_unpacklo_epi8(b, _mm_srli_si128::<8>(b))
-                };
                 _mm_storeu_si128(q.as_mut_ptr().cast(), slots(q0));
                 _mm_storeu_si128(q.as_mut_ptr().add(16).cast(), slots(q1));
             }
