@@ -721,9 +721,7 @@ impl MatmulInput {
     /// where the format reads 8 bits, 16 otherwise), keeps a copy in f32 if any weight
     /// is not quantized.
     pub fn prepare(&mut self, cpu: &Cpu, values: &[f32], rows: usize, cols: usize, formats: impl IntoIterator<Item = WeightFormat>, bits: ActivationBits) {
-        // Only the AVX-512 kernels read the 16-bit quants as bytes.
-        let split = cpu.isa.min(super::isa::best()) == Isa::Avx512;
-        self.prepare_with(cpu, values, rows, cols, formats, bits, split);
+        self.prepare_with(cpu, values, rows, cols, formats, bits, reads_split(cpu));
     }
 
     /// [`Self::prepare`], with the 16-bit quants' bytes (`split`) or not.
@@ -775,6 +773,12 @@ impl MatmulInput {
     pub fn rows(&self) -> usize {
         self.rows
     }
+}
+
+/// Whether `cpu`'s kernels read the 16-bit quants split into bytes
+/// (`QuantizedRows::split`): the AVX-512 ones, for every format but Q8_0.
+fn reads_split(cpu: &Cpu) -> bool {
+    cpu.isa.min(super::isa::best()) == Isa::Avx512
 }
 
 /// Tokens per tile: each weight group unpacked is used for this many tokens.
@@ -884,7 +888,7 @@ pub fn matmul(cpu: &Cpu, w: &Matrix, x: &MatmulInput, out: &mut [f32], ld: usize
     } else if w.format.is_quantized() {
         assert_eq!(x.quantized.rows, x.rows, "matmul: a quantized weight needs a quantized input");
         assert!(
-            cpu.isa.min(super::isa::best()) != Isa::Avx512 || w.format == WeightFormat::Q8_0 || x.quantized.split.len() == 2 * x.quantized.qs.len(),
+            !reads_split(cpu) || w.format == WeightFormat::Q8_0 || x.quantized.split.len() == 2 * x.quantized.qs.len(),
             "matmul: the AVX-512 kernels read the 16-bit quants split into bytes, which were not prepared (prepare the input with this Cpu)"
         );
     } else {
