@@ -111,6 +111,33 @@ pub fn add_assign(x: &mut [f32], y: &[f32]) {
 }
 
 multiversion! {
+/// The wrapping sum of `data`, read as fast as this CPU reads memory: the
+/// way decode streams weights (four cache lines per step into independent
+/// wide accumulators, the lines `matrix::PREFETCH_BYTES` ahead asked for).
+/// `hotpot bench --bandwidth` times it to measure the bound on decode.
+pub fn stream_sum(data: &[u64]) -> u64 {
+    const STEP: usize = 32; // u64s: four cache lines
+    let mut acc = [0u64; STEP];
+    // Whole cache lines: an unaligned vector load would touch two.
+    let (head, body) = data.split_at(data.as_ptr().align_offset(64).min(data.len()));
+    let chunks = body.chunks_exact(STEP);
+    let rest = head.iter().chain(chunks.remainder()).fold(0u64, |a, &v| a.wrapping_add(v));
+    for chunk in chunks {
+        #[cfg(target_arch = "x86_64")]
+        for line in 0..4 {
+            let ahead = chunk.as_ptr().cast::<u8>().wrapping_add(super::matrix::PREFETCH_BYTES + line * 64);
+            // SAFETY: a prefetch never faults, whatever the address.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(ahead.cast()) };
+        }
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = a.wrapping_add(v);
+        }
+    }
+    acc.iter().fold(rest, |a, &v| a.wrapping_add(v))
+}
+}
+
+multiversion! {
 /// SwiGLU: `out[i] = silu(gate[i]) · up[i]` for rows laid out as
 /// `[gate (ffn) | up (ffn)]`.
 pub fn swiglu(gate_up: &[f32], ffn: usize, out: &mut [f32]) {
@@ -478,6 +505,20 @@ fn mix_values_any(p: &[f32], values: &[f32], sum: f32, out: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::kernels::Isa;
+
+    #[test]
+    fn stream_sum_adds_every_element_at_any_alignment() {
+        let data: Vec<u64> = (0..5000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+        for isa in Isa::available() {
+            for start in 0..9 {
+                for len in [0, 1, 31, 32, 33, 200, 4991 - start] {
+                    let part = &data[start..start + len];
+                    let want = part.iter().fold(0u64, |a, &v| a.wrapping_add(v));
+                    assert_eq!(stream_sum(isa, part), want, "{isa:?}, start {start}, len {len}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn exp_is_accurate() {
