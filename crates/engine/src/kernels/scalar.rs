@@ -116,7 +116,11 @@ fn quant_panel(tile: &Tile, t: usize) -> [f32; PANEL] {
                 BlockScales {
                     d: half(layout.super_half(0, b), r),
                     m,
-                    bytes: [tile.panel[layout.block_byte(0, b) + r], tile.panel[layout.block_byte(1, b) + r]],
+                    bytes: if tile.format == WeightFormat::Q6_K {
+                        [tile.panel[layout.block_byte(0, b) + r], tile.panel[layout.block_byte(1, b) + r]]
+                    } else {
+                        layout.k_scale_min(tile.panel, b, r).into()
+                    },
                 }
             } else {
                 let m = if tile.format.block_halves() > 1 { half(layout.block_half(1, b), r) } else { 0.0 };

@@ -101,7 +101,8 @@ pub(crate) trait Lanes {
     /// `LANES` f16 values.
     unsafe fn halves(p: *const u8) -> Self::F;
     /// `LANES` unsigned / signed bytes.
-    unsafe fn ubytes(p: *const u8) -> Self::F;
+    /// Lanes' bytes at `p`, zero-extended to 32-bit integers.
+    unsafe fn ubytes(p: *const u8) -> Self::I;
     unsafe fn sbytes(p: *const u8) -> Self::F;
     unsafe fn splat(v: f32) -> Self::F;
     unsafe fn zerof() -> Self::F;
@@ -188,6 +189,8 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize, const X: u8>(
         let base = tile.panel.as_ptr();
         let nibble = L::splat16(0x000F);
         let high_mask = L::splat16(if F == Q6_K { 0x30 } else { 0x10 });
+        // Bits 4-5 of a 16-bit lane: the top of a 6-bit K-quant scale.
+        let top_bits = L::splat16(0x30);
         // 8-bit activations: the quants of each byte's two nibbles.
         let byte_nibble = L::splat16(0x0F0F);
         let byte_high = L::splat16(if F == Q6_K { 0x3030 } else { 0x1010 });
@@ -311,8 +314,16 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize, const X: u8>(
                         }
                     }
                     Q4_K | Q5_K => {
-                        let scale = L::mul(d, L::ubytes(base.add(layout.block_byte(0, b) + lane0)));
-                        let min = L::mul(dmin, L::ubytes(base.add(layout.block_byte(1, b) + lane0)));
+                        // The 6-bit scale and minimum (`PanelLayout::k_scale_min`).
+                        let low = L::ubytes(base.add(layout.block_byte(0, b) + lane0));
+                        let mut high = L::ubytes(base.add(layout.k_high_byte(b) + lane0));
+                        if b % 2 == 1 {
+                            high = L::shl4(high);
+                        }
+                        let sc = L::or(L::and(low, nibble), L::and(high, top_bits));
+                        let m = L::or(L::shr4(low), L::and(L::shr2(high), top_bits));
+                        let scale = L::mul(d, L::cvt(sc));
+                        let min = L::mul(dmin, L::cvt(m));
                         for t in 0..NT {
                             let step = L::fma(L::mul(scale, L::splat(xs[t].d)), L::cvt(total(t)), acc[t]);
                             acc[t] = L::fnma(min, L::splat(xs[t].s), step);
@@ -470,8 +481,8 @@ impl Lanes for Emulated16 {
     unsafe fn halves(p: *const u8) -> Self::F {
         std::array::from_fn(|i| half::f16::from_le_bytes(unsafe { [*p.add(2 * i), *p.add(2 * i + 1)] }).to_f32())
     }
-    unsafe fn ubytes(p: *const u8) -> Self::F {
-        std::array::from_fn(|i| f32::from(unsafe { *p.add(i) }))
+    unsafe fn ubytes(p: *const u8) -> Self::I {
+        std::array::from_fn(|i| u32::from(unsafe { *p.add(i) }))
     }
     unsafe fn sbytes(p: *const u8) -> Self::F {
         std::array::from_fn(|i| f32::from(unsafe { *p.add(i) } as i8))
@@ -610,8 +621,8 @@ mod x86 {
             unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
         }
         #[inline(always)]
-        unsafe fn ubytes(p: *const u8) -> __m256 {
-            unsafe { _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()))) }
+        unsafe fn ubytes(p: *const u8) -> __m256i {
+            unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast())) }
         }
         #[inline(always)]
         unsafe fn sbytes(p: *const u8) -> __m256 {
@@ -768,7 +779,7 @@ mod x86 {
             unsafe { [Avx2::halves(p), Avx2::halves(p.add(16))] }
         }
         #[inline(always)]
-        unsafe fn ubytes(p: *const u8) -> Self::F {
+        unsafe fn ubytes(p: *const u8) -> Self::I {
             unsafe { [Avx2::ubytes(p), Avx2::ubytes(p.add(8))] }
         }
         #[inline(always)]
@@ -904,8 +915,8 @@ mod x86 {
             unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
         }
         #[inline(always)]
-        unsafe fn ubytes(p: *const u8) -> __m512 {
-            unsafe { _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()))) }
+        unsafe fn ubytes(p: *const u8) -> __m512i {
+            unsafe { _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast())) }
         }
         #[inline(always)]
         unsafe fn sbytes(p: *const u8) -> __m512 {
