@@ -100,9 +100,9 @@ pub(crate) trait Lanes {
     unsafe fn cvt(a: Self::I) -> Self::F;
     /// `LANES` f16 values.
     unsafe fn halves(p: *const u8) -> Self::F;
-    /// `LANES` unsigned / signed bytes.
-    /// Lanes' bytes at `p`, zero-extended to 32-bit integers.
+    /// `LANES` unsigned bytes, zero-extended to 32-bit integers.
     unsafe fn ubytes(p: *const u8) -> Self::I;
+    /// `LANES` signed bytes, as floats.
     unsafe fn sbytes(p: *const u8) -> Self::F;
     unsafe fn splat(v: f32) -> Self::F;
     unsafe fn zerof() -> Self::F;
