@@ -189,7 +189,7 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize, const X: u8>(
         let base = tile.panel.as_ptr();
         let nibble = L::splat16(0x000F);
         let high_mask = L::splat16(if F == Q6_K { 0x30 } else { 0x10 });
-        // Bits 4-5 of a 16-bit lane: the top of a 6-bit K-quant scale.
+        // Bits 4-5 of a 16-bit lane: the top of a 6-bit K-quant scale or minimum.
         let top_bits = L::splat16(0x30);
         // 8-bit activations: the quants of each byte's two nibbles.
         let byte_nibble = L::splat16(0x0F0F);
