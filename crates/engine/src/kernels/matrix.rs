@@ -936,10 +936,12 @@ pub fn matmul(cpu: &Cpu, w: &Matrix, x: &MatmulInput, out: &mut [f32], ld: usize
     let panels = w.panels();
     let layout = w.layout();
     let threads = pool.threads();
-    // Decode: runs of about `DECODE_CHUNK_BYTES` each, at least one per
-    // thread, so a small product is not cut into runs shorter than the
-    // prefetch's ramp; prefill: 4 runs per thread.
-    let chunks = if x.rows <= 2 { (w.data.len() / DECODE_CHUNK_BYTES).clamp(threads, threads * 4) } else { threads * 4 };
+    // Decode: runs of about `DECODE_CHUNK_BYTES` each, so a small product is
+    // not cut into runs shorter than the prefetch's ramp, as many for each
+    // thread (1 to 4): with 3 runs for 2 threads, one thread streamed a
+    // third of the product alone, at one core's share of the bandwidth.
+    // Prefill: 4 runs per thread.
+    let chunks = if x.rows <= 2 { (w.data.len() / DECODE_CHUNK_BYTES).div_ceil(threads).clamp(1, 4) * threads } else { threads * 4 };
     let chunk = panels.div_ceil(chunks).max(1);
     // Prefill: a block of tokens whose activations stay in L2 meets every
     // panel of the chunk before the next block, so activations are read
