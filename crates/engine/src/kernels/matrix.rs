@@ -843,7 +843,12 @@ pub(crate) const PREFETCH_BYTES: usize = 32768;
 /// (25.6 → 22.9, 4 pairs) than 4 per thread; 16 per thread was slower for
 /// the 1.5B (26.1 → 23.2). This rule against 4 per thread, medians of 5–6
 /// pairs: SmolLM2 185 → 202 t/s, Gemma 3 270M 97 → 105, the 0.5B 55 → 60,
-/// the 1.5B 23.7 → 23.6 (unchanged within the noise).
+/// the 1.5B 23.7 → 23.6 (unchanged within the noise). 2026-12-04: the
+/// same number of runs for each thread (3 runs of a 7.7 MB product for 2
+/// threads became 4): the 1.5B on two threads 39.5 → 42.9 t/s (medians of
+/// 12 pairs), its down and q/k/v products 8 % and 24 % faster in
+/// `--profile`; up to 32 runs per thread instead of 4 made Gemma 3's head
+/// no faster.
 const DECODE_CHUNK_BYTES: usize = 2 << 20;
 
 /// Asks for `bytes` to be brought into cache: decode's kernels prefetch
