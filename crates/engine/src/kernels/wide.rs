@@ -213,9 +213,7 @@ pub(crate) unsafe fn panel<L: Lanes, const F: u8, const NT: usize, const X: u8>(
             for b in first_block..first_block + per_super {
                 let q = base.add(b * quant_bytes + lane0 * 4);
                 if NT <= 2 {
-                    for at in layout.prefetch_lines(base, b) {
-                        L::prefetch(base.wrapping_add(at));
-                    }
+                    layout.prefetch_lines(base, b, |at| L::prefetch(base.wrapping_add(at)));
                 }
                 let xs = x_blocks::<NT, X>(tile, b);
                 let mut isum = [[L::zero(); 2]; NT];

@@ -107,9 +107,7 @@ unsafe fn q8_0_512<const NT: usize>(tile: &Tile) {
             // Decode streams weights from memory once: fetch a few blocks
             // ahead, the hardware prefetcher alone falls behind.
             if NT <= 2 {
-                for at in tile.layout.prefetch_lines(panel, b) {
-                    _mm_prefetch::<_MM_HINT_T1>(panel.wrapping_add(at).cast());
-                }
+                tile.layout.prefetch_lines(panel, b, |at| _mm_prefetch::<_MM_HINT_T1>(panel.wrapping_add(at).cast()));
             }
             // Activation pairs of each token for this block, as i32.
             let xp: [*const i32; NT] = std::array::from_fn(|t| x.qs.as_ptr().add(((tile.t0 + t) * blocks + b) * QK).cast());
