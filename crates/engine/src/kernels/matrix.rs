@@ -207,9 +207,6 @@ pub(crate) struct PanelLayout {
     pub block_bytes_at: usize,
     pub super_halves_at: usize,
     pub bytes: usize,
-    /// `bytes / blocks`: exact for every format (a superblock's arrays are
-    /// 8 blocks' worth).
-    pub block_stride: usize,
     /// How far ahead decode prefetches, `PREFETCH_BYTES` of panel, as
     /// whole panels and blocks (`ahead_blocks < blocks`).
     pub ahead_panels: usize,
@@ -223,7 +220,7 @@ impl PanelLayout {
     pub fn new(format: WeightFormat, cols: usize) -> Self {
         if format == WeightFormat::F32 {
             let bytes = cols * PANEL * 4;
-            return Self { blocks: 0, block_halves_at: bytes, block_bytes_at: bytes, super_halves_at: bytes, bytes, block_stride: 0, ahead_panels: 0, ahead_blocks: 0, regions: [(0, 0); 4] };
+            return Self { blocks: 0, block_halves_at: bytes, block_bytes_at: bytes, super_halves_at: bytes, bytes, ahead_panels: 0, ahead_blocks: 0, regions: [(0, 0); 4] };
         }
         let blocks = cols / QK;
         let block_halves_at = blocks * format.quant_bytes();
@@ -231,6 +228,7 @@ impl PanelLayout {
         let super_halves_at = block_bytes_at + format.block_bytes_x2() * blocks * PANEL / 2;
         let bytes = super_halves_at + format.super_halves() * (cols / QK_K) * PANEL * 2;
         assert!(blocks == 0 || bytes.is_multiple_of(blocks), "a {format:?} panel of {cols} columns does not split evenly into blocks");
+        // Exact for every format: a superblock's arrays are 8 blocks' worth.
         let block_stride = bytes.checked_div(blocks).unwrap_or(0);
         let ahead = PREFETCH_BYTES.checked_div(block_stride).unwrap_or(0);
         let (ahead_panels, ahead_blocks) = if blocks == 0 { (0, 0) } else { (ahead / blocks, ahead % blocks) };
@@ -243,7 +241,7 @@ impl PanelLayout {
             assert!(blocks == 0 || (to - from).is_multiple_of(blocks), "a {format:?} panel region does not split evenly into blocks");
             (from, (to - from).checked_div(blocks).unwrap_or(0))
         });
-        Self { blocks, block_halves_at, block_bytes_at, super_halves_at, bytes, block_stride, ahead_panels, ahead_blocks, regions }
+        Self { blocks, block_halves_at, block_bytes_at, super_halves_at, bytes, ahead_panels, ahead_blocks, regions }
     }
 
     /// Offset of lane 0 of per-block f16 array `array` at block `b`.
