@@ -80,6 +80,7 @@ print()
 print("| model | test | threads | llama.cpp t/s | hotpot t/s | hotpot / llama.cpp | decode share of bandwidth limit (llama.cpp / hotpot) | reads GB/s |")
 print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 reads_all = []
+runs_detail = []
 for model in models:
     for t in threads:
         llama, hotpot = load(f"{model}.{t}.pp.llama")[0], load(f"{model}.{t}.pp.hotpot")[0]
@@ -93,8 +94,15 @@ for model in models:
         bytes_per_token = runs[0]["weight_bytes_per_token"]
         llama_share = statistics.median(llama[i] * bytes_per_token / ((reads[2 * i] + reads[2 * i + 1]) / 2) for i in range(reps))
         hotpot_share = statistics.median(hotpot[i] * bytes_per_token / ((reads[2 * i + 1] + reads[2 * i + 2]) / 2) for i in range(reps))
+        runs_detail.append(f"{model}, {t} thread(s): " + ", ".join(
+            f"[{reads[2 * i] / 1e9:.1f}] llama.cpp {llama[i]:.1f} [{reads[2 * i + 1] / 1e9:.1f}] hotpot {hotpot[i]:.1f}" for i in range(reps))
+            + f" [{reads[-1] / 1e9:.1f}]")
         print(f"| {model} | tg128 | {t} | {spread(llama)} | {spread(hotpot)} | {statistics.mean(hotpot) / statistics.mean(llama):.2f}x | "
               f"{100 * llama_share:.0f} % / {100 * hotpot_share:.0f} % | {min(reads) / 1e9:.1f}-{max(reads) / 1e9:.1f} |")
+print()
+print("decode runs in order, tokens/s, with the reads [GB/s] between them:")
+for line in runs_detail:
+    print(line)
 print()
 for t in threads:
     values = sorted(r for rt, r in reads_all if rt == t)
