@@ -124,6 +124,14 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts(self.arena.base.add(self.at), self.len) }
     }
 
+    /// The buffer as 64-bit words (its length rounded down to whole words).
+    pub fn as_mut_words(&mut self) -> &mut [u64] {
+        let bytes = self.as_mut_slice();
+        // SAFETY: the region is 64-byte aligned, so aligned for `u64`; every
+        // bit pattern is a valid `u64`; the words lie inside the region.
+        unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<u64>(), bytes.len() / 8) }
+    }
+
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`; this region's bytes belong to `self` alone.
         unsafe { std::slice::from_raw_parts_mut(self.arena.base.add(self.at), self.len) }

@@ -43,6 +43,7 @@ mod wide;
 mod x86;
 
 pub(crate) use aligned::Arena;
+pub use aligned::AlignedBuf;
 pub use isa::Isa;
 pub use matrix::{ActivationBits, MatmulInput, Matrix, PANEL, WeightFormat, matmul};
 pub use pool::CpuPool;
