@@ -106,6 +106,10 @@ impl AlignedBuf {
         self.len
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Whether `next` starts right where `self` ends, in the same arena.
     pub fn followed_by(&self, next: &AlignedBuf) -> bool {
         std::sync::Arc::ptr_eq(&self.arena, &next.arena) && self.at + self.len == next.at

@@ -231,7 +231,7 @@ impl PanelLayout {
         // Exact for every format: a superblock's arrays are 8 blocks' worth.
         let block_stride = bytes.checked_div(blocks).unwrap_or(0);
         let ahead = PREFETCH_BYTES.checked_div(block_stride).unwrap_or(0);
-        let (ahead_panels, ahead_blocks) = if blocks == 0 { (0, 0) } else { (ahead / blocks, ahead % blocks) };
+        let (ahead_panels, ahead_blocks) = (ahead.checked_div(blocks).unwrap_or(0), ahead.checked_rem(blocks).unwrap_or(0));
         // A panel shorter than the prefetch distance is fetched whole while
         // the one before it is read: one walk in address order does. A
         // longer one is walked region by region.
