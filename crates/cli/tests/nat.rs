@@ -244,11 +244,21 @@ fn nodes_behind_nat_serve_through_a_relay_and_hole_punch() {
     let view = swarm_in(&inet, &url);
     let reach = |view: &serde_json::Value| [0, 10, 20].map(|start| of_node(view, start, "reachability"));
     assert_eq!(reach(&view), ["private", "public", "private"], "{view}");
-    let out = output_within(
-        Command::new("ip").args(["netns", "exec", &inet, HOTPOT, "swarm", "status", "--json", "--wait", "4", "--join", &via("10.77.1.1")]),
-        Duration::from_secs(60),
-    );
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
+    // `swarm status` reports the nodes it heard from within its wait; on a
+    // loaded machine a relayed node can miss one window (seen once in a
+    // full suite run, 2026-12-04), so a status without all three is asked
+    // again, up to three times.
+    let mut status = serde_json::Value::Null;
+    for _ in 0..3 {
+        let out = output_within(
+            Command::new("ip").args(["netns", "exec", &inet, HOTPOT, "swarm", "status", "--json", "--wait", "4", "--join", &via("10.77.1.1")]),
+            Duration::from_secs(60),
+        );
+        status = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
+        if !reach(&status).contains(&"absent".to_string()) {
+            break;
+        }
+    }
     assert_eq!(reach(&status), ["private", "public", "private"], "{status}");
     for start in [0, 10, 20] {
         assert!(["direct", "relayed"].contains(&of_node(&status, start, "route").as_str()), "{status}");
