@@ -283,13 +283,15 @@ impl PanelLayout {
         *byte = (*byte & !(0xF0 >> shift)) | high;
     }
 
-    /// Calls `line` with the offsets from the panel's start of the cache lines decode prefetches
-    /// while it reads block `b` of a panel at address `base`: those of the
-    /// block `PREFETCH_BYTES` of panel further (in this panel or, past its
-    /// end, in the next ones, which lie end to end), in each of the panel's
-    /// four regions (quants, per-block halves, per-block bytes,
-    /// per-superblock halves) the lines that start in that block's even
-    /// share of the region. So the scale arrays, which follow the quants,
+    /// Calls `line` with the offsets from the panel's start of the cache
+    /// lines decode prefetches while it reads block `b` of a panel at
+    /// address `base`: those of the block `PREFETCH_BYTES` of panel further
+    /// (in this panel or, past its end, in the next ones, which lie end to
+    /// end) — in a panel longer than that, in each of its four regions
+    /// (quants, per-block halves, per-block bytes, per-superblock halves)
+    /// the lines that start in that block's even share of the region; in a
+    /// shorter one, those in its share of the whole panel. So the scale
+    /// arrays of a long panel, which follow the quants,
     /// are fetched as far ahead of their reads as the quants are: fetched
     /// in address order (until 2026-12-04) a long panel's scales were
     /// reached only after the kernel had read half of them (a 1536 × 8960
