@@ -10,7 +10,7 @@
 # between every two runs; each run's share is against the mean of the two
 # reads around it, and the table gives each engine's median share. On a
 # shared host the read moves by half within a minute (this VM's two-thread
-# read switches between ~45 and ~75 GB/s), so a read a minute away from a
+# read is 40-52 GB/s, with bursts of seconds at 68-83), so a read a minute away from a
 # run says little about the machine during it, and a median over runs is
 # not moved by one switch. The range of the reads is printed on each line.
 #
